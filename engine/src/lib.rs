@@ -1,0 +1,13 @@
+//! The engine: serves one volume from a set of replicas.
+//!
+//! Data path: a frontend calls [`api::Session`] -> [`session`] fans requests out over
+//! [`replica_conn`] connections -> replicas. Control (status, close) lives in
+//! [`volume`] and [`control`], beside the I/O path.
+pub mod api;
+pub mod control;
+pub mod replica_conn;
+pub mod session;
+pub mod volume;
+
+pub use api::{BlockBackend, Completer, Extent, IoOp, IoResult, Session};
+pub use volume::{Mode, Volume, VolumeHandle, VolumeOptions};

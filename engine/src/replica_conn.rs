@@ -1,0 +1,121 @@
+//! The engine's side of one connection to a replica: handshake, buffered sends, and
+//! helpers for one-off control requests.
+
+use bytes::Bytes;
+use longhorn_replica::proto::{self, Header, Hello, Op, ReplicaInfo, HEADER_LEN};
+use std::io::{self, BufWriter, IoSlice, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to `addr` and does the Hello handshake for `volume` of `size` bytes.
+/// Returns the stream and what the replica says about itself.
+pub fn connect(addr: &str, volume: &str, size: u64) -> io::Result<(TcpStream, ReplicaInfo)> {
+    let sa = addr
+        .to_socket_addrs()
+        .map_err(|e| io::Error::new(e.kind(), format!("replica address {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("replica address {addr} resolves to nothing")))?;
+    let mut s = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT)
+        .map_err(|e| io::Error::new(e.kind(), format!("replica {addr}: connect: {e}")))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    let hello = serde_json::to_vec(&Hello { volume: volume.to_string(), size })
+        .map_err(|e| io::Error::other(format!("encoding Hello: {e}")))?;
+    let mut buf = Vec::new();
+    proto::put_frame(&mut buf, Header::request(Op::Hello, 0, 0, 0), &hello);
+    s.write_all(&buf).map_err(|e| io::Error::new(e.kind(), format!("replica {addr}: handshake: {e}")))?;
+    let (h, payload) = proto::read_frame(&mut s)
+        .map_err(|e| io::Error::new(io::ErrorKind::ConnectionAborted, format!("replica {addr}: handshake: {e}")))?;
+    if h.status != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("replica {addr} refused the engine: {}", String::from_utf8_lossy(&payload)),
+        ));
+    }
+    let info: ReplicaInfo = serde_json::from_slice(&payload)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("replica {addr}: bad Hello reply: {e}")))?;
+    s.set_read_timeout(None)?;
+    Ok((s, info))
+}
+
+/// One request/reply exchange on a fresh connection (control operations only).
+pub fn call(addr: &str, volume: &str, size: u64, op: Op, payload: &[u8]) -> io::Result<Bytes> {
+    let (mut s, _) = connect(addr, volume, size)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = Vec::new();
+    proto::put_frame(&mut buf, Header::request(op, 1, 0, 0), payload);
+    s.write_all(&buf)?;
+    let (h, p) = proto::read_frame(&mut s).map_err(|e| io::Error::other(format!("replica {addr}: {op:?}: {e}")))?;
+    if h.status != 0 {
+        return Err(io::Error::other(format!(
+            "replica {addr}: {op:?} failed: {}",
+            String::from_utf8_lossy(&p)
+        )));
+    }
+    Ok(p)
+}
+
+/// The sending half of a data connection, shared by the session's submit path and its
+/// failure handling.
+pub struct ReplicaConn {
+    pub addr: String,
+    stream: TcpStream,
+    tx: Mutex<BufWriter<TcpStream>>,
+}
+
+impl ReplicaConn {
+    pub fn new(addr: &str, stream: TcpStream) -> io::Result<ReplicaConn> {
+        let w = stream.try_clone()?;
+        Ok(ReplicaConn { addr: addr.to_string(), stream, tx: Mutex::new(BufWriter::with_capacity(256 * 1024, w)) })
+    }
+
+    pub fn reader(&self) -> io::Result<TcpStream> {
+        self.stream.try_clone()
+    }
+
+    /// Queues a frame; the payload is not copied when it is big (BufWriter passes large
+    /// writes straight through after draining what it holds).
+    pub fn send(&self, h: Header, payload: &[u8], push: bool) -> io::Result<()> {
+        let mut h = h;
+        h.payload_len = payload.len() as u32;
+        h.crc = proto::checksum(payload);
+        let hb = h.encode();
+        let mut w = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if payload.len() > w.capacity() - w.buffer().len() {
+            w.flush()?;
+            // Header and payload in one writev.
+            let mut done = 0usize;
+            let total = HEADER_LEN + payload.len();
+            while done < total {
+                let n = if done < HEADER_LEN {
+                    w.get_mut().write_vectored(&[IoSlice::new(&hb[done..]), IoSlice::new(payload)])?
+                } else {
+                    w.get_mut().write(&payload[done - HEADER_LEN..])?
+                };
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::WriteZero, "replica connection closed"));
+                }
+                done += n;
+            }
+        } else {
+            w.write_all(&hb)?;
+            w.write_all(payload)?;
+        }
+        if push {
+            w.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn push(&self) -> io::Result<()> {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+
+    /// Ends the connection, waking its reader thread.
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}

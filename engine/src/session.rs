@@ -1,0 +1,375 @@
+//! One frontend connection's I/O path: fan-out of writes, choice of read replica,
+//! collection of replies, and settling requests when a replica is dropped.
+//!
+//! Each session owns its own connection to every replica, with one reply thread per
+//! connection, so sessions share nothing on the hot path but the replica modes
+//! (atomics). A request is tracked by id with a bitmask of the replicas it still waits
+//! for:
+//! - a write, write-zeroes, trim or flush completes when that mask is empty, successfully
+//!   if at least one replica applied it (a replica that failed it has been dropped);
+//! - a read or block-status goes to one RW replica; if that replica is dropped it is
+//!   sent again to another one.
+//! Target selection and insertion happen under the same lock `drop_replica` takes after
+//! the mode changes, so no request can slip past a failure and wait forever.
+
+use crate::api::{Completer, Extent, IoOp, IoResult, Session};
+use crate::replica_conn::{self, ReplicaConn};
+use crate::volume::{Mode, Volume};
+use bytes::Bytes;
+use longhorn_replica::proto::{self, FrameError, Header, Op, FLAG_FUA, HEADER_LEN, MAX_IO};
+use std::collections::HashMap;
+use std::io::BufReader;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Read,
+    BlockStatus,
+    Mutate,
+    Flush,
+}
+
+struct Pending {
+    tag: u64,
+    kind: Kind,
+    offset: u64,
+    len: u32,
+    waiting: u32,
+    acked: u32,
+    err: i32,
+    started: Instant,
+}
+
+pub(crate) struct Inner {
+    volume: Arc<Volume>,
+    completer: Arc<dyn Completer>,
+    conns: Vec<Option<Arc<ReplicaConn>>>,
+    ops: Mutex<HashMap<u64, Pending>>,
+    next_id: AtomicU64,
+    rr: AtomicUsize,
+    closed: AtomicBool,
+}
+
+pub struct EngineSession {
+    inner: Arc<Inner>,
+}
+
+fn bit(i: usize) -> u32 {
+    1u32 << i
+}
+
+impl EngineSession {
+    pub fn open(volume: Arc<Volume>, completer: Arc<dyn Completer>) -> std::io::Result<EngineSession> {
+        let mut conns = Vec::with_capacity(volume.replicas.len());
+        let mut failed = Vec::new();
+        let mut readers = Vec::new();
+        for (i, r) in volume.replicas.iter().enumerate() {
+            if r.mode() == Mode::ERR {
+                conns.push(None);
+                continue;
+            }
+            match replica_conn::connect(&r.addr, volume.name(), volume.size()).and_then(|(s, _)| {
+                let c = ReplicaConn::new(&r.addr, s)?;
+                let rd = c.reader()?;
+                Ok((c, rd))
+            }) {
+                Ok((c, rd)) => {
+                    conns.push(Some(Arc::new(c)));
+                    readers.push((i, rd));
+                }
+                Err(e) => {
+                    conns.push(None);
+                    failed.push((i, e.to_string()));
+                }
+            }
+        }
+        let inner = Arc::new(Inner {
+            volume: volume.clone(),
+            completer,
+            conns,
+            ops: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            rr: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        });
+        volume.register(Arc::downgrade(&inner));
+        for (i, why) in failed {
+            volume.fail_replica(i, &format!("cannot connect: {why}"));
+        }
+        for (i, rd) in readers {
+            let inner2 = inner.clone();
+            std::thread::Builder::new()
+                .name(format!("replica-reply-{i}"))
+                .spawn(move || inner2.reply_loop(i, rd))?;
+        }
+        Ok(EngineSession { inner })
+    }
+}
+
+impl Drop for EngineSession {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::Release);
+        for c in self.inner.conns.iter().flatten() {
+            c.shutdown();
+        }
+    }
+}
+
+impl Session for EngineSession {
+    fn submit(&self, tag: u64, op: IoOp) {
+        self.inner.submit(tag, op)
+    }
+
+    fn push(&self) {
+        for (i, c) in self.inner.conns.iter().enumerate() {
+            if let Some(c) = c {
+                if let Err(e) = c.push() {
+                    if self.inner.volume.replicas[i].mode() != Mode::ERR {
+                        self.inner.volume.fail_replica(i, &format!("send failed: {e}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn writable(&self, i: usize) -> bool {
+        self.conns[i].is_some() && matches!(self.volume.replicas[i].mode(), Mode::RW | Mode::WO)
+    }
+
+    fn readable(&self, i: usize) -> bool {
+        self.conns[i].is_some() && self.volume.replicas[i].mode() == Mode::RW
+    }
+
+    /// The next RW replica after the round-robin cursor, other than `not`.
+    fn pick_reader(&self, not: Option<usize>) -> Option<usize> {
+        let n = self.conns.len();
+        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        (0..n).map(|k| (start + k) % n).find(|&i| Some(i) != not && self.readable(i))
+    }
+
+    fn submit(&self, tag: u64, op: IoOp) {
+        let size = self.volume.size();
+        let (kind, offset, len, payload, fua, pop) = match &op {
+            IoOp::Read { offset, len } => (Kind::Read, *offset, *len, None, false, Op::Read),
+            IoOp::BlockStatus { offset, len } => (Kind::BlockStatus, *offset, *len, None, false, Op::BlockStatus),
+            IoOp::Write { offset, data, fua } => (Kind::Mutate, *offset, data.len() as u32, Some(data), *fua, Op::Write),
+            IoOp::WriteZeroes { offset, len, fua } => (Kind::Mutate, *offset, *len, None, *fua, Op::WriteZeroes),
+            IoOp::Trim { offset, len, fua } => (Kind::Mutate, *offset, *len, None, *fua, Op::Trim),
+            IoOp::Flush => (Kind::Flush, 0, 0, None, false, Op::Flush),
+        };
+        if let IoOp::Write { data, .. } = &op {
+            if data.len() > MAX_IO as usize {
+                return self.done(tag, IoResult::Err(libc::EINVAL));
+            }
+        }
+        if kind != Kind::Flush {
+            // Block status may cover any length: it moves no data.
+            if len > MAX_IO && kind != Kind::BlockStatus {
+                return self.done(tag, IoResult::Err(libc::EINVAL));
+            }
+            if offset.checked_add(len as u64).is_none_or(|e| e > size) {
+                let e = if kind == Kind::Mutate { libc::ENOSPC } else { libc::EINVAL };
+                return self.done(tag, IoResult::Err(e));
+            }
+            if len == 0 {
+                let r = match kind {
+                    Kind::Read => IoResult::Data(Bytes::new()),
+                    Kind::BlockStatus => IoResult::Extents(Vec::new()),
+                    _ => IoResult::Done,
+                };
+                return self.done(tag, r);
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let targets: Vec<usize> = {
+            let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+            let targets: Vec<usize> = match kind {
+                Kind::Read | Kind::BlockStatus => self.pick_reader(None).into_iter().collect(),
+                _ => (0..self.conns.len()).filter(|&i| self.writable(i)).collect(),
+            };
+            if targets.is_empty() {
+                drop(ops);
+                return self.done(tag, IoResult::Err(libc::EIO));
+            }
+            let waiting = targets.iter().fold(0, |m, &i| m | bit(i));
+            ops.insert(id, Pending { tag, kind, offset, len, waiting, acked: 0, err: 0, started: Instant::now() });
+            targets
+        };
+        let mut h = Header::request(pop, id, offset, len);
+        if fua {
+            h.flags |= FLAG_FUA;
+        }
+        let body: &[u8] = payload.map(|b| &b[..]).unwrap_or(&[]);
+        for i in targets {
+            if let Some(c) = &self.conns[i] {
+                if let Err(e) = c.send(h, body, false) {
+                    self.volume.fail_replica(i, &format!("send failed: {e}"));
+                }
+            }
+        }
+    }
+
+    fn done(&self, tag: u64, r: IoResult) {
+        self.completer.complete(tag, r);
+        self.completer.flush();
+    }
+
+    fn reply_loop(self: Arc<Self>, idx: usize, stream: TcpStream) {
+        let mut rd = BufReader::with_capacity(256 * 1024, stream);
+        loop {
+            match proto::read_frame(&mut rd) {
+                Ok((h, payload)) => {
+                    if let Some(reason) = self.on_reply(idx, h, payload) {
+                        self.completer.flush();
+                        self.volume.fail_replica(idx, &reason);
+                        return;
+                    }
+                    if rd.buffer().len() < HEADER_LEN {
+                        self.completer.flush();
+                    }
+                }
+                Err(e) => {
+                    self.completer.flush();
+                    if self.closed.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let why = match e {
+                        FrameError::Closed => "connection closed by the replica".to_string(),
+                        e => format!("bad reply stream: {e}"),
+                    };
+                    self.volume.fail_replica(idx, &why);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Applies one reply. Returns a reason when the replica must be dropped.
+    fn on_reply(&self, idx: usize, h: Header, payload: Bytes) -> Option<String> {
+        let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = ops.get_mut(&h.id) else {
+            // A reply to a request already settled (e.g. re-sent after a drop).
+            debug!(id = h.id, "late reply ignored");
+            return None;
+        };
+        if p.waiting & bit(idx) == 0 {
+            return None;
+        }
+        if h.status != 0 {
+            let why = format!(
+                "{:?} at offset {} len {} failed: {} (errno {})",
+                p.kind,
+                p.offset,
+                p.len,
+                String::from_utf8_lossy(&payload),
+                h.status
+            );
+            p.err = h.status as i32;
+            return Some(why);
+        }
+        match p.kind {
+            Kind::Read | Kind::BlockStatus => {
+                let result = if p.kind == Kind::Read {
+                    if payload.len() != p.len as usize {
+                        return Some(format!("read reply of {} bytes for a {}-byte read", payload.len(), p.len));
+                    }
+                    IoResult::Data(payload)
+                } else {
+                    match proto::decode_extents(&payload) {
+                        Some(e) => IoResult::Extents(e.into_iter().map(|(len, hole)| Extent { len, hole }).collect()),
+                        None => return Some("malformed block-status reply".into()),
+                    }
+                };
+                let tag = p.tag;
+                ops.remove(&h.id);
+                drop(ops);
+                self.completer.complete(tag, result);
+            }
+            Kind::Mutate | Kind::Flush => {
+                p.waiting &= !bit(idx);
+                p.acked |= bit(idx);
+                if p.waiting == 0 {
+                    let tag = p.tag;
+                    ops.remove(&h.id);
+                    drop(ops);
+                    self.completer.complete(tag, IoResult::Done);
+                }
+            }
+        }
+        None
+    }
+
+    /// Settles every request waiting on replica `idx`, which has just been marked ERR.
+    pub(crate) fn drop_replica(&self, idx: usize) {
+        let mut finished = Vec::new();
+        let mut resend = Vec::new();
+        {
+            let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: Vec<u64> = ops.iter().filter(|(_, p)| p.waiting & bit(idx) != 0).map(|(&id, _)| id).collect();
+            for id in ids {
+                let Some(p) = ops.get_mut(&id) else { continue };
+                p.waiting &= !bit(idx);
+                match p.kind {
+                    Kind::Read | Kind::BlockStatus => match self.pick_reader(Some(idx)) {
+                        Some(j) => {
+                            p.waiting = bit(j);
+                            p.started = Instant::now();
+                            let op = if p.kind == Kind::Read { Op::Read } else { Op::BlockStatus };
+                            resend.push((j, Header::request(op, id, p.offset, p.len)));
+                        }
+                        None => {
+                            let tag = p.tag;
+                            ops.remove(&id);
+                            finished.push((tag, IoResult::Err(libc::EIO)));
+                        }
+                    },
+                    Kind::Mutate | Kind::Flush => {
+                        if p.waiting == 0 {
+                            let r = if p.acked != 0 {
+                                IoResult::Done
+                            } else {
+                                IoResult::Err(if p.err != 0 { p.err } else { libc::EIO })
+                            };
+                            let tag = p.tag;
+                            ops.remove(&id);
+                            finished.push((tag, r));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(c) = &self.conns[idx] {
+            c.shutdown();
+        }
+        for (j, h) in resend {
+            if let Some(c) = &self.conns[j] {
+                if let Err(e) = c.send(h, &[], true) {
+                    warn!("re-sending a read to replica {}: {e}", c.addr);
+                    self.volume.fail_replica(j, &format!("send failed: {e}"));
+                }
+            }
+        }
+        for (tag, r) in finished {
+            self.completer.complete(tag, r);
+        }
+        self.completer.flush();
+    }
+
+    /// Replicas that have left a request unanswered for longer than `timeout`.
+    pub(crate) fn late_replicas(&self, timeout: Duration) -> Vec<usize> {
+        let ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mask = 0u32;
+        for p in ops.values() {
+            if p.started.elapsed() > timeout {
+                mask |= p.waiting;
+            }
+        }
+        (0..self.conns.len()).filter(|&i| mask & bit(i) != 0).collect()
+    }
+}

@@ -1,0 +1,295 @@
+//! A volume served from a set of replicas: which replicas are healthy, how a failed one
+//! is dropped, and the I/O timeout watchdog.
+//!
+//! Replica modes: RW (gets reads and writes), WO (gets writes only: being rebuilt), ERR
+//! (dropped; needs a rebuild before it is used again). A replica leaves RW/WO only by
+//! [`Volume::fail_replica`], which every session applies to its in-flight requests at
+//! once, so I/O carries on with the rest.
+
+use crate::api::{BlockBackend, Completer, Session};
+use crate::replica_conn;
+use crate::session::EngineSession;
+use serde::Serialize;
+use std::io;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Mode {
+    RW,
+    WO,
+    ERR,
+}
+
+impl Mode {
+    fn from_u8(v: u8) -> Mode {
+        match v {
+            0 => Mode::RW,
+            1 => Mode::WO,
+            _ => Mode::ERR,
+        }
+    }
+}
+
+pub struct ReplicaState {
+    pub addr: String,
+    mode: AtomicU8,
+    reason: Mutex<String>,
+}
+
+impl ReplicaState {
+    pub fn mode(&self) -> Mode {
+        Mode::from_u8(self.mode.load(Ordering::Acquire))
+    }
+    pub fn reason(&self) -> String {
+        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// What `replica ls` shows for one replica.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaStatus {
+    pub address: String,
+    pub mode: Mode,
+    pub revision: Option<u64>,
+    pub head: Option<String>,
+    pub chain: Vec<String>,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub size: u64,
+    pub replicas_total: usize,
+    pub replicas_rw: usize,
+    pub state: String,
+    pub frontend: String,
+    pub endpoint: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    /// A replica that has not answered a request for this long is dropped.
+    pub io_timeout: Duration,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions { io_timeout: Duration::from_secs(8) }
+    }
+}
+
+pub struct Volume {
+    name: String,
+    size: u64,
+    pub(crate) replicas: Vec<Arc<ReplicaState>>,
+    opts: VolumeOptions,
+    sessions: Mutex<Vec<Weak<crate::session::Inner>>>,
+    frontend: Mutex<(String, String)>,
+}
+
+impl Volume {
+    /// Connects to every replica, keeps those that agree on the volume and size and hold
+    /// the newest data (highest revision counter), and marks the rest ERR.
+    pub fn start(name: &str, size: u64, addrs: &[String], opts: VolumeOptions) -> io::Result<Arc<Volume>> {
+        if addrs.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a volume needs at least one replica"));
+        }
+        if addrs.len() > 32 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "at most 32 replicas"));
+        }
+        let mut found = Vec::new();
+        for a in addrs {
+            match replica_conn::connect(a, name, size) {
+                Ok((_, info)) => {
+                    if info.was_dirty {
+                        warn!(replica = %a, "replica was not closed cleanly last time");
+                    }
+                    found.push((a.clone(), Ok(info)))
+                }
+                Err(e) => {
+                    warn!(replica = %a, "replica unusable: {e}");
+                    found.push((a.clone(), Err(e.to_string())));
+                }
+            }
+        }
+        let newest = found.iter().filter_map(|(_, r)| r.as_ref().ok().map(|i| i.revision)).max();
+        let Some(newest) = newest else {
+            let why: Vec<String> = found.iter().filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {e}"))).collect();
+            return Err(io::Error::other(format!("no usable replica for volume {name}: {}", why.join("; "))));
+        };
+        let mut replicas = Vec::new();
+        for (a, r) in found {
+            let (mode, reason) = match r {
+                Ok(i) if i.revision == newest => (Mode::RW, String::new()),
+                Ok(i) => {
+                    let why = format!("needs rebuild: revision {} is behind {newest}", i.revision);
+                    warn!(replica = %a, "{why}");
+                    (Mode::ERR, why)
+                }
+                Err(e) => (Mode::ERR, e),
+            };
+            replicas.push(Arc::new(ReplicaState { addr: a, mode: AtomicU8::new(mode as u8), reason: Mutex::new(reason) }));
+        }
+        let v = Arc::new(Volume {
+            name: name.to_string(),
+            size,
+            replicas,
+            opts,
+            sessions: Mutex::new(Vec::new()),
+            frontend: Mutex::new((String::new(), String::new())),
+        });
+        let rw = v.replicas.iter().filter(|r| r.mode() == Mode::RW).count();
+        info!(volume = name, size, replicas = v.replicas.len(), healthy = rw, revision = newest, "volume started");
+        let weak = Arc::downgrade(&v);
+        std::thread::Builder::new().name("io-watchdog".into()).spawn(move || watchdog(weak))?;
+        Ok(v)
+    }
+
+    pub fn options(&self) -> &VolumeOptions {
+        &self.opts
+    }
+
+    pub fn set_frontend(&self, kind: &str, endpoint: &str) {
+        *self.frontend.lock().unwrap_or_else(|e| e.into_inner()) = (kind.to_string(), endpoint.to_string());
+    }
+
+    pub(crate) fn register(&self, s: Weak<crate::session::Inner>) {
+        let mut v = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.push(s);
+    }
+
+    fn live_sessions(&self) -> Vec<Arc<crate::session::Inner>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(|w| w.upgrade()).collect()
+    }
+
+    /// Drops replica `idx` from service: marks it ERR and has every session settle the
+    /// requests it was waiting on. Idempotent.
+    pub fn fail_replica(&self, idx: usize, reason: &str) {
+        let Some(r) = self.replicas.get(idx) else { return };
+        let prev = r.mode.swap(Mode::ERR as u8, Ordering::AcqRel);
+        if Mode::from_u8(prev) == Mode::ERR {
+            // Already dropped; still sweep, in case a request outlived the first sweep.
+            for s in self.live_sessions() {
+                s.drop_replica(idx);
+            }
+            return;
+        }
+        *r.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason.to_string();
+        let left = self.replicas.iter().filter(|r| r.mode() == Mode::RW).count();
+        error!(volume = %self.name, replica = %r.addr, healthy_left = left, "replica failed and was dropped: {reason}");
+        for s in self.live_sessions() {
+            s.drop_replica(idx);
+        }
+    }
+
+    pub fn healthy(&self) -> usize {
+        self.replicas.iter().filter(|r| r.mode() == Mode::RW).count()
+    }
+
+    pub fn status(&self) -> VolumeStatus {
+        let rw = self.healthy();
+        let (frontend, endpoint) = self.frontend.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        VolumeStatus {
+            name: self.name.clone(),
+            size: self.size,
+            replicas_total: self.replicas.len(),
+            replicas_rw: rw,
+            state: if rw == 0 {
+                "faulted".into()
+            } else if rw < self.replicas.len() {
+                "degraded".into()
+            } else {
+                "healthy".into()
+            },
+            frontend,
+            endpoint,
+        }
+    }
+
+    /// Asks every replica for its state (a fresh control connection each).
+    pub fn replica_status(&self) -> Vec<ReplicaStatus> {
+        self.replicas
+            .iter()
+            .map(|r| {
+                let mode = r.mode();
+                let info = if mode == Mode::ERR {
+                    None
+                } else {
+                    replica_conn::call(&r.addr, &self.name, self.size, longhorn_replica::proto::Op::Info, b"")
+                        .ok()
+                        .and_then(|p| serde_json::from_slice::<longhorn_replica::proto::ReplicaInfo>(&p).ok())
+                };
+                ReplicaStatus {
+                    address: r.addr.clone(),
+                    mode,
+                    revision: info.as_ref().map(|i| i.revision),
+                    head: info.as_ref().map(|i| i.head.clone()),
+                    chain: info.map(|i| i.chain).unwrap_or_default(),
+                    error: r.reason(),
+                }
+            })
+            .collect()
+    }
+
+    /// Flushes every healthy replica and tells it the engine is closing cleanly.
+    pub fn close(&self) {
+        for r in &self.replicas {
+            if r.mode() == Mode::ERR {
+                continue;
+            }
+            match replica_conn::call(&r.addr, &self.name, self.size, longhorn_replica::proto::Op::Close, b"") {
+                Ok(_) => info!(replica = %r.addr, "replica flushed and closed cleanly"),
+                Err(e) => warn!(replica = %r.addr, "clean close failed: {e}"),
+            }
+        }
+    }
+}
+
+/// An `Arc<Volume>` as a frontend's backend.
+#[derive(Clone)]
+pub struct VolumeHandle(pub Arc<Volume>);
+
+impl BlockBackend for VolumeHandle {
+    fn name(&self) -> &str {
+        &self.0.name
+    }
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+    fn open_session(&self, completer: Arc<dyn Completer>) -> io::Result<Box<dyn Session>> {
+        Ok(Box::new(EngineSession::open(self.0.clone(), completer)?))
+    }
+}
+
+/// Fails replicas that leave requests unanswered past the I/O timeout.
+fn watchdog(v: Weak<Volume>) {
+    let tick = Duration::from_millis(500);
+    loop {
+        std::thread::sleep(tick);
+        let Some(v) = v.upgrade() else { return };
+        let timeout = v.opts.io_timeout;
+        let mut late = Vec::new();
+        for s in v.live_sessions() {
+            late.extend(s.late_replicas(timeout));
+        }
+        late.sort_unstable();
+        late.dedup();
+        for idx in late {
+            v.fail_replica(idx, &format!("no reply within the I/O timeout of {timeout:?}"));
+        }
+    }
+}
+
+impl Volume {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}

@@ -1,0 +1,11 @@
+//! The replica: a volume stored as a chain of sparse files in Longhorn's on-disk
+//! layout (`meta`, `store`), and the replica side of the data protocol (`proto`,
+//! `server`).
+pub mod extent;
+pub mod meta;
+pub mod proto;
+pub mod server;
+pub mod store;
+
+pub use server::ReplicaServer;
+pub use store::{Store, StoreError};

@@ -1,0 +1,325 @@
+//! The replica data protocol: the wire format between an engine and a replica.
+//!
+//! # Frame layout
+//!
+//! Every message, in either direction, is a 40-byte header followed by `payload_len`
+//! bytes of payload. All integers are little-endian (both ends are x86/ARM hosts; this
+//! saves a byte swap per field on the hot path).
+//!
+//! ```text
+//! off size field
+//!   0   4  magic        0x4C48_5231 ("LHR1" read as LE bytes "1RHL")
+//!   4   1  version      1
+//!   5   1  op           Op code; a reply carries the op of its request
+//!   6   2  flags        FLAG_FUA on writes; FLAG_REPLY on every reply
+//!   8   8  id           chosen by the sender of a request, echoed in its reply
+//!  16   8  offset       byte offset in the volume (I/O ops), 0 otherwise
+//!  24   4  count        bytes the I/O op covers (READ: bytes wanted)
+//!  28   4  payload_len  bytes following the header
+//!  32   4  status       0 = ok, else a Linux errno (replies only; 0 in requests)
+//!  36   4  crc          CRC32C of the payload (0 when payload_len == 0)
+//! ```
+//!
+//! # Rules
+//!
+//! - The first request on a connection must be `Hello` with a JSON [`Hello`] payload;
+//!   the replica refuses (status EINVAL, reason in the payload, then closes) when the
+//!   volume name or size differ from its own. Nothing else is accepted before it.
+//! - Requests are pipelined: a client may send many before reading replies, and replies
+//!   may come back in any order; `id` pairs them. A connection is owned by one engine
+//!   session, and an engine may open several connections to one replica.
+//! - Every payload carries a CRC32C. A frame whose magic, version, length limits or
+//!   CRC are wrong is never applied: the receiver logs what was wrong and closes the
+//!   connection (a damaged stream cannot be resynchronised safely).
+//! - WRITE: payload_len == count, payload is the data. READ reply: payload is `count`
+//!   bytes of data. WRITE_ZEROES/TRIM: no payload. BLOCK_STATUS reply: payload is a
+//!   sequence of (u32 length, u32 flags) pairs, flag bit 0 = hole.
+//! - FLUSH replies only after every write this replica acknowledged before the FLUSH
+//!   arrived (on any connection) is on stable storage. FLAG_FUA on a write means the
+//!   same for that write before its reply.
+//! - Control ops (INFO, REVISION, SET_MODE, CLOSE) carry JSON payloads.
+//! - `payload_len` is at most [`MAX_PAYLOAD`]; `count` at most [`MAX_IO`].
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read};
+
+pub const MAGIC: u32 = 0x4C48_5231;
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 40;
+/// Largest single I/O: matches the NBD frontend's advertised maximum.
+pub const MAX_IO: u32 = 32 << 20;
+/// Largest payload: one max I/O (control payloads are far smaller).
+pub const MAX_PAYLOAD: u32 = MAX_IO;
+
+pub const FLAG_FUA: u16 = 1 << 0;
+pub const FLAG_REPLY: u16 = 1 << 15;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    Hello = 1,
+    Read = 2,
+    Write = 3,
+    WriteZeroes = 4,
+    Trim = 5,
+    Flush = 6,
+    Ping = 7,
+    BlockStatus = 8,
+    Info = 16,
+    Revision = 17,
+    SetMode = 18,
+    Close = 19,
+}
+
+impl Op {
+    pub fn from_u8(v: u8) -> Option<Op> {
+        Some(match v {
+            1 => Op::Hello,
+            2 => Op::Read,
+            3 => Op::Write,
+            4 => Op::WriteZeroes,
+            5 => Op::Trim,
+            6 => Op::Flush,
+            7 => Op::Ping,
+            8 => Op::BlockStatus,
+            16 => Op::Info,
+            17 => Op::Revision,
+            18 => Op::SetMode,
+            19 => Op::Close,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub op: Op,
+    pub flags: u16,
+    pub id: u64,
+    pub offset: u64,
+    pub count: u32,
+    pub payload_len: u32,
+    pub status: u32,
+    pub crc: u32,
+}
+
+/// What can be wrong with a frame. Each names the defect so the log says why a
+/// connection was dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("bad magic {0:#010x} (expected {MAGIC:#010x})")]
+    BadMagic(u32),
+    #[error("unsupported protocol version {0} (expected {VERSION})")]
+    BadVersion(u8),
+    #[error("unknown op code {0}")]
+    BadOp(u8),
+    #[error("payload length {0} exceeds the limit {MAX_PAYLOAD}")]
+    TooLong(u32),
+    #[error("payload checksum mismatch for op {op:?} id {id}: header says {want:#010x}, payload has {got:#010x}")]
+    BadChecksum { op: Op, id: u64, want: u32, got: u32 },
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl Header {
+    pub fn request(op: Op, id: u64, offset: u64, count: u32) -> Header {
+        Header { op, flags: 0, id, offset, count, payload_len: 0, status: 0, crc: 0 }
+    }
+
+    pub fn is_reply(&self) -> bool {
+        self.flags & FLAG_REPLY != 0
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4] = VERSION;
+        b[5] = self.op as u8;
+        b[6..8].copy_from_slice(&self.flags.to_le_bytes());
+        b[8..16].copy_from_slice(&self.id.to_le_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_le_bytes());
+        b[24..28].copy_from_slice(&self.count.to_le_bytes());
+        b[28..32].copy_from_slice(&self.payload_len.to_le_bytes());
+        b[32..36].copy_from_slice(&self.status.to_le_bytes());
+        b[36..40].copy_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        let magic = u32_at(0);
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic(magic));
+        }
+        if b[4] != VERSION {
+            return Err(FrameError::BadVersion(b[4]));
+        }
+        let op = Op::from_u8(b[5]).ok_or(FrameError::BadOp(b[5]))?;
+        let payload_len = u32_at(28);
+        if payload_len > MAX_PAYLOAD {
+            return Err(FrameError::TooLong(payload_len));
+        }
+        Ok(Header {
+            op,
+            flags: u16::from_le_bytes([b[6], b[7]]),
+            id: u64_at(8),
+            offset: u64_at(16),
+            count: u32_at(24),
+            payload_len,
+            status: u32_at(32),
+            crc: u32_at(36),
+        })
+    }
+}
+
+pub fn checksum(payload: &[u8]) -> u32 {
+    if payload.is_empty() {
+        0
+    } else {
+        crc32c::crc32c(payload)
+    }
+}
+
+/// Reads one whole frame: header, then payload, checking the CRC.
+pub fn read_frame<R: Read>(r: &mut R) -> Result<(Header, Bytes), FrameError> {
+    let mut hb = [0u8; HEADER_LEN];
+    if let Err(e) = r.read_exact(&mut hb) {
+        return Err(if e.kind() == io::ErrorKind::UnexpectedEof { FrameError::Closed } else { e.into() });
+    }
+    let h = Header::decode(&hb)?;
+    let payload = if h.payload_len == 0 {
+        Bytes::new()
+    } else {
+        let mut buf = BytesMut::zeroed(h.payload_len as usize);
+        r.read_exact(&mut buf)?;
+        buf.freeze()
+    };
+    let got = checksum(&payload);
+    if got != h.crc {
+        return Err(FrameError::BadChecksum { op: h.op, id: h.id, want: h.crc, got });
+    }
+    Ok((h, payload))
+}
+
+/// Appends a frame to `out` (a buffer later written with one syscall).
+pub fn put_frame(out: &mut Vec<u8>, mut h: Header, payload: &[u8]) {
+    h.payload_len = payload.len() as u32;
+    h.crc = checksum(payload);
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(payload);
+}
+
+/// The handshake a client sends first on every connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    pub volume: String,
+    pub size: u64,
+}
+
+/// What a replica says about itself (reply to HELLO and INFO).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaInfo {
+    pub volume: String,
+    pub size: u64,
+    pub sector_size: u64,
+    pub revision: u64,
+    /// The replica was not closed cleanly last time it was open.
+    pub was_dirty: bool,
+    pub head: String,
+    pub parent: String,
+    pub chain: Vec<String>,
+    pub mode: String,
+}
+
+/// Encodes BLOCK_STATUS reply extents.
+pub fn encode_extents(ext: &[(u32, bool)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(ext.len() * 8);
+    for &(len, hole) in ext {
+        v.extend_from_slice(&len.to_le_bytes());
+        v.extend_from_slice(&(hole as u32).to_le_bytes());
+    }
+    v
+}
+
+pub fn decode_extents(p: &[u8]) -> Option<Vec<(u32, bool)>> {
+    if p.len() % 8 != 0 {
+        return None;
+    }
+    Some(
+        p.chunks_exact(8)
+            .map(|c| (u32::from_le_bytes([c[0], c[1], c[2], c[3]]), c[4] & 1 != 0))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(h: Header, p: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        put_frame(&mut v, h, p);
+        v
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut h = Header::request(Op::Write, 77, 4096, 5);
+        h.flags = FLAG_FUA;
+        let v = frame(h, b"hello");
+        let (d, p) = read_frame(&mut &v[..]).expect("decodes");
+        assert_eq!(d.op, Op::Write);
+        assert_eq!(d.id, 77);
+        assert_eq!(d.offset, 4096);
+        assert_eq!(d.count, 5);
+        assert_eq!(d.flags, FLAG_FUA);
+        assert_eq!(&p[..], b"hello");
+    }
+
+    #[test]
+    fn corrupt_payload_is_detected() {
+        let mut v = frame(Header::request(Op::Write, 1, 0, 4), b"data");
+        v[HEADER_LEN + 1] ^= 0x40;
+        assert!(matches!(read_frame(&mut &v[..]), Err(FrameError::BadChecksum { .. })));
+    }
+
+    #[test]
+    fn bad_magic_version_op_length() {
+        let good = frame(Header::request(Op::Ping, 1, 0, 0), b"");
+        let mut v = good.clone();
+        v[0] = 0;
+        assert!(matches!(read_frame(&mut &v[..]), Err(FrameError::BadMagic(_))));
+        let mut v = good.clone();
+        v[4] = 9;
+        assert!(matches!(read_frame(&mut &v[..]), Err(FrameError::BadVersion(9))));
+        let mut v = good.clone();
+        v[5] = 200;
+        assert!(matches!(read_frame(&mut &v[..]), Err(FrameError::BadOp(200))));
+        let mut v = good;
+        v[28..32].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        assert!(matches!(read_frame(&mut &v[..]), Err(FrameError::TooLong(_))));
+    }
+
+    #[test]
+    fn truncated_frames() {
+        let v = frame(Header::request(Op::Write, 1, 0, 4), b"data");
+        assert!(matches!(read_frame(&mut &v[..10]), Err(FrameError::Closed)));
+        assert!(read_frame(&mut &v[..HEADER_LEN + 2]).is_err());
+    }
+
+    #[test]
+    fn extents_round_trip() {
+        let e = vec![(4096, false), (8192, true)];
+        assert_eq!(decode_extents(&encode_extents(&e)), Some(e));
+        assert_eq!(decode_extents(&[1, 2, 3]), None);
+    }
+}

@@ -1,0 +1,345 @@
+//! The replica side of the data protocol (see `proto` for the wire rules).
+//!
+//! One thread per engine connection reads a request, applies it to the store and queues
+//! the reply; replies are written in one `writev` whenever no further request is already
+//! buffered, so a burst of pipelined requests costs one syscall back. Reads and writes
+//! go through the page cache and complete inline (microseconds); FLUSH and FUA writes
+//! go to a single sync thread that does one `fdatasync` for every flush waiting on it
+//! (group commit) and replies to each, out of order with the inline traffic.
+
+use crate::proto::{self, FrameError, Header, Hello, Op, FLAG_FUA, FLAG_REPLY, HEADER_LEN};
+use crate::store::Store;
+use bytes::{Bytes, BytesMut};
+use std::io::{self, BufReader, IoSlice, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use tracing::{debug, info, warn};
+
+/// Payloads at least this big are sent from their own buffer instead of being copied
+/// into the reply batch.
+const BIG: usize = 16 * 1024;
+
+pub struct ReplicaServer {
+    store: Arc<Store>,
+    mode: Mutex<String>,
+    sync_tx: Mutex<Sender<SyncJob>>,
+    stopping: AtomicBool,
+}
+
+struct SyncJob {
+    out: Arc<Out>,
+    header: Header,
+}
+
+/// The sending half of one connection: replies batched under a lock.
+struct Out {
+    stream: TcpStream,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    small: BytesMut,
+    segs: Vec<Bytes>,
+}
+
+impl Out {
+    fn queue(&self, h: Header, payload: Bytes) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = h;
+        h.payload_len = payload.len() as u32;
+        h.crc = proto::checksum(&payload);
+        p.small.extend_from_slice(&h.encode());
+        if payload.len() >= BIG {
+            let head = p.small.split().freeze();
+            p.segs.push(head);
+            p.segs.push(payload);
+        } else {
+            p.small.extend_from_slice(&payload);
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if !p.small.is_empty() {
+            let rest = p.small.split().freeze();
+            p.segs.push(rest);
+        }
+        // The lock is held across the write so frames from two threads never interleave.
+        write_all_vectored(&self.stream, &mut p.segs)
+    }
+}
+
+fn write_all_vectored(mut s: &TcpStream, segs: &mut Vec<Bytes>) -> io::Result<()> {
+    let mut i = 0;
+    while i < segs.len() {
+        let iov: Vec<IoSlice> = segs[i..].iter().take(64).map(|b| IoSlice::new(b)).collect();
+        let mut n = s.write_vectored(&iov)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed while writing replies"));
+        }
+        while n > 0 && i < segs.len() {
+            if n >= segs[i].len() {
+                n -= segs[i].len();
+                i += 1;
+            } else {
+                let _ = segs[i].split_to(n);
+                n = 0;
+            }
+        }
+    }
+    segs.clear();
+    Ok(())
+}
+
+fn errno_of(e: &io::Error) -> u32 {
+    if let Some(n) = e.raw_os_error() {
+        return n as u32;
+    }
+    match e.kind() {
+        io::ErrorKind::InvalidInput => libc::EINVAL as u32,
+        io::ErrorKind::StorageFull => libc::ENOSPC as u32,
+        _ => libc::EIO as u32,
+    }
+}
+
+fn reply_of(h: &Header) -> Header {
+    Header { op: h.op, flags: FLAG_REPLY, id: h.id, offset: h.offset, count: h.count, payload_len: 0, status: 0, crc: 0 }
+}
+
+impl ReplicaServer {
+    pub fn new(store: Arc<Store>) -> Arc<ReplicaServer> {
+        let (tx, rx) = channel();
+        let srv = Arc::new(ReplicaServer {
+            store,
+            mode: Mutex::new("RW".to_string()),
+            sync_tx: Mutex::new(tx),
+            stopping: AtomicBool::new(false),
+        });
+        let s2 = srv.clone();
+        std::thread::Builder::new()
+            .name("replica-sync".into())
+            .spawn(move || s2.sync_loop(rx))
+            .map(|_| ())
+            .unwrap_or_else(|e| warn!("cannot start the sync thread: {e}"));
+        srv
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Stops applying I/O, flushes, and records a clean close.
+    pub fn shutdown(&self) -> Result<(), crate::store::StoreError> {
+        self.stopping.store(true, Ordering::Release);
+        self.store.close()
+    }
+
+    /// Accepts engine connections until the process ends.
+    pub fn serve(self: &Arc<Self>, listener: TcpListener) {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(stream) => {
+                    let srv = self.clone();
+                    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+                    let r = std::thread::Builder::new().name("replica-conn".into()).spawn(move || {
+                        match srv.connection(stream, &peer) {
+                            Ok(()) | Err(FrameError::Closed) => info!(%peer, "engine connection closed"),
+                            Err(e) => warn!(%peer, "dropping engine connection: {e}"),
+                        }
+                    });
+                    if let Err(e) = r {
+                        warn!("cannot start a connection thread: {e}");
+                    }
+                }
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    fn connection(&self, stream: TcpStream, peer: &str) -> Result<(), FrameError> {
+        stream.set_nodelay(true)?;
+        let out = Arc::new(Out { stream: stream.try_clone()?, pending: Mutex::new(Pending::default()) });
+        let mut rd = BufReader::with_capacity(256 * 1024, stream);
+        let result = self.conversation(&mut rd, &out, peer);
+        let _ = out.stream.shutdown(Shutdown::Both);
+        result
+    }
+
+    fn conversation(&self, rd: &mut BufReader<TcpStream>, out: &Arc<Out>, peer: &str) -> Result<(), FrameError> {
+        // Handshake first.
+        let (h, payload) = proto::read_frame(rd)?;
+        if h.op != Op::Hello {
+            warn!(%peer, "first request was {:?}, not Hello", h.op);
+            return Err(FrameError::Io(io::Error::new(io::ErrorKind::InvalidData, "no Hello")));
+        }
+        let hello: Hello = match serde_json::from_slice(&payload) {
+            Ok(v) => v,
+            Err(e) => {
+                self.refuse(out, &h, format!("malformed Hello: {e}"))?;
+                return Ok(());
+            }
+        };
+        if hello.volume != self.store.volume() || hello.size != self.store.size() {
+            let why = format!(
+                "this replica serves volume {:?} of {} bytes; the engine asked for {:?} of {} bytes",
+                self.store.volume(),
+                self.store.size(),
+                hello.volume,
+                hello.size
+            );
+            warn!(%peer, "refusing engine: {why}");
+            self.refuse(out, &h, why)?;
+            return Ok(());
+        }
+        info!(%peer, volume = %hello.volume, "engine connected");
+        out.queue(reply_of(&h), Bytes::from(self.info_json()));
+        out.flush()?;
+
+        let mut buf = BytesMut::new();
+        loop {
+            let (h, payload) = proto::read_frame(rd)?;
+            self.handle(out, h, payload, &mut buf);
+            if rd.buffer().len() < HEADER_LEN {
+                out.flush()?;
+            }
+        }
+    }
+
+    fn refuse(&self, out: &Arc<Out>, h: &Header, why: String) -> Result<(), FrameError> {
+        let mut r = reply_of(h);
+        r.status = libc::EINVAL as u32;
+        out.queue(r, Bytes::from(why));
+        out.flush()?;
+        Ok(())
+    }
+
+    fn info_json(&self) -> Vec<u8> {
+        let mode = self.mode.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        serde_json::to_vec(&self.store.info(&mode)).unwrap_or_default()
+    }
+
+    fn handle(&self, out: &Arc<Out>, h: Header, payload: Bytes, buf: &mut BytesMut) {
+        let mut r = reply_of(&h);
+        let stopping = self.stopping.load(Ordering::Acquire);
+        let io_op = matches!(h.op, Op::Read | Op::Write | Op::WriteZeroes | Op::Trim | Op::Flush);
+        if stopping && io_op {
+            r.status = libc::ESHUTDOWN as u32;
+            out.queue(r, Bytes::new());
+            return;
+        }
+        let res: io::Result<Bytes> = match h.op {
+            Op::Read => {
+                if h.count > proto::MAX_IO {
+                    Err(io::Error::new(io::ErrorKind::InvalidInput, "read too large"))
+                } else {
+                    buf.reserve(h.count as usize);
+                    self.store.read_into(h.offset, h.count as usize, buf).map(|_| buf.split().freeze())
+                }
+            }
+            Op::Write => {
+                if payload.len() != h.count as usize {
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("write count {} but payload {}", h.count, payload.len()),
+                    ))
+                } else {
+                    match self.store.write(h.offset, &payload) {
+                        Ok(()) if h.flags & FLAG_FUA != 0 => return self.to_sync(out, h),
+                        r => r.map(|_| Bytes::new()),
+                    }
+                }
+            }
+            Op::WriteZeroes | Op::Trim => {
+                let r = if h.op == Op::WriteZeroes {
+                    self.store.write_zeroes(h.offset, h.count as u64)
+                } else {
+                    self.store.trim(h.offset, h.count as u64)
+                };
+                match r {
+                    Ok(()) if h.flags & FLAG_FUA != 0 => return self.to_sync(out, h),
+                    r => r.map(|_| Bytes::new()),
+                }
+            }
+            Op::Flush => return self.to_sync(out, h),
+            Op::BlockStatus => self
+                .store
+                .block_status(h.offset, h.count as u64)
+                .map(|e| Bytes::from(proto::encode_extents(&e))),
+            Op::Ping | Op::Hello => Ok(Bytes::new()),
+            Op::Info => Ok(Bytes::from(self.info_json())),
+            Op::Revision => Ok(Bytes::from(self.store.revision().to_string())),
+            Op::SetMode => match std::str::from_utf8(&payload) {
+                Ok(m @ ("RW" | "WO")) => {
+                    *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = m.to_string();
+                    Ok(Bytes::new())
+                }
+                _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "mode must be RW or WO")),
+            },
+            Op::Close => {
+                self.store
+                    .close()
+                    .map(|_| Bytes::new())
+                    .map_err(|e| io::Error::other(e.to_string()))
+            }
+        };
+        match res {
+            Ok(p) => out.queue(r, p),
+            Err(e) => {
+                debug!(op = ?h.op, offset = h.offset, count = h.count, "request failed: {e}");
+                if h.op != Op::Read {
+                    warn!(op = ?h.op, offset = h.offset, count = h.count, "request failed: {e}");
+                }
+                r.status = errno_of(&e);
+                out.queue(r, Bytes::from(e.to_string()));
+            }
+        }
+    }
+
+    fn to_sync(&self, out: &Arc<Out>, header: Header) {
+        let tx = self.sync_tx.lock().unwrap_or_else(|e| e.into_inner());
+        if tx.send(SyncJob { out: out.clone(), header }).is_err() {
+            let mut r = reply_of(&header);
+            r.status = libc::EIO as u32;
+            out.queue(r, Bytes::from_static(b"sync thread is gone"));
+        }
+    }
+
+    fn sync_loop(&self, rx: Receiver<SyncJob>) {
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            while let Ok(j) = rx.try_recv() {
+                jobs.push(j);
+            }
+            let res = self.store.flush();
+            if let Err(e) = &res {
+                warn!("flush failed: {e}");
+            }
+            let mut outs: Vec<Arc<Out>> = Vec::new();
+            for j in jobs {
+                let mut r = reply_of(&j.header);
+                let payload = match &res {
+                    Ok(()) => Bytes::new(),
+                    Err(e) => {
+                        r.status = errno_of(e);
+                        Bytes::from(e.to_string())
+                    }
+                };
+                j.out.queue(r, payload);
+                if !outs.iter().any(|o| Arc::ptr_eq(o, &j.out)) {
+                    outs.push(j.out);
+                }
+            }
+            for o in outs {
+                if let Err(e) = o.flush() {
+                    debug!("cannot send flush replies: {e}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,624 @@
+//! The replica's data: a chain of sparse files read through an extent index.
+//!
+//! Layers are numbered from the bottom (0 = oldest snapshot) to the head (last). The
+//! `top` map says which layer holds each range; `below` says where any layer under the
+//! head holds data. Both are built at open from the files' allocation
+//! (SEEK_DATA/SEEK_HOLE) and kept up to date by every write.
+//!
+//! Rules that keep data safe:
+//! - Writes go to the head only. A hole in the head means "look below", so zeros that
+//!   must hide older data are written as real zero blocks; holes are punched only where
+//!   no older layer holds data.
+//! - The filesystem allocates whole 4 KiB blocks. A write that covers part of a block is
+//!   widened to the whole block with the block's current content (read through the
+//!   chain), so the head never holds a block whose unwritten part shadows older data
+//!   with zeros after a reopen rebuilds the index from the allocation.
+//! - Data is written before the index points at it.
+//! - The revision counter lives in a shared memory mapping of `revision.counter`: bumping
+//!   it costs a store, survives a kill of the process, and reaches the disk at flush.
+
+use crate::extent::{ExtentMap, Segment};
+use crate::meta::{self, DiskMeta, MetaError, VolumeMeta};
+use crate::proto::ReplicaInfo;
+use bytes::BytesMut;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+/// The filesystem block: the unit of allocation in the layer files.
+pub const BLOCK: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("{path}: {what}")]
+    Layout { path: PathBuf, what: String },
+    #[error("{path} at offset {offset}: {source}")]
+    Io { path: PathBuf, offset: u64, source: io::Error },
+}
+
+struct Layer {
+    name: String,
+    path: PathBuf,
+    file: File,
+}
+
+struct Maps {
+    top: ExtentMap,
+    below: ExtentMap,
+}
+
+pub struct Store {
+    dir: PathBuf,
+    volume: String,
+    size: u64,
+    sector_size: u64,
+    was_dirty: bool,
+    layers: Vec<Layer>,
+    maps: RwLock<Maps>,
+    meta: Mutex<VolumeMeta>,
+    revision: Revision,
+    /// Serialises read-modify-write of partial blocks, so two writes to different
+    /// sectors of one block cannot lose each other.
+    rmw: Mutex<()>,
+    /// Set by any write since the last successful flush.
+    unsynced: AtomicBool,
+    /// `volume.meta` says Dirty:false; the next write must set it again first.
+    clean: AtomicBool,
+}
+
+/// The revision counter: an mmap of `revision.counter`.
+struct Revision {
+    value: AtomicU64,
+    map: *mut u8,
+    file: File,
+    lock: Mutex<u64>,
+}
+
+// The mapping is only written under `lock`, and lives as long as the Revision.
+unsafe impl Send for Revision {}
+unsafe impl Sync for Revision {}
+
+impl Revision {
+    fn open(dir: &Path, file: File) -> Result<Revision, MetaError> {
+        let path = dir.join(meta::REVISION_COUNTER);
+        let mut data = vec![0u8; meta::REVISION_COUNTER_LEN];
+        let n = file.read_at(&mut data, 0).map_err(|e| MetaError::io(&path, e))?;
+        let value = meta::parse_revision(&path, &data[..n])?;
+        file.set_len(meta::REVISION_COUNTER_LEN as u64).map_err(|e| MetaError::io(&path, e))?;
+        // SAFETY: a fresh shared mapping of a file we hold open, of the file's length.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                meta::REVISION_COUNTER_LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(MetaError::io(&path, io::Error::last_os_error()));
+        }
+        Ok(Revision { value: AtomicU64::new(value), map: map as *mut u8, file, lock: Mutex::new(value) })
+    }
+
+    fn bump(&self) {
+        let v = self.value.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut written = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if v > *written {
+            let mut buf = [0u8; 24];
+            let s = fmt_u64(v, &mut buf);
+            // SAFETY: the mapping is REVISION_COUNTER_LEN bytes; digits of a u64 are <= 20,
+            // and the trailing NUL keeps a shorter old value from showing through.
+            unsafe {
+                std::ptr::copy_nonoverlapping(s.as_ptr(), self.map, s.len());
+                *self.map.add(s.len()) = 0;
+            }
+            *written = v;
+        }
+    }
+
+    fn get(&self) -> u64 {
+        self.value.load(Ordering::Acquire)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        // SAFETY: the mapping is valid for its length.
+        let r = unsafe { libc::msync(self.map as *mut libc::c_void, meta::REVISION_COUNTER_LEN, libc::MS_SYNC) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.file.sync_data()
+    }
+}
+
+impl Drop for Revision {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping made in open.
+        unsafe {
+            libc::munmap(self.map as *mut libc::c_void, meta::REVISION_COUNTER_LEN);
+        }
+    }
+}
+
+fn fmt_u64(mut v: u64, buf: &mut [u8; 24]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// Ranges of `file` that hold data, from SEEK_DATA/SEEK_HOLE, rounded out to blocks.
+fn allocated_ranges(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < size {
+        // SAFETY: plain lseek on an fd we own.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(err);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let s = (data as u64) / BLOCK * BLOCK;
+        let e = ((hole as u64).min(size)).div_ceil(BLOCK) * BLOCK;
+        if s < e {
+            out.push((s, e.min(size)));
+        }
+        pos = hole;
+    }
+    Ok(out)
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on an fd we own.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
+
+impl Store {
+    /// Creates a new replica directory for `volume` of `size` bytes. The directory may
+    /// exist but must not hold a replica already.
+    pub fn create(dir: &Path, volume: &str, size: u64) -> Result<(), StoreError> {
+        if size == 0 || size % BLOCK != 0 {
+            return Err(StoreError::Layout {
+                path: dir.to_path_buf(),
+                what: format!("volume size {size} must be a non-zero multiple of {BLOCK}"),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(|e| MetaError::io(dir, e))?;
+        let vm = dir.join(meta::VOLUME_META);
+        if vm.exists() {
+            return Err(StoreError::Layout { path: vm, what: "a replica already exists here".into() });
+        }
+        let head = meta::head_name(0);
+        let head_path = dir.join(&head);
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&head_path)
+            .map_err(|e| MetaError::io(&head_path, e))?;
+        f.set_len(size).map_err(|e| MetaError::io(&head_path, e))?;
+        f.sync_all().map_err(|e| MetaError::io(&head_path, e))?;
+        DiskMeta {
+            name: head.clone(),
+            parent: String::new(),
+            removed: false,
+            user_created: false,
+            created: meta::now_rfc3339(),
+            labels: None,
+        }
+        .store(dir)?;
+        let mut rc = [0u8; meta::REVISION_COUNTER_LEN];
+        meta::format_revision(0, &mut rc);
+        meta::write_atomic(&dir.join(meta::REVISION_COUNTER), &rc)?;
+        // volume.meta last: it is the commit point.
+        VolumeMeta {
+            size,
+            head,
+            dirty: false,
+            rebuilding: false,
+            error: String::new(),
+            parent: String::new(),
+            sector_size: 512,
+            backing_file_path: String::new(),
+            encrypted: false,
+            volume_name: volume.to_string(),
+        }
+        .store(dir)?;
+        Ok(())
+    }
+
+    /// Opens a replica directory for serving. Everything is read and checked before
+    /// anything is written; then the replica is marked dirty until a clean close.
+    /// `volume`, when given, must match the name recorded in the directory (a directory
+    /// made by Longhorn records none and adopts it).
+    pub fn open(dir: &Path, volume: Option<&str>) -> Result<Store, StoreError> {
+        let mut vmeta = VolumeMeta::load(dir)?;
+        let vm_path = dir.join(meta::VOLUME_META);
+        if vmeta.encrypted || !vmeta.backing_file_path.is_empty() {
+            return Err(StoreError::Layout {
+                path: vm_path,
+                what: "encrypted volumes and backing files are not supported".into(),
+            });
+        }
+        if vmeta.size % BLOCK != 0 {
+            return Err(StoreError::Layout {
+                path: vm_path,
+                what: format!("Size {} is not a multiple of {BLOCK}", vmeta.size),
+            });
+        }
+        if let Some(v) = volume {
+            if !vmeta.volume_name.is_empty() && vmeta.volume_name != v {
+                return Err(StoreError::Layout {
+                    path: vm_path,
+                    what: format!("this replica belongs to volume {:?}, not {v:?}", vmeta.volume_name),
+                });
+            }
+        }
+        // Walk the chain from the head down.
+        let mut names = Vec::new();
+        let mut metas = Vec::new();
+        let mut cur = vmeta.head.clone();
+        loop {
+            if names.len() > 1024 || names.contains(&cur) {
+                return Err(StoreError::Layout { path: dir.join(&cur), what: "the chain of Parent links loops".into() });
+            }
+            let m = DiskMeta::load(dir, &cur)?;
+            let parent = m.parent.clone();
+            names.push(cur);
+            metas.push(m);
+            if parent.is_empty() {
+                break;
+            }
+            cur = parent;
+        }
+        if metas[0].parent != vmeta.parent {
+            return Err(StoreError::Layout {
+                path: vm_path,
+                what: format!("Parent {:?} disagrees with the head's Parent {:?}", vmeta.parent, metas[0].parent),
+            });
+        }
+        names.reverse();
+        let mut layers = Vec::with_capacity(names.len());
+        let last = names.len() - 1;
+        for (i, name) in names.iter().enumerate() {
+            let path = dir.join(name);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(i == last)
+                .open(&path)
+                .map_err(|e| MetaError::io(&path, e))?;
+            let len = file.metadata().map_err(|e| MetaError::io(&path, e))?.len();
+            if len != vmeta.size {
+                return Err(StoreError::Layout {
+                    path,
+                    what: format!("file is {len} bytes, the volume is {}", vmeta.size),
+                });
+            }
+            layers.push(Layer { name: name.clone(), path, file });
+        }
+        let rev_file = meta::open_revision_file(dir, false)?;
+        let mut maps = Maps { top: ExtentMap::new(), below: ExtentMap::new() };
+        for (i, l) in layers.iter().enumerate() {
+            if i == last {
+                maps.below = maps.top.clone();
+            }
+            let ranges = allocated_ranges(&l.file, vmeta.size)
+                .map_err(|e| StoreError::Io { path: l.path.clone(), offset: 0, source: e })?;
+            for (s, e) in ranges {
+                maps.top.insert(s, e, i as u16);
+            }
+        }
+        let revision = Revision::open(dir, rev_file)?;
+        // All checks passed: from here on we write.
+        let was_dirty = vmeta.dirty;
+        if let Some(v) = volume {
+            if vmeta.volume_name.is_empty() {
+                vmeta.volume_name = v.to_string();
+            }
+        }
+        vmeta.dirty = true;
+        vmeta.store(dir)?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            volume: vmeta.volume_name.clone(),
+            size: vmeta.size,
+            sector_size: vmeta.sector_size,
+            was_dirty,
+            layers,
+            maps: RwLock::new(maps),
+            meta: Mutex::new(vmeta),
+            revision,
+            rmw: Mutex::new(()),
+            unsynced: AtomicBool::new(false),
+            clean: AtomicBool::new(false),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn was_dirty(&self) -> bool {
+        self.was_dirty
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision.get()
+    }
+
+    fn head(&self) -> &Layer {
+        &self.layers[self.layers.len() - 1]
+    }
+
+    fn head_index(&self) -> u16 {
+        (self.layers.len() - 1) as u16
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("range {offset}+{len} is beyond the volume size {}", self.size),
+            ));
+        }
+        Ok(())
+    }
+
+    fn io_err(&self, layer: &Layer, offset: u64, e: io::Error) -> io::Error {
+        io::Error::new(e.kind(), format!("{} at offset {offset}: {e}", layer.path.display()))
+    }
+
+    fn segments(&self, offset: u64, end: u64) -> Vec<Segment> {
+        let maps = self.maps.read().unwrap_or_else(|p| p.into_inner());
+        maps.top.lookup(offset, end)
+    }
+
+    /// Reads `[offset, offset+len)` through the chain into `buf` (resized to `len`).
+    pub fn read_into(&self, offset: u64, len: usize, buf: &mut BytesMut) -> io::Result<()> {
+        self.check_range(offset, len as u64)?;
+        buf.clear();
+        buf.resize(len, 0);
+        self.read_at(offset, &mut buf[..])
+    }
+
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        for seg in self.segments(offset, offset + out.len() as u64) {
+            let dst = &mut out[(seg.start - offset) as usize..(seg.end - offset) as usize];
+            match seg.layer {
+                None => dst.fill(0),
+                Some(l) => {
+                    let layer = &self.layers[l as usize];
+                    layer.file.read_exact_at(dst, seg.start).map_err(|e| self.io_err(layer, seg.start, e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` to the head.
+    pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = offset + data.len() as u64;
+        if offset % BLOCK == 0 && end % BLOCK == 0 {
+            self.write_head(offset, data)?;
+        } else {
+            self.write_widened(offset, data)?;
+        }
+        self.revision.bump();
+        Ok(())
+    }
+
+    /// Before the first write after a clean close, records Dirty again.
+    fn dirty(&self) -> io::Result<()> {
+        if self.clean.load(Ordering::Acquire) {
+            let mut m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            if self.clean.load(Ordering::Acquire) {
+                m.dirty = true;
+                m.store(&self.dir).map_err(|e| io::Error::other(e.to_string()))?;
+                self.clean.store(false, Ordering::Release);
+            }
+        }
+        self.unsynced.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn write_head(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let head = self.head();
+        self.dirty()?;
+        head.file.write_all_at(data, offset).map_err(|e| self.io_err(head, offset, e))?;
+        let mut maps = self.maps.write().unwrap_or_else(|p| p.into_inner());
+        maps.top.insert(offset, offset + data.len() as u64, self.head_index());
+        Ok(())
+    }
+
+    /// A write that covers part of a block: widen it to whole blocks with the blocks'
+    /// current content, so the head holds whole, correct blocks.
+    fn write_widened(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let _g = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
+        let end = offset + data.len() as u64;
+        let ws = offset / BLOCK * BLOCK;
+        let we = end.div_ceil(BLOCK) * BLOCK;
+        let mut buf = vec![0u8; (we - ws) as usize];
+        // Only the partial edge blocks need their old content.
+        let first_block_end = (ws + BLOCK).min(we);
+        self.read_at(ws, &mut buf[..(first_block_end - ws) as usize])?;
+        if we - BLOCK > ws {
+            let lo = (we - BLOCK - ws) as usize;
+            self.read_at(we - BLOCK, &mut buf[lo..])?;
+        }
+        buf[(offset - ws) as usize..(end - ws) as usize].copy_from_slice(data);
+        self.write_head(ws, &buf)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros: real zero blocks over older data,
+    /// holes elsewhere.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let (a, b) = (offset.div_ceil(BLOCK) * BLOCK, end / BLOCK * BLOCK);
+        if a >= b {
+            self.write_widened(offset, &ZEROS[..len as usize])?;
+        } else {
+            if offset < a {
+                self.write_widened(offset, &ZEROS[..(a - offset) as usize])?;
+            }
+            if b < end {
+                self.write_widened(b, &ZEROS[..(end - b) as usize])?;
+            }
+            self.zero_aligned(a, b, true)?;
+        }
+        self.revision.bump();
+        Ok(())
+    }
+
+    /// Discards `[offset, offset+len)` where that cannot uncover older data.
+    pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        let (a, b) = (offset.div_ceil(BLOCK) * BLOCK, (offset + len) / BLOCK * BLOCK);
+        if a < b {
+            self.zero_aligned(a, b, false)?;
+        }
+        self.revision.bump();
+        Ok(())
+    }
+
+    /// Block-aligned zeroing. Where an older layer holds data: zero blocks if `must_zero`
+    /// (else left alone); elsewhere the head's blocks are punched out.
+    fn zero_aligned(&self, a: u64, b: u64, must_zero: bool) -> io::Result<()> {
+        let pieces = {
+            let maps = self.maps.read().unwrap_or_else(|p| p.into_inner());
+            maps.below.lookup(a, b)
+        };
+        let head = self.head();
+        self.dirty()?;
+        for p in pieces {
+            if p.layer.is_some() {
+                if must_zero {
+                    let mut pos = p.start;
+                    while pos < p.end {
+                        let n = (p.end - pos).min(ZEROS.len() as u64);
+                        head.file.write_all_at(&ZEROS[..n as usize], pos).map_err(|e| self.io_err(head, pos, e))?;
+                        pos += n;
+                    }
+                    let mut maps = self.maps.write().unwrap_or_else(|p| p.into_inner());
+                    maps.top.insert(p.start, p.end, self.head_index());
+                }
+            } else {
+                punch_hole(&head.file, p.start, p.end - p.start).map_err(|e| self.io_err(head, p.start, e))?;
+                let mut maps = self.maps.write().unwrap_or_else(|p| p.into_inner());
+                maps.top.remove(p.start, p.end);
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocation of `[offset, offset+len)` across the chain: (length, is_hole) runs.
+    pub fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<(u32, bool)>> {
+        self.check_range(offset, len)?;
+        let mut out: Vec<(u32, bool)> = Vec::new();
+        for s in self.segments(offset, offset + len) {
+            let hole = s.layer.is_none();
+            let n = (s.end - s.start) as u32;
+            match out.last_mut() {
+                Some(last) if last.1 == hole => last.0 += n,
+                _ => out.push((n, hole)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts every acknowledged write on stable storage.
+    pub fn flush(&self) -> io::Result<()> {
+        if self.unsynced.swap(false, Ordering::AcqRel) {
+            let head = self.head();
+            if let Err(e) = head.file.sync_data() {
+                self.unsynced.store(true, Ordering::Release);
+                return Err(self.io_err(head, 0, e));
+            }
+        }
+        self.revision.sync().map_err(|e| {
+            io::Error::new(e.kind(), format!("{}: {e}", self.dir.join(meta::REVISION_COUNTER).display()))
+        })
+    }
+
+    /// Flushes and records a clean close (Dirty:false). A later write marks the replica
+    /// dirty again, so an engine may close and another reopen the same replica.
+    pub fn close(&self) -> Result<(), StoreError> {
+        let _g = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
+        self.flush().map_err(|e| StoreError::Io { path: self.dir.clone(), offset: 0, source: e })?;
+        let mut m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        m.dirty = false;
+        m.store(&self.dir)?;
+        self.clean.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    pub fn info(&self, mode: &str) -> ReplicaInfo {
+        let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        ReplicaInfo {
+            volume: self.volume.clone(),
+            size: self.size,
+            sector_size: self.sector_size,
+            revision: self.revision.get(),
+            was_dirty: self.was_dirty,
+            head: m.head.clone(),
+            parent: m.parent.clone(),
+            chain: self.layers.iter().rev().map(|l| l.name.clone()).collect(),
+            mode: mode.to_string(),
+        }
+    }
+
+    /// Number of extents in the index (how fragmented the volume is).
+    pub fn extent_count(&self) -> usize {
+        self.maps.read().unwrap_or_else(|p| p.into_inner()).top.len()
+    }
+}

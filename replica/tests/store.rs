@@ -1,0 +1,172 @@
+//! The store against real files: chain reads, zeros over older layers, partial-block
+//! writes, reopen, and refusal of damaged directories without touching them.
+
+use bytes::BytesMut;
+use longhorn_replica::meta::{DiskMeta, VolumeMeta};
+use longhorn_replica::Store;
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+const MB: u64 = 1 << 20;
+
+fn read(s: &Store, off: u64, len: usize) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    s.read_into(off, len, &mut b).expect("read");
+    b.to_vec()
+}
+
+fn snapshot_of_dir(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| {
+            let e = e.expect("entry");
+            (e.file_name().to_string_lossy().to_string(), std::fs::read(e.path()).expect("read file"))
+        })
+        .collect()
+}
+
+/// A directory as Longhorn leaves it after one snapshot `s1`: the snapshot holds 'A'
+/// over [0, 64 KiB), the head (volume-head-001.img) is empty.
+fn longhorn_dir_with_snapshot(dir: &Path, size: u64) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let snap = "volume-snap-s1.img";
+    let f = std::fs::File::create(dir.join(snap)).expect("create");
+    f.set_len(size).expect("len");
+    f.write_all_at(&vec![b'A'; 65536], 0).expect("write");
+    let head = "volume-head-001.img";
+    std::fs::File::create(dir.join(head)).expect("create").set_len(size).expect("len");
+    let m = |name: &str, parent: &str| DiskMeta {
+        name: name.into(),
+        parent: parent.into(),
+        removed: false,
+        user_created: true,
+        created: "2022-02-22T07:36:48Z".into(),
+        labels: None,
+    };
+    m(snap, "").store(dir).expect("meta");
+    m(head, snap).store(dir).expect("meta");
+    std::fs::write(dir.join("revision.counter"), b"7").expect("rev");
+    VolumeMeta {
+        size,
+        head: head.into(),
+        dirty: false,
+        rebuilding: false,
+        error: String::new(),
+        parent: snap.into(),
+        sector_size: 512,
+        backing_file_path: String::new(),
+        encrypted: false,
+        volume_name: String::new(),
+    }
+    .store(dir)
+    .expect("volume.meta");
+}
+
+#[test]
+fn write_read_reopen_and_dirty_flag() {
+    let t = tempfile::tempdir().expect("tmp");
+    let dir = t.path().join("r");
+    Store::create(&dir, "vol1", 16 * MB).expect("create");
+    let s = Store::open(&dir, Some("vol1")).expect("open");
+    assert!(!s.was_dirty());
+    s.write(4096, &[7u8; 8192]).expect("write");
+    s.write(MB + 100, b"hello").expect("unaligned write");
+    assert_eq!(read(&s, 4096, 8192), vec![7u8; 8192]);
+    assert_eq!(&read(&s, MB + 98, 9)[..], b"\0\0hello\0\0");
+    assert_eq!(read(&s, 0, 4096), vec![0u8; 4096]);
+    assert_eq!(s.revision(), 2);
+    s.close().expect("close");
+    drop(s);
+    let s = Store::open(&dir, Some("vol1")).expect("reopen");
+    assert!(!s.was_dirty(), "closed cleanly");
+    assert_eq!(s.revision(), 2);
+    assert_eq!(read(&s, 4096, 8192), vec![7u8; 8192]);
+    assert_eq!(&read(&s, MB + 98, 9)[..], b"\0\0hello\0\0");
+    s.write(0, &[1u8; 4096]).expect("write");
+    drop(s); // no close: a crash as far as the directory is concerned
+    let s = Store::open(&dir, Some("vol1")).expect("reopen after crash");
+    assert!(s.was_dirty(), "a replica not closed cleanly says so");
+    assert_eq!(s.revision(), 3, "the mmapped counter survives a crash of the process");
+    assert!(Store::open(&dir, Some("other")).is_err(), "another volume's engine is refused");
+}
+
+#[test]
+fn block_status_shows_holes() {
+    let t = tempfile::tempdir().expect("tmp");
+    let dir = t.path().join("r");
+    Store::create(&dir, "v", 4 * MB).expect("create");
+    let s = Store::open(&dir, Some("v")).expect("open");
+    s.write(MB, &[9u8; 65536]).expect("write");
+    assert_eq!(
+        s.block_status(0, 4 * MB).expect("bs"),
+        vec![(MB as u32, true), (65536, false), ((3 * MB - 65536) as u32, true)]
+    );
+    s.write_zeroes(MB, 65536).expect("zero");
+    assert_eq!(s.block_status(0, 4 * MB).expect("bs"), vec![(4 * MB as u32, true)], "zeroing with nothing below punches");
+    assert_eq!(read(&s, MB, 65536), vec![0u8; 65536]);
+}
+
+#[test]
+fn zeros_hide_older_layers_and_trim_never_uncovers_them() {
+    let t = tempfile::tempdir().expect("tmp");
+    let dir = t.path().join("r");
+    longhorn_dir_with_snapshot(&dir, 4 * MB);
+    let s = Store::open(&dir, Some("vol1")).expect("open a Longhorn directory");
+    assert_eq!(s.revision(), 7);
+    assert_eq!(read(&s, 0, 65536), vec![b'A'; 65536], "reads fall through to the snapshot");
+    s.write_zeroes(0, 8192).expect("zero");
+    s.write_zeroes(10000, 100).expect("unaligned zero");
+    s.write(20000, b"xyz").expect("unaligned write");
+    s.trim(32768, 32768).expect("trim");
+    let check = |s: &Store| {
+        let got = read(s, 0, 65536);
+        let mut want = vec![b'A'; 65536];
+        want[..8192].fill(0);
+        want[10000..10100].fill(0);
+        want[20000..20003].copy_from_slice(b"xyz");
+        assert!(got == want, "volume content differs from the model");
+    };
+    check(&s);
+    s.close().expect("close");
+    drop(s);
+    let s = Store::open(&dir, Some("vol1")).expect("reopen");
+    check(&s);
+    let snap = std::fs::read(dir.join("volume-snap-s1.img")).expect("read snap");
+    assert_eq!(&snap[..65536], &vec![b'A'; 65536][..], "the snapshot never changes");
+}
+
+type Damage = fn(&Path);
+
+#[test]
+fn damaged_directories_are_refused_untouched() {
+    let t = tempfile::tempdir().expect("tmp");
+    let cases: [(&str, Damage); 7] = [
+        ("corrupt volume.meta", |d| std::fs::write(d.join("volume.meta"), b"{\"Size\":12").expect("w")),
+        ("empty volume.meta", |d| std::fs::write(d.join("volume.meta"), b"").expect("w")),
+        ("missing volume.meta", |d| std::fs::remove_file(d.join("volume.meta")).expect("rm")),
+        ("missing head meta", |d| std::fs::remove_file(d.join("volume-head-001.img.meta")).expect("rm")),
+        ("corrupt snapshot meta", |d| std::fs::write(d.join("volume-snap-s1.img.meta"), b"\x00\x01").expect("w")),
+        ("truncated revision.counter", |d| std::fs::write(d.join("revision.counter"), b"").expect("w")),
+        ("snapshot file of the wrong size", |d| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(d.join("volume-snap-s1.img"))
+                .expect("open")
+                .set_len(4096)
+                .expect("len")
+        }),
+    ];
+    for (case, damage) in cases {
+        let dir = t.path().join(case.replace(' ', "_"));
+        longhorn_dir_with_snapshot(&dir, 4 * MB);
+        damage(&dir);
+        let before = snapshot_of_dir(&dir);
+        let err = match Store::open(&dir, Some("vol1")) {
+            Ok(_) => panic!("{case}: opened a damaged directory"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(&dir.display().to_string()), "{case}: error does not name the file: {err}");
+        assert_eq!(snapshot_of_dir(&dir), before, "{case}: opening changed the directory");
+    }
+}

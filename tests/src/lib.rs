@@ -1,0 +1,293 @@
+//! Test harness: real `longhorn` processes in a temporary directory, and the real tools
+//! (nbdinfo, nbdcopy, qemu-img, fio, nbdfuse) pointed at them.
+//!
+//! The binary under test is `$LONGHORN_BIN`, else `target/release/longhorn`, else
+//! `target/debug/longhorn`; `tests/run` builds it before running the suite.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LONGHORN_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for prof in ["release", "debug"] {
+        let p = root.join("target").join(prof).join("longhorn");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no longhorn binary: run `cargo build --release` (tests/run does) or set LONGHORN_BIN")
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns whether it exited with status 0.
+    pub fn term(&mut self) -> bool {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.pid(), libc::SIGTERM);
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        false
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.alive() {
+            self.kill9();
+        }
+    }
+}
+
+/// Spawns `longhorn ARGS`, stderr to `log`, and waits for a stdout line starting with
+/// `word`. Returns the process and the rest of the line, or the log on failure.
+pub fn spawn(args: &[&str], log: &Path, word: &str) -> Result<(Proc, String), String> {
+    let logf = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(logf)
+        .spawn()
+        .map_err(|e| format!("spawn {:?}: {e}", bin()))?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let w = word.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.strip_prefix(w.as_str()) {
+                let _ = tx.send(rest.trim().to_string());
+            }
+        }
+    });
+    let mut p = Proc { child, log: log.to_path_buf() };
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(v) => Ok((p, v)),
+        Err(_) => {
+            p.kill9();
+            Err(format!("{args:?} did not print {word:?}; log:\n{}", p.log_text()))
+        }
+    }
+}
+
+pub struct Replica {
+    pub proc: Proc,
+    pub addr: String,
+    pub dir: PathBuf,
+}
+
+pub struct Engine {
+    pub proc: Proc,
+    pub uri: String,
+    pub sock: PathBuf,
+}
+
+/// A volume: replicas and an engine in one temporary directory.
+pub struct Cluster {
+    pub tmp: tempfile::TempDir,
+    pub volume: String,
+    pub size: u64,
+    pub replicas: Vec<Replica>,
+    pub engine: Option<Engine>,
+}
+
+pub const MB: u64 = 1 << 20;
+
+impl Cluster {
+    pub fn new(volume: &str, size: u64, n: usize) -> Cluster {
+        let tmp = tempfile::Builder::new().prefix("lh-test-").tempdir_in(test_root()).expect("tempdir");
+        let mut c = Cluster { tmp, volume: volume.to_string(), size, replicas: Vec::new(), engine: None };
+        for i in 0..n {
+            c.add_replica(&format!("r{i}"));
+        }
+        c.start_engine();
+        c
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.path("run")
+    }
+
+    fn spawn_replica(&self, dir: &Path, log: &str) -> Replica {
+        let (proc, addr) = spawn(
+            &[
+                "replica", "serve", "--dir", dir.to_str().expect("utf8"), "--volume", &self.volume,
+                "--size", &self.size.to_string(), "--listen", "127.0.0.1:0",
+            ],
+            &self.path(log),
+            "listening",
+        )
+        .expect("replica starts");
+        Replica { proc, addr, dir: dir.to_path_buf() }
+    }
+
+    pub fn add_replica(&mut self, name: &str) -> usize {
+        let r = self.spawn_replica(&self.path(name), &format!("{name}.log"));
+        self.replicas.push(r);
+        self.replicas.len() - 1
+    }
+
+    /// Restarts replica `i` on its directory (new port).
+    pub fn restart_replica(&mut self, i: usize) {
+        let dir = self.replicas[i].dir.clone();
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("r").to_string();
+        self.replicas[i] = self.spawn_replica(&dir, &format!("{name}-again.log"));
+    }
+
+    pub fn engine_args(&self) -> Vec<String> {
+        let sock = self.path("vol.nbd");
+        let mut a: Vec<String> = vec![
+            "engine".into(), "serve".into(), "--volume".into(), self.volume.clone(),
+            "--size".into(), self.size.to_string(), "--nbd".into(), format!("unix:{}", sock.display()),
+            "--run-dir".into(), self.run_dir().display().to_string(), "--io-timeout".into(), "4".into(),
+        ];
+        for r in &self.replicas {
+            a.push("--replica".into());
+            a.push(r.addr.clone());
+        }
+        a
+    }
+
+    pub fn start_engine(&mut self) {
+        let args = self.engine_args();
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let n = std::fs::read_dir(self.tmp.path()).map(|d| d.count()).unwrap_or(0);
+        let (proc, uri) = spawn(&a, &self.path(&format!("engine-{n}.log")), "ready").expect("engine starts");
+        self.engine = Some(Engine { proc, uri, sock: self.path("vol.nbd") });
+    }
+
+    pub fn stop_engine(&mut self) {
+        if let Some(mut e) = self.engine.take() {
+            assert!(e.proc.term(), "engine exits cleanly on SIGTERM; log:\n{}", e.proc.log_text());
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        self.engine.as_ref().expect("engine running").uri.clone()
+    }
+
+    pub fn engine_log(&self) -> String {
+        self.engine.as_ref().map(|e| e.proc.log_text()).unwrap_or_default()
+    }
+
+    /// `longhorn ARGS` with this cluster's run dir; returns the output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin()).args(args).env("LONGHORN_RUN_DIR", self.run_dir()).output().expect("run longhorn")
+    }
+
+    /// The head file of replica `i` (the volume's data when there are no snapshots).
+    pub fn head_file(&self, i: usize) -> PathBuf {
+        let meta = std::fs::read_to_string(self.replicas[i].dir.join("volume.meta")).expect("volume.meta");
+        let v: serde_json::Value = serde_json::from_str(&meta).expect("json");
+        self.replicas[i].dir.join(v["Head"].as_str().expect("Head"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut e) = self.engine.take() {
+            e.proc.kill9();
+        }
+        for r in &mut self.replicas {
+            r.proc.kill9();
+        }
+    }
+}
+
+/// Where test directories go: on the real disk, not a tmpfs, so sparse files and
+/// SEEK_DATA behave as in production.
+pub fn test_root() -> PathBuf {
+    let p = std::env::var("LONGHORN_TEST_DIR").map(PathBuf::from).unwrap_or_else(|_| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("e2e")
+    });
+    std::fs::create_dir_all(&p).expect("test root");
+    p
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// Runs a shell command, panicking with its output if it fails.
+pub fn sh(cmd: &str) -> String {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    if !o.status.success() {
+        panic!(
+            "command failed ({}): {cmd}\nstdout:\n{}\nstderr:\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Runs a shell command and returns (success, stdout+stderr).
+pub fn sh_try(cmd: &str) -> (bool, String) {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    let mut s = String::from_utf8_lossy(&o.stdout).to_string();
+    s.push_str(&String::from_utf8_lossy(&o.stderr));
+    (o.status.success(), s)
+}
+
+/// Runs fio with JSON output; returns the summed error count of all jobs, panicking on
+/// a failure to run at all.
+pub fn fio(args: &str) -> (bool, u64, String) {
+    let (ok, out) = sh_try(&format!("fio --output-format=json {args}"));
+    let errs = out
+        .find('{')
+        .and_then(|i| serde_json::from_str::<serde_json::Value>(&out[i..]).ok())
+        .and_then(|v| v["jobs"].as_array().map(|j| j.iter().map(|x| x["error"].as_u64().unwrap_or(1)).sum()))
+        .unwrap_or(u64::MAX);
+    (ok, errs, out)
+}
+
+/// A file of `len` random bytes.
+pub fn random_file(path: &Path, len: u64) {
+    sh(&format!("head -c {len} /dev/urandom > '{}'", path.display()));
+}
+
+/// nbdsh under Debian's python (the libnbd module is installed for it, not for
+/// another python3 that may come first on PATH).
+pub const NBDSH: &str = "/usr/bin/python3 -m nbd";

@@ -1,0 +1,259 @@
+//! The core data path, end to end: replicas + engine as real processes, driven by real
+//! NBD clients (nbdinfo, nbdcopy, qemu-img, fio, nbdfuse).
+
+use longhorn_tests::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+fn require(tools: &[&str]) {
+    for t in tools {
+        assert!(have(t), "{t} is not installed (tests/run installs it)");
+    }
+}
+
+#[test]
+fn nbdinfo_shows_size_and_flags() {
+    require(&["nbdinfo"]);
+    let c = Cluster::new("vol1", 64 * MB, 3);
+    let out = sh(&format!("nbdinfo --json '{}'", c.uri()));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("nbdinfo json");
+    let e = &v["exports"][0];
+    assert_eq!(e["export-size"].as_u64(), Some(64 * MB), "{out}");
+    for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"] {
+        assert_eq!(e[flag].as_bool(), Some(true), "{flag} in {out}");
+    }
+    assert_eq!(e["is_read_only"].as_bool(), Some(false));
+    // The allocation map: everything is a hole on a fresh volume.
+    let map = sh(&format!("nbdinfo --map '{}'", c.uri()));
+    assert!(map.contains("hole"), "fresh volume should map as a hole: {map}");
+    let vi = c.cli(&["volume", "info", "-v", "vol1", "--json"]);
+    assert!(vi.status.success(), "{vi:?}");
+    let v: serde_json::Value = serde_json::from_slice(&vi.stdout).expect("json");
+    assert_eq!(v["replicas_rw"].as_u64(), Some(3));
+    assert_eq!(v["state"].as_str(), Some("healthy"));
+}
+
+#[test]
+fn nbdcopy_round_trip_and_qemu_img_compare() {
+    require(&["nbdcopy", "qemu-img", "nbdinfo"]);
+    let size = 256 * MB;
+    let c = Cluster::new("vol1", size, 3);
+    let img = c.path("image.raw");
+    random_file(&img, size);
+    sh(&format!("nbdcopy '{}' '{}'", img.display(), c.uri()));
+    let back = c.path("back.raw");
+    sh(&format!("nbdcopy '{}' '{}'", c.uri(), back.display()));
+    sh(&format!("cmp '{}' '{}'", img.display(), back.display()));
+    sh(&format!("qemu-img compare -f raw -F raw '{}' '{}'", img.display(), c.uri()));
+    // Every replica holds the same bytes as the image.
+    for i in 0..3 {
+        sh(&format!("cmp '{}' '{}'", img.display(), c.head_file(i).display()));
+    }
+    let map = sh(&format!("nbdinfo --map '{}'", c.uri()));
+    assert!(map.contains("data"), "written volume maps as data: {map}");
+}
+
+fn fio_verify(uri: &str, jobs: u32, size_mb: u64, extra: &str) -> (bool, u64, String) {
+    fio(&format!(
+        "--name=verify --ioengine=nbd --uri='{uri}' --rw=randwrite --bs=4k --iodepth=16 \
+         --numjobs={jobs} --size={size_mb}M --offset_increment={size_mb}M --verify=crc32c \
+         --verify_fatal=1 --do_verify=1 --group_reporting=0 {extra}"
+    ))
+}
+
+#[test]
+fn fio_verify_one_replica() {
+    require(&["fio"]);
+    let c = Cluster::new("vol1", 128 * MB, 1);
+    let (ok, errs, out) = fio_verify(&c.uri(), 2, 32, "");
+    assert!(ok && errs == 0, "fio failed:\n{out}\nengine log:\n{}", c.engine_log());
+}
+
+#[test]
+fn fio_verify_three_replicas_and_replicas_identical() {
+    require(&["fio"]);
+    let mut c = Cluster::new("vol1", 128 * MB, 3);
+    let (ok, errs, out) = fio_verify(&c.uri(), 3, 32, "--bsrange=512-64k");
+    assert!(ok && errs == 0, "fio failed:\n{out}\nengine log:\n{}", c.engine_log());
+    c.stop_engine();
+    for i in 1..3 {
+        sh(&format!("cmp '{}' '{}'", c.head_file(0).display(), c.head_file(i).display()));
+    }
+}
+
+#[test]
+fn kill_one_of_three_replicas_during_fio() {
+    require(&["fio"]);
+    let mut c = Cluster::new("vol1", 256 * MB, 3);
+    let uri = c.uri();
+    let fio_thread = std::thread::spawn(move || fio_verify(&uri, 2, 96, ""));
+    std::thread::sleep(Duration::from_millis(1500));
+    c.replicas[1].proc.kill9();
+    let (ok, errs, out) = fio_thread.join().expect("fio thread");
+    assert!(ok && errs == 0, "fio saw errors after a replica died:\n{out}\nengine log:\n{}", c.engine_log());
+    let ls = c.cli(&["replica", "ls", "-v", "vol1", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&ls.stdout).expect("json");
+    let modes: Vec<&str> = v.as_array().expect("array").iter().map(|r| r["mode"].as_str().unwrap_or("")).collect();
+    assert_eq!(modes, vec!["RW", "ERR", "RW"], "replica ls: {v}");
+    let log = c.engine_log();
+    assert!(log.contains("replica failed and was dropped"), "engine log names the failure:\n{log}");
+    c.stop_engine();
+    sh(&format!("cmp '{}' '{}'", c.head_file(0).display(), c.head_file(2).display()));
+}
+
+#[test]
+fn engine_restart_keeps_data_and_stale_replica_is_left_out() {
+    require(&["nbdcopy"]);
+    let size = 64 * MB;
+    let mut c = Cluster::new("vol1", size, 2);
+    let img = c.path("image.raw");
+    random_file(&img, size);
+    sh(&format!("nbdcopy '{}' '{}'", img.display(), c.uri()));
+    c.stop_engine();
+    for r in &c.replicas {
+        let m = std::fs::read_to_string(r.dir.join("volume.meta")).expect("meta");
+        assert!(m.contains("\"Dirty\":false"), "a clean engine stop leaves replicas clean: {m}");
+    }
+    c.start_engine();
+    sh(&format!("qemu-img compare -f raw -F raw '{}' '{}'", img.display(), c.uri()));
+    // Replica 1 misses writes while it is down; at the next start it is behind and left out.
+    c.replicas[1].proc.kill9();
+    sh(&format!("nbdcopy '{}' '{}'", img.display(), c.uri()));
+    c.stop_engine();
+    c.restart_replica(1);
+    c.start_engine();
+    let ls = c.cli(&["replica", "ls", "-v", "vol1", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&ls.stdout).expect("json");
+    assert_eq!(v[0]["mode"].as_str(), Some("RW"), "{v}");
+    assert_eq!(v[1]["mode"].as_str(), Some("ERR"), "stale replica must not serve: {v}");
+    assert!(v[1]["error"].as_str().unwrap_or("").contains("behind"), "{v}");
+    sh(&format!("qemu-img compare -f raw -F raw '{}' '{}'", img.display(), c.uri()));
+}
+
+#[test]
+fn ext4_through_nbdfuse_and_loop() {
+    require(&["nbdfuse", "losetup", "mkfs.ext4", "e2fsck"]);
+    if !std::path::Path::new("/dev/fuse").exists() || !std::path::Path::new("/dev/loop-control").exists() {
+        panic!("this test needs /dev/fuse and loop devices (root on the host)");
+    }
+    let c = Cluster::new("vol1", 256 * MB, 3);
+    let fuse_dir = c.path("fuse");
+    let mnt = c.path("mnt");
+    std::fs::create_dir_all(&fuse_dir).expect("mkdir");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    // nbdfuse serves the export as FUSE_DIR/nbd until unmounted.
+    let mut fuse = std::process::Command::new("nbdfuse")
+        .arg(&fuse_dir)
+        .arg(c.uri())
+        .spawn()
+        .expect("nbdfuse");
+    let file = fuse_dir.join("nbd");
+    for _ in 0..100 {
+        if file.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let result = std::panic::catch_unwind(|| {
+        let loopdev = sh(&format!("losetup --direct-io=on -f --show '{}'", file.display())).trim().to_string();
+        let r = std::panic::catch_unwind(|| {
+            sh(&format!("mkfs.ext4 -q -F {loopdev}"));
+            sh(&format!("mount {loopdev} '{}'", mnt.display()));
+            sh(&format!(
+                "cd '{m}' && for i in 1 2 3 4 5; do head -c 3M /dev/urandom > f$i; done && sha256sum f* > ../sums && sync",
+                m = mnt.display()
+            ));
+            sh(&format!("umount '{}'", mnt.display()));
+            sh(&format!("e2fsck -fn {loopdev}"));
+            sh(&format!("mount {loopdev} '{}'", mnt.display()));
+            sh(&format!("cd '{}' && sha256sum -c ../sums", mnt.display()));
+            sh(&format!("umount '{}'", mnt.display()));
+        });
+        let _ = sh_try(&format!("umount '{}' 2>/dev/null", mnt.display()));
+        let _ = sh_try(&format!("losetup -d {loopdev}"));
+        r
+    });
+    let _ = sh_try(&format!("fusermount3 -u '{}' || umount '{}'", fuse_dir.display(), fuse_dir.display()));
+    let _ = fuse.wait();
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) | Err(e) => std::panic::resume_unwind(e),
+    }
+}
+
+#[test]
+fn bad_nbd_clients_do_not_disturb_others() {
+    require(&["nbdinfo", "nbdsh"]);
+    let c = Cluster::new("vol1", 16 * MB, 2);
+    let sock = c.engine.as_ref().expect("engine").sock.clone();
+    // Garbage instead of a handshake.
+    {
+        let mut s = UnixStream::connect(&sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut greet = [0u8; 18];
+        s.read_exact(&mut greet).expect("server greeting");
+        assert_eq!(&greet[..8], b"NBDMAGIC");
+        let _ = s.write_all(&[0xde; 64]);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest); // the server hangs up rather than hanging
+    }
+    // Out of range reads/writes get an error, and the connection keeps working.
+    // Strict mode off, so libnbd sends the bad requests instead of refusing them itself.
+    let script = "
+import errno
+h.set_strict_mode(0)
+h.connect_uri(URI)
+try:
+    h.pread(4096, 16*1024*1024)
+    raise SystemExit('read past the end succeeded')
+except nbd.Error as e:
+    assert e.errnum in (errno.EINVAL, errno.ENOSPC, errno.EIO), e
+try:
+    h.pwrite(b'x'*4096, 16*1024*1024 - 1024)
+    raise SystemExit('write past the end succeeded')
+except nbd.Error as e:
+    pass
+h.pwrite(b'y'*4096, 0)
+assert h.pread(4096, 0) == b'y'*4096
+print('ok')
+";
+    let script = script.replace("URI", &format!("'{}'", c.uri()));
+    let out = sh(&format!("{NBDSH} -c \"{}\"", script.replace('"', "\\\"")));
+    assert!(out.contains("ok"), "{out}");
+    // A write whose payload never arrives: the connection is dropped, nothing is written.
+    {
+        let mut s = UnixStream::connect(&sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut greet = [0u8; 18];
+        s.read_exact(&mut greet).expect("greeting");
+        s.write_all(&1u32.to_be_bytes()).expect("client flags: fixed newstyle");
+        // NBD_OPT_EXPORT_NAME ""
+        let mut opt = Vec::new();
+        opt.extend_from_slice(b"IHAVEOPT");
+        opt.extend_from_slice(&1u32.to_be_bytes());
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        s.write_all(&opt).expect("opt");
+        let mut info = [0u8; 10 + 124];
+        s.read_exact(&mut info[..10]).expect("export info");
+        let _ = s.read(&mut info[10..]);
+        // NBD_CMD_WRITE of 4096 bytes at offset 8192, with only 100 bytes of payload.
+        let mut req = Vec::new();
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&1u16.to_be_bytes());
+        req.extend_from_slice(&7u64.to_be_bytes());
+        req.extend_from_slice(&8192u64.to_be_bytes());
+        req.extend_from_slice(&4096u32.to_be_bytes());
+        req.extend_from_slice(&[b'Z'; 100]);
+        s.write_all(&req).expect("short write");
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let out = sh(&format!(
+        "{NBDSH} -u '{}' -c \"assert h.pread(4096, 8192) == bytes(4096); print('clean')\"",
+        c.uri()
+    ));
+    assert!(out.contains("clean"), "a truncated write must not reach the volume: {out}");
+    sh(&format!("nbdinfo '{}' >/dev/null", c.uri()));
+}

@@ -1,0 +1,325 @@
+//! `longhorn`: one program for replicas, engines and the operator's commands.
+
+mod table;
+mod up;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use longhorn_engine::{control, BlockBackend, Volume, VolumeHandle, VolumeOptions};
+use longhorn_replica::{ReplicaServer, Store};
+use serde_json::{json, Value};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{error, info};
+
+pub const DEFAULT_RUN_DIR: &str = "/run/longhorn";
+
+#[derive(Parser)]
+#[command(name = "longhorn", version, about = "Replicated block storage: replicas, engines and their operations")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start N replicas and an engine for VOLUME on this machine, serve it over NBD, and
+    /// stop everything cleanly on Ctrl-C.
+    Up(up::UpArgs),
+    /// Replica processes and the engine's replica set.
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
+    /// The engine process.
+    #[command(subcommand)]
+    Engine(EngineCmd),
+    /// Volumes served by engines on this machine.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(Subcommand)]
+enum ReplicaCmd {
+    /// Serve a replica directory (created when empty) over the replica protocol.
+    Serve(ReplicaServeArgs),
+    /// List the replicas of a running volume, with their mode and revision.
+    Ls(VolumeRef),
+}
+
+#[derive(Subcommand)]
+enum EngineCmd {
+    /// Serve a volume from its replicas, exported over NBD.
+    Serve(EngineServeArgs),
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Show a running volume's state.
+    Info(VolumeRef),
+    /// List the volumes served on this machine.
+    Ls(RunDirArg),
+}
+
+#[derive(Args)]
+struct RunDirArg {
+    /// Where engines keep their control sockets.
+    #[arg(long, default_value = DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
+    run_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VolumeRef {
+    /// The volume's name.
+    #[arg(long, short = 'v')]
+    volume: String,
+    #[command(flatten)]
+    common: RunDirArg,
+}
+
+#[derive(Args)]
+pub struct ReplicaServeArgs {
+    /// The replica directory.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The volume this replica belongs to (engines of other volumes are refused).
+    #[arg(long)]
+    pub volume: String,
+    /// Volume size (e.g. 10G, 512M, bytes); needed to create a new replica and must
+    /// match an existing one.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Address to listen on; port 0 picks a free port. The chosen address is printed
+    /// on stdout as `listening ADDR`.
+    #[arg(long, default_value = "127.0.0.1:9502")]
+    pub listen: String,
+}
+
+#[derive(Args)]
+pub struct EngineServeArgs {
+    #[arg(long)]
+    pub volume: String,
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// A replica address; repeat for each replica.
+    #[arg(long = "replica", required = true)]
+    pub replicas: Vec<String>,
+    /// The NBD export: `unix:PATH` or `tcp:HOST:PORT`. Default: unix:RUN_DIR/VOLUME.nbd
+    #[arg(long)]
+    pub nbd: Option<String>,
+    /// Block device frontend. Only `none` (NBD export only) in this version.
+    #[arg(long, default_value = "none")]
+    pub frontend: String,
+    /// Drop a replica that leaves a request unanswered this many seconds.
+    #[arg(long, default_value_t = 8)]
+    pub io_timeout: u64,
+    #[arg(long, default_value = DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
+    pub run_dir: PathBuf,
+}
+
+/// Parses sizes like `10G`, `512M`, `4096`, `1.5T` (binary units).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let m: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {s:?} (use K, M, G or T)")),
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size"))?;
+    if !(v > 0.0) {
+        return Err(format!("size {s:?} must be positive"));
+    }
+    let bytes = (v * mult as f64) as u64;
+    if bytes % 4096 != 0 {
+        return Err(format!("size {s:?} ({bytes} bytes) must be a multiple of 4096"));
+    }
+    Ok(bytes)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    let r = match cli.cmd {
+        Cmd::Up(a) => up::run(a),
+        Cmd::Replica(ReplicaCmd::Serve(a)) => replica_serve(a),
+        Cmd::Replica(ReplicaCmd::Ls(a)) => replica_ls(a),
+        Cmd::Engine(EngineCmd::Serve(a)) => engine_serve(a),
+        Cmd::Volume(VolumeCmd::Info(a)) => volume_info(a),
+        Cmd::Volume(VolumeCmd::Ls(a)) => volume_ls(a),
+    };
+    if let Err(e) = r {
+        eprintln!("longhorn: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Takes over SIGTERM and SIGINT. Installed before a process says it is ready, so a
+/// stop request right after start is a clean stop, not a kill.
+fn stop_signals() -> Result<signal_hook::iterator::Signals> {
+    signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")
+}
+
+/// Blocks until SIGTERM or SIGINT.
+fn wait_for_signal(mut sigs: signal_hook::iterator::Signals) -> Result<i32> {
+    Ok(sigs.forever().next().unwrap_or(SIGTERM))
+}
+
+fn replica_serve(a: ReplicaServeArgs) -> Result<()> {
+    let sigs = stop_signals()?;
+    let meta = a.dir.join(longhorn_replica::meta::VOLUME_META);
+    if !meta.exists() {
+        let busy = std::fs::read_dir(&a.dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+        if busy {
+            bail!("{}: directory is not empty but has no volume.meta; refusing to create a replica over it", a.dir.display());
+        }
+        Store::create(&a.dir, &a.volume, a.size).with_context(|| format!("creating replica in {}", a.dir.display()))?;
+        info!(dir = %a.dir.display(), "created a new replica");
+    }
+    let store = Store::open(&a.dir, Some(&a.volume)).with_context(|| format!("opening replica {}", a.dir.display()))?;
+    if store.size() != a.size {
+        bail!("{}: the replica holds {} bytes, but --size says {}", a.dir.display(), store.size(), a.size);
+    }
+    if store.was_dirty() {
+        info!(dir = %a.dir.display(), "replica was not closed cleanly last time (Dirty)");
+    }
+    let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    let addr = listener.local_addr().context("local address")?;
+    let server = ReplicaServer::new(Arc::new(store));
+    info!(dir = %a.dir.display(), volume = %a.volume, %addr, revision = server.store().revision(), "replica serving");
+    println!("listening {addr}");
+    std::io::stdout().flush().ok();
+    let s2 = server.clone();
+    std::thread::Builder::new().name("accept".into()).spawn(move || s2.serve(listener))?;
+    let sig = wait_for_signal(sigs)?;
+    info!(signal = sig, "stopping replica");
+    server.shutdown().context("closing the replica cleanly")?;
+    info!("replica closed cleanly");
+    Ok(())
+}
+
+fn engine_serve(a: EngineServeArgs) -> Result<()> {
+    let sigs = stop_signals()?;
+    if a.frontend != "none" {
+        bail!("--frontend {}: only `none` (the NBD export) is available in this version", a.frontend);
+    }
+    let opts = VolumeOptions { io_timeout: Duration::from_secs(a.io_timeout.max(1)) };
+    let volume = Volume::start(&a.volume, a.size, &a.replicas, opts).context("starting the volume")?;
+    let nbd_listen = a.nbd.clone().unwrap_or_else(|| format!("unix:{}", a.run_dir.join(format!("{}.nbd", a.volume)).display()));
+    if let Some(p) = nbd_listen.strip_prefix("unix:") {
+        if let Some(d) = Path::new(p).parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+    }
+    let backend: Arc<dyn BlockBackend> = Arc::new(VolumeHandle(volume.clone()));
+    let server = longhorn_frontend::NbdServer::bind(&nbd_listen, backend).with_context(|| format!("NBD export on {nbd_listen}"))?;
+    let uri = server.uri();
+    volume.set_frontend("nbd-export", &uri);
+    let v2 = volume.clone();
+    let handler: control::Handler = Arc::new(move |req: &Value| control_request(&v2, req));
+    let _ctl = control::ControlServer::start(&control::socket_path(&a.run_dir, &a.volume), handler)?;
+    let handle = server.spawn().context("starting the NBD server")?;
+    info!(volume = %a.volume, %uri, "engine serving");
+    println!("ready {uri}");
+    std::io::stdout().flush().ok();
+    let sig = wait_for_signal(sigs)?;
+    info!(signal = sig, "stopping engine");
+    handle.shutdown();
+    volume.close();
+    info!("engine stopped");
+    Ok(())
+}
+
+fn control_request(v: &Arc<Volume>, req: &Value) -> std::result::Result<Value, String> {
+    match req.get("cmd").and_then(|c| c.as_str()).unwrap_or("") {
+        "volume-info" => serde_json::to_value(v.status()).map_err(|e| e.to_string()),
+        "replica-ls" => serde_json::to_value(v.replica_status()).map_err(|e| e.to_string()),
+        other => Err(format!("unknown command {other:?}")),
+    }
+}
+
+fn call(run_dir: &Path, volume: &str, cmd: &str) -> Result<Value> {
+    control::call(run_dir, volume, &json!({"cmd": cmd})).map_err(|e| anyhow!(e))
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn volume_info(a: VolumeRef) -> Result<()> {
+    let v = call(&a.common.run_dir, &a.volume, "volume-info")?;
+    if a.common.json {
+        print_json(&v);
+    } else {
+        table::volumes(&[v]);
+    }
+    Ok(())
+}
+
+fn volume_ls(a: RunDirArg) -> Result<()> {
+    let mut vols = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&a.run_dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(vol) = name.strip_suffix(".sock") {
+                match call(&a.run_dir, vol, "volume-info") {
+                    Ok(v) => vols.push(v),
+                    Err(err) => error!(volume = vol, "not answering: {err:#}"),
+                }
+            }
+        }
+    }
+    if a.json {
+        print_json(&Value::Array(vols));
+    } else {
+        table::volumes(&vols);
+    }
+    Ok(())
+}
+
+fn replica_ls(a: VolumeRef) -> Result<()> {
+    let v = call(&a.common.run_dir, &a.volume, "replica-ls")?;
+    if a.common.json {
+        print_json(&v);
+    } else {
+        table::replicas(v.as_array().map(|a| a.as_slice()).unwrap_or(&[]));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("1000").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("abc").is_err());
+    }
+}

@@ -1,0 +1,193 @@
+//! `longhorn up`: a whole volume on this machine in one command.
+
+use crate::parse_size;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// The volume's name.
+    pub volume: String,
+    /// Volume size (e.g. 10G). An existing volume's size must match.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// How many replicas to run.
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    /// Where replica directories live: DATA_DIR/VOLUME/replica-N.
+    #[arg(long, default_value = "/var/lib/longhorn")]
+    pub data_dir: PathBuf,
+    /// The NBD export (`unix:PATH` or `tcp:HOST:PORT`). Default: unix:RUN_DIR/VOLUME.nbd
+    #[arg(long)]
+    pub nbd: Option<String>,
+    #[arg(long, default_value = crate::DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
+    pub run_dir: PathBuf,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn stop(&mut self, wait: Duration) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: signalling our own child by pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let t = Instant::now();
+        while t.elapsed() < wait {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("longhorn up: {} did not stop in {wait:?}; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `cmd` with stdout piped and stderr to `log`, and waits for a stdout line that
+/// starts with `word`; returns the rest of that line.
+fn spawn_and_wait(name: &str, mut cmd: Command, log: &Path, word: &str) -> Result<(Proc, String)> {
+    let logf: File = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening log {}", log.display()))?;
+    cmd.stdout(Stdio::piped()).stderr(logf).stdin(Stdio::null());
+    let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    let out = child.stdout.take().ok_or_else(|| anyhow!("{name}: no stdout"))?;
+    let (tx, rx) = mpsc::channel();
+    let w = word.to_string();
+    std::thread::spawn(move || {
+        let mut rd = BufReader::new(out);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match rd.read_line(&mut line) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(None);
+                    return;
+                }
+                Ok(_) => {
+                    if let Some(rest) = line.trim().strip_prefix(w.as_str()) {
+                        let _ = tx.send(Some(rest.trim().to_string()));
+                    }
+                }
+            }
+        }
+    });
+    let mut p = Proc { name: name.to_string(), child };
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Some(v)) => Ok((p, v)),
+        Ok(None) | Err(_) => {
+            p.stop(Duration::from_secs(2));
+            bail!("{name} did not start; see {}", log.display())
+        }
+    }
+}
+
+pub fn run(a: UpArgs) -> Result<()> {
+    if a.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    let exe = std::env::current_exe().context("finding the longhorn executable")?;
+    let vol_dir = a.data_dir.join(&a.volume);
+    let log_dir = vol_dir.join("logs");
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let size = a.size.to_string();
+    let mut procs: Vec<Proc> = Vec::new();
+    let mut addrs = Vec::new();
+    let stop_all = |procs: &mut Vec<Proc>| {
+        // Engine first (it flushes and closes the replicas), then the replicas.
+        for p in procs.iter_mut().rev() {
+            p.stop(Duration::from_secs(30));
+        }
+    };
+    for i in 0..a.replicas {
+        let dir = vol_dir.join(format!("replica-{i}"));
+        let mut c = Command::new(&exe);
+        c.args(["replica", "serve", "--volume", &a.volume, "--size", &size, "--listen", "127.0.0.1:0", "--dir"]).arg(&dir);
+        match spawn_and_wait(&format!("replica-{i}"), c, &log_dir.join(format!("replica-{i}.log")), "listening") {
+            Ok((p, addr)) => {
+                procs.push(p);
+                addrs.push(addr);
+            }
+            Err(e) => {
+                stop_all(&mut procs);
+                return Err(e);
+            }
+        }
+    }
+    let mut c = Command::new(&exe);
+    c.args(["engine", "serve", "--volume", &a.volume, "--size", &size]).arg("--run-dir").arg(&a.run_dir);
+    for ad in &addrs {
+        c.args(["--replica", ad]);
+    }
+    if let Some(n) = &a.nbd {
+        c.args(["--nbd", n]);
+    }
+    let (engine, uri) = match spawn_and_wait("engine", c, &log_dir.join("engine.log"), "ready") {
+        Ok(v) => v,
+        Err(e) => {
+            stop_all(&mut procs);
+            return Err(e);
+        }
+    };
+    procs.push(engine);
+    println!("volume {} is up: {} replicas, {} bytes", a.volume, a.replicas, a.size);
+    println!("  data:      {}", vol_dir.display());
+    println!("  logs:      {}", log_dir.display());
+    println!("  replicas:  {}", addrs.join(" "));
+    println!("  NBD:       {uri}");
+    println!("try:");
+    println!("  nbdinfo '{uri}'");
+    println!("  fio --name=t --ioengine=nbd --uri='{uri}' --rw=randwrite --bs=4k --iodepth=32 --size=1G --runtime=10 --time_based");
+    println!("  longhorn volume info -v {}      longhorn replica ls -v {}", a.volume, a.volume);
+    println!("Ctrl-C stops the engine and the replicas cleanly.");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(SIGTERM, stop.clone()).context("signal handler")?;
+    signal_hook::flag::register(SIGINT, stop.clone()).context("signal handler")?;
+    let mut failed = None;
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(200));
+        let n = procs.len();
+        for (i, p) in procs.iter_mut().enumerate() {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                if i == n - 1 {
+                    failed = Some(format!("the engine exited ({st}); see {}", log_dir.join("engine.log").display()));
+                } else if !p.name.ends_with("(exited)") {
+                    eprintln!("longhorn up: {} exited ({st}); the volume carries on with the others", p.name);
+                    p.name.push_str(" (exited)");
+                }
+            }
+        }
+        if failed.is_some() {
+            break;
+        }
+    }
+    println!("stopping volume {}", a.volume);
+    stop_all(&mut procs);
+    match failed {
+        Some(f) => bail!(f),
+        None => {
+            println!("stopped cleanly");
+            Ok(())
+        }
+    }
+}
