@@ -7,6 +7,7 @@ use bytes::BufMut;
 use longhorn_engine::api::{BlockBackend, Completer, Session};
 use std::io::{self, BufReader, Read};
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::{debug, warn};
 
 /// Why negotiation ended without entering transmission.
@@ -16,6 +17,8 @@ pub(crate) enum HandshakeError {
     Aborted,
     #[error("client closed the connection during the handshake")]
     Closed,
+    #[error("client did not complete the handshake within {0:?}")]
+    Timeout(Duration),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -26,13 +29,17 @@ pub(crate) enum HandshakeError {
     Protocol(String),
 }
 
+/// A client must finish each handshake step (one read or write) within this time.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> HandshakeError {
-    move |source| {
-        if source.kind() == io::ErrorKind::UnexpectedEof {
-            HandshakeError::Closed
-        } else {
-            HandshakeError::Io { what, source }
+    move |source| match source.kind() {
+        io::ErrorKind::UnexpectedEof => HandshakeError::Closed,
+        // SO_RCVTIMEO/SO_SNDTIMEO expiring shows up as EAGAIN.
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            HandshakeError::Timeout(HANDSHAKE_TIMEOUT)
         }
+        _ => HandshakeError::Io { what, source },
     }
 }
 
@@ -59,7 +66,8 @@ impl<'a> Cur<'a> {
         self.bytes(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.bytes(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.bytes(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
     /// A length-prefixed string of at most MAX_STRING_LEN bytes.
     fn string(&mut self) -> Option<&'a [u8]> {
@@ -97,10 +105,12 @@ pub(crate) fn negotiate(
     greeting.put_u64(NBDMAGIC);
     greeting.put_u64(IHAVEOPT);
     greeting.put_u16(HANDSHAKE_FLAGS);
-    sock.send_all(&greeting).map_err(io_err("sending the greeting"))?;
+    sock.send_all(&greeting)
+        .map_err(io_err("sending the greeting"))?;
 
     let mut cf = [0u8; 4];
-    rd.read_exact(&mut cf).map_err(io_err("reading client flags"))?;
+    rd.read_exact(&mut cf)
+        .map_err(io_err("reading client flags"))?;
     let client_flags = u32::from_be_bytes(cf);
     if client_flags & !KNOWN_CLIENT_FLAGS != 0 {
         return Err(HandshakeError::Protocol(format!(
@@ -142,7 +152,11 @@ impl Negotiation<'_> {
 
     /// Queue an error reply (and log why).
     fn error(&mut self, opt: u32, typ: u32, msg: &str) {
-        warn!(peer = self.peer, option = opt_name(opt), "rejecting option: {msg}");
+        warn!(
+            peer = self.peer,
+            option = opt_name(opt),
+            "rejecting option: {msg}"
+        );
         put_opt_reply(&mut self.out, opt, typ, msg.as_bytes());
     }
 
@@ -162,7 +176,9 @@ impl Negotiation<'_> {
     /// Handle one option. `Some` when transmission starts.
     fn option(&mut self) -> Result<Option<Ready>, HandshakeError> {
         let mut hdr = [0u8; 16];
-        self.rd.read_exact(&mut hdr).map_err(io_err("reading an option header"))?;
+        self.rd
+            .read_exact(&mut hdr)
+            .map_err(io_err("reading an option header"))?;
         let magic = u64::from_be_bytes(hdr[0..8].try_into().unwrap_or([0; 8]));
         let opt = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
         let len = u32::from_be_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
@@ -189,7 +205,9 @@ impl Negotiation<'_> {
             return Ok(None);
         }
         let mut data = vec![0u8; len as usize];
-        self.rd.read_exact(&mut data).map_err(io_err("reading option data"))?;
+        self.rd
+            .read_exact(&mut data)
+            .map_err(io_err("reading option data"))?;
         debug!(peer = self.peer, option = opt_name(opt), len, "option");
 
         let ready = match opt {
@@ -219,7 +237,11 @@ impl Negotiation<'_> {
                     self.structured = true;
                     self.reply(opt, NBD_REP_ACK, &[]);
                 } else {
-                    self.error(opt, NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
+                    self.error(
+                        opt,
+                        NBD_REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
                 }
                 None
             }
@@ -249,7 +271,11 @@ impl Negotiation<'_> {
         let conn = Arc::new(Conn::new(self.peer.to_string(), sock, self.structured));
         let completer: Arc<dyn Completer> = conn.clone();
         let session = self.backend.open_session(completer)?;
-        Ok(Ready { conn, session, base_allocation: self.base_allocation })
+        Ok(Ready {
+            conn,
+            session,
+            base_allocation: self.base_allocation,
+        })
     }
 
     fn export_name(&mut self, name: &[u8]) -> Result<Ready, HandshakeError> {
@@ -284,7 +310,11 @@ impl Negotiation<'_> {
             c.is_empty().then_some((name, reqs))
         })();
         let Some((name, reqs)) = parsed else {
-            self.error(opt, NBD_REP_ERR_INVALID, "malformed NBD_OPT_INFO/NBD_OPT_GO data");
+            self.error(
+                opt,
+                NBD_REP_ERR_INVALID,
+                "malformed NBD_OPT_INFO/NBD_OPT_GO data",
+            );
             return Ok(None);
         };
         if !self.known_export(name) {
@@ -339,7 +369,11 @@ impl Negotiation<'_> {
     /// number of queries, queries (each u32 length + bytes).
     fn meta_context(&mut self, opt: u32, data: &[u8]) {
         if !self.structured {
-            self.error(opt, NBD_REP_ERR_INVALID, "structured replies must be negotiated first");
+            self.error(
+                opt,
+                NBD_REP_ERR_INVALID,
+                "structured replies must be negotiated first",
+            );
             return;
         }
         let mut c = Cur(data);
@@ -353,11 +387,19 @@ impl Negotiation<'_> {
             c.is_empty().then_some((name, queries))
         })();
         let Some((name, queries)) = parsed else {
-            self.error(opt, NBD_REP_ERR_INVALID, "malformed metadata context request");
+            self.error(
+                opt,
+                NBD_REP_ERR_INVALID,
+                "malformed metadata context request",
+            );
             return;
         };
         if queries.iter().any(|q| std::str::from_utf8(q).is_err()) {
-            self.error(opt, NBD_REP_ERR_INVALID, "metadata context query is not UTF-8");
+            self.error(
+                opt,
+                NBD_REP_ERR_INVALID,
+                "metadata context query is not UTF-8",
+            );
             return;
         }
         if !self.known_export(name) {

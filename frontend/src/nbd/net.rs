@@ -109,7 +109,11 @@ pub(crate) fn sendmsg(fd: RawFd, bufs: &[IoSlice<'_>], flags: libc::c_int) -> io
 
 /// Process id of a unix socket peer (SO_PEERCRED), if the kernel tells us.
 fn peer_pid(fd: RawFd) -> Option<i32> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: cred/len are valid for writes of the sizes given.
     let rc = unsafe {

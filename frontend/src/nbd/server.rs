@@ -3,7 +3,7 @@
 //! Every connection has its own thread (plus a reply thread during transmission), so
 //! a slow, stuck or malicious client only ever holds up itself.
 
-use super::handshake::{negotiate, HandshakeError};
+use super::handshake::{negotiate, HandshakeError, HANDSHAKE_TIMEOUT};
 use super::net::Stream;
 use super::transmission::{linger, serve};
 use longhorn_engine::api::BlockBackend;
@@ -21,8 +21,6 @@ use tracing::{debug, info, warn};
 
 /// Size of the per-connection read buffer: several maximal pipelined requests.
 const READ_BUFFER: usize = 256 * 1024;
-/// A client must finish each handshake step within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 enum Listener {
     Tcp(TcpListener),
@@ -68,7 +66,9 @@ pub struct NbdServer {
 
 impl std::fmt::Debug for NbdServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NbdServer").field("uri", &self.uri).finish_non_exhaustive()
+        f.debug_struct("NbdServer")
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
     }
 }
 
@@ -90,7 +90,11 @@ impl NbdServer {
                 format!("listen address '{listen}' must start with 'unix:' or 'tcp:'"),
             ));
         };
-        Ok(NbdServer { listener, backend, uri })
+        Ok(NbdServer {
+            listener,
+            backend,
+            uri,
+        })
     }
 
     /// URI a client uses: "nbd+unix:///?socket=/path" or "nbd://127.0.0.1:PORT/".
@@ -118,15 +122,28 @@ impl NbdServer {
             .spawn(move || self.accept_loop(wake_rd))
             .map_err(|e| with_context(e, "starting the NBD accept thread".into()))?;
         info!(uri = %uri, "NBD server listening");
-        Ok(NbdServerHandle { uri, wake: Some(wake_wr), thread: Some(thread), unix })
+        Ok(NbdServerHandle {
+            uri,
+            wake: Some(wake_wr),
+            thread: Some(thread),
+            unix,
+        })
     }
 
     fn accept_loop(self, wake: OwnedFd) {
         let next_id = AtomicU64::new(1);
         loop {
             let mut fds = [
-                libc::pollfd { fd: self.listener.fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: self.listener.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             // SAFETY: fds is a valid array of 2 pollfds.
             let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
@@ -186,7 +203,9 @@ pub struct NbdServerHandle {
 
 impl std::fmt::Debug for NbdServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NbdServerHandle").field("uri", &self.uri).finish_non_exhaustive()
+        f.debug_struct("NbdServerHandle")
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
     }
 }
 
@@ -244,7 +263,10 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 fn bind_unix(path: &Path) -> io::Result<(Listener, String)> {
     if path.as_os_str().is_empty() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty unix socket path"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "empty unix socket path",
+        ));
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
@@ -252,7 +274,10 @@ fn bind_unix(path: &Path) -> io::Result<(Listener, String)> {
             if UnixStream::connect(path).is_ok() {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
-                    format!("{}: another server is listening on this socket", path.display()),
+                    format!(
+                        "{}: another server is listening on this socket",
+                        path.display()
+                    ),
                 ));
             }
             std::fs::remove_file(path).map_err(|e| {
@@ -273,8 +298,18 @@ fn bind_unix(path: &Path) -> io::Result<(Listener, String)> {
     let m = std::fs::symlink_metadata(path)
         .map_err(|e| with_context(e, format!("checking {}", path.display())))?;
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let uri = format!("nbd+unix:///?socket={}", percent_encode(&abs.to_string_lossy()));
-    Ok((Listener::Unix { listener, path: path.to_path_buf(), id: (m.dev(), m.ino()) }, uri))
+    let uri = format!(
+        "nbd+unix:///?socket={}",
+        percent_encode(&abs.to_string_lossy())
+    );
+    Ok((
+        Listener::Unix {
+            listener,
+            path: path.to_path_buf(),
+            id: (m.dev(), m.ino()),
+        },
+        uri,
+    ))
 }
 
 fn bind_tcp(addr: &str) -> io::Result<(Listener, String)> {
@@ -321,7 +356,9 @@ fn handle_connection(stream: Stream, backend: Arc<dyn BlockBackend>) {
     };
     let mut rd = BufReader::with_capacity(READ_BUFFER, reader_stream);
     let timeouts = |t: Option<Duration>| {
-        stream.set_read_timeout(t).and_then(|_| stream.set_write_timeout(t))
+        stream
+            .set_read_timeout(t)
+            .and_then(|_| stream.set_write_timeout(t))
     };
     if let Err(e) = timeouts(Some(HANDSHAKE_TIMEOUT)) {
         warn!(peer = %peer, "cannot set socket timeouts: {e}; closing");
@@ -334,7 +371,9 @@ fn handle_connection(stream: Stream, backend: Arc<dyn BlockBackend>) {
                 HandshakeError::Aborted | HandshakeError::Closed => {
                     info!(peer = %peer, "NBD client disconnected: {e}")
                 }
-                HandshakeError::Io { .. } | HandshakeError::Protocol(_) => {
+                HandshakeError::Timeout(_)
+                | HandshakeError::Io { .. }
+                | HandshakeError::Protocol(_) => {
                     warn!(peer = %peer, "NBD handshake failed: {e}; closing the connection")
                 }
             }
@@ -351,7 +390,13 @@ fn handle_connection(stream: Stream, backend: Arc<dyn BlockBackend>) {
         return;
     }
     debug!(peer = %peer, base_allocation = ready.base_allocation, "NBD transmission phase");
-    serve(ready.conn, ready.session, &mut rd, backend.size(), ready.base_allocation);
+    serve(
+        ready.conn,
+        ready.session,
+        &mut rd,
+        backend.size(),
+        ready.base_allocation,
+    );
 }
 
 #[cfg(test)]
@@ -361,6 +406,9 @@ mod tests {
     #[test]
     fn encodes_socket_paths() {
         assert_eq!(percent_encode("/tmp/a b&c.sock"), "/tmp/a%20b%26c.sock");
-        assert_eq!(percent_encode("/run/lh/vol-1_x.sock"), "/run/lh/vol-1_x.sock");
+        assert_eq!(
+            percent_encode("/run/lh/vol-1_x.sock"),
+            "/run/lh/vol-1_x.sock"
+        );
     }
 }

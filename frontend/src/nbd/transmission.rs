@@ -45,6 +45,8 @@ const MIN_REQUEST_COST: usize = 4096;
 const COPY_THRESHOLD: usize = 8 * 1024;
 /// If this much output accumulates without a `flush`, completers flush on their own.
 const AUTO_FLUSH: usize = 4 * 1024 * 1024;
+/// Most descriptors in one BLOCK_STATUS reply (1 MiB of payload).
+const MAX_EXTENTS: usize = 128 * 1024;
 /// iovecs per sendmsg call (well below IOV_MAX).
 const MAX_IOV: usize = 64;
 /// How long closing may wait for a client to read its last replies.
@@ -159,7 +161,9 @@ fn fill_iov<'a>(segs: &'a VecDeque<Bytes>, iov: &mut [IoSlice<'a>; MAX_IOV]) -> 
 /// Drop `n` written bytes from the front of `segs`.
 fn consume(segs: &mut VecDeque<Bytes>, mut n: usize) {
     while n > 0 {
-        let Some(front) = segs.front_mut() else { return };
+        let Some(front) = segs.front_mut() else {
+            return;
+        };
         if front.len() <= n {
             n -= front.len();
             segs.pop_front();
@@ -280,9 +284,16 @@ impl Conn {
                         }
                         continue;
                     }
-                    let flags = if e.hole { NBD_STATE_HOLE | NBD_STATE_ZERO } else { 0 };
+                    let full = descs.len() >= MAX_EXTENTS;
+                    let flags = if e.hole {
+                        NBD_STATE_HOLE | NBD_STATE_ZERO
+                    } else {
+                        0
+                    };
                     match descs.last_mut() {
                         Some(last) if last.1 == flags => last.0 += len,
+                        // The spec lets us describe less than asked; bound the reply.
+                        _ if full => break,
                         _ => descs.push((len, flags)),
                     }
                     remaining -= len;
@@ -491,7 +502,7 @@ enum End {
     ReadError(io::Error),
     /// Writing replies failed.
     WriteFailed,
-    /// The client broke the protocol; already logged.
+    /// The client broke the protocol (logged as a warning when winding down).
     Protocol(String),
 }
 
@@ -625,7 +636,10 @@ impl Reader<'_> {
     fn validate(&mut self, req: &Request, allowed_flags: u16, beyond_end_err: u32) -> bool {
         let unknown = req.flags & !allowed_flags;
         if unknown != 0 {
-            let msg = format!("unsupported command flags {unknown:#x} for {}", cmd_name(req.typ));
+            let msg = format!(
+                "unsupported command flags {unknown:#x} for {}",
+                cmd_name(req.typ)
+            );
             self.reply_error(req, NBD_EINVAL, &msg);
             return false;
         }
@@ -675,12 +689,22 @@ impl Reader<'_> {
         match req.typ {
             NBD_CMD_READ => {
                 if req.len > MAX_PAYLOAD {
-                    let msg = format!("read of {} bytes exceeds the maximum of {MAX_PAYLOAD}", req.len);
+                    let msg = format!(
+                        "read of {} bytes exceeds the maximum of {MAX_PAYLOAD}",
+                        req.len
+                    );
                     self.reply_error(&req, NBD_EINVAL, &msg);
                 } else if self.validate(&req, NBD_CMD_FLAG_FUA, NBD_EINVAL) {
                     if req.len == 0 {
                         self.reply_ok(&req, Kind::Read);
-                    } else if !self.submit(&req, Kind::Read, IoOp::Read { offset: req.offset, len: req.len }) {
+                    } else if !self.submit(
+                        &req,
+                        Kind::Read,
+                        IoOp::Read {
+                            offset: req.offset,
+                            len: req.len,
+                        },
+                    ) {
                         return Some(End::WriteFailed);
                     }
                 }
@@ -690,7 +714,10 @@ impl Reader<'_> {
                 if req.len > MAX_PAYLOAD {
                     // We cannot trust the client to be sane enough to skip its payload
                     // reliably; answer and hang up.
-                    let msg = format!("write of {} bytes exceeds the maximum of {MAX_PAYLOAD}", req.len);
+                    let msg = format!(
+                        "write of {} bytes exceeds the maximum of {MAX_PAYLOAD}",
+                        req.len
+                    );
                     self.reply_error(&req, NBD_EINVAL, &msg);
                     return Some(End::Protocol(msg));
                 }
@@ -709,7 +736,11 @@ impl Reader<'_> {
                     if len == 0 {
                         self.reply_ok(&req, Kind::Write);
                     } else {
-                        let op = IoOp::Write { offset: req.offset, data: Bytes::from(payload), fua };
+                        let op = IoOp::Write {
+                            offset: req.offset,
+                            data: Bytes::from(payload),
+                            fua,
+                        };
                         if !self.submit(&req, Kind::Write, op) {
                             return Some(End::WriteFailed);
                         }
@@ -731,7 +762,11 @@ impl Reader<'_> {
                     if req.len == 0 {
                         self.reply_ok(&req, Kind::Trim);
                     } else {
-                        let op = IoOp::Trim { offset: req.offset, len: req.len, fua };
+                        let op = IoOp::Trim {
+                            offset: req.offset,
+                            len: req.len,
+                            fua,
+                        };
                         if !self.submit(&req, Kind::Trim, op) {
                             return Some(End::WriteFailed);
                         }
@@ -744,7 +779,11 @@ impl Reader<'_> {
                     if req.len == 0 {
                         self.reply_ok(&req, Kind::WriteZeroes);
                     } else {
-                        let op = IoOp::WriteZeroes { offset: req.offset, len: req.len, fua };
+                        let op = IoOp::WriteZeroes {
+                            offset: req.offset,
+                            len: req.len,
+                            fua,
+                        };
                         if !self.submit(&req, Kind::WriteZeroes, op) {
                             return Some(End::WriteFailed);
                         }
@@ -753,11 +792,18 @@ impl Reader<'_> {
             }
             NBD_CMD_BLOCK_STATUS => {
                 if !self.base_allocation {
-                    self.reply_error(&req, NBD_EINVAL, "BLOCK_STATUS without a negotiated metadata context");
+                    self.reply_error(
+                        &req,
+                        NBD_EINVAL,
+                        "BLOCK_STATUS without a negotiated metadata context",
+                    );
                 } else if req.len == 0 {
                     self.reply_error(&req, NBD_EINVAL, "BLOCK_STATUS of zero length");
                 } else if self.validate(&req, NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_REQ_ONE, NBD_EINVAL) {
-                    let op = IoOp::BlockStatus { offset: req.offset, len: req.len };
+                    let op = IoOp::BlockStatus {
+                        offset: req.offset,
+                        len: req.len,
+                    };
                     if !self.submit(&req, Kind::BlockStatus, op) {
                         return Some(End::WriteFailed);
                     }

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Once};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub const BLOCK: u64 = 4096;
@@ -45,9 +44,15 @@ pub struct MemInner {
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
     pub fua: AtomicU64,
+    /// Requests a session still held unpushed when it was dropped (must stay 0).
+    pub unpushed_at_drop: AtomicU64,
     /// Requests whose offset is a key here fail with that errno.
     pub fail_at: Mutex<HashMap<u64, i32>>,
-    pub async_delay: Duration,
+    pub async_delay_ms: AtomicU64,
+    /// Async mode: the one completion thread shared by all sessions, like an engine's
+    /// replica-reply threads. If a frontend's `complete`/`flush` blocked, every client
+    /// of the volume would stall.
+    worker: Mutex<Option<mpsc::Sender<Work>>>,
 }
 
 pub struct MemBackend(Arc<MemInner>);
@@ -66,19 +71,23 @@ impl MemBackend {
             name: name.to_string(),
             size,
             mode,
-            mem: Mutex::new(Mem { data: vec![0; size as usize], alloc: vec![false; blocks] }),
+            mem: Mutex::new(Mem {
+                data: vec![0; size as usize],
+                alloc: vec![false; blocks],
+            }),
             submitted: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             fua: AtomicU64::new(0),
+            unpushed_at_drop: AtomicU64::new(0),
             fail_at: Mutex::new(HashMap::new()),
-            async_delay: Duration::from_millis(2),
+            async_delay_ms: AtomicU64::new(2),
+            worker: Mutex::new(None),
         })))
     }
 }
 
 impl MemInner {
-
     pub fn contents(&self) -> Vec<u8> {
         self.mem.lock().unwrap().data.clone()
     }
@@ -185,42 +194,47 @@ impl BlockBackend for MemBackend {
 }
 
 type Batch = Vec<(u64, IoOp)>;
+/// A batch of requests and where their results go.
+type Work = (Arc<dyn Completer>, Batch);
 
 struct MemSession {
     backend: Arc<MemInner>,
     completer: Arc<dyn Completer>,
     batch: Mutex<Batch>,
-    tx: Mutex<Option<mpsc::Sender<Batch>>>,
-    worker: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl MemSession {
     fn new(backend: Arc<MemInner>, completer: Arc<dyn Completer>) -> MemSession {
-        let (tx, worker) = if backend.mode == Mode::Async {
-            let (tx, rx) = mpsc::channel::<Batch>();
-            let b = backend.clone();
-            let c = completer.clone();
-            let worker = std::thread::spawn(move || {
-                while let Ok(batch) = rx.recv() {
-                    std::thread::sleep(b.async_delay);
-                    for (tag, op) in batch.into_iter().rev() {
-                        c.complete(tag, b.execute(op));
-                    }
-                    c.flush();
-                }
-            });
-            (Some(tx), Some(worker))
-        } else {
-            (None, None)
-        };
         MemSession {
             backend,
             completer,
             batch: Mutex::new(Vec::new()),
-            tx: Mutex::new(tx),
-            worker: Mutex::new(worker),
         }
     }
+}
+
+/// Start (once) the shared completion thread of an async backend.
+fn worker(inner: &Arc<MemInner>) -> mpsc::Sender<Work> {
+    let mut w = inner.worker.lock().unwrap();
+    if let Some(tx) = w.as_ref() {
+        return tx.clone();
+    }
+    let (tx, rx) = mpsc::channel::<Work>();
+    let weak = Arc::downgrade(inner);
+    std::thread::spawn(move || {
+        while let Ok((c, batch)) = rx.recv() {
+            let Some(b) = weak.upgrade() else { return };
+            std::thread::sleep(Duration::from_millis(
+                b.async_delay_ms.load(Ordering::SeqCst),
+            ));
+            for (tag, op) in batch.into_iter().rev() {
+                c.complete(tag, b.execute(op));
+            }
+            c.flush();
+        }
+    });
+    *w = Some(tx.clone());
+    tx
 }
 
 impl Session for MemSession {
@@ -237,9 +251,7 @@ impl Session for MemSession {
             Mode::Async => {
                 let batch = std::mem::take(&mut *self.batch.lock().unwrap());
                 if !batch.is_empty() {
-                    if let Some(tx) = self.tx.lock().unwrap().as_ref() {
-                        let _ = tx.send(batch);
-                    }
+                    let _ = worker(&self.backend).send((self.completer.clone(), batch));
                 }
             }
         }
@@ -248,10 +260,12 @@ impl Session for MemSession {
 
 impl Drop for MemSession {
     fn drop(&mut self) {
-        assert!(self.batch.lock().unwrap().is_empty(), "session dropped with unpushed requests");
-        drop(self.tx.lock().unwrap().take());
-        if let Some(w) = self.worker.lock().unwrap().take() {
-            let _ = w.join();
+        // The frontend must push everything it submitted before dropping the session.
+        let left = self.batch.lock().unwrap().len();
+        if left > 0 {
+            self.backend
+                .unpushed_at_drop
+                .fetch_add(left as u64, Ordering::SeqCst);
         }
     }
 }
@@ -330,7 +344,13 @@ pub fn start(transport: Transport, size: u64, mode: Mode) -> TestServer {
         Addr::Tcp(hostport.parse().unwrap())
     });
     let handle = server.spawn().expect("spawn");
-    TestServer { handle: Some(handle), uri, addr, backend, dir }
+    TestServer {
+        handle: Some(handle),
+        uri,
+        addr,
+        backend,
+        dir,
+    }
 }
 
 // ---- Running client programs ---------------------------------------------------------
@@ -347,9 +367,13 @@ impl Out {
     }
 }
 
-/// Run a program with a timeout, capturing its output. Panics if it is not installed
-/// or does not finish in time (a hung server must fail the test, not hang it).
+/// Run a program with a 120 s timeout, capturing its output. Panics if it is not
+/// installed or does not finish in time (a hung server must fail the test, not hang it).
 pub fn run(prog: &str, args: &[&str]) -> Out {
+    run_timeout(prog, args, Duration::from_secs(120))
+}
+
+pub fn run_timeout(prog: &str, args: &[&str], timeout: Duration) -> Out {
     let mut child = Command::new(prog)
         .args(args)
         .stdin(Stdio::null())
@@ -369,7 +393,7 @@ pub fn run(prog: &str, args: &[&str]) -> Out {
         let _ = se.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
@@ -377,11 +401,15 @@ pub fn run(prog: &str, args: &[&str]) -> Out {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{prog} {args:?} did not finish within 120 s");
+            panic!("{prog} {args:?} did not finish within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    Out { status: status.code(), stdout: t1.join().unwrap(), stderr: t2.join().unwrap() }
+    Out {
+        status: status.code(),
+        stdout: t1.join().unwrap(),
+        stderr: t2.join().unwrap(),
+    }
 }
 
 /// Deterministic pseudo-random bytes.
@@ -469,6 +497,14 @@ impl Client {
         (c, flags)
     }
 
+    /// How the server names this connection in its logs, where that is unique (TCP).
+    pub fn peer_in_logs(&self) -> Option<String> {
+        match &self.s {
+            Sock::Tcp(s) => Some(format!("peer=tcp:{}", s.local_addr().ok()?)),
+            Sock::Unix(_) => None,
+        }
+    }
+
     pub fn shutdown_write(&self) {
         let _ = match &self.s {
             Sock::Unix(s) => s.shutdown(Shutdown::Write),
@@ -509,7 +545,11 @@ impl Client {
         let opt = self.u32();
         let typ = self.u32();
         let len = self.u32() as usize;
-        OptReply { opt, typ, data: self.bytes(len) }
+        OptReply {
+            opt,
+            typ,
+            data: self.bytes(len),
+        }
     }
 
     /// Full handshake with NBD_OPT_GO on the default export.
@@ -521,7 +561,10 @@ impl Client {
             assert_eq!(c.opt_reply().typ, NBD_REP_ACK);
         }
         if meta {
-            c.opt(NBD_OPT_SET_META_CONTEXT, &meta_query("", &[BASE_ALLOCATION]));
+            c.opt(
+                NBD_OPT_SET_META_CONTEXT,
+                &meta_query("", &[BASE_ALLOCATION]),
+            );
             let r = c.opt_reply();
             assert_eq!(r.typ, NBD_REP_META_CONTEXT);
             assert_eq!(&r.data[4..], BASE_ALLOCATION.as_bytes());
@@ -545,9 +588,24 @@ impl Client {
         (c, size.expect("NBD_INFO_EXPORT"), flags.expect("flags"))
     }
 
-    pub fn request(&mut self, flags: u16, typ: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) {
+    pub fn request(
+        &mut self,
+        flags: u16,
+        typ: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
         let mut v = Vec::with_capacity(REQUEST_HEADER_LEN + payload.len());
-        Request { flags, typ, handle, offset, len }.encode(&mut v);
+        Request {
+            flags,
+            typ,
+            handle,
+            offset,
+            len,
+        }
+        .encode(&mut v);
         v.extend_from_slice(payload);
         self.send(&v);
     }
@@ -557,17 +615,30 @@ impl Client {
         assert_eq!(self.u32(), NBD_SIMPLE_REPLY_MAGIC, "simple reply magic");
         let err = self.u32();
         let handle = self.u64();
-        let data = if err == 0 { self.bytes(data_len) } else { Vec::new() };
+        let data = if err == 0 {
+            self.bytes(data_len)
+        } else {
+            Vec::new()
+        };
         (handle, err, data)
     }
 
     pub fn chunk(&mut self) -> Chunk {
-        assert_eq!(self.u32(), NBD_STRUCTURED_REPLY_MAGIC, "structured reply magic");
+        assert_eq!(
+            self.u32(),
+            NBD_STRUCTURED_REPLY_MAGIC,
+            "structured reply magic"
+        );
         let flags = self.u16();
         let typ = self.u16();
         let handle = self.u64();
         let len = self.u32() as usize;
-        Chunk { flags, typ, handle, payload: self.bytes(len) }
+        Chunk {
+            flags,
+            typ,
+            handle,
+            payload: self.bytes(len),
+        }
     }
 
     /// Read until the server closes; returns what arrived first. Panics on timeout.
@@ -612,11 +683,17 @@ pub fn meta_query(name: &str, queries: &[&str]) -> Vec<u8> {
 
 /// Decode a structured error chunk: (error, message).
 pub fn error_chunk(c: &Chunk) -> (u32, String) {
-    assert_eq!(c.typ, NBD_REPLY_TYPE_ERROR, "expected an error chunk, got {c:?}");
+    assert_eq!(
+        c.typ, NBD_REPLY_TYPE_ERROR,
+        "expected an error chunk, got {c:?}"
+    );
     assert!(c.flags & NBD_REPLY_FLAG_DONE != 0);
     let err = u32::from_be_bytes(c.payload[0..4].try_into().unwrap());
     let mlen = u16::from_be_bytes([c.payload[4], c.payload[5]]) as usize;
-    (err, String::from_utf8(c.payload[6..6 + mlen].to_vec()).unwrap())
+    (
+        err,
+        String::from_utf8(c.payload[6..6 + mlen].to_vec()).unwrap(),
+    )
 }
 
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
