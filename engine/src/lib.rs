@@ -7,6 +7,7 @@ pub mod api;
 pub mod control;
 pub mod replica_conn;
 pub mod session;
+pub mod snapshot;
 pub mod volume;
 
 pub use api::{BlockBackend, Completer, Extent, IoOp, IoResult, Session};

@@ -125,15 +125,7 @@ impl Session for EngineSession {
     }
 
     fn push(&self) {
-        for (i, c) in self.inner.conns.iter().enumerate() {
-            if let Some(c) = c {
-                if let Err(e) = c.push() {
-                    if self.inner.volume.replicas[i].mode() != Mode::ERR {
-                        self.inner.volume.fail_replica(i, &format!("send failed: {e}"));
-                    }
-                }
-            }
-        }
+        self.inner.push_all();
     }
 }
 
@@ -154,6 +146,13 @@ impl Inner {
     }
 
     fn submit(&self, tag: u64, op: IoOp) {
+        // Counted in flight before anything else, so a pause that sees zero in flight
+        // knows no request can still reach a replica until it resumes.
+        if !self.volume.enter_io() {
+            // Paused (a snapshot is being taken): send what is buffered, then wait.
+            self.push_all();
+            self.volume.wait_and_enter_io();
+        }
         let size = self.volume.size();
         let (kind, offset, len, payload, fua, pop) = match &op {
             IoOp::Read { offset, len } => (Kind::Read, *offset, *len, None, false, Op::Read),
@@ -216,8 +215,26 @@ impl Inner {
     }
 
     fn done(&self, tag: u64, r: IoResult) {
-        self.completer.complete(tag, r);
+        self.finish(tag, r);
         self.completer.flush();
+    }
+
+    /// Every request ends here exactly once.
+    fn finish(&self, tag: u64, r: IoResult) {
+        self.completer.complete(tag, r);
+        self.volume.leave_io();
+    }
+
+    fn push_all(&self) {
+        for (i, c) in self.conns.iter().enumerate() {
+            if let Some(c) = c {
+                if let Err(e) = c.push() {
+                    if self.volume.replicas[i].mode() != Mode::ERR {
+                        self.volume.fail_replica(i, &format!("send failed: {e}"));
+                    }
+                }
+            }
+        }
     }
 
     fn reply_loop(self: Arc<Self>, idx: usize, stream: TcpStream) {
@@ -289,7 +306,7 @@ impl Inner {
                 let tag = p.tag;
                 ops.remove(&h.id);
                 drop(ops);
-                self.completer.complete(tag, result);
+                self.finish(tag, result);
             }
             Kind::Mutate | Kind::Flush => {
                 p.waiting &= !bit(idx);
@@ -298,7 +315,7 @@ impl Inner {
                     let tag = p.tag;
                     ops.remove(&h.id);
                     drop(ops);
-                    self.completer.complete(tag, IoResult::Done);
+                    self.finish(tag, IoResult::Done);
                 }
             }
         }
@@ -356,7 +373,7 @@ impl Inner {
             }
         }
         for (tag, r) in finished {
-            self.completer.complete(tag, r);
+            self.finish(tag, r);
         }
         self.completer.flush();
     }

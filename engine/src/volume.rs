@@ -11,9 +11,9 @@ use crate::replica_conn;
 use crate::session::EngineSession;
 use serde::Serialize;
 use std::io;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -89,6 +89,12 @@ pub struct Volume {
     opts: VolumeOptions,
     sessions: Mutex<Vec<Weak<crate::session::Inner>>>,
     frontend: Mutex<(String, String)>,
+    /// Requests submitted and not yet completed, across all sessions.
+    inflight: AtomicU64,
+    paused: AtomicBool,
+    resume: (Mutex<()>, Condvar),
+    /// Serialises chain changes (snapshot, remove, revert).
+    pub(crate) control: Mutex<()>,
 }
 
 impl Volume {
@@ -141,12 +147,74 @@ impl Volume {
             opts,
             sessions: Mutex::new(Vec::new()),
             frontend: Mutex::new((String::new(), String::new())),
+            inflight: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
+            resume: (Mutex::new(()), Condvar::new()),
+            control: Mutex::new(()),
         });
         let rw = v.replicas.iter().filter(|r| r.mode() == Mode::RW).count();
         info!(volume = name, size, replicas = v.replicas.len(), healthy = rw, revision = newest, "volume started");
         let weak = Arc::downgrade(&v);
         std::thread::Builder::new().name("io-watchdog".into()).spawn(move || watchdog(weak))?;
         Ok(v)
+    }
+
+    /// Counts a new request in flight; false (and not counted) while paused.
+    pub(crate) fn enter_io(&self) -> bool {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        if self.paused.load(Ordering::SeqCst) {
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn wait_and_enter_io(&self) {
+        loop {
+            {
+                let (m, cv) = &self.resume;
+                let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+                while self.paused.load(Ordering::SeqCst) {
+                    g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            if self.enter_io() {
+                return;
+            }
+        }
+    }
+
+    pub(crate) fn leave_io(&self) {
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Holds new I/O and waits for what is in flight to complete. On timeout, resumes
+    /// and fails.
+    pub(crate) fn pause(&self, timeout: Duration) -> io::Result<()> {
+        self.paused.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        while self.inflight.load(Ordering::SeqCst) != 0 {
+            if t.elapsed() > timeout {
+                self.resume();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("in-flight I/O did not drain within {timeout:?}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn resume(&self) {
+        let (m, cv) = &self.resume;
+        let _g = m.lock().unwrap_or_else(|e| e.into_inner());
+        self.paused.store(false, Ordering::SeqCst);
+        cv.notify_all();
+    }
+
+    pub(crate) fn live_session_count(&self) -> usize {
+        self.live_sessions().len()
     }
 
     pub fn options(&self) -> &VolumeOptions {

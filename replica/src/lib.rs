@@ -5,6 +5,7 @@ pub mod extent;
 pub mod meta;
 pub mod proto;
 pub mod server;
+pub mod snapshot;
 pub mod store;
 
 pub use server::ReplicaServer;

@@ -37,7 +37,8 @@
 //! - FLUSH replies only after every write this replica acknowledged before the FLUSH
 //!   arrived (on any connection) is on stable storage. FLAG_FUA on a write means the
 //!   same for that write before its reply.
-//! - Control ops (INFO, REVISION, SET_MODE, CLOSE) carry JSON payloads.
+//! - Control ops (INFO, REVISION, SET_MODE, CLOSE, SNAPSHOT*) carry JSON payloads;
+//!   an error reply's payload is a one-line reason.
 //! - `payload_len` is at most [`MAX_PAYLOAD`]; `count` at most [`MAX_IO`].
 
 use bytes::{Bytes, BytesMut};
@@ -70,6 +71,10 @@ pub enum Op {
     Revision = 17,
     SetMode = 18,
     Close = 19,
+    Snapshot = 20,
+    SnapshotList = 21,
+    SnapshotRemove = 22,
+    SnapshotRevert = 23,
 }
 
 impl Op {
@@ -87,6 +92,10 @@ impl Op {
             17 => Op::Revision,
             18 => Op::SetMode,
             19 => Op::Close,
+            20 => Op::Snapshot,
+            21 => Op::SnapshotList,
+            22 => Op::SnapshotRemove,
+            23 => Op::SnapshotRevert,
             _ => return None,
         })
     }
@@ -238,6 +247,19 @@ pub struct ReplicaInfo {
     pub parent: String,
     pub chain: Vec<String>,
     pub mode: String,
+}
+
+/// SNAPSHOT, SNAPSHOT_REMOVE and SNAPSHOT_REVERT requests.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct SnapshotRequest {
+    pub name: String,
+    #[serde(default)]
+    pub user_created: bool,
+    /// RFC 3339 UTC; the engine picks one time for all replicas.
+    #[serde(default)]
+    pub created: String,
+    #[serde(default)]
+    pub labels: Option<std::collections::HashMap<String, String>>,
 }
 
 /// Encodes BLOCK_STATUS reply extents.

@@ -281,6 +281,13 @@ impl ReplicaServer {
                 }
                 _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "mode must be RW or WO")),
             },
+            Op::Snapshot | Op::SnapshotRemove | Op::SnapshotRevert => self.snapshot_op(h.op, &payload),
+            Op::SnapshotList => self
+                .store
+                .list_snapshots()
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|l| serde_json::to_vec(&l).map_err(io::Error::other))
+                .map(Bytes::from),
             Op::Close => {
                 self.store
                     .close()
@@ -299,6 +306,18 @@ impl ReplicaServer {
                 out.queue(r, Bytes::from(e.to_string()));
             }
         }
+    }
+
+    fn snapshot_op(&self, op: Op, payload: &[u8]) -> io::Result<Bytes> {
+        let req: proto::SnapshotRequest = serde_json::from_slice(payload)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("malformed {op:?} request: {e}")))?;
+        let created = if req.created.is_empty() { crate::meta::now_rfc3339() } else { req.created.clone() };
+        let r = match op {
+            Op::Snapshot => self.store.snapshot(&req.name, req.user_created, &created, req.labels.clone()).map(|_| String::new()),
+            Op::SnapshotRemove => self.store.remove_snapshot(&req.name),
+            _ => self.store.revert(&req.name, &created).map(|_| String::new()),
+        };
+        r.map(Bytes::from).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
     }
 
     fn to_sync(&self, out: &Arc<Out>, header: Header) {

@@ -42,15 +42,42 @@ pub enum StoreError {
     Io { path: PathBuf, offset: u64, source: io::Error },
 }
 
-struct Layer {
-    name: String,
-    path: PathBuf,
-    file: File,
+pub(crate) struct Layer {
+    pub(crate) name: String,
+    pub(crate) path: PathBuf,
+    pub(crate) file: File,
 }
 
-struct Maps {
-    top: ExtentMap,
-    below: ExtentMap,
+pub(crate) struct Maps {
+    /// Which layer holds each range (the newest that has it).
+    pub(crate) top: ExtentMap,
+    /// Where any layer under the head holds data.
+    pub(crate) below: ExtentMap,
+}
+
+/// The open chain. I/O holds the read lock for the whole operation; chain changes
+/// (rotation, merge, revert) take the write lock, so they never race an I/O.
+pub(crate) struct Chain {
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) maps: RwLock<Maps>,
+}
+
+impl Chain {
+    pub(crate) fn head(&self) -> &Layer {
+        &self.layers[self.layers.len() - 1]
+    }
+
+    pub(crate) fn head_index(&self) -> u16 {
+        (self.layers.len() - 1) as u16
+    }
+
+    fn segments(&self, offset: u64, end: u64) -> Vec<Segment> {
+        self.maps.read().unwrap_or_else(|p| p.into_inner()).top.lookup(offset, end)
+    }
+
+    pub(crate) fn maps_mut(&self) -> std::sync::RwLockWriteGuard<'_, Maps> {
+        self.maps.write().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 pub struct Store {
@@ -59,13 +86,12 @@ pub struct Store {
     size: u64,
     sector_size: u64,
     was_dirty: bool,
-    layers: Vec<Layer>,
-    maps: RwLock<Maps>,
-    meta: Mutex<VolumeMeta>,
+    pub(crate) chain: RwLock<Chain>,
+    pub(crate) meta: Mutex<VolumeMeta>,
     revision: Revision,
     /// Serialises read-modify-write of partial blocks, so two writes to different
     /// sectors of one block cannot lose each other.
-    rmw: Mutex<()>,
+    pub(crate) rmw: Mutex<()>,
     /// Set by any write since the last successful flush.
     unsynced: AtomicBool,
     /// `volume.meta` says Dirty:false; the next write must set it again first.
@@ -161,7 +187,7 @@ fn fmt_u64(mut v: u64, buf: &mut [u8; 24]) -> &[u8] {
 }
 
 /// Ranges of `file` that hold data, from SEEK_DATA/SEEK_HOLE, rounded out to blocks.
-fn allocated_ranges(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+pub(crate) fn allocated_ranges(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let mut out = Vec::new();
     let mut pos: i64 = 0;
@@ -190,7 +216,7 @@ fn allocated_ranges(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate on an fd we own.
     let r = unsafe {
         libc::fallocate(
@@ -206,7 +232,60 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
+pub(crate) static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
+
+/// Reads and checks the chain `vmeta` names, opens its files (the head writable) and
+/// builds the extent maps from their allocation. Writes nothing.
+pub(crate) fn load_chain(dir: &Path, vmeta: &VolumeMeta) -> Result<Chain, StoreError> {
+    let vm_path = dir.join(meta::VOLUME_META);
+    let mut names = Vec::new();
+    let mut metas = Vec::new();
+    let mut cur = vmeta.head.clone();
+    loop {
+        if names.len() > 1024 || names.contains(&cur) {
+            return Err(StoreError::Layout { path: dir.join(&cur), what: "the chain of Parent links loops".into() });
+        }
+        let m = DiskMeta::load(dir, &cur)?;
+        let parent = m.parent.clone();
+        names.push(cur);
+        metas.push(m);
+        if parent.is_empty() {
+            break;
+        }
+        cur = parent;
+    }
+    if metas[0].parent != vmeta.parent {
+        return Err(StoreError::Layout {
+            path: vm_path,
+            what: format!("Parent {:?} disagrees with the head's Parent {:?}", vmeta.parent, metas[0].parent),
+        });
+    }
+    names.reverse();
+    let mut layers = Vec::with_capacity(names.len());
+    let last = names.len() - 1;
+    for name in &names {
+        let path = dir.join(name);
+        // Snapshots are opened writable too: a merge fills a child's holes.
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| MetaError::io(&path, e))?;
+        let len = file.metadata().map_err(|e| MetaError::io(&path, e))?.len();
+        if len != vmeta.size {
+            return Err(StoreError::Layout { path, what: format!("file is {len} bytes, the volume is {}", vmeta.size) });
+        }
+        layers.push(Layer { name: name.clone(), path, file });
+    }
+    let mut maps = Maps { top: ExtentMap::new(), below: ExtentMap::new() };
+    for (i, l) in layers.iter().enumerate() {
+        if i == last {
+            maps.below = maps.top.clone();
+        }
+        let ranges = allocated_ranges(&l.file, vmeta.size)
+            .map_err(|e| StoreError::Io { path: l.path.clone(), offset: 0, source: e })?;
+        for (s, e) in ranges {
+            maps.top.insert(s, e, i as u16);
+        }
+    }
+    Ok(Chain { layers, maps: RwLock::new(maps) })
+}
 
 impl Store {
     /// Creates a new replica directory for `volume` of `size` bytes. The directory may
@@ -289,60 +368,8 @@ impl Store {
                 });
             }
         }
-        // Walk the chain from the head down.
-        let mut names = Vec::new();
-        let mut metas = Vec::new();
-        let mut cur = vmeta.head.clone();
-        loop {
-            if names.len() > 1024 || names.contains(&cur) {
-                return Err(StoreError::Layout { path: dir.join(&cur), what: "the chain of Parent links loops".into() });
-            }
-            let m = DiskMeta::load(dir, &cur)?;
-            let parent = m.parent.clone();
-            names.push(cur);
-            metas.push(m);
-            if parent.is_empty() {
-                break;
-            }
-            cur = parent;
-        }
-        if metas[0].parent != vmeta.parent {
-            return Err(StoreError::Layout {
-                path: vm_path,
-                what: format!("Parent {:?} disagrees with the head's Parent {:?}", vmeta.parent, metas[0].parent),
-            });
-        }
-        names.reverse();
-        let mut layers = Vec::with_capacity(names.len());
-        let last = names.len() - 1;
-        for (i, name) in names.iter().enumerate() {
-            let path = dir.join(name);
-            let file = OpenOptions::new()
-                .read(true)
-                .write(i == last)
-                .open(&path)
-                .map_err(|e| MetaError::io(&path, e))?;
-            let len = file.metadata().map_err(|e| MetaError::io(&path, e))?.len();
-            if len != vmeta.size {
-                return Err(StoreError::Layout {
-                    path,
-                    what: format!("file is {len} bytes, the volume is {}", vmeta.size),
-                });
-            }
-            layers.push(Layer { name: name.clone(), path, file });
-        }
+        let chain = load_chain(dir, &vmeta)?;
         let rev_file = meta::open_revision_file(dir, false)?;
-        let mut maps = Maps { top: ExtentMap::new(), below: ExtentMap::new() };
-        for (i, l) in layers.iter().enumerate() {
-            if i == last {
-                maps.below = maps.top.clone();
-            }
-            let ranges = allocated_ranges(&l.file, vmeta.size)
-                .map_err(|e| StoreError::Io { path: l.path.clone(), offset: 0, source: e })?;
-            for (s, e) in ranges {
-                maps.top.insert(s, e, i as u16);
-            }
-        }
         let revision = Revision::open(dir, rev_file)?;
         // All checks passed: from here on we write.
         let was_dirty = vmeta.dirty;
@@ -353,14 +380,14 @@ impl Store {
         }
         vmeta.dirty = true;
         vmeta.store(dir)?;
+        crate::snapshot::remove_leftovers(dir, &chain);
         Ok(Store {
             dir: dir.to_path_buf(),
             volume: vmeta.volume_name.clone(),
             size: vmeta.size,
             sector_size: vmeta.sector_size,
             was_dirty,
-            layers,
-            maps: RwLock::new(maps),
+            chain: RwLock::new(chain),
             meta: Mutex::new(vmeta),
             revision,
             rmw: Mutex::new(()),
@@ -389,14 +416,6 @@ impl Store {
         self.revision.get()
     }
 
-    fn head(&self) -> &Layer {
-        &self.layers[self.layers.len() - 1]
-    }
-
-    fn head_index(&self) -> u16 {
-        (self.layers.len() - 1) as u16
-    }
-
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         if offset.checked_add(len).is_none_or(|e| e > self.size) {
             return Err(io::Error::new(
@@ -407,13 +426,8 @@ impl Store {
         Ok(())
     }
 
-    fn io_err(&self, layer: &Layer, offset: u64, e: io::Error) -> io::Error {
-        io::Error::new(e.kind(), format!("{} at offset {offset}: {e}", layer.path.display()))
-    }
-
-    fn segments(&self, offset: u64, end: u64) -> Vec<Segment> {
-        let maps = self.maps.read().unwrap_or_else(|p| p.into_inner());
-        maps.top.lookup(offset, end)
+    fn chain(&self) -> std::sync::RwLockReadGuard<'_, Chain> {
+        self.chain.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reads `[offset, offset+len)` through the chain into `buf` (resized to `len`).
@@ -421,22 +435,30 @@ impl Store {
         self.check_range(offset, len as u64)?;
         buf.clear();
         buf.resize(len, 0);
-        self.read_at(offset, &mut buf[..])
+        read_at(&self.chain(), offset, &mut buf[..])
     }
+}
 
-    fn read_at(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        for seg in self.segments(offset, offset + out.len() as u64) {
+pub(crate) fn io_err(layer: &Layer, offset: u64, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{} at offset {offset}: {e}", layer.path.display()))
+}
+
+/// Reads through the chain.
+pub(crate) fn read_at(chain: &Chain, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        for seg in chain.segments(offset, offset + out.len() as u64) {
             let dst = &mut out[(seg.start - offset) as usize..(seg.end - offset) as usize];
             match seg.layer {
                 None => dst.fill(0),
                 Some(l) => {
-                    let layer = &self.layers[l as usize];
-                    layer.file.read_exact_at(dst, seg.start).map_err(|e| self.io_err(layer, seg.start, e))?;
+                    let layer = &chain.layers[l as usize];
+                    layer.file.read_exact_at(dst, seg.start).map_err(|e| io_err(layer, seg.start, e))?;
                 }
             }
         }
         Ok(())
-    }
+}
+
+impl Store {
 
     /// Writes `data` at `offset` to the head.
     pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -445,10 +467,11 @@ impl Store {
             return Ok(());
         }
         let end = offset + data.len() as u64;
+        let chain = self.chain();
         if offset % BLOCK == 0 && end % BLOCK == 0 {
-            self.write_head(offset, data)?;
+            self.write_head(&chain, offset, data)?;
         } else {
-            self.write_widened(offset, data)?;
+            self.write_widened(&chain, offset, data)?;
         }
         self.revision.bump();
         Ok(())
@@ -468,18 +491,17 @@ impl Store {
         Ok(())
     }
 
-    fn write_head(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let head = self.head();
+    fn write_head(&self, chain: &Chain, offset: u64, data: &[u8]) -> io::Result<()> {
+        let head = chain.head();
         self.dirty()?;
-        head.file.write_all_at(data, offset).map_err(|e| self.io_err(head, offset, e))?;
-        let mut maps = self.maps.write().unwrap_or_else(|p| p.into_inner());
-        maps.top.insert(offset, offset + data.len() as u64, self.head_index());
+        head.file.write_all_at(data, offset).map_err(|e| io_err(head, offset, e))?;
+        chain.maps_mut().top.insert(offset, offset + data.len() as u64, chain.head_index());
         Ok(())
     }
 
     /// A write that covers part of a block: widen it to whole blocks with the blocks'
     /// current content, so the head holds whole, correct blocks.
-    fn write_widened(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+    fn write_widened(&self, chain: &Chain, offset: u64, data: &[u8]) -> io::Result<()> {
         let _g = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
         let end = offset + data.len() as u64;
         let ws = offset / BLOCK * BLOCK;
@@ -487,13 +509,13 @@ impl Store {
         let mut buf = vec![0u8; (we - ws) as usize];
         // Only the partial edge blocks need their old content.
         let first_block_end = (ws + BLOCK).min(we);
-        self.read_at(ws, &mut buf[..(first_block_end - ws) as usize])?;
+        read_at(chain, ws, &mut buf[..(first_block_end - ws) as usize])?;
         if we - BLOCK > ws {
             let lo = (we - BLOCK - ws) as usize;
-            self.read_at(we - BLOCK, &mut buf[lo..])?;
+            read_at(chain, we - BLOCK, &mut buf[lo..])?;
         }
         buf[(offset - ws) as usize..(end - ws) as usize].copy_from_slice(data);
-        self.write_head(ws, &buf)
+        self.write_head(chain, ws, &buf)
     }
 
     /// Makes `[offset, offset+len)` read as zeros: real zero blocks over older data,
@@ -504,17 +526,18 @@ impl Store {
             return Ok(());
         }
         let end = offset + len;
+        let chain = self.chain();
         let (a, b) = (offset.div_ceil(BLOCK) * BLOCK, end / BLOCK * BLOCK);
         if a >= b {
-            self.write_widened(offset, &ZEROS[..len as usize])?;
+            self.write_widened(&chain, offset, &ZEROS[..len as usize])?;
         } else {
             if offset < a {
-                self.write_widened(offset, &ZEROS[..(a - offset) as usize])?;
+                self.write_widened(&chain, offset, &ZEROS[..(a - offset) as usize])?;
             }
             if b < end {
-                self.write_widened(b, &ZEROS[..(end - b) as usize])?;
+                self.write_widened(&chain, b, &ZEROS[..(end - b) as usize])?;
             }
-            self.zero_aligned(a, b, true)?;
+            self.zero_aligned(&chain, a, b, true)?;
         }
         self.revision.bump();
         Ok(())
@@ -525,7 +548,7 @@ impl Store {
         self.check_range(offset, len)?;
         let (a, b) = (offset.div_ceil(BLOCK) * BLOCK, (offset + len) / BLOCK * BLOCK);
         if a < b {
-            self.zero_aligned(a, b, false)?;
+            self.zero_aligned(&self.chain(), a, b, false)?;
         }
         self.revision.bump();
         Ok(())
@@ -533,12 +556,9 @@ impl Store {
 
     /// Block-aligned zeroing. Where an older layer holds data: zero blocks if `must_zero`
     /// (else left alone); elsewhere the head's blocks are punched out.
-    fn zero_aligned(&self, a: u64, b: u64, must_zero: bool) -> io::Result<()> {
-        let pieces = {
-            let maps = self.maps.read().unwrap_or_else(|p| p.into_inner());
-            maps.below.lookup(a, b)
-        };
-        let head = self.head();
+    fn zero_aligned(&self, chain: &Chain, a: u64, b: u64, must_zero: bool) -> io::Result<()> {
+        let pieces = chain.maps.read().unwrap_or_else(|p| p.into_inner()).below.lookup(a, b);
+        let head = chain.head();
         self.dirty()?;
         for p in pieces {
             if p.layer.is_some() {
@@ -546,16 +566,14 @@ impl Store {
                     let mut pos = p.start;
                     while pos < p.end {
                         let n = (p.end - pos).min(ZEROS.len() as u64);
-                        head.file.write_all_at(&ZEROS[..n as usize], pos).map_err(|e| self.io_err(head, pos, e))?;
+                        head.file.write_all_at(&ZEROS[..n as usize], pos).map_err(|e| io_err(head, pos, e))?;
                         pos += n;
                     }
-                    let mut maps = self.maps.write().unwrap_or_else(|p| p.into_inner());
-                    maps.top.insert(p.start, p.end, self.head_index());
+                    chain.maps_mut().top.insert(p.start, p.end, chain.head_index());
                 }
             } else {
-                punch_hole(&head.file, p.start, p.end - p.start).map_err(|e| self.io_err(head, p.start, e))?;
-                let mut maps = self.maps.write().unwrap_or_else(|p| p.into_inner());
-                maps.top.remove(p.start, p.end);
+                punch_hole(&head.file, p.start, p.end - p.start).map_err(|e| io_err(head, p.start, e))?;
+                chain.maps_mut().top.remove(p.start, p.end);
             }
         }
         Ok(())
@@ -565,7 +583,7 @@ impl Store {
     pub fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<(u32, bool)>> {
         self.check_range(offset, len)?;
         let mut out: Vec<(u32, bool)> = Vec::new();
-        for s in self.segments(offset, offset + len) {
+        for s in self.chain().segments(offset, offset + len) {
             let hole = s.layer.is_none();
             let n = (s.end - s.start) as u32;
             match out.last_mut() {
@@ -578,11 +596,15 @@ impl Store {
 
     /// Puts every acknowledged write on stable storage.
     pub fn flush(&self) -> io::Result<()> {
+        self.flush_chain(&self.chain())
+    }
+
+    fn flush_chain(&self, chain: &Chain) -> io::Result<()> {
         if self.unsynced.swap(false, Ordering::AcqRel) {
-            let head = self.head();
+            let head = chain.head();
             if let Err(e) = head.file.sync_data() {
                 self.unsynced.store(true, Ordering::Release);
-                return Err(self.io_err(head, 0, e));
+                return Err(io_err(head, 0, e));
             }
         }
         self.revision.sync().map_err(|e| {
@@ -593,8 +615,9 @@ impl Store {
     /// Flushes and records a clean close (Dirty:false). A later write marks the replica
     /// dirty again, so an engine may close and another reopen the same replica.
     pub fn close(&self) -> Result<(), StoreError> {
-        let _g = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
-        self.flush().map_err(|e| StoreError::Io { path: self.dir.clone(), offset: 0, source: e })?;
+        // The write lock holds off I/O, so nothing lands between the flush and Dirty:false.
+        let chain = self.chain.write().unwrap_or_else(|p| p.into_inner());
+        self.flush_chain(&chain).map_err(|e| StoreError::Io { path: self.dir.clone(), offset: 0, source: e })?;
         let mut m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
         m.dirty = false;
         m.store(&self.dir)?;
@@ -612,13 +635,13 @@ impl Store {
             was_dirty: self.was_dirty,
             head: m.head.clone(),
             parent: m.parent.clone(),
-            chain: self.layers.iter().rev().map(|l| l.name.clone()).collect(),
+            chain: self.chain().layers.iter().rev().map(|l| l.name.clone()).collect(),
             mode: mode.to_string(),
         }
     }
 
     /// Number of extents in the index (how fragmented the volume is).
     pub fn extent_count(&self) -> usize {
-        self.maps.read().unwrap_or_else(|p| p.into_inner()).top.len()
+        self.chain().maps.read().unwrap_or_else(|p| p.into_inner()).top.len()
     }
 }

@@ -291,3 +291,51 @@ pub fn random_file(path: &Path, len: u64) {
 /// nbdsh under Debian's python (the libnbd module is installed for it, not for
 /// another python3 that may come first on PATH).
 pub const NBDSH: &str = "/usr/bin/python3 -m nbd";
+
+/// A bare replica-protocol client, for driving a replica without an engine.
+pub struct ReplicaClient {
+    pub s: std::net::TcpStream,
+    next: u64,
+}
+
+impl ReplicaClient {
+    pub fn connect(addr: &str, volume: &str, size: u64) -> ReplicaClient {
+        use longhorn_replica::proto::{self, Header, Hello, Op};
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to replica");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut b = Vec::new();
+        let p = serde_json::to_vec(&Hello { volume: volume.into(), size }).expect("json");
+        proto::put_frame(&mut b, Header::request(Op::Hello, 0, 0, 0), &p);
+        s.write_all(&b).expect("hello");
+        let (h, _) = proto::read_frame(&mut s).expect("hello reply");
+        assert_eq!(h.status, 0, "replica refused the handshake");
+        ReplicaClient { s, next: 1 }
+    }
+
+    /// One request; returns (status, payload), or Err when the connection dropped.
+    pub fn request(
+        &mut self,
+        op: longhorn_replica::proto::Op,
+        offset: u64,
+        count: u32,
+        payload: &[u8],
+    ) -> Result<(u32, Vec<u8>), String> {
+        use longhorn_replica::proto::{self, Header};
+        use std::io::Write;
+        let id = self.next;
+        self.next += 1;
+        let mut b = Vec::new();
+        proto::put_frame(&mut b, Header::request(op, id, offset, count), payload);
+        self.s.write_all(&b).map_err(|e| e.to_string())?;
+        let (h, p) = proto::read_frame(&mut self.s).map_err(|e| e.to_string())?;
+        Ok((h.status, p.to_vec()))
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        let (st, p) = self
+            .request(longhorn_replica::proto::Op::Write, offset, data.len() as u32, data)
+            .expect("write");
+        assert_eq!(st, 0, "write failed: {}", String::from_utf8_lossy(&p));
+    }
+}

@@ -1,5 +1,6 @@
 //! `longhorn`: one program for replicas, engines and the operator's commands.
 
+mod snapshot;
 mod table;
 mod up;
 
@@ -39,6 +40,9 @@ enum Cmd {
     /// Volumes served by engines on this machine.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Snapshots of a running volume.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
 }
 
 #[derive(Subcommand)]
@@ -64,22 +68,22 @@ enum VolumeCmd {
 }
 
 #[derive(Args)]
-struct RunDirArg {
+pub struct RunDirArg {
     /// Where engines keep their control sockets.
     #[arg(long, default_value = DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
-    run_dir: PathBuf,
+    pub run_dir: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 #[derive(Args)]
-struct VolumeRef {
+pub struct VolumeRef {
     /// The volume's name.
     #[arg(long, short = 'v')]
-    volume: String,
+    pub volume: String,
     #[command(flatten)]
-    common: RunDirArg,
+    pub common: RunDirArg,
 }
 
 #[derive(Args)]
@@ -112,7 +116,9 @@ pub struct EngineServeArgs {
     /// The NBD export: `unix:PATH` or `tcp:HOST:PORT`. Default: unix:RUN_DIR/VOLUME.nbd
     #[arg(long)]
     pub nbd: Option<String>,
-    /// Block device frontend. Only `none` (NBD export only) in this version.
+    /// Block device frontend: `auto` (ublk, else nbd, else fuse), `ublk`, `nbd`,
+    /// `fuse` (FUSE file + loop device) or `none` (the NBD export only). The device
+    /// appears as /dev/longhorn/VOLUME.
     #[arg(long, default_value = "none")]
     pub frontend: String,
     /// Drop a replica that leaves a request unanswered this many seconds.
@@ -167,6 +173,7 @@ fn main() {
         Cmd::Engine(EngineCmd::Serve(a)) => engine_serve(a),
         Cmd::Volume(VolumeCmd::Info(a)) => volume_info(a),
         Cmd::Volume(VolumeCmd::Ls(a)) => volume_ls(a),
+        Cmd::Snapshot(c) => snapshot::run(c),
     };
     if let Err(e) = r {
         eprintln!("longhorn: {e:#}");
@@ -219,10 +226,9 @@ fn replica_serve(a: ReplicaServeArgs) -> Result<()> {
 }
 
 fn engine_serve(a: EngineServeArgs) -> Result<()> {
+    use longhorn_frontend::device::{Device, DeviceConfig, DeviceError, FrontendKind};
     let sigs = stop_signals()?;
-    if a.frontend != "none" {
-        bail!("--frontend {}: only `none` (the NBD export) is available in this version", a.frontend);
-    }
+    let kind: FrontendKind = a.frontend.parse().map_err(|e: String| anyhow!("--frontend: {e}"))?;
     let opts = VolumeOptions { io_timeout: Duration::from_secs(a.io_timeout.max(1)) };
     let volume = Volume::start(&a.volume, a.size, &a.replicas, opts).context("starting the volume")?;
     let nbd_listen = a.nbd.clone().unwrap_or_else(|| format!("unix:{}", a.run_dir.join(format!("{}.nbd", a.volume)).display()));
@@ -232,28 +238,83 @@ fn engine_serve(a: EngineServeArgs) -> Result<()> {
         }
     }
     let backend: Arc<dyn BlockBackend> = Arc::new(VolumeHandle(volume.clone()));
-    let server = longhorn_frontend::NbdServer::bind(&nbd_listen, backend).with_context(|| format!("NBD export on {nbd_listen}"))?;
+    let server = longhorn_frontend::NbdServer::bind(&nbd_listen, backend.clone()).with_context(|| format!("NBD export on {nbd_listen}"))?;
     let uri = server.uri();
     volume.set_frontend("nbd-export", &uri);
     let v2 = volume.clone();
     let handler: control::Handler = Arc::new(move |req: &Value| control_request(&v2, req));
     let _ctl = control::ControlServer::start(&control::socket_path(&a.run_dir, &a.volume), handler)?;
     let handle = server.spawn().context("starting the NBD server")?;
+    // The block device comes after the NBD export: the kernel NBD frontend connects
+    // to it, and udev may read the new device at once.
+    let mut device = None;
+    if kind != FrontendKind::None {
+        let cfg = DeviceConfig { volume: a.volume.clone(), backend, nbd_listen: nbd_listen.clone(), run_dir: a.run_dir.clone() };
+        let d = match Device::attach(kind, &cfg) {
+            Ok(d) => d,
+            Err(e) => {
+                handle.shutdown();
+                volume.close();
+                return Err(anyhow!(e).context(format!("--frontend {kind}")));
+            }
+        };
+        let path = d.path();
+        volume.set_frontend(&d.kind().to_string(), &path.display().to_string());
+        info!(volume = %a.volume, device = %path.display(), kernel = %d.kernel_path().display(), frontend = %d.kind(), "block device ready");
+        println!("device {} ({})", path.display(), d.kind());
+        device = Some(d);
+    }
     info!(volume = %a.volume, %uri, "engine serving");
     println!("ready {uri}");
     std::io::stdout().flush().ok();
-    let sig = wait_for_signal(sigs)?;
-    info!(signal = sig, "stopping engine");
+    // Stop on SIGTERM/SIGINT. While the device is mounted a stop is refused (the
+    // filesystem would lose its disk); a second signal within 10 s of a refusal forces
+    // it, as a double Ctrl-C does.
+    let mut sigs = sigs;
+    let mut refused_at: Option<std::time::Instant> = None;
+    let mut force = false;
+    for sig in sigs.forever() {
+        if let Some(d) = &device {
+            if let Some(mp) = d.mounted_at() {
+                if refused_at.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+                    force = true;
+                } else {
+                    refused_at = Some(std::time::Instant::now());
+                    error!(volume = %a.volume, signal = sig, "refusing to stop: {} is mounted on {mp}; unmount it first (a second signal within 10 s forces the stop)", d.path().display());
+                    continue;
+                }
+            }
+        }
+        info!(signal = sig, force, "stopping engine");
+        break;
+    }
+    let mut detach_err = None;
+    if let Some(d) = device.take() {
+        let path = d.path();
+        match d.detach(force) {
+            Ok(()) => info!(volume = %a.volume, device = %path.display(), "block device flushed, detached and removed"),
+            Err(e) => {
+                error!(volume = %a.volume, "detaching {}: {e}", path.display());
+                detach_err = Some(e);
+            }
+        }
+    }
     handle.shutdown();
     volume.close();
     info!("engine stopped");
-    Ok(())
+    match detach_err {
+        // A forced stop of a mounted device is expected to leave it deferred (Busy).
+        Some(DeviceError::Busy(_)) if force => Ok(()),
+        Some(e) => Err(anyhow!(e).context(format!("volume {}: the block device did not detach cleanly", a.volume))),
+        None => Ok(()),
+    }
 }
 
 fn control_request(v: &Arc<Volume>, req: &Value) -> std::result::Result<Value, String> {
     match req.get("cmd").and_then(|c| c.as_str()).unwrap_or("") {
         "volume-info" => serde_json::to_value(v.status()).map_err(|e| e.to_string()),
         "replica-ls" => serde_json::to_value(v.replica_status()).map_err(|e| e.to_string()),
+        c if c.starts_with("snapshot-") => snapshot::control(v, c, req),
         other => Err(format!("unknown command {other:?}")),
     }
 }
@@ -262,7 +323,7 @@ fn call(run_dir: &Path, volume: &str, cmd: &str) -> Result<Value> {
     control::call(run_dir, volume, &json!({"cmd": cmd})).map_err(|e| anyhow!(e))
 }
 
-fn print_json(v: &Value) {
+pub fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 

@@ -1,0 +1,469 @@
+//! Chain changes on a replica: snapshot (head rotation), removal with merge, revert,
+//! and the clean-up of what a crash in the middle of one leaves behind.
+//!
+//! Every change is a sequence of steps whose commit point is one atomic rename of a
+//! meta file, ordered so that a crash at any step reopens to the old chain or the new
+//! one with the same data (the `fault` points let tests crash at each step):
+//!
+//! Rotation (snapshot `S` of head `H` = volume-head-N.img):
+//!   1. fdatasync H.
+//!   2. create volume-head-(N+1).img and its meta (Parent = volume-snap-S.img).
+//!   3. write volume-snap-S.img.meta (Parent = H's parent).
+//!   4. hard-link H as volume-snap-S.img (the same inode under a second name).
+//!   5. COMMIT: volume.meta names the new head.
+//!   6. unlink H's old name and its meta.
+//!   Before 5, the new head and any snapshot name linked to the head's inode are
+//!   leftovers; after 5, the old head name is. `remove_leftovers` deletes them at open.
+//!
+//! Removal of snapshot `S` whose only child `C` is a snapshot (merge):
+//!   1. mark S Removed.
+//!   2. copy S's data into C wherever C has a hole (C's content as seen through the
+//!      chain is unchanged: it showed S's data there). Zero blocks are copied as data.
+//!   3. fdatasync C. 4. COMMIT: C's meta names S's parent. 5. delete S.
+//!   After 4, S is unreferenced, Removed, and no one's parent: a leftover.
+//! Removal of `S` whose child is the head: S stays in the chain, marked Removed, and
+//! only the blocks the head covers (which no read can reach) are punched out of S.
+//!
+//! Revert to `S`: create a new head with Parent S, COMMIT volume.meta, delete the old
+//! head. Snapshots above S stay on disk and listed, on a branch the chain no longer
+//! reads.
+
+use crate::meta::{self, DiskMeta, MetaError, VolumeMeta};
+use crate::store::{self, punch_hole, Chain, Store, StoreError, BLOCK};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use tracing::{info, warn};
+
+pub const SNAP_PREFIX: &str = "volume-snap-";
+
+/// Crash injection for tests: `LONGHORN_CRASH_AT=<step>` aborts the process right
+/// after that step.
+pub fn fault(step: &str) {
+    if let Ok(v) = std::env::var("LONGHORN_CRASH_AT") {
+        if v == step {
+            eprintln!("LONGHORN_CRASH_AT={step}: aborting");
+            std::process::abort();
+        }
+    }
+}
+
+pub fn snap_file(name: &str) -> String {
+    format!("{SNAP_PREFIX}{name}.img")
+}
+
+/// The user-facing name of a snapshot file (`volume-snap-X.img` -> `X`).
+pub fn snap_name(file: &str) -> Option<&str> {
+    file.strip_prefix(SNAP_PREFIX)?.strip_suffix(".img")
+}
+
+/// Snapshot names: 1-200 characters of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("snapshot name is empty".into());
+    }
+    if name.len() > 200 {
+        return Err(format!("snapshot name is {} characters long (at most 200)", name.len()));
+    }
+    if name.starts_with('.') {
+        return Err(format!("snapshot name {name:?} starts with '.'"));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("snapshot name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub parent: String,
+    pub children: Vec<String>,
+    pub created: String,
+    /// Bytes allocated on disk by this layer.
+    pub size: u64,
+    pub user_created: bool,
+    pub removed: bool,
+    pub labels: HashMap<String, String>,
+    /// Whether the volume currently reads through this layer.
+    pub in_chain: bool,
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+fn layout_err(path: &Path, what: impl Into<String>) -> StoreError {
+    StoreError::Layout { path: path.to_path_buf(), what: what.into() }
+}
+
+/// Deletes what an interrupted chain change left behind (see the module comment).
+/// Only called once the chain itself has loaded and checked out.
+pub(crate) fn remove_leftovers(dir: &Path, chain: &Chain) {
+    let in_chain: Vec<&str> = chain.layers.iter().map(|l| l.name.as_str()).collect();
+    let head = chain.head();
+    let head_ino = std::fs::metadata(&head.path).map(|m| m.ino()).ok();
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+    let metas: HashMap<String, DiskMeta> = names
+        .iter()
+        .filter_map(|n| n.strip_suffix(".meta"))
+        .filter(|img| img.ends_with(".img"))
+        .filter_map(|img| DiskMeta::load(dir, img).ok().map(|m| (img.to_string(), m)))
+        .collect();
+    let is_parent = |img: &str| metas.values().any(|m| m.parent == img);
+    let remove = |img: &str, why: &str| {
+        warn!(dir = %dir.display(), file = img, "removing leftover of an interrupted change: {why}");
+        let _ = std::fs::remove_file(dir.join(img));
+        let _ = std::fs::remove_file(DiskMeta::path(dir, img));
+    };
+    for n in &names {
+        if n.ends_with(".tmp") {
+            let _ = std::fs::remove_file(dir.join(n));
+            continue;
+        }
+        let img = n.strip_suffix(".meta").unwrap_or(n);
+        if !img.ends_with(".img") || in_chain.contains(&img) || (n != img && names.iter().any(|x| x == img)) {
+            continue;
+        }
+        if meta::head_number(img).is_some() {
+            remove(img, "a head that is not the current head");
+        } else if snap_name(img).is_some() {
+            let path = dir.join(img);
+            let exists = path.exists();
+            let linked_to_head = exists && std::fs::metadata(&path).map(|m| Some(m.ino()) == head_ino).unwrap_or(false);
+            let removed_orphan = metas.get(img).map(|m| m.removed).unwrap_or(false) && !is_parent(img);
+            if !exists && n != img {
+                remove(img, "snapshot meta without its file");
+            } else if linked_to_head {
+                remove(img, "snapshot name linked to the live head (rotation did not commit)");
+            } else if removed_orphan {
+                remove(img, "removed snapshot already merged into its child");
+            }
+        }
+    }
+    let _ = meta::sync_dir(dir);
+}
+
+impl Store {
+    fn chain_mut(&self) -> std::sync::RwLockWriteGuard<'_, Chain> {
+        self.chain.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn disk_metas(&self) -> Result<Vec<DiskMeta>, StoreError> {
+        let dir = self.dir();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).map_err(|e| MetaError::io(dir, e))?.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if let Some(img) = n.strip_suffix(".meta") {
+                if img.ends_with(".img") {
+                    out.push(DiskMeta::load(dir, img)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every snapshot in the directory (on the chain or on a branch left by a revert),
+    /// plus the head as `volume-head`, oldest first.
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        let _g = self.chain.read().unwrap_or_else(|p| p.into_inner());
+        let chain_names: Vec<String> = _g.layers.iter().map(|l| l.name.clone()).collect();
+        let metas = self.disk_metas()?;
+        let mut out: Vec<SnapshotInfo> = metas
+            .iter()
+            .map(|m| {
+                let display = |f: &str| snap_name(f).map(|s| s.to_string()).unwrap_or_else(|| {
+                    if meta::head_number(f).is_some() { "volume-head".to_string() } else { f.to_string() }
+                });
+                SnapshotInfo {
+                    name: display(&m.name),
+                    parent: if m.parent.is_empty() { String::new() } else { display(&m.parent) },
+                    children: metas.iter().filter(|c| c.parent == m.name).map(|c| display(&c.name)).collect(),
+                    created: m.created.clone(),
+                    size: allocated_bytes(&self.dir().join(&m.name)),
+                    user_created: m.user_created,
+                    removed: m.removed,
+                    labels: m.labels.clone().unwrap_or_default(),
+                    in_chain: chain_names.contains(&m.name),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            let pos = |s: &SnapshotInfo| chain_names.iter().position(|n| snap_name(n) == Some(&s.name) || (s.name == "volume-head" && meta::head_number(n).is_some()));
+            (pos(a).is_none(), pos(a), a.created.clone(), a.name.clone()).cmp(&(pos(b).is_none(), pos(b), b.created.clone(), b.name.clone()))
+        });
+        Ok(out)
+    }
+
+    /// Rotates the head into snapshot `name`. The caller (the engine) has stopped I/O.
+    pub fn snapshot(
+        &self,
+        name: &str,
+        user_created: bool,
+        created: &str,
+        labels: Option<HashMap<String, String>>,
+    ) -> Result<(), StoreError> {
+        let dir = self.dir().to_path_buf();
+        check_name(name).map_err(|e| layout_err(&dir, e))?;
+        let snap = snap_file(name);
+        if dir.join(&snap).exists() || DiskMeta::path(&dir, &snap).exists() {
+            return Err(layout_err(&dir.join(&snap), format!("snapshot {name:?} already exists")));
+        }
+        // The write lock on the chain holds off all I/O (and partial-block writes).
+        let mut chain = self.chain_mut();
+        let mut vm = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        let old_head = chain.head().name.clone();
+        let old_head_path = chain.head().path.clone();
+        let n = meta::head_number(&old_head).ok_or_else(|| layout_err(&old_head_path, "head has no number"))?;
+        let new_head = meta::head_name(n + 1);
+        let new_head_path = dir.join(&new_head);
+        let head_meta = DiskMeta::load(&dir, &old_head)?;
+
+        chain.head().file.sync_data().map_err(|e| StoreError::Io { path: old_head_path.clone(), offset: 0, source: e })?;
+        fault("snapshot:synced");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&new_head_path)
+            .map_err(|e| MetaError::io(&new_head_path, e))?;
+        f.set_len(self.size()).map_err(|e| MetaError::io(&new_head_path, e))?;
+        f.sync_all().map_err(|e| MetaError::io(&new_head_path, e))?;
+        DiskMeta {
+            name: new_head.clone(),
+            parent: snap.clone(),
+            removed: false,
+            user_created: false,
+            created: created.to_string(),
+            labels: None,
+        }
+        .store(&dir)?;
+        fault("snapshot:new-head");
+        DiskMeta {
+            name: snap.clone(),
+            parent: head_meta.parent.clone(),
+            removed: false,
+            user_created,
+            created: created.to_string(),
+            labels,
+        }
+        .store(&dir)?;
+        fault("snapshot:snap-meta");
+        std::fs::hard_link(&old_head_path, dir.join(&snap)).map_err(|e| MetaError::io(&dir.join(&snap), e))?;
+        meta::sync_dir(&dir)?;
+        fault("snapshot:linked");
+        let mut next = vm.clone();
+        next.head = new_head.clone();
+        next.parent = snap.clone();
+        next.store(&dir)?;
+        *vm = next;
+        fault("snapshot:committed");
+        let _ = std::fs::remove_file(&old_head_path);
+        let _ = std::fs::remove_file(DiskMeta::path(&dir, &old_head));
+        meta::sync_dir(&dir)?;
+        fault("snapshot:cleaned");
+
+        // The old head's open file is now the snapshot layer.
+        let last = chain.layers.len() - 1;
+        chain.layers[last].name = snap.clone();
+        chain.layers[last].path = dir.join(&snap);
+        chain.layers.push(store::Layer { name: new_head.clone(), path: new_head_path, file: f });
+        let mut maps = chain.maps_mut();
+        maps.below = maps.top.clone();
+        drop(maps);
+        info!(dir = %dir.display(), snapshot = name, head = %new_head, "snapshot taken");
+        Ok(())
+    }
+
+    /// Removes snapshot `name`: merged into its child when that is a snapshot, or
+    /// kept as a Removed layer with the blocks the head hides punched out when its
+    /// child is the head. Returns what was done, for the log and the CLI.
+    pub fn remove_snapshot(&self, name: &str) -> Result<String, StoreError> {
+        let dir = self.dir().to_path_buf();
+        if name == "volume-head" || meta::head_number(name).is_some() {
+            return Err(layout_err(&dir, "the volume head cannot be removed"));
+        }
+        check_name(name).map_err(|e| layout_err(&dir, e))?;
+        let snap = snap_file(name);
+        let metas = self.disk_metas()?;
+        let Some(sm) = metas.iter().find(|m| m.name == snap).cloned() else {
+            return Err(layout_err(&dir.join(&snap), format!("no snapshot named {name:?}")));
+        };
+        let children: Vec<DiskMeta> = metas.iter().filter(|m| m.parent == snap).cloned().collect();
+        let mark_removed = |m: &DiskMeta| -> Result<(), StoreError> {
+            if !m.removed {
+                let mut r = m.clone();
+                r.removed = true;
+                r.store(&dir)?;
+            }
+            Ok(())
+        };
+        match children.as_slice() {
+            [] => {
+                // A leaf on a branch the chain no longer reads: nothing needs it.
+                let chain = self.chain.read().unwrap_or_else(|p| p.into_inner());
+                if chain.layers.iter().any(|l| l.name == snap) {
+                    return Err(layout_err(&dir.join(&snap), "snapshot is in the chain but has no child"));
+                }
+                drop(chain);
+                mark_removed(&sm)?;
+                std::fs::remove_file(dir.join(&snap)).map_err(|e| MetaError::io(&dir.join(&snap), e))?;
+                let _ = std::fs::remove_file(DiskMeta::path(&dir, &snap));
+                meta::sync_dir(&dir)?;
+                Ok(format!("deleted {name} (no child needed it)"))
+            }
+            [c] if meta::head_number(&c.name).is_some() => {
+                mark_removed(&sm)?;
+                fault("remove:marked");
+                let freed = self.punch_hidden(&snap)?;
+                Ok(format!("marked {name} removed; the head is its child, so it stays in the chain; {freed} bytes its data hid returned"))
+            }
+            [c] => {
+                mark_removed(&sm)?;
+                fault("remove:marked");
+                self.merge_into_child(&sm, c)?;
+                Ok(format!("merged {name} into {}", snap_name(&c.name).unwrap_or(&c.name)))
+            }
+            _ => {
+                mark_removed(&sm)?;
+                Ok(format!("marked {name} removed; it has {} children, so its data stays", children.len()))
+            }
+        }
+    }
+
+    /// Punches out of snapshot `snap` every block the head covers.
+    fn punch_hidden(&self, snap: &str) -> Result<u64, StoreError> {
+        let chain = self.chain.read().unwrap_or_else(|p| p.into_inner());
+        let Some(si) = chain.layers.iter().position(|l| l.name == snap) else { return Ok(0) };
+        let head_idx = chain.head_index();
+        let covered: Vec<(u64, u64)> = {
+            let maps = chain.maps.read().unwrap_or_else(|p| p.into_inner());
+            maps.top.iter().filter(|&(_, _, l)| l == head_idx).map(|(s, e, _)| (s, e)).collect()
+        };
+        let layer = &chain.layers[si];
+        let before = allocated_bytes(&layer.path);
+        for (s, e) in covered {
+            let (a, b) = (s.div_ceil(BLOCK) * BLOCK, e / BLOCK * BLOCK);
+            if a < b {
+                punch_hole(&layer.file, a, b - a).map_err(|e| StoreError::Io { path: layer.path.clone(), offset: a, source: e })?;
+            }
+        }
+        layer.file.sync_data().map_err(|e| StoreError::Io { path: layer.path.clone(), offset: 0, source: e })?;
+        fault("remove:punched");
+        Ok(before.saturating_sub(allocated_bytes(&layer.path)))
+    }
+
+    fn merge_into_child(&self, sm: &DiskMeta, cm: &DiskMeta) -> Result<(), StoreError> {
+        let dir = self.dir().to_path_buf();
+        let size = self.size();
+        let spath = dir.join(&sm.name);
+        let cpath = dir.join(&cm.name);
+        let sfile = File::open(&spath).map_err(|e| MetaError::io(&spath, e))?;
+        let cfile = OpenOptions::new().read(true).write(true).open(&cpath).map_err(|e| MetaError::io(&cpath, e))?;
+        let ioe = |p: &Path, off: u64, e: std::io::Error| StoreError::Io { path: p.to_path_buf(), offset: off, source: e };
+        let s_data = store::allocated_ranges(&sfile, size).map_err(|e| ioe(&spath, 0, e))?;
+        let mut c_map = crate::extent::ExtentMap::new();
+        for (a, b) in store::allocated_ranges(&cfile, size).map_err(|e| ioe(&cpath, 0, e))? {
+            c_map.insert(a, b, 0);
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        for (a, b) in s_data {
+            for seg in c_map.lookup(a, b) {
+                if seg.layer.is_some() {
+                    continue;
+                }
+                let mut pos = seg.start;
+                while pos < seg.end {
+                    let n = ((seg.end - pos) as usize).min(buf.len());
+                    sfile.read_exact_at(&mut buf[..n], pos).map_err(|e| ioe(&spath, pos, e))?;
+                    cfile.write_all_at(&buf[..n], pos).map_err(|e| ioe(&cpath, pos, e))?;
+                    pos += n as u64;
+                }
+            }
+        }
+        fault("remove:copied");
+        cfile.sync_data().map_err(|e| ioe(&cpath, 0, e))?;
+        let mut c2 = cm.clone();
+        c2.parent = sm.parent.clone();
+        // Only the commit and the in-memory swap need I/O held off.
+        let mut chain = self.chain_mut();
+        c2.store(&dir)?;
+        fault("remove:committed");
+        if let Some(si) = chain.layers.iter().position(|l| l.name == sm.name) {
+            chain.layers.remove(si);
+            let si = si as u16;
+            let mut maps = chain.maps_mut();
+            let remap = |m: &crate::extent::ExtentMap| {
+                let mut n = crate::extent::ExtentMap::new();
+                for (a, b, l) in m.iter() {
+                    // S's ranges now live in C, which takes S's index once S is gone.
+                    n.insert(a, b, if l > si { l - 1 } else { l });
+                }
+                n
+            };
+            maps.top = remap(&maps.top);
+            maps.below = remap(&maps.below);
+        }
+        drop(chain);
+        let _ = std::fs::remove_file(&spath);
+        let _ = std::fs::remove_file(DiskMeta::path(&dir, &sm.name));
+        meta::sync_dir(&dir)?;
+        fault("remove:cleaned");
+        Ok(())
+    }
+
+    /// Makes the volume read as snapshot `name` did: a new empty head on top of it.
+    /// The caller has stopped I/O.
+    pub fn revert(&self, name: &str, created: &str) -> Result<(), StoreError> {
+        let dir = self.dir().to_path_buf();
+        check_name(name).map_err(|e| layout_err(&dir, e))?;
+        let snap = snap_file(name);
+        let sm = DiskMeta::load(&dir, &snap).map_err(|_| layout_err(&dir.join(&snap), format!("no snapshot named {name:?}")))?;
+        if sm.removed {
+            return Err(layout_err(&dir.join(&snap), format!("snapshot {name:?} was removed; it cannot be reverted to")));
+        }
+        let mut chain = self.chain_mut();
+        let mut vm = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        let old_head = chain.head().name.clone();
+        let n = meta::head_number(&old_head).ok_or_else(|| layout_err(&dir, "head has no number"))?;
+        let new_head = meta::head_name(n + 1);
+        let new_head_path = dir.join(&new_head);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&new_head_path)
+            .map_err(|e| MetaError::io(&new_head_path, e))?;
+        f.set_len(self.size()).map_err(|e| MetaError::io(&new_head_path, e))?;
+        f.sync_all().map_err(|e| MetaError::io(&new_head_path, e))?;
+        drop(f);
+        DiskMeta { name: new_head.clone(), parent: snap.clone(), removed: false, user_created: false, created: created.to_string(), labels: None }
+            .store(&dir)?;
+        fault("revert:new-head");
+        let mut next: VolumeMeta = vm.clone();
+        next.head = new_head.clone();
+        next.parent = snap.clone();
+        let loaded = store::load_chain(&dir, &next)?;
+        next.store(&dir)?;
+        *vm = next;
+        fault("revert:committed");
+        *chain = loaded;
+        let _ = std::fs::remove_file(dir.join(&old_head));
+        let _ = std::fs::remove_file(DiskMeta::path(&dir, &old_head));
+        meta::sync_dir(&dir)?;
+        info!(dir = %dir.display(), snapshot = name, head = %new_head, "reverted");
+        Ok(())
+    }
+
+    /// Whether the head holds any data (a recurring snapshot of an idle volume is skipped).
+    pub fn head_has_data(&self) -> bool {
+        let chain = self.chain.read().unwrap_or_else(|p| p.into_inner());
+        let h = chain.head_index();
+        let maps = chain.maps.read().unwrap_or_else(|p| p.into_inner());
+        let r = maps.top.iter().any(|(_, _, l)| l == h);
+        r
+    }
+}
