@@ -13,3 +13,4 @@
 pub mod nbd;
 
 pub use nbd::server::{NbdServer, NbdServerHandle};
+pub mod device;

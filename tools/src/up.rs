@@ -31,6 +31,10 @@ pub struct UpArgs {
     pub nbd: Option<String>,
     #[arg(long, default_value = crate::DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
     pub run_dir: PathBuf,
+    /// Block device /dev/longhorn/VOLUME: auto (ublk, else nbd, else fuse), ublk, nbd,
+    /// fuse, or none (the NBD export only).
+    #[arg(long, default_value = "auto")]
+    pub frontend: String,
 }
 
 struct Proc {
@@ -69,6 +73,9 @@ fn spawn_and_wait(name: &str, mut cmd: Command, log: &Path, word: &str) -> Resul
         .open(log)
         .with_context(|| format!("opening log {}", log.display()))?;
     cmd.stdout(Stdio::piped()).stderr(logf).stdin(Stdio::null());
+    // Own process group: a terminal's Ctrl-C reaches only `up`, which stops the
+    // engine first (or refuses while its device is mounted) and the replicas last.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
     let out = child.stdout.take().ok_or_else(|| anyhow!("{name}: no stdout"))?;
     let (tx, rx) = mpsc::channel();
@@ -141,6 +148,7 @@ pub fn run(a: UpArgs) -> Result<()> {
     if let Some(n) = &a.nbd {
         c.args(["--nbd", n]);
     }
+    c.args(["--frontend", &a.frontend]);
     let (engine, uri) = match spawn_and_wait("engine", c, &log_dir.join("engine.log"), "ready") {
         Ok(v) => v,
         Err(e) => {
@@ -154,17 +162,54 @@ pub fn run(a: UpArgs) -> Result<()> {
     println!("  logs:      {}", log_dir.display());
     println!("  replicas:  {}", addrs.join(" "));
     println!("  NBD:       {uri}");
+    // The engine says which block device frontend it chose (auto) in its status.
+    let mut device = None;
+    if let Ok(v) = crate::call(&a.run_dir, &a.volume, "volume-info") {
+        let (kind, ep) = (v["frontend"].as_str().unwrap_or(""), v["endpoint"].as_str().unwrap_or(""));
+        if !kind.is_empty() && kind != "nbd-export" {
+            println!("  device:    {ep} ({kind})");
+            device = Some(PathBuf::from(ep));
+        }
+    }
     println!("try:");
     println!("  nbdinfo '{uri}'");
     println!("  fio --name=t --ioengine=nbd --uri='{uri}' --rw=randwrite --bs=4k --iodepth=32 --size=1G --runtime=10 --time_based");
     println!("  longhorn volume info -v {}      longhorn replica ls -v {}", a.volume, a.volume);
-    println!("Ctrl-C stops the engine and the replicas cleanly.");
+    if let Some(d) = &device {
+        println!("  mkfs.ext4 {0} && mount {0} /mnt", d.display());
+    }
+    println!("Ctrl-C stops the engine and the replicas cleanly (refused while the device is mounted; twice within 10 s forces).");
 
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(SIGTERM, stop.clone()).context("signal handler")?;
     signal_hook::flag::register(SIGINT, stop.clone()).context("signal handler")?;
     let mut failed = None;
-    while !stop.load(Ordering::Acquire) {
+    let mut refused_at: Option<Instant> = None;
+    loop {
+        if stop.swap(false, Ordering::AcqRel) {
+            let mounted = device.as_deref().and_then(mounted_on);
+            match (mounted, refused_at) {
+                (Some(mp), Some(t)) if t.elapsed() < Duration::from_secs(10) => {
+                    eprintln!("longhorn up: forcing the stop although {} is mounted on {mp}", device.as_deref().map(|d| d.display().to_string()).unwrap_or_default());
+                    // The engine refuses the first signal while mounted and takes a
+                    // second one as force.
+                    if let Some(e) = procs.last() {
+                        // SAFETY: signalling our own child by pid.
+                        unsafe { libc::kill(e.child.id() as libc::pid_t, libc::SIGTERM) };
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                    break;
+                }
+                (Some(mp), _) => {
+                    eprintln!(
+                        "longhorn up: not stopping: {} is mounted on {mp}; unmount it first (Ctrl-C again within 10 s forces the stop)",
+                        device.as_deref().map(|d| d.display().to_string()).unwrap_or_default()
+                    );
+                    refused_at = Some(Instant::now());
+                }
+                (None, _) => break,
+            }
+        }
         std::thread::sleep(Duration::from_millis(200));
         let n = procs.len();
         for (i, p) in procs.iter_mut().enumerate() {
@@ -190,4 +235,11 @@ pub fn run(a: UpArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Where the block device `dev` is mounted, if anywhere.
+fn mounted_on(dev: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(dev).ok()?.rdev();
+    longhorn_frontend::device::mounted_at(rdev as libc::dev_t)
 }
