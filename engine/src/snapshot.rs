@@ -111,28 +111,36 @@ impl Volume {
             return Err(format!("snapshot {name:?} already exists"));
         }
         let targets = self.writable_replicas();
-        // Connect and flush before the pause, so the pause covers only the rotation.
+        let mut req = SnapshotRequest {
+            name: name.clone(),
+            user_created,
+            created: longhorn_replica::meta::now_rfc3339(),
+            labels,
+            prepare: true,
+        };
+        let prep = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+        req.prepare = false;
+        let payload = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+        // Connect, flush and prepare before the pause, so the pause covers only the
+        // commit of each rotation.
         let mut conns = Vec::new();
         for &i in &targets {
             let addr = self.replicas[i].addr.clone();
             let c = replica_conn::connect(&addr, self.name(), self.size())
                 .map(|(s, _)| s)
                 .map_err(|e| e.to_string())
+                .and_then(|mut s| exchange(&mut s, &addr, Op::Snapshot, &prep).map(|_| s))
+                // Flushed last, so the sync inside the pause finds little to write.
                 .and_then(|mut s| exchange(&mut s, &addr, Op::Flush, b"").map(|_| s));
             conns.push((i, addr, c));
         }
-        let req = SnapshotRequest {
-            name: name.clone(),
-            user_created,
-            created: longhorn_replica::meta::now_rfc3339(),
-            labels,
-        };
-        let payload = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
         let t = Instant::now();
         self.pause(DRAIN_TIMEOUT).map_err(|e| format!("snapshot {name}: {e}"))?;
+        let drained = t.elapsed();
         let results = self.run_on(conns, Op::Snapshot, &payload);
         self.resume();
         let pause = t.elapsed();
+        tracing::debug!(drain_us = drained.as_micros() as u64, total_us = pause.as_micros() as u64, "snapshot pause");
         let mut ok = 0;
         let mut errors = Vec::new();
         for (i, r) in results {

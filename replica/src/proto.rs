@@ -260,6 +260,9 @@ pub struct SnapshotRequest {
     pub created: String,
     #[serde(default)]
     pub labels: Option<std::collections::HashMap<String, String>>,
+    /// SNAPSHOT only: do the part that may run under live I/O, and stop before the commit.
+    #[serde(default)]
+    pub prepare: bool,
 }
 
 /// Encodes BLOCK_STATUS reply extents.

@@ -313,6 +313,7 @@ impl ReplicaServer {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("malformed {op:?} request: {e}")))?;
         let created = if req.created.is_empty() { crate::meta::now_rfc3339() } else { req.created.clone() };
         let r = match op {
+            Op::Snapshot if req.prepare => self.store.prepare_snapshot(&req.name, req.user_created, &created, req.labels.clone()).map(|_| String::new()),
             Op::Snapshot => self.store.snapshot(&req.name, req.user_created, &created, req.labels.clone()).map(|_| String::new()),
             Op::SnapshotRemove => self.store.remove_snapshot(&req.name),
             _ => self.store.revert(&req.name, &created).map(|_| String::new()),

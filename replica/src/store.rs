@@ -92,6 +92,10 @@ pub struct Store {
     /// Serialises read-modify-write of partial blocks, so two writes to different
     /// sectors of one block cannot lose each other.
     pub(crate) rmw: Mutex<()>,
+    /// Former heads with writes not yet synced; the next flush syncs them.
+    deferred: Mutex<Vec<File>>,
+    /// A snapshot prepared and awaiting its commit.
+    pub(crate) prepared: Mutex<Option<crate::snapshot::Prepared>>,
     /// Set by any write since the last successful flush.
     unsynced: AtomicBool,
     /// `volume.meta` says Dirty:false; the next write must set it again first.
@@ -391,6 +395,8 @@ impl Store {
             meta: Mutex::new(vmeta),
             revision,
             rmw: Mutex::new(()),
+            prepared: Mutex::new(None),
+            deferred: Mutex::new(Vec::new()),
             unsynced: AtomicBool::new(false),
             clean: AtomicBool::new(false),
         })
@@ -599,7 +605,29 @@ impl Store {
         self.flush_chain(&self.chain())
     }
 
+    /// Hands `file` (a head being rotated out) to the next flush, if it has unsynced writes.
+    pub(crate) fn defer_sync(&self, file: &File) -> io::Result<()> {
+        if self.unsynced.load(Ordering::Acquire) {
+            let f = file.try_clone()?;
+            self.deferred.lock().unwrap_or_else(|p| p.into_inner()).push(f);
+        }
+        Ok(())
+    }
+
     fn flush_chain(&self, chain: &Chain) -> io::Result<()> {
+        let deferred: Vec<File> = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|p| p.into_inner()));
+        for (i, f) in deferred.iter().enumerate() {
+            if let Err(e) = f.sync_data() {
+                // Keep the ones not yet synced for the next try.
+                let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+                for g in &deferred[i..] {
+                    if let Ok(g) = g.try_clone() {
+                        d.push(g);
+                    }
+                }
+                return Err(io::Error::new(e.kind(), format!("syncing a snapshot layer: {e}")));
+            }
+        }
         if self.unsynced.swap(false, Ordering::AcqRel) {
             let head = chain.head();
             if let Err(e) = head.file.sync_data() {

@@ -51,7 +51,13 @@ fn volume_bytes(dir: &Path) -> (Vec<u8>, Vec<String>) {
 }
 
 fn req(name: &str) -> Vec<u8> {
-    serde_json::to_vec(&SnapshotRequest { name: name.into(), user_created: true, created: "2026-01-01T00:00:00Z".into(), labels: None })
+    serde_json::to_vec(&SnapshotRequest {
+        name: name.into(),
+        user_created: true,
+        created: "2026-01-01T00:00:00Z".into(),
+        labels: None,
+        prepare: false,
+    })
         .expect("json")
 }
 
