@@ -166,7 +166,7 @@ impl Device {
                 )))
             }
             k => {
-                probe(k).map_err(|e| DeviceError::Unsupported(format!("volume {}: --frontend {k}: {e}", cfg.volume)))?;
+                probe(k).map_err(|e| DeviceError::Unsupported(format!("volume {}: {e}", cfg.volume)))?;
                 let (inner, kernel_path) = match k {
                     FrontendKind::Fuse => {
                         let d = fuse::FuseDevice::attach(cfg)?;
