@@ -5,8 +5,10 @@
 //! [`volume`] and [`control`], beside the I/O path.
 pub mod api;
 pub mod control;
+pub mod rebuild;
 pub mod replica_conn;
 pub mod session;
+pub mod slots;
 pub mod snapshot;
 pub mod volume;
 

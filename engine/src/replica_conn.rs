@@ -43,8 +43,17 @@ pub fn connect(addr: &str, volume: &str, size: u64) -> io::Result<(TcpStream, Re
 
 /// One request/reply exchange on a fresh connection (control operations only).
 pub fn call(addr: &str, volume: &str, size: u64, op: Op, payload: &[u8]) -> io::Result<Bytes> {
+    call_with_timeout(addr, volume, size, op, payload, Duration::from_secs(30))
+}
+
+/// As [`call`], for operations that run long (a rebuild's copy).
+pub fn call_long(addr: &str, volume: &str, size: u64, op: Op, payload: &[u8]) -> io::Result<Bytes> {
+    call_with_timeout(addr, volume, size, op, payload, Duration::from_secs(24 * 3600))
+}
+
+fn call_with_timeout(addr: &str, volume: &str, size: u64, op: Op, payload: &[u8], t: Duration) -> io::Result<Bytes> {
     let (mut s, _) = connect(addr, volume, size)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(t))?;
     let mut buf = Vec::new();
     proto::put_frame(&mut buf, Header::request(op, 1, 0, 0), payload);
     s.write_all(&buf)?;

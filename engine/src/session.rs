@@ -14,6 +14,7 @@
 
 use crate::api::{Completer, Extent, IoOp, IoResult, Session};
 use crate::replica_conn::{self, ReplicaConn};
+use crate::slots::Slots;
 use crate::volume::{Mode, Volume};
 use bytes::Bytes;
 use longhorn_replica::proto::{self, FrameError, Header, Op, FLAG_FUA, HEADER_LEN, MAX_IO};
@@ -47,7 +48,7 @@ struct Pending {
 pub(crate) struct Inner {
     volume: Arc<Volume>,
     completer: Arc<dyn Completer>,
-    conns: Vec<Option<Arc<ReplicaConn>>>,
+    conns: Slots<Arc<ReplicaConn>>,
     ops: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
     rr: AtomicUsize,
@@ -64,56 +65,47 @@ fn bit(i: usize) -> u32 {
 
 impl EngineSession {
     pub fn open(volume: Arc<Volume>, completer: Arc<dyn Completer>) -> std::io::Result<EngineSession> {
-        let mut conns = Vec::with_capacity(volume.replicas.len());
-        let mut failed = Vec::new();
-        let mut readers = Vec::new();
-        for (i, r) in volume.replicas.iter().enumerate() {
-            if r.mode() == Mode::ERR {
-                conns.push(None);
-                continue;
-            }
-            match replica_conn::connect(&r.addr, volume.name(), volume.size()).and_then(|(s, _)| {
-                let c = ReplicaConn::new(&r.addr, s)?;
-                let rd = c.reader()?;
-                Ok((c, rd))
-            }) {
-                Ok((c, rd)) => {
-                    conns.push(Some(Arc::new(c)));
-                    readers.push((i, rd));
-                }
-                Err(e) => {
-                    conns.push(None);
-                    failed.push((i, e.to_string()));
-                }
-            }
-        }
         let inner = Arc::new(Inner {
             volume: volume.clone(),
             completer,
-            conns,
+            conns: Slots::default(),
             ops: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             rr: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
         });
         volume.register(Arc::downgrade(&inner));
-        for (i, why) in failed {
-            volume.fail_replica(i, &format!("cannot connect: {why}"));
-        }
-        for (i, rd) in readers {
-            let inner2 = inner.clone();
-            std::thread::Builder::new()
-                .name(format!("replica-reply-{i}"))
-                .spawn(move || inner2.reply_loop(i, rd))?;
+        for (i, r) in volume.replicas.iter() {
+            if r.mode() != Mode::ERR {
+                if let Err(e) = inner.attach(i) {
+                    volume.fail_replica(i, &format!("cannot connect: {e}"));
+                }
+            }
         }
         Ok(EngineSession { inner })
+    }
+}
+
+impl Inner {
+    /// Opens this session's connection to replica slot `i` and starts its reply thread.
+    pub(crate) fn attach(self: &Arc<Self>, i: usize) -> std::io::Result<()> {
+        let addr = self.volume.addr_of(i);
+        let (s, _) = replica_conn::connect(&addr, self.volume.name(), self.volume.size())?;
+        let c = ReplicaConn::new(&addr, s)?;
+        let rd = c.reader()?;
+        if self.conns.set(i, Arc::new(c)).is_err() {
+            return Err(std::io::Error::other(format!("replica slot {i} already connected")));
+        }
+        let me = self.clone();
+        std::thread::Builder::new().name(format!("replica-reply-{i}")).spawn(move || me.reply_loop(i, rd))?;
+        Ok(())
     }
 }
 
 impl Drop for EngineSession {
     fn drop(&mut self) {
         self.inner.closed.store(true, Ordering::Release);
-        for c in self.inner.conns.iter().flatten() {
+        for (_, c) in self.inner.conns.iter() {
             c.shutdown();
         }
     }
@@ -131,16 +123,16 @@ impl Session for EngineSession {
 
 impl Inner {
     fn writable(&self, i: usize) -> bool {
-        self.conns[i].is_some() && matches!(self.volume.replicas[i].mode(), Mode::RW | Mode::WO)
+        self.conns.get(i).is_some() && matches!(self.volume.mode_of(i), Mode::RW | Mode::WO)
     }
 
     fn readable(&self, i: usize) -> bool {
-        self.conns[i].is_some() && self.volume.replicas[i].mode() == Mode::RW
+        self.conns.get(i).is_some() && self.volume.mode_of(i) == Mode::RW
     }
 
     /// The next RW replica after the round-robin cursor, other than `not`.
     fn pick_reader(&self, not: Option<usize>) -> Option<usize> {
-        let n = self.conns.len();
+        let n = self.conns.len().max(1);
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
         (0..n).map(|k| (start + k) % n).find(|&i| Some(i) != not && self.readable(i))
     }
@@ -168,8 +160,8 @@ impl Inner {
             }
         }
         if kind != Kind::Flush {
-            // Block status may cover any length: it moves no data.
-            if len > MAX_IO && kind != Kind::BlockStatus {
+            // Only reads and writes move data; the others may cover any length.
+            if len > MAX_IO && kind == Kind::Read {
                 return self.done(tag, IoResult::Err(libc::EINVAL));
             }
             if offset.checked_add(len as u64).is_none_or(|e| e > size) {
@@ -206,7 +198,7 @@ impl Inner {
         }
         let body: &[u8] = payload.map(|b| &b[..]).unwrap_or(&[]);
         for i in targets {
-            if let Some(c) = &self.conns[i] {
+            if let Some(c) = self.conns.get(i) {
                 if let Err(e) = c.send(h, body, false) {
                     self.volume.fail_replica(i, &format!("send failed: {e}"));
                 }
@@ -226,12 +218,10 @@ impl Inner {
     }
 
     fn push_all(&self) {
-        for (i, c) in self.conns.iter().enumerate() {
-            if let Some(c) = c {
-                if let Err(e) = c.push() {
-                    if self.volume.replicas[i].mode() != Mode::ERR {
-                        self.volume.fail_replica(i, &format!("send failed: {e}"));
-                    }
+        for (i, c) in self.conns.iter() {
+            if let Err(e) = c.push() {
+                if self.volume.mode_of(i) != Mode::ERR {
+                    self.volume.fail_replica(i, &format!("send failed: {e}"));
                 }
             }
         }
@@ -361,11 +351,11 @@ impl Inner {
                 }
             }
         }
-        if let Some(c) = &self.conns[idx] {
+        if let Some(c) = self.conns.get(idx) {
             c.shutdown();
         }
         for (j, h) in resend {
-            if let Some(c) = &self.conns[j] {
+            if let Some(c) = self.conns.get(j) {
                 if let Err(e) = c.send(h, &[], true) {
                     warn!("re-sending a read to replica {}: {e}", c.addr);
                     self.volume.fail_replica(j, &format!("send failed: {e}"));

@@ -52,12 +52,12 @@ fn exchange(s: &mut TcpStream, addr: &str, op: Op, payload: &[u8]) -> Result<Vec
 impl Volume {
     /// Indices of replicas in RW or WO mode.
     fn writable_replicas(&self) -> Vec<usize> {
-        (0..self.replicas.len()).filter(|&i| matches!(self.replicas[i].mode(), Mode::RW | Mode::WO)).collect()
+        (0..self.replicas.len()).filter(|&i| matches!(self.mode_of(i), Mode::RW | Mode::WO)).collect()
     }
 
     fn first_rw(&self) -> Result<usize, String> {
         (0..self.replicas.len())
-            .find(|&i| self.replicas[i].mode() == Mode::RW)
+            .find(|&i| self.mode_of(i) == Mode::RW)
             .ok_or_else(|| format!("volume {} has no healthy replica", self.name()))
     }
 
@@ -65,7 +65,7 @@ impl Volume {
     fn on_replicas(&self, targets: &[usize], op: Op, payload: &[u8]) -> Vec<(usize, Result<Vec<u8>, String>)> {
         let mut conns = Vec::new();
         for &i in targets {
-            let addr = self.replicas[i].addr.clone();
+            let addr = self.addr_of(i);
             let c = replica_conn::connect(&addr, self.name(), self.size()).map(|(s, _)| s).map_err(|e| e.to_string());
             conns.push((i, addr, c));
         }
@@ -104,6 +104,19 @@ impl Volume {
         user_created: bool,
     ) -> Result<SnapshotResult, String> {
         let _ctl = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        self.rotate(name, labels, user_created, &mut || Ok(()))
+    }
+
+    /// Takes a snapshot; `in_pause` runs while I/O is still held after the rotation
+    /// (the rebuild uses it to attach a replica at exactly that point). The caller
+    /// holds the control lock.
+    pub(crate) fn rotate(
+        &self,
+        name: Option<&str>,
+        labels: Option<HashMap<String, String>>,
+        user_created: bool,
+        in_pause: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<SnapshotResult, String> {
         let name = name.map(|s| s.to_string()).unwrap_or_else(new_uuid);
         check_name(&name)?;
         let existing = self.snapshot_list()?;
@@ -125,7 +138,7 @@ impl Volume {
         // commit of each rotation.
         let mut conns = Vec::new();
         for &i in &targets {
-            let addr = self.replicas[i].addr.clone();
+            let addr = self.addr_of(i);
             let c = replica_conn::connect(&addr, self.name(), self.size())
                 .map(|(s, _)| s)
                 .map_err(|e| e.to_string())
@@ -138,6 +151,7 @@ impl Volume {
         self.pause(DRAIN_TIMEOUT).map_err(|e| format!("snapshot {name}: {e}"))?;
         let drained = t.elapsed();
         let results = self.run_on(conns, Op::Snapshot, &payload);
+        let hook = if results.iter().any(|(_, r)| r.is_ok()) { in_pause() } else { Ok(()) };
         self.resume();
         let pause = t.elapsed();
         tracing::debug!(drain_us = drained.as_micros() as u64, total_us = pause.as_micros() as u64, "snapshot pause");
@@ -155,6 +169,7 @@ impl Volume {
         if ok == 0 {
             return Err(format!("snapshot {name} failed on every replica: {}", errors.join("; ")));
         }
+        hook?;
         info!(volume = self.name(), snapshot = %name, pause_us = pause.as_micros() as u64, replicas = ok, "snapshot created");
         Ok(SnapshotResult { name, pause_us: pause.as_micros() as u64, replicas: ok })
     }
@@ -162,7 +177,7 @@ impl Volume {
     /// The snapshots as a healthy replica sees them.
     pub fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>, String> {
         let i = self.first_rw()?;
-        let addr = &self.replicas[i].addr;
+        let addr = &self.addr_of(i);
         let p = replica_conn::call(addr, self.name(), self.size(), Op::SnapshotList, b"").map_err(|e| e.to_string())?;
         serde_json::from_slice(&p).map_err(|e| format!("replica {addr}: bad snapshot list: {e}"))
     }
@@ -187,7 +202,7 @@ impl Volume {
             match r {
                 Ok(p) => outcome = String::from_utf8_lossy(&p).to_string(),
                 Err(e) => {
-                    warn!(volume = self.name(), snapshot = name, "remove failed on {}: {e}", self.replicas[i].addr);
+                    warn!(volume = self.name(), snapshot = name, "remove failed on {}: {e}", self.addr_of(i));
                     errors.push(e);
                 }
             }

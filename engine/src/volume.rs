@@ -9,6 +9,7 @@
 use crate::api::{BlockBackend, Completer, Session};
 use crate::replica_conn;
 use crate::session::EngineSession;
+use crate::slots::Slots;
 use serde::Serialize;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -37,11 +38,25 @@ pub struct ReplicaState {
     pub addr: String,
     mode: AtomicU8,
     reason: Mutex<String>,
+    /// Taken out of the set by `replica rm`: no longer listed.
+    removed: AtomicBool,
 }
 
 impl ReplicaState {
     pub fn mode(&self) -> Mode {
         Mode::from_u8(self.mode.load(Ordering::Acquire))
+    }
+    pub fn removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+    pub(crate) fn set_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+    pub(crate) fn new(addr: &str, mode: Mode, reason: String) -> ReplicaState {
+        ReplicaState { addr: addr.to_string(), mode: AtomicU8::new(mode as u8), reason: Mutex::new(reason), removed: AtomicBool::new(false) }
+    }
+    pub(crate) fn set_mode(&self, m: Mode) {
+        self.mode.store(m as u8, Ordering::Release);
     }
     pub fn reason(&self) -> String {
         self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -57,6 +72,8 @@ pub struct ReplicaStatus {
     pub head: Option<String>,
     pub chain: Vec<String>,
     pub error: String,
+    /// Rebuild progress, while and after the replica is rebuilt.
+    pub progress: Option<longhorn_replica::rebuild::RebuildProgress>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -85,7 +102,7 @@ impl Default for VolumeOptions {
 pub struct Volume {
     name: String,
     size: u64,
-    pub(crate) replicas: Vec<Arc<ReplicaState>>,
+    pub(crate) replicas: Slots<Arc<ReplicaState>>,
     opts: VolumeOptions,
     sessions: Mutex<Vec<Weak<crate::session::Inner>>>,
     frontend: Mutex<(String, String)>,
@@ -122,14 +139,22 @@ impl Volume {
                 }
             }
         }
-        let newest = found.iter().filter_map(|(_, r)| r.as_ref().ok().map(|i| i.revision)).max();
+        let newest = found
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok().filter(|i| !i.rebuilding).map(|i| i.revision))
+            .max();
         let Some(newest) = newest else {
             let why: Vec<String> = found.iter().filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {e}"))).collect();
             return Err(io::Error::other(format!("no usable replica for volume {name}: {}", why.join("; "))));
         };
-        let mut replicas = Vec::new();
+        let replicas = Slots::default();
         for (a, r) in found {
             let (mode, reason) = match r {
+                Ok(i) if i.rebuilding => {
+                    let why = "needs rebuild: its last rebuild did not finish".to_string();
+                    warn!(replica = %a, "{why}");
+                    (Mode::ERR, why)
+                }
                 Ok(i) if i.revision == newest => (Mode::RW, String::new()),
                 Ok(i) => {
                     let why = format!("needs rebuild: revision {} is behind {newest}", i.revision);
@@ -138,7 +163,7 @@ impl Volume {
                 }
                 Err(e) => (Mode::ERR, e),
             };
-            replicas.push(Arc::new(ReplicaState { addr: a, mode: AtomicU8::new(mode as u8), reason: Mutex::new(reason) }));
+            let _ = replicas.push(Arc::new(ReplicaState::new(&a, mode, reason)));
         }
         let v = Arc::new(Volume {
             name: name.to_string(),
@@ -152,7 +177,7 @@ impl Volume {
             resume: (Mutex::new(()), Condvar::new()),
             control: Mutex::new(()),
         });
-        let rw = v.replicas.iter().filter(|r| r.mode() == Mode::RW).count();
+        let rw = v.healthy();
         info!(volume = name, size, replicas = v.replicas.len(), healthy = rw, revision = newest, "volume started");
         let weak = Arc::downgrade(&v);
         std::thread::Builder::new().name("io-watchdog".into()).spawn(move || watchdog(weak))?;
@@ -231,7 +256,7 @@ impl Volume {
         v.push(s);
     }
 
-    fn live_sessions(&self) -> Vec<Arc<crate::session::Inner>> {
+    pub(crate) fn live_sessions(&self) -> Vec<Arc<crate::session::Inner>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(|w| w.upgrade()).collect()
     }
 
@@ -248,7 +273,7 @@ impl Volume {
             return;
         }
         *r.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason.to_string();
-        let left = self.replicas.iter().filter(|r| r.mode() == Mode::RW).count();
+        let left = self.healthy();
         error!(volume = %self.name, replica = %r.addr, healthy_left = left, "replica failed and was dropped: {reason}");
         for s in self.live_sessions() {
             s.drop_replica(idx);
@@ -256,20 +281,30 @@ impl Volume {
     }
 
     pub fn healthy(&self) -> usize {
-        self.replicas.iter().filter(|r| r.mode() == Mode::RW).count()
+        self.replicas.iter().filter(|(_, r)| r.mode() == Mode::RW).count()
+    }
+
+    /// The mode of replica slot `i` (ERR when the slot is empty).
+    pub fn mode_of(&self, i: usize) -> Mode {
+        self.replicas.get(i).map(|r| r.mode()).unwrap_or(Mode::ERR)
+    }
+
+    pub(crate) fn addr_of(&self, i: usize) -> String {
+        self.replicas.get(i).map(|r| r.addr.clone()).unwrap_or_default()
     }
 
     pub fn status(&self) -> VolumeStatus {
         let rw = self.healthy();
+        let total = self.replicas.iter().filter(|(_, r)| r.mode() != Mode::ERR || !r.removed()).count();
         let (frontend, endpoint) = self.frontend.lock().unwrap_or_else(|e| e.into_inner()).clone();
         VolumeStatus {
             name: self.name.clone(),
             size: self.size,
-            replicas_total: self.replicas.len(),
+            replicas_total: total,
             replicas_rw: rw,
             state: if rw == 0 {
                 "faulted".into()
-            } else if rw < self.replicas.len() {
+            } else if rw < total {
                 "degraded".into()
             } else {
                 "healthy".into()
@@ -283,7 +318,8 @@ impl Volume {
     pub fn replica_status(&self) -> Vec<ReplicaStatus> {
         self.replicas
             .iter()
-            .map(|r| {
+            .filter(|(_, r)| !r.removed())
+            .map(|(_, r)| {
                 let mode = r.mode();
                 let info = if mode == Mode::ERR {
                     None
@@ -292,9 +328,11 @@ impl Volume {
                         .ok()
                         .and_then(|p| serde_json::from_slice::<longhorn_replica::proto::ReplicaInfo>(&p).ok())
                 };
+                let progress = info.as_ref().and_then(|i| i.progress.clone());
                 ReplicaStatus {
                     address: r.addr.clone(),
                     mode,
+                    progress,
                     revision: info.as_ref().map(|i| i.revision),
                     head: info.as_ref().map(|i| i.head.clone()),
                     chain: info.map(|i| i.chain).unwrap_or_default(),
@@ -306,7 +344,7 @@ impl Volume {
 
     /// Flushes every healthy replica and tells it the engine is closing cleanly.
     pub fn close(&self) {
-        for r in &self.replicas {
+        for (_, r) in self.replicas.iter() {
             if r.mode() == Mode::ERR {
                 continue;
             }

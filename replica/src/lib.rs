@@ -4,6 +4,7 @@
 pub mod extent;
 pub mod meta;
 pub mod proto;
+pub mod rebuild;
 pub mod server;
 pub mod snapshot;
 pub mod store;

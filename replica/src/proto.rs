@@ -39,6 +39,9 @@
 //!   same for that write before its reply.
 //! - Control ops (INFO, REVISION, SET_MODE, CLOSE, SNAPSHOT*) carry JSON payloads;
 //!   an error reply's payload is a one-line reason.
+//! - Rebuild ops: CHAIN_FILES, FILE_EXTENTS, FILE_READ, FILE_HASH are served by a
+//!   healthy replica to one being rebuilt (snapshot files only, never the head);
+//!   REBUILD_BEGIN and REBUILD_SYNC are sent by the engine to the replica being rebuilt.
 //! - `payload_len` is at most [`MAX_PAYLOAD`]; `count` at most [`MAX_IO`].
 
 use bytes::{Bytes, BytesMut};
@@ -75,6 +78,12 @@ pub enum Op {
     SnapshotList = 21,
     SnapshotRemove = 22,
     SnapshotRevert = 23,
+    ChainFiles = 24,
+    FileExtents = 25,
+    FileRead = 26,
+    FileHash = 27,
+    RebuildBegin = 28,
+    RebuildSync = 29,
 }
 
 impl Op {
@@ -96,6 +105,12 @@ impl Op {
             21 => Op::SnapshotList,
             22 => Op::SnapshotRemove,
             23 => Op::SnapshotRevert,
+            24 => Op::ChainFiles,
+            25 => Op::FileExtents,
+            26 => Op::FileRead,
+            27 => Op::FileHash,
+            28 => Op::RebuildBegin,
+            29 => Op::RebuildSync,
             _ => return None,
         })
     }
@@ -247,6 +262,11 @@ pub struct ReplicaInfo {
     pub parent: String,
     pub chain: Vec<String>,
     pub mode: String,
+    /// volume.meta says a rebuild has not finished: the data is incomplete.
+    #[serde(default)]
+    pub rebuilding: bool,
+    #[serde(default)]
+    pub progress: Option<crate::rebuild::RebuildProgress>,
 }
 
 /// SNAPSHOT, SNAPSHOT_REMOVE and SNAPSHOT_REVERT requests.

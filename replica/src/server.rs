@@ -288,6 +288,28 @@ impl ReplicaServer {
                 .map_err(|e| io::Error::other(e.to_string()))
                 .and_then(|l| serde_json::to_vec(&l).map_err(io::Error::other))
                 .map(Bytes::from),
+            Op::ChainFiles => self
+                .store
+                .chain_files()
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|l| serde_json::to_vec(&l).map_err(io::Error::other))
+                .map(Bytes::from),
+            Op::FileExtents | Op::FileRead | Op::FileHash => self.file_op(&h, &payload),
+            Op::RebuildBegin => serde_json::from_slice::<crate::rebuild::BeginRebuild>(&payload)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("malformed RebuildBegin: {e}")))
+                .and_then(|b| self.store.begin_rebuild(&b).map_err(|e| io::Error::other(e.to_string())))
+                .map(|_| {
+                    *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = "WO".to_string();
+                    Bytes::new()
+                }),
+            Op::RebuildSync => serde_json::from_slice::<crate::rebuild::SyncRequest>(&payload)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("malformed RebuildSync: {e}")))
+                .and_then(|r| self.store.sync_from(&r).map_err(|e| io::Error::other(e.to_string())))
+                .and_then(|p| {
+                    *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = "RW".to_string();
+                    serde_json::to_vec(&p).map_err(io::Error::other)
+                })
+                .map(Bytes::from),
             Op::Close => {
                 self.store
                     .close()
@@ -319,6 +341,16 @@ impl ReplicaServer {
             _ => self.store.revert(&req.name, &created).map(|_| String::new()),
         };
         r.map(Bytes::from).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+    }
+
+    fn file_op(&self, h: &Header, payload: &[u8]) -> io::Result<Bytes> {
+        let r: crate::rebuild::FileRequest = serde_json::from_slice(payload)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("malformed {:?} request: {e}", h.op)))?;
+        match h.op {
+            Op::FileExtents => self.store.file_extents(&r.file).and_then(|e| serde_json::to_vec(&e).map_err(io::Error::other)).map(Bytes::from),
+            Op::FileRead => self.store.read_file(&r.file, h.offset, h.count as usize).map(Bytes::from),
+            _ => self.store.hash_file(&r.file, h.offset, h.count as usize).map(Bytes::from),
+        }
     }
 
     fn to_sync(&self, out: &Arc<Out>, header: Header) {

@@ -92,6 +92,10 @@ pub struct Store {
     /// Serialises read-modify-write of partial blocks, so two writes to different
     /// sectors of one block cannot lose each other.
     pub(crate) rmw: Mutex<()>,
+    /// A rebuild is in progress (see `rebuild`): partial-block writes are held.
+    pub(crate) rebuilding: AtomicBool,
+    pub(crate) rebuild: Mutex<Option<crate::rebuild::RebuildState>>,
+    pub(crate) progress: Mutex<crate::rebuild::RebuildProgress>,
     /// Former heads with writes not yet synced; the next flush syncs them.
     deferred: Mutex<Vec<File>>,
     /// A snapshot prepared and awaiting its commit.
@@ -156,6 +160,16 @@ impl Revision {
 
     fn get(&self) -> u64 {
         self.value.load(Ordering::Acquire)
+    }
+
+    fn set(&self, v: u64) {
+        let mut written = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.value.store(v, Ordering::Release);
+        let mut buf = [0u8; meta::REVISION_COUNTER_LEN];
+        meta::format_revision(v, &mut buf);
+        // SAFETY: the mapping is exactly REVISION_COUNTER_LEN bytes.
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.map, buf.len()) };
+        *written = v;
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -397,6 +411,9 @@ impl Store {
             rmw: Mutex::new(()),
             prepared: Mutex::new(None),
             deferred: Mutex::new(Vec::new()),
+            rebuilding: AtomicBool::new(false),
+            rebuild: Mutex::new(None),
+            progress: Mutex::new(Default::default()),
             unsynced: AtomicBool::new(false),
             clean: AtomicBool::new(false),
         })
@@ -472,15 +489,30 @@ impl Store {
         if data.is_empty() {
             return Ok(());
         }
-        let end = offset + data.len() as u64;
         let chain = self.chain();
-        if offset % BLOCK == 0 && end % BLOCK == 0 {
-            self.write_head(&chain, offset, data)?;
+        if self.rebuilding.load(Ordering::Acquire) {
+            if let Some((a, b)) = self.hold_edges(offset, data)? {
+                self.write_head(&chain, a, &data[(a - offset) as usize..(b - offset) as usize])?;
+            }
         } else {
-            self.write_widened(&chain, offset, data)?;
+            self.write_locked(&chain, offset, data)?;
         }
         self.revision.bump();
         Ok(())
+    }
+
+    pub(crate) fn set_revision(&self, v: u64) {
+        self.revision.set(v);
+    }
+
+    /// The write path, given the chain (read- or write-locked by the caller).
+    pub(crate) fn write_locked(&self, chain: &Chain, offset: u64, data: &[u8]) -> io::Result<()> {
+        let end = offset + data.len() as u64;
+        if offset % BLOCK == 0 && end % BLOCK == 0 {
+            self.write_head(chain, offset, data)
+        } else {
+            self.write_widened(chain, offset, data)
+        }
     }
 
     /// Before the first write after a clean close, records Dirty again.
@@ -534,6 +566,19 @@ impl Store {
         let end = offset + len;
         let chain = self.chain();
         let (a, b) = (offset.div_ceil(BLOCK) * BLOCK, end / BLOCK * BLOCK);
+        if self.rebuilding.load(Ordering::Acquire) {
+            // Older layers are not here yet: zeros are written as data everywhere.
+            let mut pos = offset;
+            while pos < end {
+                let n = (end - pos).min(ZEROS.len() as u64) as usize;
+                if let Some((x, y)) = self.hold_edges(pos, &ZEROS[..n])? {
+                    self.write_head(&chain, x, &ZEROS[..(y - x) as usize])?;
+                }
+                pos += n as u64;
+            }
+            self.revision.bump();
+            return Ok(());
+        }
         if a >= b {
             self.write_widened(&chain, offset, &ZEROS[..len as usize])?;
         } else {
@@ -553,7 +598,8 @@ impl Store {
     pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_range(offset, len)?;
         let (a, b) = (offset.div_ceil(BLOCK) * BLOCK, (offset + len) / BLOCK * BLOCK);
-        if a < b {
+        // While rebuilding the layers below are unknown; a trim may leave data as is.
+        if a < b && !self.rebuilding.load(Ordering::Acquire) {
             self.zero_aligned(&self.chain(), a, b, false)?;
         }
         self.revision.bump();
@@ -665,6 +711,8 @@ impl Store {
             parent: m.parent.clone(),
             chain: self.chain().layers.iter().rev().map(|l| l.name.clone()).collect(),
             mode: mode.to_string(),
+            rebuilding: m.rebuilding,
+            progress: Some(self.rebuild_progress()).filter(|p| p.bytes_total > 0 || p.active || !p.error.is_empty()),
         }
     }
 

@@ -49,8 +49,23 @@ enum Cmd {
 enum ReplicaCmd {
     /// Serve a replica directory (created when empty) over the replica protocol.
     Serve(ReplicaServeArgs),
-    /// List the replicas of a running volume, with their mode and revision.
+    /// List the replicas of a running volume, with their mode, revision and rebuild progress.
     Ls(VolumeRef),
+    /// Add a replica (started with `replica serve`) to a running volume and rebuild it online.
+    Add(ReplicaAddrArgs),
+    /// Take a replica out of a running volume.
+    Rm(ReplicaAddrArgs),
+}
+
+#[derive(Args)]
+struct ReplicaAddrArgs {
+    /// The replica's address (HOST:PORT).
+    address: String,
+    /// Wait until the rebuild finishes (add only).
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    vol: VolumeRef,
 }
 
 #[derive(Subcommand)]
@@ -170,6 +185,8 @@ fn main() {
         Cmd::Up(a) => up::run(a),
         Cmd::Replica(ReplicaCmd::Serve(a)) => replica_serve(a),
         Cmd::Replica(ReplicaCmd::Ls(a)) => replica_ls(a),
+        Cmd::Replica(ReplicaCmd::Add(a)) => replica_add(a),
+        Cmd::Replica(ReplicaCmd::Rm(a)) => replica_rm(a),
         Cmd::Engine(EngineCmd::Serve(a)) => engine_serve(a),
         Cmd::Volume(VolumeCmd::Info(a)) => volume_info(a),
         Cmd::Volume(VolumeCmd::Ls(a)) => volume_ls(a),
@@ -315,6 +332,14 @@ fn control_request(v: &Arc<Volume>, req: &Value) -> std::result::Result<Value, S
         "volume-info" => serde_json::to_value(v.status()).map_err(|e| e.to_string()),
         "replica-ls" => serde_json::to_value(v.replica_status()).map_err(|e| e.to_string()),
         c if c.starts_with("snapshot-") => snapshot::control(v, c, req),
+        "replica-add" | "replica-rm" => {
+            let addr = req.get("address").and_then(|a| a.as_str()).ok_or("request has no \"address\"")?;
+            if req["cmd"] == "replica-add" {
+                v.add_replica(addr).map(Value::String)
+            } else {
+                v.remove_replica(addr).map(|_| Value::Null)
+            }
+        }
         other => Err(format!("unknown command {other:?}")),
     }
 }
@@ -355,6 +380,42 @@ fn volume_ls(a: RunDirArg) -> Result<()> {
     } else {
         table::volumes(&vols);
     }
+    Ok(())
+}
+
+fn replica_add(a: ReplicaAddrArgs) -> Result<()> {
+    let r = control::call(&a.vol.common.run_dir, &a.vol.volume, &json!({"cmd": "replica-add", "address": a.address}))
+        .map_err(|e| anyhow!(e))?;
+    println!("{}", r.as_str().unwrap_or(""));
+    if !a.wait {
+        return Ok(());
+    }
+    let t = std::time::Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let ls = call(&a.vol.common.run_dir, &a.vol.volume, "replica-ls")?;
+        let me = ls.as_array().and_then(|l| l.iter().find(|r| r["address"] == a.address.as_str()).cloned());
+        let Some(me) = me else { bail!("replica {} disappeared from the volume", a.address) };
+        match me["mode"].as_str() {
+            Some("RW") => {
+                let p = &me["progress"];
+                println!(
+                    "rebuilt: {} bytes in chain, {} sent, {:.1} s",
+                    p["bytes_total"], p["bytes_sent"], p["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+                );
+                return Ok(());
+            }
+            Some("ERR") => bail!("rebuild of {} failed: {}", a.address, me["error"].as_str().unwrap_or("")),
+            _ if t.elapsed() > Duration::from_secs(3600) => bail!("rebuild of {} did not finish in an hour", a.address),
+            _ => {}
+        }
+    }
+}
+
+fn replica_rm(a: ReplicaAddrArgs) -> Result<()> {
+    control::call(&a.vol.common.run_dir, &a.vol.volume, &json!({"cmd": "replica-rm", "address": a.address}))
+        .map_err(|e| anyhow!(e))?;
+    println!("replica {} removed from {}", a.address, a.vol.volume);
     Ok(())
 }
 

@@ -64,7 +64,14 @@ pub fn volumes(vols: &[Value]) {
 pub fn replicas(reps: &[Value]) {
     let rows: Vec<Vec<String>> = reps
         .iter()
-        .map(|r| vec![s(r, "address"), s(r, "mode"), s(r, "revision"), s(r, "head"), s(r, "error")])
+        .map(|r| {
+            let p = &r["progress"];
+            let progress = match (p["bytes_total"].as_u64(), p["bytes_done"].as_u64()) {
+                (Some(t), Some(d)) if t > 0 => format!("{}% of {}", d * 100 / t, human_size(t)),
+                _ => "-".into(),
+            };
+            vec![s(r, "address"), s(r, "mode"), s(r, "revision"), s(r, "head"), progress, s(r, "error")]
+        })
         .collect();
-    print(&["ADDRESS", "MODE", "REVISION", "HEAD", "ERROR"], &rows);
+    print(&["ADDRESS", "MODE", "REVISION", "HEAD", "REBUILD", "ERROR"], &rows);
 }

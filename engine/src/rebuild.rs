@@ -1,0 +1,130 @@
+//! Adding a replica to a live volume and rebuilding it online (the replica side is in
+//! `longhorn_replica::rebuild`). The engine's part is the choreography:
+//!
+//! 1. with I/O paused: a system snapshot `S` on the healthy replicas, the new replica
+//!    told to start a rebuild onto `S` with their revision counter, and the new
+//!    replica attached to every session in mode WO. From the resume on it gets every
+//!    write, so it misses nothing after `S`;
+//! 2. in the background, the new replica pulls the chain up to `S` from a healthy one
+//!    (only what differs, when it already holds some of it);
+//! 3. it becomes RW. On any failure it is marked ERR and I/O never noticed.
+
+use crate::replica_conn;
+use crate::volume::{Mode, ReplicaState, Volume};
+use longhorn_replica::proto::Op;
+use longhorn_replica::rebuild::{BeginRebuild, SyncRequest};
+use longhorn_replica::meta::DiskMeta;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{error, info};
+
+impl Volume {
+    /// Adds the replica at `addr` and starts rebuilding it. Returns once it receives
+    /// writes (WO); the copy runs on in the background.
+    pub fn add_replica(self: &Arc<Self>, addr: &str) -> Result<String, String> {
+        let ctl = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        if self.replicas.iter().any(|(_, r)| r.addr == addr && !r.removed() && r.mode() != Mode::ERR) {
+            return Err(format!("replica {addr} is already in the volume"));
+        }
+        let (_, info) = replica_conn::connect(addr, self.name(), self.size()).map_err(|e| e.to_string())?;
+        let source = (0..self.replicas.len())
+            .find(|&i| self.mode_of(i) == Mode::RW)
+            .ok_or_else(|| format!("volume {} has no healthy replica to rebuild from", self.name()))?;
+        let source_addr = self.addr_of(source);
+        let name = crate::snapshot::new_uuid();
+        let snap_file = longhorn_replica::snapshot::snap_file(&name);
+        let me = self.clone();
+        let mut slot = None;
+        let mut attach = || -> Result<(), String> {
+            let rev = replica_conn::call(&source_addr, me.name(), me.size(), Op::Revision, b"").map_err(|e| e.to_string())?;
+            let revision: u64 = String::from_utf8_lossy(&rev).trim().parse().map_err(|_| "bad revision from the source".to_string())?;
+            let begin = serde_json::to_vec(&BeginRebuild { snapshot: snap_file.clone(), revision }).map_err(|e| e.to_string())?;
+            replica_conn::call(addr, me.name(), me.size(), Op::RebuildBegin, &begin).map_err(|e| e.to_string())?;
+            // An older slot for the same address (a replica that failed) is retired.
+            for (_, r) in me.replicas.iter() {
+                if r.addr == addr {
+                    r.set_removed();
+                }
+            }
+            let i = me
+                .replicas
+                .push(Arc::new(ReplicaState::new(addr, Mode::WO, String::new())))
+                .map_err(|_| "this engine has used all its replica slots; restart it to add more".to_string())?;
+            for s in me.live_sessions() {
+                if let Err(e) = s.attach(i) {
+                    me.fail_replica(i, &format!("cannot connect: {e}"));
+                    return Err(format!("attaching {addr}: {e}"));
+                }
+            }
+            slot = Some(i);
+            Ok(())
+        };
+        self.rotate(Some(&name), None, false, &mut attach)?;
+        let Some(i) = slot else { return Err("the replica was not attached".into()) };
+        info!(volume = self.name(), replica = addr, snapshot = %name, from = %source_addr, had_revision = info.revision, "replica added (WO); rebuilding");
+        let me = self.clone();
+        let addr2 = addr.to_string();
+        let snap_file = snap_file.clone();
+        std::thread::Builder::new()
+            .name("rebuild".into())
+            .spawn(move || {
+                // The control lock is held until the copy is done: no snapshot may
+                // change the chain being copied.
+                let _ctl = ctl_guard_owner(&me);
+                let t = Instant::now();
+                match me.sync_replica(i, &addr2, &source_addr, &snap_file) {
+                    Ok(p) => {
+                        if me.mode_of(i) == Mode::WO {
+                            if let Some(r) = me.replicas.get(i) {
+                                r.set_mode(Mode::RW);
+                            }
+                        }
+                        info!(volume = me.name(), replica = %addr2, secs = t.elapsed().as_secs_f64(), bytes = p, "rebuild done; replica is RW");
+                    }
+                    Err(e) => {
+                        error!(volume = me.name(), replica = %addr2, "rebuild failed: {e}");
+                        me.fail_replica(i, &format!("rebuild failed: {e}"));
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        drop(ctl);
+        Ok(format!("replica {addr} added in mode WO; rebuilding from {}", self.addr_of(source)))
+    }
+
+    fn sync_replica(&self, i: usize, addr: &str, source: &str, snap_file: &str) -> Result<u64, String> {
+        let files = replica_conn::call(source, self.name(), self.size(), Op::ChainFiles, b"").map_err(|e| e.to_string())?;
+        let mut files: Vec<DiskMeta> = serde_json::from_slice(&files).map_err(|e| format!("bad chain from {source}: {e}"))?;
+        // Snapshots taken after the rebuild began are not part of it.
+        let Some(end) = files.iter().position(|f| f.name == snap_file) else {
+            return Err(format!("{source} no longer has the rebuild snapshot {snap_file}"));
+        };
+        files.truncate(end + 1);
+        let req = serde_json::to_vec(&SyncRequest { source: source.to_string(), files }).map_err(|e| e.to_string())?;
+        if self.mode_of(i) != Mode::WO {
+            return Err("replica left WO mode before its data was copied".into());
+        }
+        let p = replica_conn::call_long(addr, self.name(), self.size(), Op::RebuildSync, &req).map_err(|e| e.to_string())?;
+        let prog: longhorn_replica::rebuild::RebuildProgress = serde_json::from_slice(&p).map_err(|e| e.to_string())?;
+        Ok(prog.bytes_sent)
+    }
+
+    /// Takes the replica at `addr` out of the volume.
+    pub fn remove_replica(&self, addr: &str) -> Result<(), String> {
+        let _ctl = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((i, r)) = self.replicas.iter().find(|(_, r)| r.addr == addr && !r.removed()) else {
+            return Err(format!("no replica {addr} in volume {}", self.name()));
+        };
+        if r.mode() == Mode::RW && self.healthy() == 1 {
+            return Err(format!("{addr} is the last healthy replica of {}; add another first", self.name()));
+        }
+        self.fail_replica(i, "removed by the operator");
+        r.set_removed();
+        Ok(())
+    }
+}
+
+/// The rebuild thread's hold on the control lock.
+fn ctl_guard_owner(v: &Arc<Volume>) -> std::sync::MutexGuard<'_, ()> {
+    v.control.lock().unwrap_or_else(|e| e.into_inner())
+}

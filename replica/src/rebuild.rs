@@ -1,0 +1,383 @@
+//! Online rebuild of a replica from a healthy one, replica to replica.
+//!
+//! The engine, with I/O paused, takes a system snapshot `S` on the healthy replicas
+//! and calls `begin_rebuild(S)` on the new one: it gets an empty head whose parent is
+//! `S`, `Rebuilding: true` in volume.meta (so no engine trusts it after a crash), and
+//! the revision counter of the healthy ones. From then on it receives every write
+//! (mode WO). `sync_from` then pulls the files of the chain up to `S` from the source:
+//! data extents only, each range compared by SHA-256 first when the file already exists
+//! here (a replica coming back with its old directory), holes punched. `finish_rebuild`
+//! swaps in the full chain, replays the partial-block writes it had to hold back, and
+//! commits volume.meta with `Rebuilding: false`.
+//!
+//! Why partial-block writes are held back: a write covering part of a 4 KiB block is
+//! widened with the block's current content read through the chain, and the lower
+//! layers are not here yet. Such writes are kept in order and replayed once they are;
+//! a later whole-block write drops the held ones it covers. TRIM is skipped while
+//! rebuilding (its result is unspecified anyway).
+
+use crate::meta::{self, DiskMeta, MetaError};
+use crate::proto::{self, Header, Hello, Op};
+use crate::store::{self, Chain, Maps, Store, StoreError, BLOCK};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+use tracing::info;
+
+/// Transfer unit: big enough to stream, small enough to skip unchanged parts.
+const CHUNK: u64 = 2 << 20;
+/// Partial-block writes held during a rebuild before it gives up.
+const MAX_HELD_BYTES: usize = 256 << 20;
+
+pub(crate) struct RebuildState {
+    pub(crate) snapshot: String,
+    pub(crate) new_head: String,
+    pub(crate) held: Vec<(u64, Vec<u8>)>,
+    pub(crate) held_bytes: usize,
+    pub(crate) old_head: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RebuildProgress {
+    pub active: bool,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    /// Bytes actually transferred (the rest matched by checksum).
+    pub bytes_sent: u64,
+    pub elapsed_ms: u64,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BeginRebuild {
+    pub snapshot: String,
+    pub revision: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub source: String,
+    pub files: Vec<DiskMeta>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileRequest {
+    pub file: String,
+}
+
+fn bad(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what)
+}
+
+impl Store {
+    // ---- source side ----
+
+    /// The chain below the head, oldest first.
+    pub fn chain_files(&self) -> Result<Vec<DiskMeta>, StoreError> {
+        let names: Vec<String> = {
+            let c = self.chain.read().unwrap_or_else(|p| p.into_inner());
+            c.layers[..c.layers.len() - 1].iter().map(|l| l.name.clone()).collect()
+        };
+        names.iter().map(|n| DiskMeta::load(self.dir(), n).map_err(StoreError::from)).collect()
+    }
+
+    /// Runs `f` on snapshot layer `file` (never the head, which changes under I/O).
+    fn with_layer<T>(&self, file: &str, f: impl FnOnce(&store::Layer) -> io::Result<T>) -> io::Result<T> {
+        let c = self.chain.read().unwrap_or_else(|p| p.into_inner());
+        let last = c.layers.len() - 1;
+        match c.layers.iter().position(|l| l.name == file) {
+            Some(i) if i < last => f(&c.layers[i]),
+            Some(_) => Err(bad(format!("{file} is the head; only snapshots can be copied"))),
+            None => Err(bad(format!("{file} is not in this replica's chain"))),
+        }
+    }
+
+    pub fn file_extents(&self, file: &str) -> io::Result<Vec<(u64, u64)>> {
+        let size = self.size();
+        self.with_layer(file, |l| store::allocated_ranges(&l.file, size))
+    }
+
+    pub fn read_file(&self, file: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        if offset.checked_add(len as u64).is_none_or(|e| e > self.size()) || len as u64 > CHUNK * 2 {
+            return Err(bad(format!("range {offset}+{len} of {file} is out of bounds")));
+        }
+        self.with_layer(file, |l| {
+            let mut b = vec![0u8; len];
+            l.file.read_exact_at(&mut b, offset).map_err(|e| store::io_err(l, offset, e))?;
+            Ok(b)
+        })
+    }
+
+    pub fn hash_file(&self, file: &str, offset: u64, len: usize) -> io::Result<String> {
+        let b = self.read_file(file, offset, len)?;
+        Ok(hex(&Sha256::digest(&b)))
+    }
+
+    // ---- target side ----
+
+    pub fn is_rebuilding(&self) -> bool {
+        self.rebuilding.load(Ordering::Acquire)
+    }
+
+    /// Starts a rebuild onto snapshot file `snapshot` (see the module comment).
+    pub fn begin_rebuild(&self, b: &BeginRebuild) -> Result<(), StoreError> {
+        let dir = self.dir().to_path_buf();
+        let mut chain = self.chain.write().unwrap_or_else(|p| p.into_inner());
+        let mut vm = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = chain.head().name.clone();
+        let n = meta::head_number(&cur).ok_or_else(|| StoreError::Layout { path: dir.clone(), what: "head has no number".into() })?;
+        // The head on disk stays the committed one until the rebuild finishes.
+        let old_head = st.as_ref().map(|s| s.old_head.clone()).unwrap_or_else(|| vm.head.clone());
+        let new_head = meta::head_name(n + 1);
+        let path = dir.join(&new_head);
+        let _ = std::fs::remove_file(&path);
+        let f = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(|e| MetaError::io(&path, e))?;
+        f.set_len(self.size()).map_err(|e| MetaError::io(&path, e))?;
+        DiskMeta {
+            name: new_head.clone(),
+            parent: b.snapshot.clone(),
+            removed: false,
+            user_created: false,
+            created: meta::now_rfc3339(),
+            labels: None,
+        }
+        .store(&dir)?;
+        let mut next = vm.clone();
+        next.rebuilding = true;
+        next.dirty = true;
+        next.store(&dir)?;
+        *vm = next;
+        self.set_revision(b.revision);
+        *chain = Chain {
+            layers: vec![store::Layer { name: new_head.clone(), path, file: f }],
+            maps: RwLock::new(Maps { top: crate::extent::ExtentMap::new(), below: crate::extent::ExtentMap::new() }),
+        };
+        *st = Some(RebuildState { snapshot: b.snapshot.clone(), new_head, held: Vec::new(), held_bytes: 0, old_head });
+        self.rebuilding.store(true, Ordering::Release);
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = RebuildProgress { active: true, ..Default::default() };
+        info!(dir = %dir.display(), snapshot = %b.snapshot, revision = b.revision, "rebuild started; receiving writes");
+        Ok(())
+    }
+
+    /// Holds the partial-block edges of a write made while rebuilding; returns the
+    /// block-aligned middle, which can be written now.
+    pub(crate) fn hold_edges(&self, offset: u64, data: &[u8]) -> io::Result<Option<(u64, u64)>> {
+        let end = offset + data.len() as u64;
+        let (a, b) = (offset.div_ceil(BLOCK) * BLOCK, end / BLOCK * BLOCK);
+        let mut st = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(s) = st.as_mut() else { return Ok(Some((offset, end))) };
+        let mut hold = |o: u64, e: u64| -> io::Result<()> {
+            if o < e {
+                s.held.push((o, data[(o - offset) as usize..(e - offset) as usize].to_vec()));
+                s.held_bytes += (e - o) as usize;
+            }
+            Ok(())
+        };
+        if a >= b {
+            hold(offset, end)?;
+            return Ok(None);
+        }
+        hold(offset, a)?;
+        hold(b, end)?;
+        // Whole blocks written now supersede held pieces inside them.
+        s.held.retain(|(o, d)| !(*o >= a && *o + d.len() as u64 <= b));
+        if s.held_bytes > MAX_HELD_BYTES {
+            return Err(io::Error::other("too many partial-block writes held during the rebuild"));
+        }
+        Ok(Some((a, b)))
+    }
+
+    /// Pulls the chain files from `req.source`, then finishes the rebuild.
+    pub fn sync_from(&self, req: &SyncRequest) -> Result<RebuildProgress, StoreError> {
+        let t = Instant::now();
+        let r = self.pull_files(req, t);
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.elapsed_ms = t.elapsed().as_millis() as u64;
+        match r {
+            Ok(()) => {
+                drop(p);
+                self.finish_rebuild()?;
+                let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+                p.active = false;
+                Ok(p.clone())
+            }
+            Err(e) => {
+                p.active = false;
+                p.error = e.to_string();
+                Err(e)
+            }
+        }
+    }
+
+    fn pull_files(&self, req: &SyncRequest, t: Instant) -> Result<(), StoreError> {
+        let dir = self.dir().to_path_buf();
+        let want = self.rebuild.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.snapshot.clone());
+        match (want, req.files.last()) {
+            (Some(w), Some(last)) if last.name == w => {}
+            (w, _) => {
+                return Err(StoreError::Layout {
+                    path: dir,
+                    what: format!("sync files must end at the rebuild snapshot {w:?}"),
+                })
+            }
+        }
+        let mut src = Source::connect(&req.source, self.volume(), self.size())
+            .map_err(|e| StoreError::Io { path: dir.clone(), offset: 0, source: e })?;
+        let mut extents = Vec::new();
+        for f in &req.files {
+            let e = src.extents(&f.name).map_err(|e| StoreError::Io { path: dir.join(&f.name), offset: 0, source: e })?;
+            extents.push(e);
+        }
+        {
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            p.bytes_total = extents.iter().flatten().map(|(a, b)| b - a).sum();
+        }
+        for (f, ext) in req.files.iter().zip(extents) {
+            let path = dir.join(&f.name);
+            let ioe = |off: u64, e: io::Error| StoreError::Io { path: path.clone(), offset: off, source: e };
+            let existed = path.exists();
+            let file = OpenOptions::new().read(true).write(true).create(true).open(&path).map_err(|e| ioe(0, e))?;
+            file.set_len(self.size()).map_err(|e| ioe(0, e))?;
+            if existed {
+                // Punch whatever the source does not hold.
+                let mut pos = 0;
+                for &(a, b) in ext.iter().chain(std::iter::once(&(self.size(), self.size()))) {
+                    if a > pos {
+                        store::punch_hole(&file, pos, a - pos).map_err(|e| ioe(pos, e))?;
+                    }
+                    pos = b;
+                }
+            }
+            for (a, b) in ext {
+                let mut off = a;
+                while off < b {
+                    let n = (b - off).min(CHUNK) as usize;
+                    let same = existed && {
+                        let mut local = vec![0u8; n];
+                        file.read_exact_at(&mut local, off).map_err(|e| ioe(off, e))?;
+                        let theirs = src.hash(&f.name, off, n).map_err(|e| ioe(off, e))?;
+                        hex(&Sha256::digest(&local)) == theirs
+                    };
+                    if !same {
+                        let data = src.read(&f.name, off, n).map_err(|e| ioe(off, e))?;
+                        file.write_all_at(&data, off).map_err(|e| ioe(off, e))?;
+                    }
+                    let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+                    p.bytes_done += n as u64;
+                    if !same {
+                        p.bytes_sent += n as u64;
+                    }
+                    p.elapsed_ms = t.elapsed().as_millis() as u64;
+                    off += n as u64;
+                }
+            }
+            file.sync_all().map_err(|e| ioe(0, e))?;
+            f.store(&dir)?;
+        }
+        meta::sync_dir(&dir)?;
+        Ok(())
+    }
+
+    /// Swaps in the synced chain, replays held writes, commits `Rebuilding: false`.
+    fn finish_rebuild(&self) -> Result<(), StoreError> {
+        let dir = self.dir().to_path_buf();
+        let mut chain = self.chain.write().unwrap_or_else(|p| p.into_inner());
+        let mut vm = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(st) = self.rebuild.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Err(StoreError::Layout { path: dir, what: "no rebuild in progress".into() });
+        };
+        let mut next = vm.clone();
+        next.head = st.new_head.clone();
+        next.parent = st.snapshot.clone();
+        let full = store::load_chain(&dir, &next)?;
+        *chain = full;
+        self.rebuilding.store(false, Ordering::Release);
+        for (off, data) in &st.held {
+            self.write_locked(&chain, *off, data).map_err(|e| StoreError::Io { path: dir.clone(), offset: *off, source: e })?;
+        }
+        chain.head().file.sync_data().map_err(|e| StoreError::Io { path: chain.head().path.clone(), offset: 0, source: e })?;
+        next.rebuilding = false;
+        next.store(&dir)?;
+        *vm = next;
+        if st.old_head != st.new_head {
+            let _ = std::fs::remove_file(dir.join(&st.old_head));
+            let _ = std::fs::remove_file(DiskMeta::path(&dir, &st.old_head));
+        }
+        crate::snapshot::remove_leftovers(&dir, &chain);
+        info!(dir = %dir.display(), held = st.held.len(), "rebuild finished; chain complete");
+        Ok(())
+    }
+
+    pub fn rebuild_progress(&self) -> RebuildProgress {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A client of the source replica.
+struct Source {
+    s: TcpStream,
+    addr: String,
+    next: u64,
+}
+
+impl Source {
+    fn connect(addr: &str, volume: &str, size: u64) -> io::Result<Source> {
+        let mut s = TcpStream::connect(addr).map_err(|e| io::Error::new(e.kind(), format!("source replica {addr}: {e}")))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut src = Source { s: s.try_clone()?, addr: addr.to_string(), next: 1 };
+        let hello = serde_json::to_vec(&Hello { volume: volume.to_string(), size }).map_err(io::Error::other)?;
+        let mut b = Vec::new();
+        proto::put_frame(&mut b, Header::request(Op::Hello, 0, 0, 0), &hello);
+        s.write_all(&b)?;
+        let (h, p) = proto::read_frame(&mut s).map_err(|e| io::Error::other(format!("source replica {addr}: {e}")))?;
+        if h.status != 0 {
+            return Err(io::Error::other(format!("source replica {addr} refused: {}", String::from_utf8_lossy(&p))));
+        }
+        src.next = 1;
+        Ok(src)
+    }
+
+    fn call(&mut self, op: Op, offset: u64, count: u32, file: &str) -> io::Result<bytes::Bytes> {
+        let payload = serde_json::to_vec(&FileRequest { file: file.to_string() }).map_err(io::Error::other)?;
+        let id = self.next;
+        self.next += 1;
+        let mut b = Vec::new();
+        proto::put_frame(&mut b, Header::request(op, id, offset, count), &payload);
+        self.s.write_all(&b)?;
+        let (h, p) = proto::read_frame(&mut self.s).map_err(|e| io::Error::other(format!("source replica {}: {e}", self.addr)))?;
+        if h.status != 0 || h.id != id {
+            return Err(io::Error::other(format!("source replica {}: {op:?} {file}: {}", self.addr, String::from_utf8_lossy(&p))));
+        }
+        Ok(p)
+    }
+
+    fn extents(&mut self, file: &str) -> io::Result<Vec<(u64, u64)>> {
+        let p = self.call(Op::FileExtents, 0, 0, file)?;
+        serde_json::from_slice(&p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("extents of {file}: {e}")))
+    }
+
+    fn read(&mut self, file: &str, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
+        let p = self.call(Op::FileRead, offset, len as u32, file)?;
+        if p.len() != len {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{file}: short read from the source")));
+        }
+        Ok(p)
+    }
+
+    fn hash(&mut self, file: &str, offset: u64, len: usize) -> io::Result<String> {
+        let p = self.call(Op::FileHash, offset, len as u32, file)?;
+        Ok(String::from_utf8_lossy(&p).to_string())
+    }
+}
