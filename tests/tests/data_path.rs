@@ -257,3 +257,26 @@ print('ok')
     assert!(out.contains("clean"), "a truncated write must not reach the volume: {out}");
     sh(&format!("nbdinfo '{}' >/dev/null", c.uri()));
 }
+
+#[test]
+fn hung_replica_is_dropped_after_the_io_timeout() {
+    require(&["fio"]);
+    let c = Cluster::new("vol1", 128 * MB, 3);
+    let uri = c.uri();
+    let t = std::time::Instant::now();
+    let fio_thread = std::thread::spawn(move || fio_verify(&uri, 1, 48, "--rate_iops=3000"));
+    std::thread::sleep(Duration::from_millis(1000));
+    // A replica that stops answering in the middle of the writes, without closing its sockets.
+    let pid = c.replicas[2].proc.pid();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let (ok, errs, out) = fio_thread.join().expect("fio thread");
+    eprintln!("fio with a hung replica took {:?} (I/O timeout 4 s)", t.elapsed());
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(ok && errs == 0, "fio saw errors with a hung replica:\n{out}\nengine log:\n{}", c.engine_log());
+    let ls = c.cli(&["replica", "ls", "-v", "vol1", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&ls.stdout).expect("json");
+    assert_eq!(v[2]["mode"].as_str(), Some("ERR"), "{v}");
+    assert!(v[2]["error"].as_str().unwrap_or("").contains("timeout"), "{v}");
+}
