@@ -42,6 +42,9 @@
 //! - Rebuild ops: CHAIN_FILES, FILE_EXTENTS, FILE_READ, FILE_HASH are served by a
 //!   healthy replica to one being rebuilt (snapshot files only, never the head);
 //!   REBUILD_BEGIN and REBUILD_SYNC are sent by the engine to the replica being rebuilt.
+//! - Backup ops (see `export`): SNAPSHOT_READ (JSON `ExportRequest` payload, offset and
+//!   count in the header; reply: the data as of that snapshot) and SNAPSHOT_RANGES
+//!   (JSON `ExportRequest`; reply: JSON `SnapshotRanges`).
 //! - `payload_len` is at most [`MAX_PAYLOAD`]; `count` at most [`MAX_IO`].
 
 use bytes::{Bytes, BytesMut};
@@ -84,6 +87,8 @@ pub enum Op {
     FileHash = 27,
     RebuildBegin = 28,
     RebuildSync = 29,
+    SnapshotRead = 30,
+    SnapshotRanges = 31,
 }
 
 impl Op {
@@ -111,6 +116,8 @@ impl Op {
             27 => Op::FileHash,
             28 => Op::RebuildBegin,
             29 => Op::RebuildSync,
+            30 => Op::SnapshotRead,
+            31 => Op::SnapshotRanges,
             _ => return None,
         })
     }

@@ -295,6 +295,7 @@ impl ReplicaServer {
                 .and_then(|l| serde_json::to_vec(&l).map_err(io::Error::other))
                 .map(Bytes::from),
             Op::FileExtents | Op::FileRead | Op::FileHash => self.file_op(&h, &payload),
+            Op::SnapshotRead | Op::SnapshotRanges => crate::export::serve(&self.store, &h, &payload),
             Op::RebuildBegin => serde_json::from_slice::<crate::rebuild::BeginRebuild>(&payload)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("malformed RebuildBegin: {e}")))
                 .and_then(|b| self.store.begin_rebuild(&b).map_err(|e| io::Error::other(e.to_string())))
