@@ -4,7 +4,9 @@
 //! [`replica_conn`] connections -> replicas. Control (status, close) lives in
 //! [`volume`] and [`control`], beside the I/O path.
 pub mod api;
+pub mod backup;
 pub mod control;
+pub mod jobs;
 pub mod rebuild;
 pub mod replica_conn;
 pub mod session;

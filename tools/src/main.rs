@@ -1,5 +1,6 @@
 //! `longhorn`: one program for replicas, engines and the operator's commands.
 
+mod share;
 mod snapshot;
 mod table;
 mod up;
@@ -43,6 +44,9 @@ enum Cmd {
     /// Snapshots of a running volume.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCmd),
+    /// Share a volume's filesystem over NFSv4 (ReadWriteMany): attach, mkfs.ext4 if
+    /// empty, mount, serve with NFS-Ganesha until Ctrl-C.
+    Share(share::ShareArgs),
 }
 
 #[derive(Subcommand)]
@@ -191,6 +195,7 @@ fn main() {
         Cmd::Volume(VolumeCmd::Info(a)) => volume_info(a),
         Cmd::Volume(VolumeCmd::Ls(a)) => volume_ls(a),
         Cmd::Snapshot(c) => snapshot::run(c),
+        Cmd::Share(a) => share::run(a),
     };
     if let Err(e) = r {
         eprintln!("longhorn: {e:#}");
@@ -353,7 +358,8 @@ pub fn print_json(v: &Value) {
 }
 
 fn volume_info(a: VolumeRef) -> Result<()> {
-    let v = call(&a.common.run_dir, &a.volume, "volume-info")?;
+    let mut v = call(&a.common.run_dir, &a.volume, "volume-info")?;
+    share::annotate(&a.common.run_dir, &mut v);
     if a.common.json {
         print_json(&v);
     } else {
@@ -369,7 +375,10 @@ fn volume_ls(a: RunDirArg) -> Result<()> {
             let name = e.file_name().to_string_lossy().to_string();
             if let Some(vol) = name.strip_suffix(".sock") {
                 match call(&a.run_dir, vol, "volume-info") {
-                    Ok(v) => vols.push(v),
+                    Ok(mut v) => {
+                        share::annotate(&a.run_dir, &mut v);
+                        vols.push(v)
+                    }
                     Err(err) => error!(volume = vol, "not answering: {err:#}"),
                 }
             }

@@ -55,10 +55,13 @@ pub fn volumes(vols: &[Value]) {
                 format!("{}/{}", s(v, "replicas_rw"), s(v, "replicas_total")),
                 s(v, "frontend"),
                 s(v, "endpoint"),
+                s(v, "access_mode"),
+                s(v, "share_state"),
+                s(v, "share_endpoint"),
             ]
         })
         .collect();
-    print(&["NAME", "SIZE", "STATE", "REPLICAS", "FRONTEND", "ENDPOINT"], &rows);
+    print(&["NAME", "SIZE", "STATE", "REPLICAS", "FRONTEND", "ENDPOINT", "ACCESS", "SHARE", "EXPORT"], &rows);
 }
 
 pub fn replicas(reps: &[Value]) {
