@@ -174,6 +174,23 @@ impl Volume {
         Ok(SnapshotResult { name, pause_us: pause.as_micros() as u64, replicas: ok })
     }
 
+    fn first_rw_info(&self) -> Result<longhorn_replica::proto::ReplicaInfo, String> {
+        let i = self.first_rw()?;
+        let addr = self.addr_of(i);
+        let p = replica_conn::call(&addr, self.name(), self.size(), Op::Info, b"").map_err(|e| e.to_string())?;
+        serde_json::from_slice(&p).map_err(|e| format!("replica {addr}: bad info: {e}"))
+    }
+
+    /// Whether anything was written since the last snapshot.
+    pub fn head_has_data(&self) -> Result<bool, String> {
+        Ok(self.first_rw_info()?.head_has_data)
+    }
+
+    /// The revision counter of a healthy replica (the count of writes applied).
+    pub fn revision(&self) -> Result<u64, String> {
+        Ok(self.first_rw_info()?.revision)
+    }
+
     /// The snapshots as a healthy replica sees them.
     pub fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>, String> {
         let i = self.first_rw()?;

@@ -274,6 +274,9 @@ pub struct ReplicaInfo {
     pub rebuilding: bool,
     #[serde(default)]
     pub progress: Option<crate::rebuild::RebuildProgress>,
+    /// The head holds data (written since the last snapshot).
+    #[serde(default)]
+    pub head_has_data: bool,
 }
 
 /// SNAPSHOT, SNAPSHOT_REMOVE and SNAPSHOT_REVERT requests.

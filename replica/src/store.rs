@@ -700,6 +700,12 @@ impl Store {
     }
 
     pub fn info(&self, mode: &str) -> ReplicaInfo {
+        let mut i = self.info_inner(mode);
+        i.head_has_data = self.head_has_data();
+        i
+    }
+
+    fn info_inner(&self, mode: &str) -> ReplicaInfo {
         let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
         ReplicaInfo {
             volume: self.volume.clone(),
@@ -713,6 +719,7 @@ impl Store {
             mode: mode.to_string(),
             rebuilding: m.rebuilding,
             progress: Some(self.rebuild_progress()).filter(|p| p.bytes_total > 0 || p.active || !p.error.is_empty()),
+            head_has_data: false,
         }
     }
 

@@ -126,18 +126,26 @@ pub struct Cluster {
     pub size: u64,
     pub replicas: Vec<Replica>,
     pub engine: Option<Engine>,
+    /// Extra arguments for `engine serve` (set before `start_engine`).
+    pub engine_extra: Vec<String>,
 }
 
 pub const MB: u64 = 1 << 20;
 
 impl Cluster {
     pub fn new(volume: &str, size: u64, n: usize) -> Cluster {
+        let mut c = Cluster::without_engine(volume, size, n);
+        c.start_engine();
+        c
+    }
+
+    /// Replicas only; the caller sets `engine_extra` and calls `start_engine`.
+    pub fn without_engine(volume: &str, size: u64, n: usize) -> Cluster {
         let tmp = tempfile::Builder::new().prefix("lh-test-").tempdir_in(test_root()).expect("tempdir");
-        let mut c = Cluster { tmp, volume: volume.to_string(), size, replicas: Vec::new(), engine: None };
+        let mut c = Cluster { tmp, volume: volume.to_string(), size, replicas: Vec::new(), engine: None, engine_extra: Vec::new() };
         for i in 0..n {
             c.add_replica(&format!("r{i}"));
         }
-        c.start_engine();
         c
     }
 
@@ -186,6 +194,7 @@ impl Cluster {
             a.push("--replica".into());
             a.push(r.addr.clone());
         }
+        a.extend(self.engine_extra.iter().cloned());
         a
     }
 

@@ -1,5 +1,6 @@
 //! `longhorn`: one program for replicas, engines and the operator's commands.
 
+mod job;
 mod share;
 mod snapshot;
 mod table;
@@ -47,6 +48,9 @@ enum Cmd {
     /// Share a volume's filesystem over NFSv4 (ReadWriteMany): attach, mkfs.ext4 if
     /// empty, mount, serve with NFS-Ganesha until Ctrl-C.
     Share(share::ShareArgs),
+    /// Recurring snapshot and backup jobs of a running volume.
+    #[command(subcommand)]
+    Job(job::JobCmd),
 }
 
 #[derive(Subcommand)]
@@ -145,6 +149,14 @@ pub struct EngineServeArgs {
     pub io_timeout: u64,
     #[arg(long, default_value = DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
     pub run_dir: PathBuf,
+    /// The volume's recurring jobs (a JSON list as in a StorageClass's recurringJobs);
+    /// `job add`/`job rm` rewrite it, so the jobs survive an engine restart.
+    #[arg(long)]
+    pub jobs_file: Option<PathBuf>,
+    /// Run recurring jobs on a manual clock starting at this RFC 3339 time, advanced
+    /// with `longhorn job clock --advance` (for tests).
+    #[arg(long)]
+    pub manual_clock: Option<String>,
 }
 
 /// Parses sizes like `10G`, `512M`, `4096`, `1.5T` (binary units).
@@ -196,6 +208,7 @@ fn main() {
         Cmd::Volume(VolumeCmd::Ls(a)) => volume_ls(a),
         Cmd::Snapshot(c) => snapshot::run(c),
         Cmd::Share(a) => share::run(a),
+        Cmd::Job(c) => job::run(c),
     };
     if let Err(e) = r {
         eprintln!("longhorn: {e:#}");
@@ -264,7 +277,19 @@ fn engine_serve(a: EngineServeArgs) -> Result<()> {
     let uri = server.uri();
     volume.set_frontend("nbd-export", &uri);
     let v2 = volume.clone();
-    let handler: control::Handler = Arc::new(move |req: &Value| control_request(&v2, req));
+    let clock = match &a.manual_clock {
+        None => longhorn_engine::jobs::Clock::System,
+        Some(t) => {
+            let t = chrono::DateTime::parse_from_rfc3339(t).with_context(|| format!("--manual-clock {t:?}"))?;
+            longhorn_engine::jobs::Clock::Manual(std::sync::Mutex::new(t.with_timezone(&chrono::Utc)))
+        }
+    };
+    let sched = longhorn_engine::jobs::Scheduler::start(&volume, a.jobs_file.clone(), clock).map_err(|e| anyhow!(e))?;
+    job::wire_backups(&sched);
+    let handler: control::Handler = Arc::new(move |req: &Value| match req.get("cmd").and_then(|c| c.as_str()) {
+        Some(c) if c.starts_with("job-") => job::control(&sched, c, req),
+        _ => control_request(&v2, req),
+    });
     let _ctl = control::ControlServer::start(&control::socket_path(&a.run_dir, &a.volume), handler)?;
     let handle = server.spawn().context("starting the NBD server")?;
     // The block device comes after the NBD export: the kernel NBD frontend connects

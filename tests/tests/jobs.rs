@@ -1,0 +1,107 @@
+//! Recurring jobs on a manual clock: validation, schedule, retention, idle volumes,
+//! and jobs surviving an engine restart.
+
+use longhorn_tests::*;
+
+const SEED: &str = r#"[{"name":"snap","task":"snapshot","cron":"*/1 * * * *","retain":1},
+ {"name":"backup","task":"backup","cron":"*/2 * * * *","retain":1}]"#;
+
+fn cli(c: &Cluster, args: &[&str]) -> (bool, String) {
+    let o = c.cli(args);
+    let mut s = String::from_utf8_lossy(&o.stdout).to_string();
+    s.push_str(&String::from_utf8_lossy(&o.stderr));
+    (o.status.success(), s)
+}
+
+fn jobs_cluster() -> Cluster {
+    let mut c = Cluster::without_engine("vol1", 32 * MB, 2);
+    let jobs = c.path("jobs.json").display().to_string();
+    c.engine_extra = vec!["--jobs-file".into(), jobs, "--manual-clock".into(), "2026-01-01T00:00:30Z".into()];
+    c.start_engine();
+    c
+}
+
+fn write_some(c: &Cluster, seed: u8) {
+    let f = c.path(&format!("w{seed}"));
+    std::fs::write(&f, vec![seed; 1 << 20]).expect("write");
+    sh(&format!("nbdcopy --destination-is-zero '{}' '{}' 2>/dev/null || nbdcopy '{}' '{}'", f.display(), c.uri(), f.display(), c.uri()));
+}
+
+fn snapshots(c: &Cluster) -> Vec<serde_json::Value> {
+    let (ok, out) = cli(c, &["snapshot", "ls", "-v", "vol1", "--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v.as_array().expect("array").clone()
+}
+
+fn job_snapshots(c: &Cluster, job: &str) -> Vec<String> {
+    snapshots(c)
+        .iter()
+        .filter(|s| s["labels"]["RecurringJob"] == job && s["removed"] == false)
+        .map(|s| s["name"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn bad_specs_are_rejected_naming_the_field_and_nothing_is_applied() {
+    let c = jobs_cluster();
+    let (ok, out) = cli(&c, &["job", "add", SEED, "-v", "vol1"]);
+    assert!(ok, "the seed's example spec is accepted: {out}");
+    let before = cli(&c, &["job", "ls", "-v", "vol1", "--json"]).1;
+    for (spec, want) in [
+        (r#"[{"name":"ninechars","task":"snapshot","cron":"* * * * *","retain":1}]"#, "\"name\""),
+        (r#"[{"name":"a","task":"snapshot","cron":"* * * * *","retain":1},{"name":"a","task":"backup","cron":"* * * * *","retain":1}]"#, "\"name\""),
+        (r#"[{"name":"c","task":"clone","cron":"* * * * *","retain":1}]"#, "\"task\""),
+        (r#"[{"name":"c","task":"snapshot","cron":"61 * * * *","retain":1}]"#, "\"cron\""),
+        (r#"[{"name":"c","task":"snapshot","cron":"* * * *","retain":1}]"#, "\"cron\""),
+        (r#"[{"name":"c","task":"snapshot","cron":"* * * * *","retain":0}]"#, "\"retain\""),
+        (r#"[{"name":"c","task":"snapshot","cron":"* * * * *","retain":1,"color":"red"}]"#, "\"color\""),
+    ] {
+        let (ok, out) = cli(&c, &["job", "add", spec, "-v", "vol1"]);
+        assert!(!ok, "accepted a bad spec: {spec}");
+        assert!(out.contains(want), "error for {spec} does not name {want}: {out}");
+    }
+    assert_eq!(cli(&c, &["job", "ls", "-v", "vol1", "--json"]).1, before, "a rejected spec changed the jobs");
+}
+
+#[test]
+fn snapshot_job_keeps_its_newest_and_touches_nothing_else() {
+    assert!(have("nbdcopy"));
+    let mut c = jobs_cluster();
+    let (ok, out) = cli(&c, &["job", "add", r#"[{"name":"snap","task":"snapshot","cron":"*/1 * * * *","retain":2,"labels":{"tier":"gold"}}]"#, "-v", "vol1"]);
+    assert!(ok, "{out}");
+    let mut made = Vec::new();
+    for minute in 0..5u8 {
+        if minute == 2 {
+            let (ok, out) = cli(&c, &["snapshot", "create", "mine", "-v", "vol1"]);
+            assert!(ok, "{out}");
+        }
+        write_some(&c, minute + 1);
+        let (ok, out) = cli(&c, &["job", "clock", "--advance", "60", "-v", "vol1"]);
+        assert!(ok, "{out}");
+        let now = job_snapshots(&c, "snap");
+        made.extend(now.iter().filter(|n| !made.contains(*n)).cloned().collect::<Vec<_>>());
+    }
+    let left = job_snapshots(&c, "snap");
+    assert_eq!(made.len(), 5, "one snapshot per minute with new data: {made:?}");
+    assert_eq!(left, made[3..].to_vec(), "exactly the two newest remain");
+    let all = snapshots(&c);
+    let mine = all.iter().find(|s| s["name"] == "mine").expect("the user's snapshot is untouched");
+    assert_eq!(mine["removed"], false);
+    let gold = all.iter().filter(|s| s["labels"]["tier"] == "gold").count();
+    assert!(gold >= 2, "job labels are carried");
+
+    // Idle: no new data, no new snapshot.
+    let before = snapshots(&c).len();
+    let (ok, out) = cli(&c, &["job", "clock", "--advance", "180", "-v", "vol1"]);
+    assert!(ok, "{out}");
+    assert_eq!(snapshots(&c).len(), before, "an idle volume got a snapshot");
+    let (_, ls) = cli(&c, &["job", "ls", "-v", "vol1"]);
+    assert!(ls.contains("skipped: no new data"), "job ls shows the last result: {ls}");
+
+    // The jobs survive an engine restart.
+    c.stop_engine();
+    c.start_engine();
+    let (_, ls) = cli(&c, &["job", "ls", "-v", "vol1", "--json"]);
+    assert!(ls.contains("\"snap\"") && ls.contains("*/1 * * * *"), "{ls}");
+}
