@@ -283,7 +283,7 @@ pub fn sh_try(cmd: &str) -> (bool, String) {
 /// Runs fio with JSON output; returns the summed error count of all jobs, panicking on
 /// a failure to run at all.
 pub fn fio(args: &str) -> (bool, u64, String) {
-    let (ok, out) = sh_try(&format!("fio --output-format=json {args}"));
+    let (ok, out) = sh_try(&format!("fio --output-format=json --verify_state_save=0 {args}"));
     let errs = out
         .find('{')
         .and_then(|i| serde_json::from_str::<serde_json::Value>(&out[i..]).ok())
