@@ -2,7 +2,9 @@
 
 mod job;
 mod share;
+mod backup;
 mod snapshot;
+mod spec;
 mod table;
 mod up;
 
@@ -45,6 +47,8 @@ enum Cmd {
     /// Snapshots of a running volume.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCmd),
+    /// Backups to a Longhorn-compatible backupstore (file://, s3://, nfs://) and restores.
+    Backup(backup::BackupCmd),
     /// Share a volume's filesystem over NFSv4 (ReadWriteMany): attach, mkfs.ext4 if
     /// empty, mount, serve with NFS-Ganesha until Ctrl-C.
     Share(share::ShareArgs),
@@ -207,6 +211,7 @@ fn main() {
         Cmd::Volume(VolumeCmd::Info(a)) => volume_info(a),
         Cmd::Volume(VolumeCmd::Ls(a)) => volume_ls(a),
         Cmd::Snapshot(c) => snapshot::run(c),
+        Cmd::Backup(c) => backup::run(c),
         Cmd::Share(a) => share::run(a),
         Cmd::Job(c) => job::run(c),
     };
@@ -362,6 +367,7 @@ fn control_request(v: &Arc<Volume>, req: &Value) -> std::result::Result<Value, S
         "volume-info" => serde_json::to_value(v.status()).map_err(|e| e.to_string()),
         "replica-ls" => serde_json::to_value(v.replica_status()).map_err(|e| e.to_string()),
         c if c.starts_with("snapshot-") => snapshot::control(v, c, req),
+        c if c.starts_with("backup-") => backup::control(v, c, req),
         "replica-add" | "replica-rm" => {
             let addr = req.get("address").and_then(|a| a.as_str()).ok_or("request has no \"address\"")?;
             if req["cmd"] == "replica-add" {

@@ -20,9 +20,16 @@ pub struct UpArgs {
     /// Volume size (e.g. 10G). An existing volume's size must match.
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
-    /// How many replicas to run.
-    #[arg(long, default_value_t = 3)]
-    pub replicas: usize,
+    /// How many replicas to run (default 3, or the spec's numberOfReplicas).
+    #[arg(long)]
+    pub replicas: Option<usize>,
+    /// A volume spec: a JSON object of StorageClass parameters (numberOfReplicas,
+    /// staleReplicaTimeout, fromBackup, recurringJobs, accessMode). Stored with the volume.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Recurring jobs, a JSON list as in a StorageClass's recurringJobs.
+    #[arg(long)]
+    pub recurring_jobs: Option<String>,
     /// Where replica directories live: DATA_DIR/VOLUME/replica-N.
     #[arg(long, default_value = "/var/lib/longhorn")]
     pub data_dir: PathBuf,
@@ -108,14 +115,37 @@ fn spawn_and_wait(name: &str, mut cmd: Command, log: &Path, word: &str) -> Resul
     }
 }
 
-pub fn run(a: UpArgs) -> Result<()> {
-    if a.replicas == 0 {
+pub fn run(mut a: UpArgs) -> Result<()> {
+    // The whole spec is checked before anything is started or written.
+    let mut spec = match &a.spec {
+        Some(f) => crate::spec::parse(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
+            .with_context(|| format!("volume spec {}", f.display()))?,
+        None => crate::spec::Spec::default(),
+    };
+    if let Some(j) = &a.recurring_jobs {
+        let v: serde_json::Value = serde_json::from_str(j).map_err(|e| anyhow::anyhow!("--recurring-jobs: not JSON: {e}"))?;
+        longhorn_engine::jobs::parse_jobs(&v).map_err(|e| anyhow::anyhow!("--recurring-jobs: {e}"))?;
+        spec.recurring_jobs = Some(v);
+    }
+    let replicas = a.replicas.or(spec.number_of_replicas).unwrap_or(3);
+    if replicas == 0 {
         bail!("--replicas must be at least 1");
     }
+    spec.number_of_replicas = Some(replicas);
+    a.replicas = Some(replicas);
     let exe = std::env::current_exe().context("finding the longhorn executable")?;
     let vol_dir = a.data_dir.join(&a.volume);
     let log_dir = vol_dir.join("logs");
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let jobs_file = vol_dir.join("jobs.json");
+    if let Some(j) = &spec.recurring_jobs {
+        let data = serde_json::to_vec_pretty(j).context("encoding the jobs")?;
+        longhorn_replica::meta::write_atomic(&jobs_file, &data).context("storing the recurring jobs")?;
+    }
+    if a.spec.is_some() || a.recurring_jobs.is_some() {
+        let data = serde_json::to_vec_pretty(&spec.to_json()).context("encoding the spec")?;
+        longhorn_replica::meta::write_atomic(&vol_dir.join("spec.json"), &data).context("storing the volume spec")?;
+    }
     let size = a.size.to_string();
     let mut procs: Vec<Proc> = Vec::new();
     let mut addrs = Vec::new();
@@ -125,7 +155,7 @@ pub fn run(a: UpArgs) -> Result<()> {
             p.stop(Duration::from_secs(30));
         }
     };
-    for i in 0..a.replicas {
+    for i in 0..replicas {
         let dir = vol_dir.join(format!("replica-{i}"));
         let mut c = Command::new(&exe);
         c.args(["replica", "serve", "--volume", &a.volume, "--size", &size, "--listen", "127.0.0.1:0", "--dir"]).arg(&dir);
@@ -142,6 +172,7 @@ pub fn run(a: UpArgs) -> Result<()> {
     }
     let mut c = Command::new(&exe);
     c.args(["engine", "serve", "--volume", &a.volume, "--size", &size]).arg("--run-dir").arg(&a.run_dir);
+    c.arg("--jobs-file").arg(&jobs_file);
     for ad in &addrs {
         c.args(["--replica", ad]);
     }
@@ -157,7 +188,7 @@ pub fn run(a: UpArgs) -> Result<()> {
         }
     };
     procs.push(engine);
-    println!("volume {} is up: {} replicas, {} bytes", a.volume, a.replicas, a.size);
+    println!("volume {} is up: {} replicas, {} bytes", a.volume, replicas, a.size);
     println!("  data:      {}", vol_dir.display());
     println!("  logs:      {}", log_dir.display());
     println!("  replicas:  {}", addrs.join(" "));
