@@ -148,6 +148,7 @@ pub fn run(a: ShareArgs) -> Result<()> {
 
     let dir = share_dir(&a.run_dir, &a.volume);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = std::fs::canonicalize(&dir).with_context(|| format!("resolving {}", dir.display()))?;
     let sp = state_path(&a.run_dir, &a.volume);
     if let Some(old) = std::fs::read_to_string(&sp).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
         if let Some(pid) = old["pid"].as_i64().filter(|p| pid_alive(*p as i32) && *p as u32 != std::process::id()) {
@@ -222,6 +223,8 @@ fn start(a: &ShareArgs, sh: &mut Share, state: &mut State, port: u16, stop: &Ato
     }
     let mnt = sh.dir.join("export");
     std::fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
+    // Ganesha wants a plain absolute path (no `..`, no symlinks) for the export.
+    let mnt = std::fs::canonicalize(&mnt).with_context(|| format!("resolving {}", mnt.display()))?;
     mount(&dev, &mnt, &fstype)?;
     sh.mount = Some(mnt.clone());
     info!(volume = %a.volume, device = %dev.display(), mount = %mnt.display(), fstype = %fstype, "filesystem mounted");
