@@ -171,7 +171,7 @@ pub fn start(v: &Arc<Volume>, req: CreateRequest) -> Result<Progress, BackupErro
     let comp = Compression::parse(req.compression.as_deref().unwrap_or("lz4"))?;
     let t: Arc<dyn BackupTarget> = Arc::from(target::open(&req.target, &req.env)?);
     // Reach the target before taking a snapshot, so a bad target changes nothing.
-    t.list(&format!("{}/volumes", store::BASE))?;
+    t.check()?;
     let snapshot = match &req.snapshot {
         Some(s) => s.clone(),
         None => {
