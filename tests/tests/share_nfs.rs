@@ -411,3 +411,28 @@ fn share_starts_the_volume_formats_once_and_detaches() {
     assert!(s.proc.term(), "clean stop; log:\n{}", s.proc.log_text());
     assert!(!dev.exists());
 }
+
+/// `accessMode: ReadWriteMany` in the volume spec: `longhorn up` runs the share manager
+/// after the engine, shows the export, and stops it before the engine on Ctrl-C.
+#[test]
+fn up_with_read_write_many_spec_serves_nfs() {
+    require(&["ganesha.nfsd", "nfs-ls"]);
+    let tmp = tempfile::Builder::new().prefix("lh-share-up-").tempdir_in(test_root()).expect("tempdir");
+    let spec = tmp.path().join("spec.json");
+    std::fs::write(&spec, r#"{"accessMode": "ReadWriteMany", "numberOfReplicas": "2"}"#).expect("spec");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port().to_string();
+    let (run, data) = (tmp.path().join("run").display().to_string(), tmp.path().join("data").display().to_string());
+    let args = [
+        "up", "lhshare3", "--size", "64M", "--spec", spec.to_str().expect("utf8"), "--share-port", port.as_str(),
+        "--data-dir", data.as_str(), "--run-dir", run.as_str(),
+    ];
+    let (mut up, _) = spawn(&args, &tmp.path().join("up.log"), "Ctrl-C").expect("longhorn up with an RWX spec");
+    let ls = sh(&format!("nfs-ls 'nfs://127.0.0.1/lhshare3?version=4&nfsport={port}'"));
+    assert!(ls.contains("lost+found"), "the new volume was formatted and is served: {ls}");
+    let v = std::process::Command::new(bin()).args(["volume", "info", "-v", "lhshare3", "--json", "--run-dir", run.as_str()]).output().expect("volume info");
+    let v: serde_json::Value = serde_json::from_slice(&v.stdout).expect("json");
+    assert_eq!(v["access_mode"], "ReadWriteMany", "{v}");
+    assert_eq!(v["share_state"], "serving", "{v}");
+    assert!(up.term(), "longhorn up stops the share, the engine and the replicas; log:\n{}", up.log_text());
+    assert!(!Path::new("/dev/longhorn/lhshare3").exists());
+}

@@ -42,6 +42,13 @@ pub struct UpArgs {
     /// fuse, or none (the NBD export only).
     #[arg(long, default_value = "auto")]
     pub frontend: String,
+    /// ReadWriteOnce (rwo) or ReadWriteMany (rwx: also run `longhorn share`, serving the
+    /// volume's filesystem over NFSv4). Default: the spec's accessMode, else rwo.
+    #[arg(long)]
+    pub access_mode: Option<String>,
+    /// NFS port of the share (ReadWriteMany).
+    #[arg(long, default_value_t = 2049)]
+    pub share_port: u16,
 }
 
 struct Proc {
@@ -132,6 +139,14 @@ pub fn run(mut a: UpArgs) -> Result<()> {
         bail!("--replicas must be at least 1");
     }
     spec.number_of_replicas = Some(replicas);
+    let rwx = match a.access_mode.as_deref().or(spec.access_mode.as_deref()) {
+        None | Some("ReadWriteOnce" | "rwo") => false,
+        Some("ReadWriteMany" | "rwx") => true,
+        Some(m) => bail!("--access-mode: ReadWriteOnce (rwo) or ReadWriteMany (rwx), not {m:?}"),
+    };
+    if rwx && a.frontend == "none" {
+        bail!("ReadWriteMany needs a block device: --frontend none cannot be shared");
+    }
     a.replicas = Some(replicas);
     let exe = std::env::current_exe().context("finding the longhorn executable")?;
     let vol_dir = a.data_dir.join(&a.volume);
@@ -202,6 +217,23 @@ pub fn run(mut a: UpArgs) -> Result<()> {
             device = Some(PathBuf::from(ep));
         }
     }
+    // ReadWriteMany: the share manager mounts the device and serves it over NFSv4; it
+    // is stopped before the engine.
+    let mut share = None;
+    if rwx {
+        let mut c = Command::new(&exe);
+        c.args(["share", &a.volume, "--port", &a.share_port.to_string()]).arg("--run-dir").arg(&a.run_dir);
+        match spawn_and_wait("share", c, &log_dir.join("share.log"), "ready") {
+            Ok((p, ep)) => {
+                println!("  share:     {ep} (NFSv4, port {}, ReadWriteMany)", a.share_port);
+                share = Some(p);
+            }
+            Err(e) => {
+                stop_all(&mut procs);
+                return Err(e);
+            }
+        }
+    }
     println!("try:");
     println!("  nbdinfo '{uri}'");
     println!("  fio --name=t --ioengine=nbd --uri='{uri}' --rw=randwrite --bs=4k --iodepth=32 --size=1G --runtime=10 --time_based");
@@ -218,6 +250,10 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     let mut refused_at: Option<Instant> = None;
     loop {
         if stop.swap(false, Ordering::AcqRel) {
+            if let Some(mut p) = share.take() {
+                println!("stopping the share of {}", a.volume);
+                p.stop(Duration::from_secs(60));
+            }
             let mounted = device.as_deref().and_then(mounted_on);
             match (mounted, refused_at) {
                 (Some(mp), Some(t)) if t.elapsed() < Duration::from_secs(10) => {
@@ -242,6 +278,12 @@ pub fn run(mut a: UpArgs) -> Result<()> {
             }
         }
         std::thread::sleep(Duration::from_millis(200));
+        if let Some(p) = share.as_mut() {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                eprintln!("longhorn up: the share manager exited ({st}); see {}", log_dir.join("share.log").display());
+                share = None;
+            }
+        }
         let n = procs.len();
         for (i, p) in procs.iter_mut().enumerate() {
             if let Ok(Some(st)) = p.child.try_wait() {
