@@ -125,9 +125,11 @@ if cmp -s /tmp/nfs-a/index.html $W/expected && cmp -s /tmp/nfs-b/index.html $W/e
 else
     step same_bytes FAIL "a=$(wc -c < /tmp/nfs-a/index.html) b=$(wc -c < /tmp/nfs-b/index.html) want=$(wc -c < $W/expected)"; showlog
 fi
-$BIN replica ls -v vol1 2>&1 | grep -q ERR && step replica_err OK || step replica_err FAIL "$($BIN replica ls -v vol1 2>&1 | tr '\n' ' ')"
-$BIN volume info -v vol1 | tail -1 | grep -q "ReadWriteMany *serving *127.0.0.1:/vol1" \
-    && step volume_info OK "$($BIN volume info -v vol1 | tail -1 | tr -s ' ')" || step volume_info FAIL "$($BIN volume info -v vol1 2>&1 | tr '\n' '|')"
+$BIN replica ls -v vol1 > $W/rls.txt 2>&1; rc=$?
+grep -q ERR $W/rls.txt && step replica_err OK || step replica_err FAIL "rc=$rc $(tr '\n' ' ' < $W/rls.txt)"
+$BIN volume info -v vol1 > $W/vi.txt 2>&1; rc=$?
+tail -1 $W/vi.txt | grep -q "ReadWriteMany *serving *127.0.0.1:/vol1" \
+    && step volume_info OK "$(tail -1 $W/vi.txt | tr -s ' ')" || step volume_info FAIL "rc=$rc $(tr '\n' '|' < $W/vi.txt)"
 
 umount /tmp/nfs-a && umount /tmp/nfs-b && step umount OK || step umount FAIL "$(grep nfs /proc/mounts | tr '\n' ' ')"
 kill -TERM $spid
