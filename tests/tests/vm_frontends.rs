@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// The frontends the scenario runs, in one boot (`LONGHORN_VM_FRONTENDS=nbd` narrows
 /// it while working on one of them).
-const FRONTENDS: &[&str] = &["nbd"];
+const FRONTENDS: &[&str] = &["nbd", "ublk"];
 
 fn frontends() -> Vec<String> {
     match std::env::var("LONGHORN_VM_FRONTENDS") {
@@ -29,6 +29,10 @@ const STEPS: &[&str] = &[
     "engine", "device", "fio_raw", "mkfs", "mount", "files", "kill_replica", "fio_fs", "replica_err", "umount", "e2fsck",
     "checksums", "refuse_mounted", "stop",
 ];
+/// Steps only one frontend has: ublk checks the queue limits it declares (write-back
+/// cache, FUA, 32 MiB discard/write-zeroes, a hardware queue per CPU) and that FUA
+/// writes, WRITE_ZEROES, DISCARD and FLUSH go through it.
+const EXTRA_STEPS: &[(&str, &[&str])] = &[("ublk", &["limits", "discard_zeroes"])];
 const VM_TIMEOUT: Duration = Duration::from_secs(8 * 60);
 
 fn root() -> PathBuf {
@@ -110,7 +114,8 @@ fn vm_kernel_nbd_and_ublk_scenario() {
         }
     }
     for f in frontends() {
-        for s in STEPS {
+        let extra = EXTRA_STEPS.iter().filter(|(k, _)| *k == f).flat_map(|(_, s)| s.iter());
+        for s in STEPS.iter().chain(extra) {
             let n = format!("{f}.{s}");
             if status(&n).as_deref() != Some("OK") {
                 failed.push(format!("{n}: {}", status(&n).unwrap_or_else(|| "missing".into())));

@@ -16,6 +16,44 @@ modprobe -d "${LH_MODDIR:-/}" -a ext4 nbd ublk_drv loop 2>/tmp/modprobe.err \
 # fio's write (or read) IOPS from terse v3 output.
 fio_iops() { awk -F';' -v f="$2" '$1=="3" { print int($f) }' "$1" | head -1; }
 
+# ublk only (called from run, uses its $F $W $D and step): the queue limits the device
+# declares (write-back cache, FUA, discard and write-zeroes capped at the engine's 32 MiB,
+# one hardware queue per CPU, depth >= 64), then FUA writes, WRITE_ZEROES and DISCARD
+# through the device, checked by reading back and by the block layer's counters.
+ublk_checks() {
+    local K=/sys/dev/block/$((0x$(stat -c %t $D))):$((0x$(stat -c %T $D)))
+    local q=$K/queue
+    local wc fua dmax zmax nq nr lbs
+    wc=$(cat $q/write_cache) fua=$(cat $q/fua) dmax=$(cat $q/discard_max_bytes) zmax=$(cat $q/write_zeroes_max_bytes)
+    nq=$(ls $K/mq | wc -l) nr=$(cat $q/nr_requests) lbs=$(cat $q/logical_block_size)
+    local lim="write_cache='$wc' fua=$fua discard_max=$dmax write_zeroes_max=$zmax hw_queues=$nq/$(nproc)cpus nr_requests=$nr lbs=$lbs max_kb=$(cat $q/max_sectors_kb)"
+    if [ "$wc" = "write back" ] && [ "$fua" = 1 ] && [ "$dmax" = 33554432 ] && [ "$zmax" = 33554432 ] && [ "$nq" = "$(nproc)" ] && [ "$nr" -ge 64 ]; then
+        step limits OK "$lim"
+    else
+        step limits FAIL "$lim"
+    fi
+    # 8 MiB of random data at 200 MiB written with FUA (O_DIRECT|O_DSYNC), zeroed in its
+    # middle (BLKZEROOUT: WRITE_ZEROES), 40 MiB after it discarded (two requests), and the
+# device fsync'ed (FLUSH).
+    local M=1048576 s0 s1
+    s0=$(awk '{print $12, $16}' $K/stat)
+    head -c $((8 * M)) /dev/urandom > $W/rand8m
+    dd if=$W/rand8m of=$D bs=1M seek=200 oflag=direct,dsync status=none \
+        && blkdiscard -z -o $((202 * M)) -l $((2 * M)) $D \
+        && blkdiscard -o $((208 * M)) -l $((40 * M)) $D \
+        && sync $D \
+        && dd if=/dev/zero of=$W/rand8m bs=1M seek=2 count=2 conv=notrunc status=none \
+        && dd if=$D bs=1M skip=200 count=8 iflag=direct status=none | cmp - $W/rand8m > $W/zero.txt 2>&1
+    local rc=$?
+    s1=$(awk '{print $12, $16}' $K/stat)
+    # /sys/block/X/stat: field 12 = discards completed, 16 = flushes completed.
+    if [ $rc = 0 ] && [ "${s1% *}" -gt "${s0% *}" ] && [ "${s1#* }" -gt "${s0#* }" ]; then
+        step discard_zeroes OK "fua write + write-zeroes + discard read back right; discards/flushes ${s0// //} -> ${s1// //}"
+    else
+        step discard_zeroes FAIL "rc=$rc $(tr '\n' ' ' < $W/zero.txt) discards/flushes ${s0// //} -> ${s1// //}"; showlog
+    fi
+}
+
 run() {
     local F=$1 W=/tmp/$1 ok=1
     local step
@@ -46,6 +84,8 @@ run() {
         --verify=crc32c --verify_fatal=1 --verify_state_save=0 --output-format=terse --terse-version=3 > $W/fio-raw.txt 2>&1 \
         && step fio_raw OK "write_iops=$(fio_iops $W/fio-raw.txt 49)" || { step fio_raw FAIL "$(tail -n 3 $W/fio-raw.txt | tr '\n' ' ')"; showlog; }
     echo "FIO $F raw-randwrite-4k-qd16-verify $(fio_iops $W/fio-raw.txt 49)"
+    [ $F = ublk ] && ublk_checks
+
 
     mkfs.ext4 -q -F $D > $W/mkfs.txt 2>&1 && step mkfs OK || { step mkfs FAIL "$(tail -n 3 $W/mkfs.txt | tr '\n' ' ')"; showlog; }
     mount $D /tmp/mnt-$F 2>$W/mount.txt && step mount OK || step mount FAIL "$(cat $W/mount.txt)"
