@@ -43,4 +43,23 @@ fn backup_bad_input() {
     std::fs::create_dir_all(d.join("taken")).expect("mkdir");
     let e = env.err(&c, &["backup", "restore", "--latest", "-v", "vol2", "--to", "taken", "--data-dir", d.to_str().expect("utf8")]);
     assert!(e.contains("already there"), "{e}");
+
+    // A new volume from a backup, in one command; a restored volume's data matches.
+    qemu_io(&c.uri(), &["write -P 7 4M 2M"]);
+    let b = env.json(&c, &["backup", "create", "-v", "vol2"]);
+    let url = b["url"].as_str().expect("url").to_string();
+    let now = c.path("vol2.raw");
+    sh(&format!("nbdcopy '{}' '{}'", c.uri(), now.display()));
+    std::env::set_var("LONGHORN_SETTINGS", &env.settings);
+    let run = c.path("run-up");
+    let (mut up, _) = spawn(
+        &["up", "fromb", "--size", "64M", "--replicas", "2", "--from-backup", &url, "--data-dir", d.to_str().expect("utf8"),
+          "--frontend", "none", "--nbd", &format!("unix:{}", c.path("fromb.nbd").display()), "--run-dir", run.to_str().expect("utf8")],
+        &c.path("up.log"),
+        "  NBD:",
+    )
+    .expect("up --from-backup serves the restored volume");
+    sh(&format!("qemu-img compare -f raw -F raw '{}' 'nbd+unix:///?socket={}'", now.display(), c.path("fromb.nbd").display()));
+    assert!(d.join("fromb/replica-1/volume.meta").exists());
+    assert!(up.term(), "up stops cleanly");
 }

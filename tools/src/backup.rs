@@ -346,6 +346,24 @@ pub fn restore_cmd(c: &Common, a: &RestoreArgs) -> Result<backup::RestoreResult>
     backup::restore(t, &vol, &name, &a.data_dir, &a.to, a.replicas, &show).map_err(be)
 }
 
+/// `up --from-backup`: restores `backup` as `volume` unless the volume exists already.
+pub fn restore_for_up(backup: &str, data_dir: &Path, volume: &str, replicas: usize, size: u64) -> Result<()> {
+    if data_dir.join(volume).join("replica-0").join(longhorn_replica::meta::VOLUME_META).exists() {
+        eprintln!("volume {volume} exists in {}; --from-backup is not applied again", data_dir.display());
+        return Ok(());
+    }
+    let settings = std::env::var_os("LONGHORN_SETTINGS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/longhorn/settings.json"));
+    let c = Common { settings, target: None, json: false };
+    let a = RestoreArgs { backup: Some(backup.to_string()), latest: false, volume: None, to: volume.to_string(), data_dir: data_dir.to_path_buf(), replicas };
+    let r = restore_cmd(&c, &a)?;
+    if r.size != size {
+        let _ = std::fs::remove_dir_all(&r.dir);
+        bail!("backup {backup} is of a {} byte volume, but --size says {size}", r.size);
+    }
+    eprintln!("volume {volume} restored from {} ({} blocks)", r.from, r.blocks);
+    Ok(())
+}
+
 /// The engine side of `backup-*` control requests.
 pub fn control(v: &Arc<Volume>, cmd: &str, req: &Value) -> std::result::Result<Value, String> {
     match cmd {

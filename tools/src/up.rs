@@ -49,6 +49,10 @@ pub struct UpArgs {
     /// NFS port of the share (ReadWriteMany).
     #[arg(long, default_value_t = 2049)]
     pub share_port: u16,
+    /// Create the volume from this backup (a backup URL, or a name in the configured
+    /// backup target) before serving it; ignored when the volume already exists.
+    #[arg(long)]
+    pub from_backup: Option<String>,
 }
 
 struct Proc {
@@ -151,6 +155,9 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     let exe = std::env::current_exe().context("finding the longhorn executable")?;
     let vol_dir = a.data_dir.join(&a.volume);
     let log_dir = vol_dir.join("logs");
+    if let Some(b) = a.from_backup.clone().or(spec.from_backup.clone()).filter(|b| !b.is_empty()) {
+        crate::backup::restore_for_up(&b, &a.data_dir, &a.volume, replicas, a.size)?;
+    }
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     let jobs_file = vol_dir.join("jobs.json");
     if let Some(j) = &spec.recurring_jobs {
