@@ -377,12 +377,12 @@ impl Scheduler {
 
     /// Removes this job's oldest snapshots beyond `retain`, never anyone else's.
     fn retain_snapshots(&self, vol: &Arc<Volume>, spec: &RecurringJob) -> Result<Vec<String>, String> {
-        let mut mine: Vec<_> = vol
+        // The list is in chain order, oldest first: the truth even when creation times tie.
+        let mine: Vec<_> = vol
             .snapshot_list()?
             .into_iter()
-            .filter(|s| s.labels.get(LABEL) == Some(&spec.name))
+            .filter(|s| s.labels.get(LABEL) == Some(&spec.name) && s.in_chain)
             .collect();
-        mine.sort_by(|a, b| (a.created.clone(), a.name.clone()).cmp(&(b.created.clone(), b.name.clone())));
         let live = mine.iter().filter(|s| !s.removed).count();
         let mut excess = live.saturating_sub(spec.retain as usize);
         let mut removed = Vec::new();

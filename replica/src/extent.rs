@@ -50,8 +50,8 @@ impl ExtentMap {
                 }
             }
         }
-        let inside: Vec<u64> = self.map.range(start..end).map(|(&s, _)| s).collect();
-        for s in inside {
+        // Entries starting inside the range: remove them one by one (no allocation).
+        while let Some((&s, _)) = self.map.range(start..end).next() {
             if let Some((e, v)) = self.map.remove(&s) {
                 if e > end {
                     self.map.insert(end, (e, v));
@@ -64,6 +64,13 @@ impl ExtentMap {
     pub fn insert(&mut self, start: u64, end: u64, value: u16) {
         if start >= end {
             return;
+        }
+        // Overwriting what the same layer already holds (the common case for a head
+        // that has been written once) changes nothing.
+        if let Some((&s, &(e, v))) = self.map.range(..=start).next_back() {
+            if s <= start && e >= end && v == value {
+                return;
+            }
         }
         self.remove(start, end);
         let (mut s, mut e) = (start, end);

@@ -105,3 +105,68 @@ fn snapshot_job_keeps_its_newest_and_touches_nothing_else() {
     let (_, ls) = cli(&c, &["job", "ls", "-v", "vol1", "--json"]);
     assert!(ls.contains("\"snap\"") && ls.contains("*/1 * * * *"), "{ls}");
 }
+
+#[test]
+fn backup_job_keeps_one_backup_that_restores_the_latest_content() {
+    assert!(have("nbdcopy") && have("qemu-img"));
+    let mut c = Cluster::without_engine("vol1", 32 * MB, 2);
+    // The engine reads the backup target from the settings file named in its environment.
+    let settings = c.path("settings.json");
+    let store = c.path("store");
+    std::fs::create_dir_all(&store).expect("mkdir");
+    std::fs::write(&settings, format!("{{\"backup-target\":\"file://{}\"}}", store.display())).expect("settings");
+    std::env::set_var("LONGHORN_SETTINGS", &settings);
+    let jobs = c.path("jobs.json").display().to_string();
+    c.engine_extra = vec!["--jobs-file".into(), jobs, "--manual-clock".into(), "2026-01-01T00:00:30Z".into()];
+    c.start_engine();
+    let (ok, out) = cli(&c, &["job", "add", r#"[{"name":"bk","task":"backup","cron":"*/1 * * * *","retain":1}]"#, "-v", "vol1"]);
+    assert!(ok, "{out}");
+    let backups = |c: &Cluster| -> Vec<serde_json::Value> {
+        let o = c.cli(&["backup", "ls", "vol1", "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        v.as_array().expect("array").clone()
+    };
+    for round in 1..=3u8 {
+        write_some(&c, round);
+        let (ok, out) = cli(&c, &["job", "clock", "--advance", "60", "-v", "vol1"]);
+        assert!(ok, "{out}");
+        let (_, ls) = cli(&c, &["job", "ls", "-v", "vol1", "--json"]);
+        assert!(ls.contains("created"), "round {round}: {ls}\nengine log:\n{}", c.engine_log());
+    }
+    let b = backups(&c);
+    assert_eq!(b.len(), 1, "retain 1 keeps one backup: {b:?}");
+    assert_eq!(b[0]["labels"]["RecurringJob"], "bk");
+    // Idle: no new backup.
+    let (ok, out) = cli(&c, &["job", "clock", "--advance", "60", "-v", "vol1"]);
+    assert!(ok, "{out}");
+    let (_, ls) = cli(&c, &["job", "ls", "-v", "vol1"]);
+    assert!(ls.contains("skipped: no new data"), "{ls}");
+    assert_eq!(backups(&c)[0]["name"], b[0]["name"], "an idle volume got a new backup");
+
+    // The backup restores to the latest content.
+    let now = c.path("now.raw");
+    sh(&format!("nbdcopy '{}' '{}'", c.uri(), now.display()));
+    let data = c.path("restored");
+    let o = c.cli(&[
+        "backup", "restore", b[0]["name"].as_str().expect("name"), "--to", "back", "--replicas", "1",
+        "--data-dir", data.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "restore: {}", String::from_utf8_lossy(&o.stderr));
+    let dir = std::fs::read_dir(data.join("back")).expect("restored volume").filter_map(|e| e.ok()).next().expect("a replica dir").path();
+    let (rp, addr) = spawn(
+        &["replica", "serve", "--dir", dir.to_str().expect("utf8"), "--volume", "back", "--size", &(32 * MB).to_string(), "--listen", "127.0.0.1:0"],
+        &c.path("back-r.log"),
+        "listening",
+    )
+    .expect("restored replica serves");
+    let (ep, uri) = spawn(
+        &["engine", "serve", "--volume", "back", "--size", &(32 * MB).to_string(), "--replica", &addr, "--nbd",
+          &format!("unix:{}", c.path("back.nbd").display()), "--run-dir", c.path("run-back").to_str().expect("utf8")],
+        &c.path("back-e.log"),
+        "ready",
+    )
+    .expect("restored engine serves");
+    sh(&format!("qemu-img compare -f raw -F raw '{}' '{}'", now.display(), uri));
+    drop((ep, rp));
+}

@@ -113,7 +113,57 @@ pub fn control(s: &Arc<Scheduler>, cmd: &str, req: &Value) -> std::result::Resul
     }
 }
 
-/// Gives the scheduler its way to take backups.
-pub fn wire_backups(_s: &Arc<Scheduler>) {
-    // Filled in once the backup subsystem is wired to recurring jobs.
+/// Gives the scheduler its way to take backups: to the installation's backup target
+/// (the settings file, read at each run so `backup target` changes apply), with the
+/// engine's own AWS_* environment for S3.
+pub fn wire_backups(s: &Arc<Scheduler>) {
+    s.set_backup(Arc::new(|v, job, labels, retain| run_backup(v, job, labels, retain)));
+}
+
+fn settings_path() -> PathBuf {
+    std::env::var_os("LONGHORN_SETTINGS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/longhorn/settings.json"))
+}
+
+fn run_backup(
+    v: &Arc<longhorn_engine::Volume>,
+    job: &str,
+    labels: &std::collections::HashMap<String, String>,
+    retain: u32,
+) -> std::result::Result<String, String> {
+    use longhorn_engine::backup::{self, target};
+    let url = crate::backup::read_target(&settings_path()).map_err(|e| format!("{e:#}"))?;
+    let env = target::env_from_process();
+    let req = backup::CreateRequest { target: url.clone(), env: env.clone(), labels: labels.clone(), ..Default::default() };
+    let p = backup::start(v, req).map_err(|e| e.to_string())?;
+    let name = p.backup.clone();
+    // Recurring backups run one at a time on the scheduler's thread: wait for this one.
+    let done = loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let st = backup::status(Some(&name));
+        match st.last() {
+            Some(p) if p.state == "in-progress" => continue,
+            Some(p) => break p.clone(),
+            None => return Err(format!("backup {name} vanished from the engine's status")),
+        }
+    };
+    if done.state != "complete" {
+        return Err(format!("backup {name}: {}", done.error));
+    }
+    // Retention: this job's complete backups beyond `retain`, oldest first.
+    let t: Arc<dyn target::BackupTarget> = Arc::from(target::open(&url, &env).map_err(|e| e.to_string())?);
+    let mut mine: Vec<_> = backup::list_backups(t.as_ref(), Some(v.name()))
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|b| b.state == "complete" && b.labels.get(longhorn_engine::jobs::LABEL).map(|s| s.as_str()) == Some(job))
+        // The one just made is kept whatever the clock says (times have 1 s resolution).
+        .filter(|b| b.name != name)
+        .collect();
+    mine.sort_by(|a, b| (a.created.clone(), a.name.clone()).cmp(&(b.created.clone(), b.name.clone())));
+    let excess = mine.len().saturating_sub(retain.saturating_sub(1) as usize);
+    let mut removed = Vec::new();
+    for b in mine.iter().take(excess) {
+        backup::delete_backup(t.clone(), v.name(), &b.name).map_err(|e| format!("retention: deleting {}: {e}", b.name))?;
+        removed.push(b.name.clone());
+    }
+    Ok(if removed.is_empty() { name } else { format!("{name}; removed {}", removed.join(", ")) })
 }
