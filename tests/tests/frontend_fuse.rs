@@ -76,7 +76,12 @@ fn fuse_device_ext4_story_with_replica_kill() {
         sums.push((f.clone(), sh(&format!("sha256sum '{}'", f.display()))));
     }
     sh("sync");
-    // SNAPSHOT HOOK: `longhorn snapshot create` goes here once snapshots land.
+    // A snapshot of the live, mounted volume lands on every replica.
+    let o = c.cli(&["snapshot", "create", "s1", "-v", &c.volume]);
+    assert!(o.status.success(), "snapshot: {}", String::from_utf8_lossy(&o.stderr));
+    for r in &c.replicas {
+        assert!(r.dir.join("volume-snap-s1.img").exists(), "no snapshot layer in {}", r.dir.display());
+    }
 
     // A stop while mounted is refused: the engine keeps serving.
     let pid = c.engine.as_ref().expect("engine").proc.pid();

@@ -24,9 +24,9 @@ fn frontends() -> Vec<String> {
         _ => FRONTENDS.iter().map(|s| s.to_string()).collect(),
     }
 }
-/// Steps every frontend must pass (`snapshot` is a hook that reports SKIP for now).
+/// Steps every frontend must pass.
 const STEPS: &[&str] = &[
-    "engine", "device", "fio_raw", "mkfs", "mount", "files", "kill_replica", "fio_fs", "replica_err", "umount", "e2fsck",
+    "engine", "device", "fio_raw", "mkfs", "mount", "files", "snapshot", "kill_replica", "fio_fs", "replica_err", "umount", "e2fsck",
     "checksums", "refuse_mounted", "stop",
 ];
 /// Steps only one frontend has: ublk checks the queue limits it declares (write-back

@@ -92,9 +92,13 @@ run() {
     for i in 1 2 3; do head -c $((i * 3 * 1048576 + 4321)) /dev/urandom > /tmp/mnt-$F/file$i; done
     sync
     (cd /tmp/mnt-$F && sha256sum file1 file2 file3 > $W/sums) && step files OK || step files FAIL
-    # SNAPSHOT HOOK: once `longhorn snapshot create` is part of the CLI, take one here
-    # and check `longhorn snapshot ls`; until then the step is reported as skipped.
-    step snapshot SKIP "hook only: snapshots are wired in separately"
+    # A snapshot of the live, mounted volume: every replica gets the layer.
+    if $BIN snapshot create snap1 -v vol1 > $W/snap.txt 2>&1 && $BIN snapshot ls -v vol1 --json 2>&1 | grep -q '"snap1"' \
+        && [ -f $W/r0/volume-snap-snap1.img ] && [ -f $W/r1/volume-snap-snap1.img ] && [ -f $W/r2/volume-snap-snap1.img ]; then
+        step snapshot OK "$(cat $W/snap.txt)"
+    else
+        step snapshot FAIL "$(tail -n 2 $W/snap.txt | tr '\n' ' ')"
+    fi
 
     fio --name=fs --filename=/tmp/mnt-$F/fio.dat --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 --size=48M \
         --fsync=64 --verify=crc32c --verify_fatal=1 --verify_state_save=0 --output-format=terse --terse-version=3 > $W/fio-fs.txt 2>&1 &
