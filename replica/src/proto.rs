@@ -371,6 +371,41 @@ mod tests {
         assert!(read_frame(&mut &v[..HEADER_LEN + 2]).is_err());
     }
 
+    /// Untrusted bytes: random and mutated frames must decode or fail, never panic,
+    /// and a frame that decodes must carry a payload matching its checksum.
+    #[test]
+    fn random_and_mutated_frames_never_panic() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut good = Vec::new();
+        put_frame(&mut good, Header::request(Op::Write, 5, 4096, 16), &[7u8; 16]);
+        for i in 0..200_000u32 {
+            let mut v = if i % 2 == 0 {
+                good.clone()
+            } else {
+                (0..(next() % 96) as usize).map(|_| next() as u8).collect()
+            };
+            if !v.is_empty() {
+                for _ in 0..(next() % 4) {
+                    let at = (next() % v.len() as u64) as usize;
+                    v[at] = next() as u8;
+                }
+                if next() % 8 == 0 {
+                    v.truncate((next() % v.len() as u64) as usize);
+                }
+            }
+            if let Ok((h, p)) = read_frame(&mut &v[..]) {
+                assert_eq!(checksum(&p), h.crc);
+                assert_eq!(p.len(), h.payload_len as usize);
+            }
+        }
+    }
+
     #[test]
     fn extents_round_trip() {
         let e = vec![(4096, false), (8192, true)];

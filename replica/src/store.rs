@@ -706,6 +706,8 @@ impl Store {
     }
 
     fn info_inner(&self, mode: &str) -> ReplicaInfo {
+        // Lock order is chain, then meta (chain changes hold both): take the chain first.
+        let chain: Vec<String> = self.chain().layers.iter().rev().map(|l| l.name.clone()).collect();
         let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
         ReplicaInfo {
             volume: self.volume.clone(),
@@ -715,7 +717,7 @@ impl Store {
             was_dirty: self.was_dirty,
             head: m.head.clone(),
             parent: m.parent.clone(),
-            chain: self.chain().layers.iter().rev().map(|l| l.name.clone()).collect(),
+            chain,
             mode: mode.to_string(),
             rebuilding: m.rebuilding,
             progress: Some(self.rebuild_progress()).filter(|p| p.bytes_total > 0 || p.active || !p.error.is_empty()),

@@ -170,3 +170,45 @@ fn damaged_directories_are_refused_untouched() {
         assert_eq!(snapshot_of_dir(&dir), before, "{case}: opening changed the directory");
     }
 }
+
+/// `info` (every handshake) racing `close` (engine stop, SIGTERM) and writes must not
+/// deadlock: chain changes hold the chain lock and then the meta lock, so no one may
+/// take them the other way round.
+#[test]
+fn info_close_and_writes_race_without_deadlock() {
+    let t = tempfile::tempdir().expect("tmp");
+    let dir = t.path().join("r");
+    Store::create(&dir, "v", 4 * MB).expect("create");
+    let s = std::sync::Arc::new(Store::open(&dir, Some("v")).expect("open"));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d2 = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        for _ in 0..400 {
+            if d2.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        eprintln!("deadlock: info/close/write did not finish in 20 s");
+        std::process::abort();
+    });
+    let hs: Vec<_> = (0..3)
+        .map(|k| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for i in 0..3000u64 {
+                    match k {
+                        0 => drop(s.info("RW")),
+                        1 => s.close().expect("close"),
+                        _ => s.write((i % 1000) * 4096, &[k as u8; 4096]).expect("write"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().expect("thread");
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    watchdog.join().expect("watchdog");
+}
