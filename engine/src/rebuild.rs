@@ -22,7 +22,7 @@ impl Volume {
     /// Adds the replica at `addr` and starts rebuilding it. Returns once it receives
     /// writes (WO); the copy runs on in the background.
     pub fn add_replica(self: &Arc<Self>, addr: &str) -> Result<String, String> {
-        let ctl = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let ctl = self.control_guard()?;
         if self.replicas.iter().any(|(_, r)| r.addr == addr && !r.removed() && r.mode() != Mode::ERR) {
             return Err(format!("replica {addr} is already in the volume"));
         }
@@ -111,7 +111,7 @@ impl Volume {
 
     /// Takes the replica at `addr` out of the volume.
     pub fn remove_replica(&self, addr: &str) -> Result<(), String> {
-        let _ctl = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let _ctl = self.control_guard()?;
         let Some((i, r)) = self.replicas.iter().find(|(_, r)| r.addr == addr && !r.removed()) else {
             return Err(format!("no replica {addr} in volume {}", self.name()));
         };

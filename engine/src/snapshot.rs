@@ -50,6 +50,27 @@ fn exchange(s: &mut TcpStream, addr: &str, op: Op, payload: &[u8]) -> Result<Vec
 }
 
 impl Volume {
+    /// The chain-change lock, waited for a few seconds at most: a rebuild holds it while
+    /// it copies, and a caller is better told so than left hanging.
+    pub(crate) fn control_guard(&self) -> Result<std::sync::MutexGuard<'_, ()>, String> {
+        let t = Instant::now();
+        loop {
+            match self.control.try_lock() {
+                Ok(g) => return Ok(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if t.elapsed() < Duration::from_secs(5) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    return Err(format!(
+                        "volume {}: another chain change (a rebuild copying data, a snapshot or a removal) is in progress; try again when it is done",
+                        self.name()
+                    ))
+                }
+            }
+        }
+    }
+
     /// Indices of replicas in RW or WO mode.
     fn writable_replicas(&self) -> Vec<usize> {
         (0..self.replicas.len()).filter(|&i| matches!(self.mode_of(i), Mode::RW | Mode::WO)).collect()
@@ -103,7 +124,7 @@ impl Volume {
         labels: Option<HashMap<String, String>>,
         user_created: bool,
     ) -> Result<SnapshotResult, String> {
-        let _ctl = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let _ctl = self.control_guard()?;
         self.rotate(name, labels, user_created, &mut || Ok(()))
     }
 
@@ -202,7 +223,7 @@ impl Volume {
     /// Removes a snapshot on every writable replica (merging its data into its child).
     /// I/O carries on meanwhile.
     pub fn snapshot_remove(&self, name: &str) -> Result<String, String> {
-        let _ctl = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let _ctl = self.control_guard()?;
         if name == "volume-head" {
             return Err("the volume head cannot be removed".into());
         }
@@ -234,7 +255,7 @@ impl Volume {
     /// Reverts the volume to a snapshot. Refused while clients are connected: their
     /// caches would no longer match the device.
     pub fn snapshot_revert(&self, name: &str) -> Result<(), String> {
-        let _ctl = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let _ctl = self.control_guard()?;
         check_name(name)?;
         let n = self.live_session_count();
         if n > 0 {
