@@ -77,9 +77,15 @@ impl Drop for Proc {
 /// Spawns `longhorn ARGS`, stderr to `log`, and waits for a stdout line starting with
 /// `word`. Returns the process and the rest of the line, or the log on failure.
 pub fn spawn(args: &[&str], log: &Path, word: &str) -> Result<(Proc, String), String> {
+    spawn_env(args, log, word, &[])
+}
+
+/// As [`spawn`], with extra environment variables for the child.
+pub fn spawn_env(args: &[&str], log: &Path, word: &str, env: &[(String, String)]) -> Result<(Proc, String), String> {
     let logf = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let mut child = Command::new(bin())
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -126,8 +132,9 @@ pub struct Cluster {
     pub size: u64,
     pub replicas: Vec<Replica>,
     pub engine: Option<Engine>,
-    /// Extra arguments for `engine serve` (set before `start_engine`).
+    /// Extra arguments and environment for `engine serve` (set before `start_engine`).
     pub engine_extra: Vec<String>,
+    pub engine_env: Vec<(String, String)>,
 }
 
 pub const MB: u64 = 1 << 20;
@@ -142,7 +149,7 @@ impl Cluster {
     /// Replicas only; the caller sets `engine_extra` and calls `start_engine`.
     pub fn without_engine(volume: &str, size: u64, n: usize) -> Cluster {
         let tmp = tempfile::Builder::new().prefix("lh-test-").tempdir_in(test_root()).expect("tempdir");
-        let mut c = Cluster { tmp, volume: volume.to_string(), size, replicas: Vec::new(), engine: None, engine_extra: Vec::new() };
+        let mut c = Cluster { tmp, volume: volume.to_string(), size, replicas: Vec::new(), engine: None, engine_extra: Vec::new(), engine_env: Vec::new() };
         for i in 0..n {
             c.add_replica(&format!("r{i}"));
         }
@@ -202,7 +209,8 @@ impl Cluster {
         let args = self.engine_args();
         let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let n = std::fs::read_dir(self.tmp.path()).map(|d| d.count()).unwrap_or(0);
-        let (proc, uri) = spawn(&a, &self.path(&format!("engine-{n}.log")), "ready").expect("engine starts");
+        let (proc, uri) =
+            spawn_env(&a, &self.path(&format!("engine-{n}.log")), "ready", &self.engine_env).expect("engine starts");
         self.engine = Some(Engine { proc, uri, sock: self.path("vol.nbd") });
     }
 

@@ -115,14 +115,18 @@ fn backup_job_keeps_one_backup_that_restores_the_latest_content() {
     let store = c.path("store");
     std::fs::create_dir_all(&store).expect("mkdir");
     std::fs::write(&settings, format!("{{\"backup-target\":\"file://{}\"}}", store.display())).expect("settings");
-    std::env::set_var("LONGHORN_SETTINGS", &settings);
+    c.engine_env = vec![("LONGHORN_SETTINGS".into(), settings.display().to_string())];
     let jobs = c.path("jobs.json").display().to_string();
     c.engine_extra = vec!["--jobs-file".into(), jobs, "--manual-clock".into(), "2026-01-01T00:00:30Z".into()];
     c.start_engine();
     let (ok, out) = cli(&c, &["job", "add", r#"[{"name":"bk","task":"backup","cron":"*/1 * * * *","retain":1}]"#, "-v", "vol1"]);
     assert!(ok, "{out}");
     let backups = |c: &Cluster| -> Vec<serde_json::Value> {
-        let o = c.cli(&["backup", "ls", "vol1", "--json"]);
+        let o = std::process::Command::new(bin())
+            .args(["backup", "ls", "vol1", "--json"])
+            .env("LONGHORN_SETTINGS", c.path("settings.json"))
+            .output()
+            .expect("run");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
         v.as_array().expect("array").clone()
@@ -148,10 +152,12 @@ fn backup_job_keeps_one_backup_that_restores_the_latest_content() {
     let now = c.path("now.raw");
     sh(&format!("nbdcopy '{}' '{}'", c.uri(), now.display()));
     let data = c.path("restored");
-    let o = c.cli(&[
-        "backup", "restore", b[0]["name"].as_str().expect("name"), "--to", "back", "--replicas", "1",
-        "--data-dir", data.to_str().expect("utf8"),
-    ]);
+    let o = std::process::Command::new(bin())
+        .args(["backup", "restore", b[0]["name"].as_str().expect("name"), "--to", "back", "--replicas", "1", "--data-dir"])
+        .arg(&data)
+        .env("LONGHORN_SETTINGS", c.path("settings.json"))
+        .output()
+        .expect("run");
     assert!(o.status.success(), "restore: {}", String::from_utf8_lossy(&o.stderr));
     let dir = std::fs::read_dir(data.join("back")).expect("restored volume").filter_map(|e| e.ok()).next().expect("a replica dir").path();
     let (rp, addr) = spawn(
@@ -169,4 +175,29 @@ fn backup_job_keeps_one_backup_that_restores_the_latest_content() {
     .expect("restored engine serves");
     sh(&format!("qemu-img compare -f raw -F raw '{}' '{}'", now.display(), uri));
     drop((ep, rp));
+}
+
+#[test]
+fn a_failing_job_shows_its_error_and_does_not_stop_the_others() {
+    assert!(have("nbdcopy"));
+    let mut c = Cluster::without_engine("vol1", 32 * MB, 2);
+    // No backup target: the backup job fails at every slot.
+    c.engine_env = vec![("LONGHORN_SETTINGS".into(), c.path("no-settings.json").display().to_string())];
+    let jobs = c.path("jobs.json").display().to_string();
+    c.engine_extra = vec!["--jobs-file".into(), jobs, "--manual-clock".into(), "2026-01-01T00:00:30Z".into()];
+    c.start_engine();
+    let (ok, out) = cli(&c, &["job", "add", SEED, "-v", "vol1"]);
+    assert!(ok, "{out}");
+    for round in 1..=2u8 {
+        write_some(&c, round);
+        let (ok, out) = cli(&c, &["job", "clock", "--advance", "60", "-v", "vol1"]);
+        assert!(ok, "{out}");
+    }
+    let (_, ls) = cli(&c, &["job", "ls", "-v", "vol1", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&ls).expect("json");
+    let job = |n: &str| v.as_array().expect("array").iter().find(|j| j["name"] == n).cloned().expect("job");
+    assert!(job("backup")["last_result"].as_str().unwrap_or("").contains("no backup target"), "{v}");
+    assert!(job("snap")["last_result"].as_str().unwrap_or("").contains("created"), "{v}");
+    assert_eq!(job_snapshots(&c, "snap").len(), 1, "the snapshot job ran, keeping 1");
+    assert!(c.engine_log().contains("recurring job failed"), "the log says so");
 }
