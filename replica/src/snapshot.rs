@@ -50,6 +50,24 @@ pub fn fault(step: &str) {
     }
 }
 
+/// Creates an empty head file of `size` bytes and its meta naming `parent`, both synced.
+fn new_head_file(dir: &Path, name: &str, parent: &str, size: u64, created: &str) -> Result<File, StoreError> {
+    let path = dir.join(name);
+    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(|e| MetaError::io(&path, e))?;
+    f.set_len(size).map_err(|e| MetaError::io(&path, e))?;
+    f.sync_all().map_err(|e| MetaError::io(&path, e))?;
+    DiskMeta {
+        name: name.to_string(),
+        parent: parent.to_string(),
+        removed: false,
+        user_created: false,
+        created: created.to_string(),
+        labels: None,
+    }
+    .store(dir)?;
+    Ok(f)
+}
+
 /// The files of a snapshot made ahead of its commit.
 pub(crate) struct Prepared {
     snap: String,
@@ -234,19 +252,9 @@ impl Store {
         }
         let n = meta::head_number(&old_head).ok_or_else(|| layout_err(&dir.join(&old_head), "head has no number"))?;
         let new_head = meta::head_name(n + 1);
-        let new_head_path = dir.join(&new_head);
         // A head file from an earlier prepare that never committed is not in use.
-        let _ = std::fs::remove_file(&new_head_path);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&new_head_path)
-            .map_err(|e| MetaError::io(&new_head_path, e))?;
-        f.set_len(self.size()).map_err(|e| MetaError::io(&new_head_path, e))?;
-        f.sync_all().map_err(|e| MetaError::io(&new_head_path, e))?;
-        DiskMeta { name: new_head.clone(), parent: snap.clone(), removed: false, user_created: false, created: created.to_string(), labels: None }
-            .store(&dir)?;
+        let _ = std::fs::remove_file(dir.join(&new_head));
+        let f = new_head_file(&dir, &new_head, &snap, self.size(), created)?;
         fault("snapshot:new-head");
         DiskMeta { name: snap.clone(), parent: head_parent, removed: false, user_created, created: created.to_string(), labels }
             .store(&dir)?;
@@ -468,18 +476,7 @@ impl Store {
         let old_head = chain.head().name.clone();
         let n = meta::head_number(&old_head).ok_or_else(|| layout_err(&dir, "head has no number"))?;
         let new_head = meta::head_name(n + 1);
-        let new_head_path = dir.join(&new_head);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&new_head_path)
-            .map_err(|e| MetaError::io(&new_head_path, e))?;
-        f.set_len(self.size()).map_err(|e| MetaError::io(&new_head_path, e))?;
-        f.sync_all().map_err(|e| MetaError::io(&new_head_path, e))?;
-        drop(f);
-        DiskMeta { name: new_head.clone(), parent: snap.clone(), removed: false, user_created: false, created: created.to_string(), labels: None }
-            .store(&dir)?;
+        drop(new_head_file(&dir, &new_head, &snap, self.size(), created)?);
         fault("revert:new-head");
         let mut next: VolumeMeta = vm.clone();
         next.head = new_head.clone();

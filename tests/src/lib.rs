@@ -5,6 +5,8 @@
 //! `target/debug/longhorn`; `tests/run` builds it before running the suite.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -355,4 +357,42 @@ impl ReplicaClient {
             .expect("write");
         assert_eq!(st, 0, "write failed: {}", String::from_utf8_lossy(&p));
     }
+}
+
+/// An independent reader of a layer chain (oldest first): each block comes from the
+/// newest file whose allocation covers it, found with SEEK_DATA/SEEK_HOLE.
+pub fn read_layers(files: &[PathBuf], size: u64) -> Vec<u8> {
+    let mut out = vec![0u8; size as usize];
+    for f in files {
+        let file = std::fs::File::open(f).expect("open layer");
+        let fd = file.as_raw_fd();
+        let mut pos: i64 = 0;
+        loop {
+            // SAFETY: lseek on an fd we own.
+            let d = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if d < 0 || d as u64 >= size {
+                break;
+            }
+            // SAFETY: as above.
+            let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+            let (a, b) = (d as usize, (h as u64).min(size) as usize);
+            file.read_exact_at(&mut out[a..b], a as u64).expect("read layer");
+            pos = h;
+        }
+    }
+    out
+}
+
+/// The chain of replica `dir` up to and including snapshot `name`, oldest first.
+pub fn chain_to(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    let mut cur = format!("volume-snap-{name}.img");
+    while !cur.is_empty() {
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{cur}.meta"))).expect("meta")).expect("json");
+        v.push(dir.join(&cur));
+        cur = m["Parent"].as_str().unwrap_or("").to_string();
+    }
+    v.reverse();
+    v
 }
