@@ -319,14 +319,20 @@ impl Volume {
         self.replicas
             .iter()
             .filter(|(_, r)| !r.removed())
-            .map(|(_, r)| {
-                let mode = r.mode();
+            .map(|(i, r)| {
+                let mut mode = r.mode();
                 let info = if mode == Mode::ERR {
                     None
                 } else {
-                    replica_conn::call(&r.addr, &self.name, self.size, longhorn_replica::proto::Op::Info, b"")
-                        .ok()
-                        .and_then(|p| serde_json::from_slice::<longhorn_replica::proto::ReplicaInfo>(&p).ok())
+                    match replica_conn::call(&r.addr, &self.name, self.size, longhorn_replica::proto::Op::Info, b"") {
+                        Ok(p) => serde_json::from_slice::<longhorn_replica::proto::ReplicaInfo>(&p).ok(),
+                        Err(e) => {
+                            // A replica that died while no I/O ran is found out here.
+                            self.fail_replica(i, &format!("not reachable: {e}"));
+                            mode = r.mode();
+                            None
+                        }
+                    }
                 };
                 let progress = info.as_ref().and_then(|i| i.progress.clone());
                 ReplicaStatus {

@@ -87,7 +87,8 @@ fn kill_one_of_three_replicas_during_fio() {
     require(&["fio"]);
     let mut c = Cluster::new("vol1", 256 * MB, 3);
     let uri = c.uri();
-    let fio_thread = std::thread::spawn(move || fio_verify(&uri, 2, 96, ""));
+    // Rate-limited so the kill lands mid-run on any machine (about 5 s of writes).
+    let fio_thread = std::thread::spawn(move || fio_verify(&uri, 2, 96, "--rate_iops=5000"));
     std::thread::sleep(Duration::from_millis(1500));
     c.replicas[1].proc.kill9();
     let (ok, errs, out) = fio_thread.join().expect("fio thread");
