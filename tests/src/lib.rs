@@ -396,3 +396,18 @@ pub fn chain_to(dir: &Path, name: &str) -> Vec<PathBuf> {
     v.reverse();
     v
 }
+
+/// A path the test VM can see. The VM shares the host's root read-only but mounts fresh
+/// tmpfs over /tmp and /run, so a checkout or binary under those (a CI clone in /tmp,
+/// say) is copied to a staging directory under /var/cache first.
+pub fn vm_visible(path: &Path) -> PathBuf {
+    let hidden = path.starts_with("/tmp") || path.starts_with("/run");
+    if !hidden {
+        return path.to_path_buf();
+    }
+    let stage = Path::new("/var/cache/longhorn-vm/stage").join(std::process::id().to_string());
+    std::fs::create_dir_all(&stage).expect("VM staging directory");
+    let dst = stage.join(path.file_name().expect("a file name"));
+    std::fs::copy(path, &dst).unwrap_or_else(|e| panic!("staging {} for the VM: {e}", path.display()));
+    dst
+}

@@ -37,8 +37,8 @@ fn vm_share_two_kernel_nfs_mounts() {
     let out = String::from_utf8_lossy(&prep.stdout).to_string();
     let get = |k: &str| out.lines().find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string())).unwrap_or_else(|| panic!("prepare.sh printed no {k}: {out}"));
     let (kernel, initrd, moddir) = (get("KERNEL "), get("INITRD "), get("MODDIR "));
-    let bin = bin().canonicalize().expect("longhorn binary path");
-    let script = root().join("tests/vm/share_nfs.sh");
+    let bin = vm_visible(&bin().canonicalize().expect("longhorn binary path"));
+    let script = vm_visible(&root().join("tests/vm/share_nfs.sh"));
     let append = format!(
         "console=ttyS0 quiet loglevel=3 panic=-1 lh.script={} lh.args={} lh.moddir={moddir}",
         script.display(),
