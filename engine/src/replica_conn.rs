@@ -74,6 +74,13 @@ fn call_with_timeout(addr: &str, volume: &str, size: u64, op: Op, payload: &[u8]
     Ok(p)
 }
 
+/// Fills in a header's payload length and CRC.
+pub fn seal(mut h: Header, payload: &[u8]) -> Header {
+    h.payload_len = payload.len() as u32;
+    h.crc = proto::checksum(payload);
+    h
+}
+
 /// The sending half of a data connection, shared by the session's submit path and its
 /// failure handling.
 pub struct ReplicaConn {
@@ -92,12 +99,12 @@ impl ReplicaConn {
         self.stream.try_clone()
     }
 
-    /// Queues a frame; the payload is not copied when it is big (BufWriter passes large
-    /// writes straight through after draining what it holds).
+    /// Queues a frame whose header already carries the payload's length and CRC (see
+    /// [`seal`]: a write fanned out to N replicas is checksummed once, not N times). The
+    /// payload is not copied when it is big (BufWriter passes large writes straight
+    /// through after draining what it holds).
     pub fn send(&self, h: Header, payload: &[u8], push: bool) -> io::Result<()> {
-        let mut h = h;
-        h.payload_len = payload.len() as u32;
-        h.crc = proto::checksum(payload);
+        debug_assert_eq!(h.payload_len as usize, payload.len());
         let hb = h.encode();
         let mut w = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         if payload.len() > w.capacity() - w.buffer().len() {

@@ -197,6 +197,7 @@ impl Inner {
             h.flags |= FLAG_FUA;
         }
         let body: &[u8] = payload.map(|b| &b[..]).unwrap_or(&[]);
+        let h = replica_conn::seal(h, body);
         for i in targets {
             if let Some(c) = self.conns.get(i) {
                 if let Err(e) = c.send(h, body, false) {
@@ -356,7 +357,7 @@ impl Inner {
         }
         for (j, h) in resend {
             if let Some(c) = self.conns.get(j) {
-                if let Err(e) = c.send(h, &[], true) {
+                if let Err(e) = c.send(replica_conn::seal(h, &[]), &[], true) {
                     warn!("re-sending a read to replica {}: {e}", c.addr);
                     self.volume.fail_replica(j, &format!("send failed: {e}"));
                 }

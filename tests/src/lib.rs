@@ -4,6 +4,8 @@
 //! The binary under test is `$LONGHORN_BIN`, else `target/release/longhorn`, else
 //! `target/debug/longhorn`; `tests/run` builds it before running the suite.
 
+pub mod vm;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -397,14 +399,10 @@ pub fn chain_to(dir: &Path, name: &str) -> Vec<PathBuf> {
     v
 }
 
-/// A path the test VM can see. The VM shares the host's root read-only but mounts fresh
-/// tmpfs over /tmp and /run, so a checkout or binary under those (a CI clone in /tmp,
-/// say) is copied to a staging directory under /var/cache first.
-pub fn vm_visible(path: &Path) -> PathBuf {
-    let hidden = path.starts_with("/tmp") || path.starts_with("/run");
-    if !hidden {
-        return path.to_path_buf();
-    }
+/// A copy of `path` the test VM can see and that nothing changes while it runs. The VM
+/// shares the host's root read-only but mounts fresh tmpfs over /tmp and /run (where a
+/// CI clone may live), so copies go to a staging directory under /var/cache.
+pub fn stage_for_vm(path: &Path) -> PathBuf {
     let stage = Path::new("/var/cache/longhorn-vm/stage").join(std::process::id().to_string());
     std::fs::create_dir_all(&stage).expect("VM staging directory");
     let dst = stage.join(path.file_name().expect("a file name"));

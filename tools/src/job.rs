@@ -71,16 +71,9 @@ pub fn run(c: JobCmd) -> Result<()> {
             if v.common.json {
                 print_json(&r);
             } else {
-                let rows: Vec<Vec<String>> = r
-                    .as_array()
-                    .map(|a| a.as_slice())
-                    .unwrap_or(&[])
-                    .iter()
-                    .map(|j| {
-                        let s = |k: &str| j[k].as_str().map(|x| x.to_string()).unwrap_or_else(|| j[k].to_string());
-                        vec![s("name"), s("task"), s("cron"), s("retain"), s("next_run"), s("last_run"), s("last_result")]
-                    })
-                    .collect();
+                let rows = table::rows(&r, |j| {
+                    ["name", "task", "cron", "retain", "next_run", "last_run", "last_result"].map(|k| table::s(j, k)).to_vec()
+                });
                 table::print(&["NAME", "TASK", "CRON", "RETAIN", "NEXT RUN", "LAST RUN", "LAST RESULT"], &rows);
             }
         }

@@ -75,12 +75,7 @@ pub fn run(c: SnapshotCmd) -> Result<()> {
             if v.common.json {
                 print_json(&r);
             } else {
-                let rows: Vec<Vec<String>> = r
-                    .as_array()
-                    .map(|a| a.as_slice())
-                    .unwrap_or(&[])
-                    .iter()
-                    .map(|s| {
+                let rows = table::rows(&r, |s| {
                         let labels = s["labels"]
                             .as_object()
                             .map(|o| {
@@ -104,8 +99,7 @@ pub fn run(c: SnapshotCmd) -> Result<()> {
                             s["removed"].as_bool().unwrap_or(false).to_string(),
                             labels,
                         ]
-                    })
-                    .collect();
+                });
                 table::print(&["NAME", "PARENT", "CHILDREN", "CREATED", "SIZE", "USER-CREATED", "REMOVED", "LABELS"], &rows);
             }
         }

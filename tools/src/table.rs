@@ -21,7 +21,13 @@ pub fn print(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn s(v: &Value, k: &str) -> String {
+/// One row per element of the JSON list `v`.
+pub fn rows(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    v.as_array().map(|a| a.iter().map(row).collect()).unwrap_or_default()
+}
+
+/// A field as a cell: strings as they are, other values as JSON, "-" when absent.
+pub fn s(v: &Value, k: &str) -> String {
     match v.get(k) {
         Some(Value::String(x)) => x.clone(),
         Some(Value::Null) | None => "-".into(),
