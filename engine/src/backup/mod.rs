@@ -116,24 +116,30 @@ pub fn status(name: Option<&str>) -> Vec<Progress> {
         .collect()
 }
 
-/// Longhorn's backup URL: `TARGET?backup=NAME&volume=VOL`.
+/// Longhorn's backup URL: `TARGET?backup=NAME&volume=VOL` (`&backup=...` when the
+/// target URL has a query of its own, as `nfs://...?nfsOptions=...` may).
 pub fn backup_url(target: &str, volume: &str, backup: &str) -> String {
-    format!("{target}?backup={backup}&volume={volume}")
+    let sep = if target.contains('?') { '&' } else { '?' };
+    format!("{target}{sep}backup={backup}&volume={volume}")
 }
 
-/// Splits a backup URL into (target, volume, backup).
+/// Splits a backup URL into (target, volume, backup); the target keeps its other
+/// query parameters.
 pub fn parse_backup_url(url: &str) -> Option<(String, String, String)> {
     let (t, q) = url.split_once('?')?;
     let mut vol = None;
     let mut b = None;
+    let mut rest = Vec::new();
     for kv in q.split('&') {
         match kv.split_once('=') {
             Some(("volume", v)) => vol = Some(v.to_string()),
             Some(("backup", v)) => b = Some(v.to_string()),
+            _ if !kv.is_empty() => rest.push(kv),
             _ => {}
         }
     }
-    Some((t.to_string(), vol?, b?))
+    let target = if rest.is_empty() { t.to_string() } else { format!("{t}?{}", rest.join("&")) };
+    Some((target, vol?, b?))
 }
 
 /// One request on a replica connection of the backup's own.

@@ -259,7 +259,9 @@ pub fn story(c: &mut Cluster, env: &Env, o: &dyn Objects, label: &str) {
     assert!(only1.iter().all(|c| !files.contains(c)), "blocks only the first backup used are gone");
     assert!(keep.iter().all(|c| files.contains(c)), "blocks the others use stay");
     assert!(o.get(&format!("{vdir}/backups/backup_{b1n}.cfg")).is_none());
-    restore_and_compare(env, c, &format!("{}?backup={b3n}&volume={vol}", env.target()), "r3b", &now, size);
+    let t = env.target();
+    let sep = if t.contains('?') { '&' } else { '?' };
+    restore_and_compare(env, c, &format!("{t}{sep}backup={b3n}&volume={vol}"), "r3b", &now, size);
 
     // A corrupted block: the restore fails naming it, and no volume appears.
     let victim = blocks_of(&b3cfg).into_iter().map(|b| b.1).find(|c| c != ZERO_BLOCK).expect("a block");

@@ -1,30 +1,436 @@
-//! `nfs://host:/export/path`: not implemented yet (see the README's Backups section).
+//! `nfs://host:/export/path`: the backupstore on an NFSv4 share, spoken from userspace
+//! with the `nfs-rs` client (NFSv4.1, falling back to 4.0). Nothing is mounted in the
+//! kernel, so an engine needs no NFS client module, no mount privileges and no
+//! mount point that could outlive it.
+//!
+//! URL, as Longhorn writes it: `nfs://HOST:/EXPORT/PATH[?nfsOptions=OPT,OPT...]`.
+//! `HOST:/PATH` and `HOST/PATH` both name the NFSv4 path PATH on HOST. Of the mount
+//! options, `port=N` (default 2049) and `vers=4.0|4.1|4.2` are honoured; the others
+//! Longhorn users write (`soft`, `timeo=`, `retrans=`, `actimeo=`, ...) tune a kernel
+//! mount and mean nothing here, so they are accepted and ignored.
+//!
+//! Invariants:
+//! - An object is written as `NAME.<pid>-<n>.tmp` beside its final name, committed
+//!   to stable storage (WRITE UNSTABLE + COMMIT, verifier checked by nfs-rs) and then
+//!   renamed over NAME, so a reader sees the old object or the new one, never a part.
+//!   Listings skip `*.tmp`, as the file target's do.
+//! - A lost connection (server restarted, TCP reset) drops the mount; the operation is
+//!   retried once on a fresh mount, made within [`RECONNECT_WINDOW`]. Every operation
+//!   here is idempotent, a put included (a put cut short may leave its `.tmp` behind).
 
 use super::BackupTarget;
 use crate::backup::BackupError;
+use nfs_rs::Mount;
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tracing::{debug, warn};
 
-pub struct NfsTarget;
+/// NFSv4 file type of a directory (RFC 7530 `NF4DIR`; NFSv3's `NF3DIR` has the same value).
+const NF4DIR: u32 = 2;
+/// Bounds every operation: an unreachable or hung server fails the backup, it never hangs it.
+const OP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a lost server is waited for before the operation fails (a kernel mount
+/// with Longhorn's default `soft,timeo=300,retry=2` waits about as long).
+const RECONNECT_WINDOW: Duration = Duration::from_secs(30);
+
+pub struct NfsTarget {
+    url: String,
+    /// The URL handed to nfs-rs: `nfs://HOST/PATH?version=..&nfsport=..`.
+    client_url: String,
+    rt: tokio::runtime::Runtime,
+    mount: Mutex<Option<Arc<dyn Mount>>>,
+    /// Directories known to exist, so a put does not walk the path with MKDIRs each time.
+    dirs: Mutex<HashSet<String>>,
+    seq: AtomicU64,
+}
+
+/// What the URL says: host, port, NFSv4 path (starting with `/`), version preference.
+#[derive(Debug, PartialEq)]
+pub struct NfsUrl {
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+    pub versions: String,
+}
+
+pub fn parse_url(url: &str) -> Result<NfsUrl, String> {
+    let rest = url.strip_prefix("nfs://").ok_or("not an nfs:// URL")?;
+    let (loc, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (host, path) = match loc.split_once(":/") {
+        Some((h, p)) => (h, format!("/{p}")),
+        None => match loc.split_once('/') {
+            Some((h, p)) => (h, format!("/{p}")),
+            None => return Err("expected nfs://HOST:/EXPORT/PATH".into()),
+        },
+    };
+    if host.is_empty() {
+        return Err("the server is missing (nfs://HOST:/EXPORT/PATH)".into());
+    }
+    if host.contains(':') && !host.starts_with('[') {
+        return Err(format!("{host:?} is not a host name; give the port as ?nfsOptions=port=N"));
+    }
+    let mut port = 2049u16;
+    let mut versions = "4.1,4.0".to_string();
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        if k != "nfsOptions" {
+            return Err(format!("unknown URL parameter {k:?} (only nfsOptions=...)"));
+        }
+        for opt in v.split(',').filter(|s| !s.is_empty()) {
+            match opt.split_once('=') {
+                Some(("port", p)) => {
+                    port = p.parse().ok().filter(|p| *p != 0).ok_or_else(|| format!("nfsOptions port={p:?} is not a port"))?
+                }
+                Some(("vers" | "nfsvers", v)) => {
+                    versions = match v {
+                        "4" => "4.1,4.0".into(),
+                        "4.0" | "4.1" | "4.2" => v.into(),
+                        _ => return Err(format!("nfsOptions vers={v:?}: only NFSv4 (4, 4.0, 4.1, 4.2) is spoken")),
+                    }
+                }
+                _ => debug!(option = opt, "nfs mount option has no meaning for a userspace client; ignored"),
+            }
+        }
+    }
+    let path = path.trim_end_matches('/').to_string();
+    let path = if path.is_empty() { "/".to_string() } else { path };
+    if path.split('/').any(|c| c == "..") {
+        return Err("the path must not contain ..".into());
+    }
+    Ok(NfsUrl { host: host.to_string(), port, path, versions })
+}
+
+fn join(a: &str, b: &str) -> String {
+    let b = b.trim_matches('/');
+    match (a.trim_end_matches('/'), b) {
+        (a, "") => if a.is_empty() { "/".into() } else { a.to_string() },
+        (a, b) => format!("{a}/{b}"),
+    }
+}
 
 impl NfsTarget {
     pub fn new(url: &str) -> Result<NfsTarget, BackupError> {
-        Err(BackupError::Invalid(format!(
-            "backup target {url:?}: nfs:// is not supported by this build yet; mount the share and use file:///MOUNTPOINT"
-        )))
+        let u = parse_url(url).map_err(|w| BackupError::Invalid(format!("backup target {url:?}: {w}")))?;
+        // A root client may take a reserved source port, which servers exporting with
+        // `secure` (Linux's default) require; anyone else asks for an ordinary one.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let noresv = unsafe { libc::geteuid() } != 0;
+        let client_url = format!("nfs://{}{}?version={}&nfsport={}&noresvport={noresv}", u.host, u.path, u.versions, u.port);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("nfs-target")
+            .enable_all()
+            .build()
+            .map_err(|e| BackupError::Failed(format!("backup target {url:?}: cannot start the NFS client runtime: {e}")))?;
+        Ok(NfsTarget {
+            url: url.to_string(),
+            client_url,
+            rt,
+            mount: Mutex::new(None),
+            dirs: Mutex::new(HashSet::new()),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    fn err(&self, object: &str, e: impl std::fmt::Display) -> BackupError {
+        BackupError::Target { target: self.url.clone(), object: object.to_string(), what: e.to_string() }
+    }
+
+    fn map(&self, object: &str, e: nfs_rs::NfsError) -> BackupError {
+        if e.is_not_found() {
+            BackupError::NotFound { target: self.url.clone(), object: object.to_string() }
+        } else {
+            self.err(object, format!("NFS: {e}"))
+        }
+    }
+
+    fn mount(&self, object: &str) -> Result<Arc<dyn Mount>, BackupError> {
+        let mut g = self.mount.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = g.as_ref() {
+            return Ok(m.clone());
+        }
+        let r = self.rt.block_on(async { tokio::time::timeout(OP_TIMEOUT, nfs_rs::parse_url_and_mount(&self.client_url)).await });
+        let m: Arc<dyn Mount> = match r {
+            Ok(Ok(m)) => Arc::from(m),
+            Ok(Err(e)) => return Err(self.err(object, format!("cannot mount over NFSv4 ({}): {e}", self.client_url))),
+            Err(_) => return Err(self.err(object, format!("no answer from the NFS server within {OP_TIMEOUT:?}"))),
+        };
+        debug!(target = %self.url, version = ?m.version(), max_write = m.get_max_write_size(), "NFS backup target mounted");
+        *g = Some(m.clone());
+        Ok(m)
+    }
+
+    fn forget_mount(&self) {
+        self.mount.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Runs `op` on the mount, bounded in time; retried once on a fresh mount when the
+    /// connection was lost.
+    fn run<T, F, Fut>(&self, object: &str, op: F) -> Result<T, BackupError>
+    where
+        F: Fn(Arc<dyn Mount>) -> Fut,
+        Fut: Future<Output = Result<T, nfs_rs::NfsError>>,
+    {
+        for attempt in 0..2 {
+            let m = self.mount(object)?;
+            match self.rt.block_on(async { tokio::time::timeout(OP_TIMEOUT, op(m)).await }) {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if attempt == 0 && e.is_connection_lost() => {
+                    warn!(target = %self.url, object, "NFS connection lost ({e}); mounting again");
+                    self.forget_mount();
+                    self.remount(object)?;
+                }
+                Ok(Err(e)) => return Err(self.map(object, e)),
+                Err(_) => {
+                    self.forget_mount();
+                    return Err(self.err(object, format!("no answer from the NFS server within {OP_TIMEOUT:?}")));
+                }
+            }
+        }
+        Err(self.err(object, "NFS connection lost twice"))
+    }
+
+    /// Mounts again after a lost connection, trying for [`RECONNECT_WINDOW`]: a server
+    /// that restarts (or fails over) within it does not fail the backup.
+    fn remount(&self, object: &str) -> Result<(), BackupError> {
+        let t = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.mount(object) {
+                Ok(_) => return Ok(()),
+                Err(e) if t.elapsed() >= RECONNECT_WINDOW => return Err(e),
+                Err(e) => {
+                    debug!(target = %self.url, "NFS server not back yet: {e}");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Makes every directory from the root down to `dir` (a path relative to the root).
+    fn make_dirs(&self, dir: &str) -> Result<(), BackupError> {
+        let mut cur = String::new();
+        for c in dir.split('/').filter(|c| !c.is_empty()) {
+            cur = if cur.is_empty() { c.to_string() } else { format!("{cur}/{c}") };
+            if self.dirs.lock().unwrap_or_else(|p| p.into_inner()).contains(&cur) {
+                continue;
+            }
+            let full = self.path(&cur);
+            self.run(&cur, |m| {
+                let full = full.clone();
+                async move {
+                    match m.mkdir_path(&full, 0o755).await {
+                        Ok(_) => Ok(()),
+                        Err(e) if e.is_exist() => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+            })?;
+            self.dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(cur.clone());
+        }
+        Ok(())
+    }
+
+    /// The NFS path of object `p`, relative to the mounted path (nfs-rs resolves paths
+    /// from the mounted directory).
+    fn path(&self, p: &str) -> String {
+        join("/", p)
+    }
+
+    fn try_put(&self, p: &str, data: &[u8]) -> Result<(), BackupError> {
+        let (dir, _) = p.trim_start_matches('/').rsplit_once('/').unwrap_or(("", p));
+        self.make_dirs(dir)?;
+        let path = self.path(p);
+        let tmp = format!("{path}.{}-{}.tmp", std::process::id(), self.seq.fetch_add(1, Ordering::Relaxed));
+        let body = bytes::Bytes::copy_from_slice(data);
+        let r = self.run(p, |m| {
+            let (tmp, path, body) = (tmp.clone(), path.clone(), body.clone());
+            async move {
+                let f = m.create_path(&tmp, Some(0o644)).await?;
+                let w = nfs_rs::write_all(&*m, f.fh.clone(), 0, body).await;
+                let c = m.close(f.fh).await;
+                w?;
+                c?;
+                m.rename_path(&tmp, &path).await
+            }
+        });
+        if r.is_err() {
+            let _ = self.run(p, |m| {
+                let tmp = tmp.clone();
+                async move { m.remove_path(&tmp).await }
+            });
+        }
+        r
+    }
+
+    fn read_all(&self, p: &str) -> Result<Vec<u8>, BackupError> {
+        let path = self.path(p);
+        self.run(p, |m| {
+            let path = path.clone();
+            async move {
+                let o = m.lookup_path(&path).await?;
+                let chunk = m.get_max_read_size().clamp(4096, 1 << 20);
+                let mut out = Vec::new();
+                loop {
+                    let b = m.read(o.fh.clone(), out.len() as u64, chunk).await?;
+                    if b.is_empty() {
+                        break;
+                    }
+                    out.extend_from_slice(&b);
+                }
+                Ok(out)
+            }
+        })
+    }
+
+    /// Entries of `dir`: (name, is a directory). A missing directory lists as empty.
+    fn entries(&self, dir: &str) -> Result<Vec<(String, bool)>, BackupError> {
+        use futures::StreamExt;
+        let path = self.path(dir);
+        let r = self.run(dir, |m| {
+            let path = path.clone();
+            async move {
+                let mut s = m.readdirplus_path(&path).await?;
+                let mut v = Vec::new();
+                while let Some(e) = s.next().await {
+                    let e = e?;
+                    if e.file_name == "." || e.file_name == ".." || e.file_name.ends_with(".tmp") {
+                        continue;
+                    }
+                    let is_dir = e.attr.as_ref().is_some_and(|a| a.type_ == NF4DIR);
+                    v.push((e.file_name, is_dir));
+                }
+                Ok(v)
+            }
+        });
+        match r {
+            Err(BackupError::NotFound { .. }) => Ok(Vec::new()),
+            r => r,
+        }
+    }
+
+    fn walk(&self, dir: &str, out: &mut Vec<String>) -> Result<(), BackupError> {
+        for (name, is_dir) in self.entries(dir)? {
+            let p = format!("{}/{name}", dir.trim_end_matches('/'));
+            if is_dir {
+                self.walk(&p, out)?;
+            } else {
+                out.push(p);
+            }
+        }
+        Ok(())
     }
 }
 
 impl BackupTarget for NfsTarget {
-    fn url(&self) -> &str { "" }
-    fn put(&self, _: &str, _: &[u8]) -> Result<(), BackupError> { unreachable_target() }
-    fn get(&self, _: &str) -> Result<Vec<u8>, BackupError> { unreachable_target() }
-    fn exists(&self, _: &str) -> Result<bool, BackupError> { unreachable_target() }
-    fn list(&self, _: &str) -> Result<Vec<String>, BackupError> { unreachable_target() }
-    fn list_all(&self, _: &str) -> Result<Vec<String>, BackupError> { unreachable_target() }
-    fn delete(&self, _: &str) -> Result<(), BackupError> { unreachable_target() }
-    fn check(&self) -> Result<(), BackupError> { unreachable_target() }
-    fn mtime(&self, _: &str) -> Result<Option<std::time::SystemTime>, BackupError> { unreachable_target() }
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn put(&self, p: &str, data: &[u8]) -> Result<(), BackupError> {
+        match self.try_put(p, data) {
+            // Someone removed a directory this client remembered (a `backup rm` through
+            // a kernel mount, say): make it again, once.
+            Err(BackupError::NotFound { .. }) => {
+                self.dirs.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                self.try_put(p, data)
+            }
+            r => r,
+        }
+    }
+
+    fn get(&self, p: &str) -> Result<Vec<u8>, BackupError> {
+        self.read_all(p)
+    }
+
+    fn exists(&self, p: &str) -> Result<bool, BackupError> {
+        match self.mtime(p) {
+            Ok(t) => Ok(t.is_some()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<String>, BackupError> {
+        let mut v: Vec<String> = self.entries(dir)?.into_iter().map(|(n, _)| n).collect();
+        v.sort();
+        Ok(v)
+    }
+
+    fn list_all(&self, dir: &str) -> Result<Vec<String>, BackupError> {
+        let mut v = Vec::new();
+        self.walk(dir.trim_end_matches('/'), &mut v)?;
+        v.sort();
+        Ok(v)
+    }
+
+    fn delete(&self, p: &str) -> Result<(), BackupError> {
+        let path = self.path(p);
+        match self.run(p, |m| {
+            let path = path.clone();
+            async move { m.remove_path(&path).await }
+        }) {
+            Ok(()) | Err(BackupError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn mtime(&self, p: &str) -> Result<Option<SystemTime>, BackupError> {
+        let path = self.path(p);
+        match self.run(p, |m| {
+            let path = path.clone();
+            async move { m.getattr_path(&path).await }
+        }) {
+            Ok(a) => Ok(Some(a.mtime.to_system_time())),
+            Err(BackupError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn check(&self) -> Result<(), BackupError> {
+        let base = crate::backup::store::BASE;
+        self.make_dirs(base)?;
+        let probe = format!("{base}/.probe-{}", std::process::id());
+        self.put(&probe, b"")?;
+        self.delete(&probe)
+    }
 }
 
-fn unreachable_target<T>() -> Result<T, BackupError> {
-    Err(BackupError::Invalid("nfs:// is not supported by this build".into()))
+impl Drop for NfsTarget {
+    /// Gives the server its state back (the NFSv4 client ID and session) rather than
+    /// leaving it to expire with the lease.
+    fn drop(&mut self) {
+        if let Some(m) = self.mount.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), m.umount()).await });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = parse_url("nfs://longhorn-test-nfs-svc.default:/opt/backupstore").expect("longhorn form");
+        assert_eq!(u, NfsUrl { host: "longhorn-test-nfs-svc.default".into(), port: 2049, path: "/opt/backupstore".into(), versions: "4.1,4.0".into() });
+        let u = parse_url("nfs://127.0.0.1:/backups/?nfsOptions=soft,timeo=150,port=20490,vers=4.0").expect("options");
+        assert_eq!((u.port, u.path.as_str(), u.versions.as_str()), (20490, "/backups", "4.0"));
+        assert_eq!(parse_url("nfs://h/x").expect("plain").path, "/x");
+        assert_eq!(parse_url("nfs://h:/").expect("root").path, "/");
+        for bad in ["nfs://:/x", "nfs://h", "nfs://h:2049:/x", "nfs://h:/x?nfsOptions=vers=3", "nfs://h:/x?nfsOptions=port=x", "nfs://h:/a/../b", "nfs://h:/x?foo=1"] {
+            assert!(parse_url(bad).is_err(), "{bad} accepted");
+        }
+        // A backup URL keeps the target's own options.
+        let t = "nfs://h:/x?nfsOptions=port=2050";
+        let b = crate::backup::backup_url(t, "vol1", "backup-1");
+        assert_eq!(b, "nfs://h:/x?nfsOptions=port=2050&backup=backup-1&volume=vol1");
+        assert_eq!(crate::backup::parse_backup_url(&b), Some((t.to_string(), "vol1".to_string(), "backup-1".to_string())));
+        assert_eq!(join("/", "a/b"), "/a/b");
+        assert_eq!(join("/", ""), "/");
+    }
 }
