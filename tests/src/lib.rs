@@ -387,8 +387,19 @@ pub fn read_layers(files: &[PathBuf], size: u64) -> Vec<u8> {
 
 /// The chain of replica `dir` up to and including snapshot `name`, oldest first.
 pub fn chain_to(dir: &Path, name: &str) -> Vec<PathBuf> {
+    chain_from(dir, &format!("volume-snap-{name}.img"))
+}
+
+/// The live chain of replica `dir` (up to its head), oldest first.
+pub fn head_chain(dir: &Path) -> Vec<PathBuf> {
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("volume.meta")).expect("volume.meta")).expect("json");
+    chain_from(dir, m["Head"].as_str().expect("Head"))
+}
+
+fn chain_from(dir: &Path, file: &str) -> Vec<PathBuf> {
     let mut v = Vec::new();
-    let mut cur = format!("volume-snap-{name}.img");
+    let mut cur = file.to_string();
     while !cur.is_empty() {
         let m: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{cur}.meta"))).expect("meta")).expect("json");

@@ -1,5 +1,6 @@
 //! `longhorn`: one program for replicas, engines and the operator's commands.
 
+mod autorebuild;
 mod job;
 mod share;
 mod backup;
@@ -378,6 +379,11 @@ fn control_request(v: &Arc<Volume>, req: &Value) -> std::result::Result<Value, S
         }
         other => Err(format!("unknown command {other:?}")),
     }
+}
+
+/// One request to the engine serving `volume`.
+pub(crate) fn control_call(run_dir: &Path, volume: &str, req: &Value) -> std::result::Result<Value, String> {
+    control::call(run_dir, volume, req)
 }
 
 fn call(run_dir: &Path, volume: &str, cmd: &str) -> Result<Value> {

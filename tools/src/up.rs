@@ -13,6 +13,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::autorebuild::Replica;
+
 #[derive(Args)]
 pub struct UpArgs {
     /// The volume's name.
@@ -53,15 +55,25 @@ pub struct UpArgs {
     /// backup target) before serving it; ignored when the volume already exists.
     #[arg(long)]
     pub from_backup: Option<String>,
+    /// Do not bring failed replicas back by themselves (restart on the same directory
+    /// and rebuild online); the operator uses `replica add` instead.
+    #[arg(long)]
+    pub no_auto_rebuild: bool,
+    /// How long a failed replica's directory is worth reusing: minutes as in
+    /// Longhorn's staleReplicaTimeout, or with a unit (90s, 5m, 2h). After it the
+    /// directory is deleted and the replica rebuilt from scratch. Default: the spec's
+    /// staleReplicaTimeout, else 2880 (48 hours, Longhorn's default).
+    #[arg(long)]
+    pub stale_replica_timeout: Option<String>,
 }
 
-struct Proc {
-    name: String,
-    child: Child,
+pub(crate) struct Proc {
+    pub name: String,
+    pub child: Child,
 }
 
 impl Proc {
-    fn stop(&mut self, wait: Duration) {
+    pub fn stop(&mut self, wait: Duration) {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
@@ -84,7 +96,7 @@ impl Proc {
 
 /// Starts `cmd` with stdout piped and stderr to `log`, and waits for a stdout line that
 /// starts with `word`; returns the rest of that line.
-fn spawn_and_wait(name: &str, mut cmd: Command, log: &Path, word: &str) -> Result<(Proc, String)> {
+pub(crate) fn spawn_and_wait(name: &str, mut cmd: Command, log: &Path, word: &str) -> Result<(Proc, String)> {
     let logf: File = OpenOptions::new()
         .create(true)
         .append(true)
@@ -121,7 +133,9 @@ fn spawn_and_wait(name: &str, mut cmd: Command, log: &Path, word: &str) -> Resul
         Ok(Some(v)) => Ok((p, v)),
         Ok(None) | Err(_) => {
             p.stop(Duration::from_secs(2));
-            bail!("{name} did not start; see {}", log.display())
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+            bail!("{name} did not start: {last} (log {})", log.display())
         }
     }
 }
@@ -169,29 +183,44 @@ pub fn run(mut a: UpArgs) -> Result<()> {
         longhorn_replica::meta::write_atomic(&vol_dir.join("spec.json"), &data).context("storing the volume spec")?;
     }
     let size = a.size.to_string();
+    let stale_after = match &a.stale_replica_timeout {
+        Some(t) => crate::autorebuild::parse_timeout(t)?,
+        None => {
+            let m = spec.stale_replica_timeout.or_else(|| crate::autorebuild::stored_timeout(&vol_dir.join("spec.json"))).unwrap_or(2880);
+            Duration::from_secs(m.max(1) * 60)
+        }
+    };
+    let cx = crate::autorebuild::Ctx {
+        exe: &exe,
+        run_dir: &a.run_dir,
+        volume: &a.volume,
+        size: a.size,
+        log_dir: &log_dir,
+        stale_after: Some(stale_after),
+    };
+    let mut reps: Vec<Replica> = Vec::new();
     let mut procs: Vec<Proc> = Vec::new();
-    let mut addrs = Vec::new();
-    let stop_all = |procs: &mut Vec<Proc>| {
-        // Engine first (it flushes and closes the replicas), then the replicas.
+    // Engine (and share) first: the engine flushes and closes the replicas; then they go.
+    let stop_all = |procs: &mut Vec<Proc>, reps: &mut Vec<Replica>| {
         for p in procs.iter_mut().rev() {
             p.stop(Duration::from_secs(30));
         }
+        for r in reps.iter_mut() {
+            r.stop(Duration::from_secs(30));
+        }
     };
     for i in 0..replicas {
-        let dir = vol_dir.join(format!("replica-{i}"));
-        let mut c = Command::new(&exe);
-        c.args(["replica", "serve", "--volume", &a.volume, "--size", &size, "--listen", "127.0.0.1:0", "--dir"]).arg(&dir);
-        match spawn_and_wait(&format!("replica-{i}"), c, &log_dir.join(format!("replica-{i}.log")), "listening") {
-            Ok((p, addr)) => {
-                procs.push(p);
-                addrs.push(addr);
-            }
+        let name = format!("replica-{i}");
+        let dir = vol_dir.join(&name);
+        match crate::autorebuild::start_replica(&cx, &name, &dir) {
+            Ok((p, addr)) => reps.push(Replica::new(name, dir, addr, p)),
             Err(e) => {
-                stop_all(&mut procs);
+                stop_all(&mut procs, &mut reps);
                 return Err(e);
             }
         }
     }
+    let addrs: Vec<String> = reps.iter().map(|r| r.addr.clone()).collect();
     let mut c = Command::new(&exe);
     c.args(["engine", "serve", "--volume", &a.volume, "--size", &size]).arg("--run-dir").arg(&a.run_dir);
     c.arg("--jobs-file").arg(&jobs_file);
@@ -205,7 +234,7 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     let (engine, uri) = match spawn_and_wait("engine", c, &log_dir.join("engine.log"), "ready") {
         Ok(v) => v,
         Err(e) => {
-            stop_all(&mut procs);
+            stop_all(&mut procs, &mut reps);
             return Err(e);
         }
     };
@@ -236,7 +265,7 @@ pub fn run(mut a: UpArgs) -> Result<()> {
                 share = Some(p);
             }
             Err(e) => {
-                stop_all(&mut procs);
+                stop_all(&mut procs, &mut reps);
                 return Err(e);
             }
         }
@@ -253,6 +282,11 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(SIGTERM, stop.clone()).context("signal handler")?;
     signal_hook::flag::register(SIGINT, stop.clone()).context("signal handler")?;
+    let auto_rebuild = !a.no_auto_rebuild;
+    if auto_rebuild {
+        println!("Failed replicas are restarted and rebuilt by themselves (staleReplicaTimeout {}).", human_duration(stale_after));
+    }
+    let mut sup = crate::autorebuild::Supervisor::new();
     let mut failed = None;
     let mut refused_at: Option<Instant> = None;
     loop {
@@ -291,23 +325,25 @@ pub fn run(mut a: UpArgs) -> Result<()> {
                 share = None;
             }
         }
-        let n = procs.len();
-        for (i, p) in procs.iter_mut().enumerate() {
-            if let Ok(Some(st)) = p.child.try_wait() {
-                if i == n - 1 {
-                    failed = Some(format!("the engine exited ({st}); see {}", log_dir.join("engine.log").display()));
-                } else if !p.name.ends_with("(exited)") {
-                    eprintln!("longhorn up: {} exited ({st}); the volume carries on with the others", p.name);
-                    p.name.push_str(" (exited)");
+        if let Some(Ok(Some(st))) = procs.last_mut().map(|e| e.child.try_wait()) {
+            failed = Some(format!("the engine exited ({st}); see {}", log_dir.join("engine.log").display()));
+            break;
+        }
+        if auto_rebuild {
+            sup.tick(&cx, &mut reps);
+        } else {
+            for r in reps.iter_mut() {
+                if let Some(p) = r.proc.as_mut() {
+                    if let Ok(Some(st)) = p.child.try_wait() {
+                        eprintln!("longhorn up: {} exited ({st}); the volume carries on with the others", p.name);
+                        r.proc = None;
+                    }
                 }
             }
         }
-        if failed.is_some() {
-            break;
-        }
     }
     println!("stopping volume {}", a.volume);
-    stop_all(&mut procs);
+    stop_all(&mut procs, &mut reps);
     match failed {
         Some(f) => bail!(f),
         None => {
@@ -322,4 +358,13 @@ fn mounted_on(dev: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let rdev = std::fs::metadata(dev).ok()?.rdev();
     longhorn_frontend::device::mounted_at(rdev as libc::dev_t)
+}
+
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
 }

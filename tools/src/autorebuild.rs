@@ -1,0 +1,216 @@
+//! Automatic rebuild for `longhorn up`: the volume manager watches its replicas and
+//! brings a failed one back without the operator.
+//!
+//! A replica counts as failed when its process has exited, or when the engine lists it
+//! as ERR (an I/O error, a hang past the I/O timeout, a failed rebuild). The manager
+//! then kills the process if it still runs, starts a new one on the same directory
+//! (new port) and adds it to the engine, which rebuilds it online; a returning replica
+//! is sent only the ranges that differ. A replica the operator removed (`replica rm`)
+//! is stopped and no longer managed.
+//!
+//! Tries are spaced by a backoff (1 s doubling to 60 s). When a replica has been failed
+//! for longer than `staleReplicaTimeout` its directory is stale: it is deleted and the
+//! replica is built afresh from a healthy one (a full rebuild). That is done only while
+//! the engine has a healthy (RW) replica to copy from.
+
+use crate::up::{spawn_and_wait, Proc};
+use anyhow::{anyhow, bail, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How often the engine is asked for its replicas' modes.
+const POLL: Duration = Duration::from_secs(2);
+
+pub struct Replica {
+    pub name: String,
+    pub dir: PathBuf,
+    pub addr: String,
+    pub proc: Option<Proc>,
+    failed_since: Option<Instant>,
+    next_try: Instant,
+    backoff: Duration,
+    /// Removed by the operator: left alone.
+    retired: bool,
+}
+
+impl Replica {
+    pub fn new(name: String, dir: PathBuf, addr: String, proc: Proc) -> Replica {
+        Replica { name, dir, addr, proc: Some(proc), failed_since: None, next_try: Instant::now(), backoff: FIRST_BACKOFF, retired: false }
+    }
+
+    pub fn stop(&mut self, wait: Duration) {
+        if let Some(p) = self.proc.as_mut() {
+            p.stop(wait);
+        }
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        match self.proc.as_mut().map(|p| p.child.try_wait()) {
+            None => Some("not running".into()),
+            Some(Ok(Some(st))) => Some(format!("its process exited ({st})")),
+            _ => None,
+        }
+    }
+}
+
+/// What a replica manager needs to start and add replicas.
+pub struct Ctx<'a> {
+    pub exe: &'a Path,
+    pub run_dir: &'a Path,
+    pub volume: &'a str,
+    pub size: u64,
+    pub log_dir: &'a Path,
+    /// `None`: never declare a replica stale.
+    pub stale_after: Option<Duration>,
+}
+
+pub struct Supervisor {
+    last_poll: Option<Instant>,
+}
+
+impl Supervisor {
+    pub fn new() -> Supervisor {
+        Supervisor { last_poll: None }
+    }
+
+    /// One round: looks at every replica and acts on the failed ones whose turn it is.
+    pub fn tick(&mut self, cx: &Ctx, replicas: &mut [Replica]) {
+        if self.last_poll.is_some_and(|t| t.elapsed() < POLL) {
+            return;
+        }
+        self.last_poll = Some(Instant::now());
+        let ls = match crate::control_call(cx.run_dir, cx.volume, &json!({"cmd": "replica-ls"})) {
+            Ok(v) => v,
+            // The engine is busy or stopping; `up` watches the engine itself.
+            Err(_) => return,
+        };
+        let list = ls.as_array().cloned().unwrap_or_default();
+        let healthy = list.iter().filter(|r| r["mode"] == "RW").count();
+        for r in replicas.iter_mut().filter(|r| !r.retired) {
+            // An empty address: this manager took the replica out and has not put it back yet.
+            let entry = list.iter().find(|e| !r.addr.is_empty() && e["address"] == r.addr.as_str());
+            if entry.is_none() && !r.addr.is_empty() {
+                eprintln!("longhorn up: {} ({}) was removed from the volume; stopping it, no longer rebuilt", r.name, r.addr);
+                r.stop(Duration::from_secs(10));
+                r.retired = true;
+                continue;
+            }
+            let why = match (r.exited(), entry) {
+                (Some(why), _) => why,
+                (None, Some(e)) => match e["mode"].as_str() {
+                    Some("RW") => {
+                        if r.failed_since.take().is_some() {
+                            eprintln!("longhorn up: {} ({}) is rebuilt and healthy (RW)", r.name, r.addr);
+                        }
+                        r.backoff = FIRST_BACKOFF;
+                        continue;
+                    }
+                    // Rebuilding: the engine finishes it or marks it ERR.
+                    Some("WO") => continue,
+                    _ => format!("the engine marked it ERR: {}", e["error"].as_str().unwrap_or("")),
+                },
+                (None, None) => "not in the volume".into(),
+            };
+            let since = *r.failed_since.get_or_insert_with(|| {
+                eprintln!("longhorn up: {} ({}) failed: {why}; rebuilding it", r.name, r.addr);
+                Instant::now()
+            });
+            if Instant::now() < r.next_try {
+                continue;
+            }
+            if healthy == 0 {
+                // Nothing to rebuild from; the engine has failed its I/O already.
+                continue;
+            }
+            let stale = cx.stale_after.is_some_and(|t| since.elapsed() >= t);
+            match replace(cx, r, stale) {
+                Ok(()) => eprintln!("longhorn up: {} restarted at {}{}; rebuilding", r.name, r.addr, if stale { " from scratch (stale)" } else { "" }),
+                Err(e) => eprintln!("longhorn up: {}: rebuild attempt failed: {e:#}; next try in {:?}", r.name, r.backoff),
+            }
+            r.next_try = Instant::now() + r.backoff;
+            r.backoff = (r.backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+/// Stops `r`'s process, starts a new one on its directory (emptied first when `stale`)
+/// and adds it to the engine.
+fn replace(cx: &Ctx, r: &mut Replica, stale: bool) -> Result<()> {
+    if let Some(mut p) = r.proc.take() {
+        // A hung replica ignores SIGTERM; `stop` kills it after the wait.
+        p.stop(Duration::from_secs(3));
+    }
+    // The old address leaves the engine's list; the new one takes its place.
+    if !r.addr.is_empty() {
+        let _ = crate::control_call(cx.run_dir, cx.volume, &json!({"cmd": "replica-rm", "address": r.addr}));
+        r.addr.clear();
+    }
+    if stale && r.dir.exists() {
+        eprintln!("longhorn up: {} has been failed longer than staleReplicaTimeout; deleting {}", r.name, r.dir.display());
+        std::fs::remove_dir_all(&r.dir).map_err(|e| anyhow!("deleting the stale replica {}: {e}", r.dir.display()))?;
+    }
+    let (mut p, addr) = start_replica(cx, &r.name, &r.dir)?;
+    if let Err(e) = crate::control_call(cx.run_dir, cx.volume, &json!({"cmd": "replica-add", "address": addr})) {
+        p.stop(Duration::from_secs(3));
+        bail!("adding {addr} to the engine: {e}");
+    }
+    r.proc = Some(p);
+    r.addr = addr;
+    Ok(())
+}
+
+/// Starts `longhorn replica serve` on `dir`, on a free loopback port.
+pub fn start_replica(cx: &Ctx, name: &str, dir: &Path) -> Result<(Proc, String)> {
+    let mut c = std::process::Command::new(cx.exe);
+    c.args(["replica", "serve", "--volume", cx.volume, "--size", &cx.size.to_string(), "--listen", "127.0.0.1:0", "--dir"]).arg(dir);
+    let (p, addr) = spawn_and_wait(name, c, &cx.log_dir.join(format!("{name}.log")), "listening")?;
+    if addr.is_empty() {
+        bail!("{name} did not say where it listens");
+    }
+    Ok((p, addr))
+}
+
+/// `staleReplicaTimeout`: a whole number of minutes as in Longhorn, or a number with a
+/// unit (`90s`, `5m`, `2h`).
+pub fn parse_timeout(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "m"),
+    };
+    let n: u64 = num.parse().map_err(|_| anyhow!("stale replica timeout {s:?}: expected minutes, or a number with s, m or h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        u => bail!("stale replica timeout {s:?}: unknown unit {u:?} (s, m or h)"),
+    };
+    if secs == 0 {
+        bail!("stale replica timeout must be more than 0");
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// The value as stored in a volume spec (`staleReplicaTimeout`, minutes).
+pub fn stored_timeout(spec_file: &Path) -> Option<u64> {
+    let v: Value = serde_json::from_slice(&std::fs::read(spec_file).ok()?).ok()?;
+    v["staleReplicaTimeout"].as_u64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_timeout("30").expect("minutes"), Duration::from_secs(1800));
+        assert_eq!(parse_timeout("90s").expect("seconds"), Duration::from_secs(90));
+        assert_eq!(parse_timeout("2h").expect("hours"), Duration::from_secs(7200));
+        for bad in ["", "0", "5d", "x", "-1"] {
+            assert!(parse_timeout(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
