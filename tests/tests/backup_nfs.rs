@@ -24,7 +24,8 @@ fn free_port() -> u16 {
 }
 
 impl Ganesha {
-    /// Exports `dir` at the NFSv4 path /backups on 127.0.0.1:PORT, NFSv4 only.
+    /// Exports `dir` at the NFSv4 path /backups on 127.0.0.1:PORT, NFSv4 only, and
+    /// read-only at /readonly.
     fn start(c: &Cluster, dir: &Path) -> Ganesha {
         assert!(have("ganesha.nfsd"), "ganesha.nfsd is not installed (tests/run installs nfs-ganesha, nfs-ganesha-vfs)");
         std::fs::create_dir_all(dir).expect("mkdir export");
@@ -39,6 +40,7 @@ impl Ganesha {
                 r#"NFS_CORE_PARAM {{ Protocols = 4; NFS_Port = {port}; Bind_addr = 127.0.0.1; Enable_NLM = false; Enable_RQUOTA = false; Enable_UDP = false; }}
 NFSV4 {{ Graceless = true; Minor_Versions = 0, 1; RecoveryBackend = fs; RecoveryRoot = "{rec}"; Allow_Numeric_Owners = true; Only_Numeric_Owners = true; }}
 EXPORT {{ Export_Id = 1; Path = "{dir}"; Pseudo = "/backups"; Protocols = 4; Transports = TCP; Access_Type = RW; Squash = No_Root_Squash; SecType = sys; FSAL {{ Name = VFS; }} }}
+EXPORT {{ Export_Id = 2; Path = "{dir}"; Pseudo = "/readonly"; Protocols = 4; Transports = TCP; Access_Type = RO; Squash = No_Root_Squash; SecType = sys; FSAL {{ Name = VFS; }} }}
 "#,
                 rec = run.join("recovery").display(),
                 dir = dir.display()
@@ -131,6 +133,14 @@ fn backup_nfs_faults() {
     let e = env.err(&c, &["backup", "create", "-v", "vol3"]);
     assert!(e.contains(&missing), "{e}");
 
+    // A read-only export: refused before anything is written, naming the target.
+    let ro = format!("nfs://127.0.0.1:/readonly?nfsOptions=port={}", g.port);
+    env.ok(&c, &["backup", "target", &ro]);
+    let e = env.err(&c, &["backup", "create", "-v", "vol3"]);
+    assert!(e.contains(&ro) && (e.contains("read-only") || e.contains("permission") || e.contains("access")), "{e}");
+    eprintln!("[nfs] read-only export: {}", e.lines().last().unwrap_or(""));
+    assert_eq!(env.ok(&c, &["snapshot", "ls", "-v", "vol3"]), before);
+
     // A server restarted between backups: the next backup mounts afresh and works.
     env.ok(&c, &["backup", "target", &g.target()]);
     qemu_io(&c.uri(), &["write -P 5 0 4M"]);
@@ -163,11 +173,11 @@ fn backup_nfs_faults() {
     std::thread::sleep(Duration::from_millis(500));
     g.up();
     let out = backup.join().expect("backup thread");
-    eprintln!(
-        "[nfs] backup across a server restart: {} {}",
-        if out.status.success() { "finished" } else { "failed:" },
-        String::from_utf8_lossy(if out.status.success() { &out.stdout } else { &out.stderr }).lines().last().unwrap_or("")
-    );
+    if out.status.success() {
+        eprintln!("[nfs] backup across a server restart: finished");
+    } else {
+        eprintln!("[nfs] backup across a server restart failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+    }
     let log = c.engine_log();
     eprintln!("[nfs] the engine saw the connection drop: {}", log.contains("NFS connection lost"));
     if !out.status.success() {
