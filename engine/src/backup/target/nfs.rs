@@ -163,9 +163,14 @@ impl NfsTarget {
         Ok(m)
     }
 
-    fn forget_mount(&self) {
-        self.mount.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    /// Drops mount `failed` so the next call mounts afresh; a mount another thread
+    /// already made in its place is kept.
+    fn forget_mount(&self, failed: &Arc<dyn Mount>) {
+        let mut g = self.mount.lock().unwrap_or_else(|p| p.into_inner());
+        if g.as_ref().is_some_and(|m| Arc::ptr_eq(m, failed)) {
+            g.take();
+            self.dirs.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
     }
 
     /// Runs `op` on the mount, bounded in time; retried once on a fresh mount when the
@@ -177,16 +182,16 @@ impl NfsTarget {
     {
         for attempt in 0..2 {
             let m = self.mount(object)?;
-            match self.rt.block_on(async { tokio::time::timeout(OP_TIMEOUT, op(m)).await }) {
+            match self.rt.block_on(async { tokio::time::timeout(OP_TIMEOUT, op(m.clone())).await }) {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) if attempt == 0 && e.is_connection_lost() => {
                     warn!(target = %self.url, object, "NFS connection lost ({e}); mounting again");
-                    self.forget_mount();
+                    self.forget_mount(&m);
                     self.remount(object)?;
                 }
                 Ok(Err(e)) => return Err(self.map(object, e)),
                 Err(_) => {
-                    self.forget_mount();
+                    self.forget_mount(&m);
                     return Err(self.err(object, format!("no answer from the NFS server within {OP_TIMEOUT:?}")));
                 }
             }
