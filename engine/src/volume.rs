@@ -348,6 +348,24 @@ impl Volume {
             .collect()
     }
 
+    /// Each replica's address, mode and failure reason as the engine has them, without
+    /// contacting any replica (for a supervisor that polls often).
+    pub fn replica_modes(&self) -> Vec<ReplicaStatus> {
+        self.replicas
+            .iter()
+            .filter(|(_, r)| !r.removed())
+            .map(|(_, r)| ReplicaStatus {
+                address: r.addr.clone(),
+                mode: r.mode(),
+                progress: None,
+                revision: None,
+                head: None,
+                chain: Vec::new(),
+                error: r.reason(),
+            })
+            .collect()
+    }
+
     /// Flushes every healthy replica and tells it the engine is closing cleanly.
     pub fn close(&self) {
         for (_, r) in self.replicas.iter() {

@@ -21,6 +21,10 @@ use std::time::{Duration, Instant};
 
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// A replica must stay RW this long before its backoff starts over: a replica that
+/// fails again right after each rebuild is retried ever more slowly (each add also
+/// takes one of the engine's replica slots for the engine's life).
+const STABLE: Duration = Duration::from_secs(60);
 /// How often the engine is asked for its replicas' modes.
 const POLL: Duration = Duration::from_secs(2);
 
@@ -30,6 +34,7 @@ pub struct Replica {
     pub addr: String,
     pub proc: Option<Proc>,
     failed_since: Option<Instant>,
+    healthy_since: Option<Instant>,
     next_try: Instant,
     backoff: Duration,
     /// Removed by the operator: left alone.
@@ -38,12 +43,24 @@ pub struct Replica {
 
 impl Replica {
     pub fn new(name: String, dir: PathBuf, addr: String, proc: Proc) -> Replica {
-        Replica { name, dir, addr, proc: Some(proc), failed_since: None, next_try: Instant::now(), backoff: FIRST_BACKOFF, retired: false }
+        Replica {
+            name,
+            dir,
+            addr,
+            proc: Some(proc),
+            failed_since: None,
+            healthy_since: None,
+            next_try: Instant::now(),
+            backoff: FIRST_BACKOFF,
+            retired: false,
+        }
     }
 
     pub fn stop(&mut self, wait: Duration) {
         if let Some(p) = self.proc.as_mut() {
-            p.stop(wait);
+            if p.stop(wait) {
+                self.proc = None;
+            }
         }
     }
 
@@ -67,13 +84,17 @@ pub struct Ctx<'a> {
     pub stale_after: Option<Duration>,
 }
 
+#[derive(Default)]
 pub struct Supervisor {
     last_poll: Option<Instant>,
+    /// Addresses to take out of the engine's list (old incarnations of replicas, adds
+    /// that failed halfway); retried until the engine has let go of them.
+    to_remove: Vec<String>,
 }
 
 impl Supervisor {
     pub fn new() -> Supervisor {
-        Supervisor { last_poll: None }
+        Supervisor::default()
     }
 
     /// One round: looks at every replica and acts on the failed ones whose turn it is.
@@ -82,17 +103,27 @@ impl Supervisor {
             return;
         }
         self.last_poll = Some(Instant::now());
-        let ls = match crate::control_call(cx.run_dir, cx.volume, &json!({"cmd": "replica-ls"})) {
+        self.to_remove.retain(|addr| match crate::control_call(cx.run_dir, cx.volume, &json!({"cmd": "replica-rm", "address": addr})) {
+            Ok(_) => false,
+            Err(e) => !e.contains("no replica"),
+        });
+        // The engine's own view, without probing the replicas: a probe that times out
+        // would fail a replica that is merely slow.
+        let ls = match crate::control_call(cx.run_dir, cx.volume, &json!({"cmd": "replica-modes"})) {
             Ok(v) => v,
             // The engine is busy or stopping; `up` watches the engine itself.
             Err(_) => return,
         };
         let list = ls.as_array().cloned().unwrap_or_default();
         let healthy = list.iter().filter(|r| r["mode"] == "RW").count();
-        for r in replicas.iter_mut().filter(|r| !r.retired) {
+        for k in 0..replicas.len() {
+            let r = &mut replicas[k];
+            if r.retired {
+                continue;
+            }
             // An empty address: this manager took the replica out and has not put it back yet.
             let entry = list.iter().find(|e| !r.addr.is_empty() && e["address"] == r.addr.as_str());
-            if entry.is_none() && !r.addr.is_empty() {
+            if entry.is_none() && !r.addr.is_empty() && !self.to_remove.contains(&r.addr) {
                 eprintln!("longhorn up: {} ({}) was removed from the volume; stopping it, no longer rebuilt", r.name, r.addr);
                 r.stop(Duration::from_secs(10));
                 r.retired = true;
@@ -105,7 +136,10 @@ impl Supervisor {
                         if r.failed_since.take().is_some() {
                             eprintln!("longhorn up: {} ({}) is rebuilt and healthy (RW)", r.name, r.addr);
                         }
-                        r.backoff = FIRST_BACKOFF;
+                        let since = *r.healthy_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= STABLE {
+                            r.backoff = FIRST_BACKOFF;
+                        }
                         continue;
                     }
                     // Rebuilding: the engine finishes it or marks it ERR.
@@ -114,6 +148,7 @@ impl Supervisor {
                 },
                 (None, None) => "not in the volume".into(),
             };
+            r.healthy_since = None;
             let since = *r.failed_since.get_or_insert_with(|| {
                 eprintln!("longhorn up: {} ({}) failed: {why}; rebuilding it", r.name, r.addr);
                 Instant::now()
@@ -126,26 +161,39 @@ impl Supervisor {
                 continue;
             }
             let stale = cx.stale_after.is_some_and(|t| since.elapsed() >= t);
-            match replace(cx, r, stale) {
+            match replace(cx, r, stale, &mut self.to_remove) {
                 Ok(()) => eprintln!("longhorn up: {} restarted at {}{}; rebuilding", r.name, r.addr, if stale { " from scratch (stale)" } else { "" }),
                 Err(e) => eprintln!("longhorn up: {}: rebuild attempt failed: {e:#}; next try in {:?}", r.name, r.backoff),
             }
             r.next_try = Instant::now() + r.backoff;
             r.backoff = (r.backoff * 2).min(MAX_BACKOFF);
+            // The new process may have been given the port of another replica's dead
+            // process: that record's address is no longer its own.
+            let addr = replicas[k].addr.clone();
+            for (j, o) in replicas.iter_mut().enumerate() {
+                if j != k && !addr.is_empty() && o.addr == addr {
+                    o.addr.clear();
+                }
+            }
         }
     }
 }
 
 /// Stops `r`'s process, starts a new one on its directory (emptied first when `stale`)
-/// and adds it to the engine.
-fn replace(cx: &Ctx, r: &mut Replica, stale: bool) -> Result<()> {
+/// and adds it to the engine. Addresses the engine must let go of go to `to_remove`.
+fn replace(cx: &Ctx, r: &mut Replica, stale: bool, to_remove: &mut Vec<String>) -> Result<()> {
     if let Some(mut p) = r.proc.take() {
         // A hung replica ignores SIGTERM; `stop` kills it after the wait.
-        p.stop(Duration::from_secs(3));
+        if !p.stop(Duration::from_secs(3)) {
+            r.proc = Some(p);
+            bail!("its old process is still alive; no new one is started on {} until it is gone", r.dir.display());
+        }
     }
     // The old address leaves the engine's list; the new one takes its place.
     if !r.addr.is_empty() {
-        let _ = crate::control_call(cx.run_dir, cx.volume, &json!({"cmd": "replica-rm", "address": r.addr}));
+        if crate::control_call(cx.run_dir, cx.volume, &json!({"cmd": "replica-rm", "address": r.addr})).is_err() {
+            to_remove.push(r.addr.clone());
+        }
         r.addr.clear();
     }
     if stale && r.dir.exists() {
@@ -155,6 +203,8 @@ fn replace(cx: &Ctx, r: &mut Replica, stale: bool) -> Result<()> {
     let (mut p, addr) = start_replica(cx, &r.name, &r.dir)?;
     if let Err(e) = crate::control_call(cx.run_dir, cx.volume, &json!({"cmd": "replica-add", "address": addr})) {
         p.stop(Duration::from_secs(3));
+        // The engine may have taken it in before the failure.
+        to_remove.push(addr.clone());
         bail!("adding {addr} to the engine: {e}");
     }
     r.proc = Some(p);
@@ -182,12 +232,13 @@ pub fn parse_timeout(s: &str) -> Result<Duration> {
         None => (s, "m"),
     };
     let n: u64 = num.parse().map_err(|_| anyhow!("stale replica timeout {s:?}: expected minutes, or a number with s, m or h"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
         u => bail!("stale replica timeout {s:?}: unknown unit {u:?} (s, m or h)"),
     };
+    let secs = n.checked_mul(mult).ok_or_else(|| anyhow!("stale replica timeout {s:?} is too large"))?;
     if secs == 0 {
         bail!("stale replica timeout must be more than 0");
     }

@@ -367,6 +367,8 @@ fn control_request(v: &Arc<Volume>, req: &Value) -> std::result::Result<Value, S
     match req.get("cmd").and_then(|c| c.as_str()).unwrap_or("") {
         "volume-info" => serde_json::to_value(v.status()).map_err(|e| e.to_string()),
         "replica-ls" => serde_json::to_value(v.replica_status()).map_err(|e| e.to_string()),
+        // What the engine already knows, without asking the replicas (no side effects).
+        "replica-modes" => serde_json::to_value(v.replica_modes()).map_err(|e| e.to_string()),
         c if c.starts_with("snapshot-") => snapshot::control(v, c, req),
         c if c.starts_with("backup-") => backup::control(v, c, req),
         "replica-add" | "replica-rm" => {

@@ -73,9 +73,12 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
-    pub fn stop(&mut self, wait: Duration) {
+    /// SIGTERM, then SIGKILL after `wait`. Returns whether the process is gone: one
+    /// in uninterruptible sleep (a hung disk) outlives even SIGKILL for a while, and
+    /// `up` must not block on it.
+    pub fn stop(&mut self, wait: Duration) -> bool {
         if let Ok(Some(_)) = self.child.try_wait() {
-            return;
+            return true;
         }
         // SAFETY: signalling our own child by pid.
         unsafe {
@@ -84,13 +87,21 @@ impl Proc {
         let t = Instant::now();
         while t.elapsed() < wait {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         eprintln!("longhorn up: {} did not stop in {wait:?}; killing it", self.name);
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("longhorn up: {} (pid {}) does not die even on SIGKILL (stuck in the kernel?)", self.name, self.child.id());
+        false
     }
 }
 
