@@ -14,9 +14,10 @@
 //!   to stable storage (WRITE UNSTABLE + COMMIT, verifier checked by nfs-rs) and then
 //!   renamed over NAME, so a reader sees the old object or the new one, never a part.
 //!   Listings skip `*.tmp`, as the file target's do.
-//! - A lost connection (server restarted, TCP reset) drops the mount; the operation is
-//!   retried once on a fresh mount, made within [`RECONNECT_WINDOW`]. Every operation
-//!   here is idempotent, a put included (a put cut short may leave its `.tmp` behind).
+//! - A lost connection (server restarted, TCP reset) drops the mount; new mounts are
+//!   tried for about [`RECONNECT_WINDOW`] and the operation is retried once on the new
+//!   one. Every operation here is idempotent, a put included (a put cut short may leave
+//!   its `.tmp` behind).
 
 use super::BackupTarget;
 use crate::backup::BackupError;
@@ -35,16 +36,29 @@ const OP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a lost server is waited for before the operation fails (a kernel mount
 /// with Longhorn's default `soft,timeo=300,retry=2` waits about as long).
 const RECONNECT_WINDOW: Duration = Duration::from_secs(30);
+/// Bounds one try to mount.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(15);
+/// A failed mount is not tried again for this long; callers get its error at once.
+const MOUNT_RETRY: Duration = Duration::from_millis(500);
+
+/// The current mount, or when and why the last try to make one failed.
+#[derive(Default)]
+struct Mounted {
+    mount: Option<Arc<dyn Mount>>,
+    failed: Option<(Instant, String)>,
+}
 
 pub struct NfsTarget {
     url: String,
     /// The URL handed to nfs-rs: `nfs://HOST/PATH?version=..&nfsport=..`.
     client_url: String,
     rt: tokio::runtime::Runtime,
-    mount: Mutex<Option<Arc<dyn Mount>>>,
+    mount: Mutex<Mounted>,
     /// Directories known to exist, so a put does not walk the path with MKDIRs each time.
     dirs: Mutex<HashSet<String>>,
     seq: AtomicU64,
+    /// Random per target instance, for temporary names.
+    nonce: u64,
 }
 
 /// What the URL says: host, port, NFSv4 path (starting with `/`), version preference.
@@ -70,7 +84,9 @@ pub fn parse_url(url: &str) -> Result<NfsUrl, String> {
         return Err("the server is missing (nfs://HOST:/EXPORT/PATH)".into());
     }
     if host.contains(':') && !host.starts_with('[') {
-        return Err(format!("{host:?} is not a host name; give the port as ?nfsOptions=port=N"));
+        return Err(format!(
+            "{host:?} is not a host name (an IPv6 address goes in brackets; a port goes in ?nfsOptions=port=N)"
+        ));
     }
     let mut port = 2049u16;
     let mut versions = "4.1,4.0".to_string();
@@ -103,6 +119,26 @@ pub fn parse_url(url: &str) -> Result<NfsUrl, String> {
     Ok(NfsUrl { host: host.to_string(), port, path, versions })
 }
 
+/// Percent-encodes a path for the client's URL (it decodes each segment once).
+fn encode_path(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    for b in p.bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}
+
 fn join(a: &str, b: &str) -> String {
     let b = b.trim_matches('/');
     match (a.trim_end_matches('/'), b) {
@@ -118,7 +154,8 @@ impl NfsTarget {
         // `secure` (Linux's default) require; anyone else asks for an ordinary one.
         // SAFETY: geteuid has no preconditions and cannot fail.
         let noresv = unsafe { libc::geteuid() } != 0;
-        let client_url = format!("nfs://{}{}?version={}&nfsport={}&noresvport={noresv}", u.host, u.path, u.versions, u.port);
+        let client_url =
+            format!("nfs://{}{}?version={}&nfsport={}&noresvport={noresv}", u.host, encode_path(&u.path), u.versions, u.port);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("nfs-target")
@@ -129,9 +166,10 @@ impl NfsTarget {
             url: url.to_string(),
             client_url,
             rt,
-            mount: Mutex::new(None),
+            mount: Mutex::new(Mounted::default()),
             dirs: Mutex::new(HashSet::new()),
             seq: AtomicU64::new(0),
+            nonce: random_u64(),
         })
     }
 
@@ -147,19 +185,36 @@ impl NfsTarget {
         }
     }
 
+    /// The mount, made if there is none. One thread mounts while the others wait for
+    /// its result; a failure is handed to every caller for [`MOUNT_RETRY`] instead of
+    /// each of them trying (and waiting) again.
     fn mount(&self, object: &str) -> Result<Arc<dyn Mount>, BackupError> {
         let mut g = self.mount.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = g.as_ref() {
+        if let Some(m) = g.mount.as_ref() {
             return Ok(m.clone());
         }
-        let r = self.rt.block_on(async { tokio::time::timeout(OP_TIMEOUT, nfs_rs::parse_url_and_mount(&self.client_url)).await });
+        if let Some((at, why)) = &g.failed {
+            if at.elapsed() < MOUNT_RETRY {
+                return Err(self.err(object, why));
+            }
+        }
+        let r = self.rt.block_on(async { tokio::time::timeout(MOUNT_TIMEOUT, nfs_rs::parse_url_and_mount(&self.client_url)).await });
         let m: Arc<dyn Mount> = match r {
             Ok(Ok(m)) => Arc::from(m),
-            Ok(Err(e)) => return Err(self.err(object, format!("cannot mount over NFSv4 ({}): {e}", self.client_url))),
-            Err(_) => return Err(self.err(object, format!("no answer from the NFS server within {OP_TIMEOUT:?}"))),
+            Ok(Err(e)) => {
+                let why = format!("cannot mount over NFSv4 ({}): {e}", self.client_url);
+                g.failed = Some((Instant::now(), why.clone()));
+                return Err(self.err(object, why));
+            }
+            Err(_) => {
+                let why = format!("no answer from the NFS server within {MOUNT_TIMEOUT:?}");
+                g.failed = Some((Instant::now(), why.clone()));
+                return Err(self.err(object, why));
+            }
         };
         debug!(target = %self.url, version = ?m.version(), max_write = m.get_max_write_size(), "NFS backup target mounted");
-        *g = Some(m.clone());
+        g.mount = Some(m.clone());
+        g.failed = None;
         Ok(m)
     }
 
@@ -167,8 +222,8 @@ impl NfsTarget {
     /// already made in its place is kept.
     fn forget_mount(&self, failed: &Arc<dyn Mount>) {
         let mut g = self.mount.lock().unwrap_or_else(|p| p.into_inner());
-        if g.as_ref().is_some_and(|m| Arc::ptr_eq(m, failed)) {
-            g.take();
+        if g.mount.as_ref().is_some_and(|m| Arc::ptr_eq(m, failed)) {
+            g.mount = None;
             self.dirs.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
     }
@@ -207,7 +262,7 @@ impl NfsTarget {
         loop {
             match self.mount(object) {
                 Ok(_) => return Ok(()),
-                Err(e) if t.elapsed() >= RECONNECT_WINDOW => return Err(e),
+                Err(e) if t.elapsed() + pause >= RECONNECT_WINDOW => return Err(e),
                 Err(e) => {
                     debug!(target = %self.url, "NFS server not back yet: {e}");
                     std::thread::sleep(pause);
@@ -251,7 +306,9 @@ impl NfsTarget {
         let (dir, _) = p.trim_start_matches('/').rsplit_once('/').unwrap_or(("", p));
         self.make_dirs(dir)?;
         let path = self.path(p);
-        let tmp = format!("{path}.{}-{}.tmp", std::process::id(), self.seq.fetch_add(1, Ordering::Relaxed));
+        // Unique across hosts too: the server creates it UNCHECKED (no exclusive create),
+        // so two writers must never share a temporary name.
+        let tmp = format!("{path}.{}-{}-{:016x}.tmp", std::process::id(), self.seq.fetch_add(1, Ordering::Relaxed), self.nonce);
         let body = bytes::Bytes::copy_from_slice(data);
         let r = self.run(p, |m| {
             let (tmp, path, body) = (tmp.clone(), path.clone(), body.clone());
@@ -279,7 +336,7 @@ impl NfsTarget {
             let path = path.clone();
             async move {
                 let o = m.lookup_path(&path).await?;
-                let chunk = m.get_max_read_size().clamp(4096, 1 << 20);
+                let chunk = m.get_max_read_size().clamp(1, 1 << 20);
                 let mut out = Vec::new();
                 loop {
                     let b = m.read(o.fh.clone(), out.len() as u64, chunk).await?;
@@ -307,7 +364,11 @@ impl NfsTarget {
                     if e.file_name == "." || e.file_name == ".." || e.file_name.ends_with(".tmp") {
                         continue;
                     }
-                    let is_dir = e.attr.as_ref().is_some_and(|a| a.type_ == NF4DIR);
+                    let is_dir = match &e.attr {
+                        Some(a) => a.type_ == NF4DIR,
+                        // The server sent no attributes for it: ask.
+                        None => m.getattr_path(&format!("{}/{}", path.trim_end_matches('/'), e.file_name)).await?.type_ == NF4DIR,
+                    };
                     v.push((e.file_name, is_dir));
                 }
                 Ok(v)
@@ -350,7 +411,11 @@ impl BackupTarget for NfsTarget {
     }
 
     fn get(&self, p: &str) -> Result<Vec<u8>, BackupError> {
-        self.read_all(p)
+        match self.read_all(p) {
+            // Renamed over between our LOOKUP and READ: the name now holds the new object.
+            Err(BackupError::Target { what, .. }) if what.contains("stale file handle") => self.read_all(p),
+            r => r,
+        }
     }
 
     fn exists(&self, p: &str) -> Result<bool, BackupError> {
@@ -409,7 +474,7 @@ impl Drop for NfsTarget {
     /// Gives the server its state back (the NFSv4 client ID and session) rather than
     /// leaving it to expire with the lease.
     fn drop(&mut self) {
-        if let Some(m) = self.mount.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(m) = self.mount.get_mut().unwrap_or_else(|p| p.into_inner()).mount.take() {
             let _ = self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), m.umount()).await });
         }
     }
@@ -435,6 +500,7 @@ mod tests {
         let b = crate::backup::backup_url(t, "vol1", "backup-1");
         assert_eq!(b, "nfs://h:/x?nfsOptions=port=2050&backup=backup-1&volume=vol1");
         assert_eq!(crate::backup::parse_backup_url(&b), Some((t.to_string(), "vol1".to_string(), "backup-1".to_string())));
+        assert_eq!(encode_path("/a b/c%d#?"), "/a%20b/c%25d%23%3F");
         assert_eq!(join("/", "a/b"), "/a/b");
         assert_eq!(join("/", ""), "/");
     }
