@@ -28,13 +28,13 @@ pub fn connect(addr: &str, volume: &str, size: u64) -> io::Result<(TcpStream, Re
     proto::put_frame(&mut buf, Header::request(Op::Hello, 0, 0, 0), &hello);
     s.write_all(&buf).map_err(|e| io::Error::new(e.kind(), format!("replica {addr}: handshake: {e}")))?;
     let (h, payload) = proto::read_frame(&mut s).map_err(|e| {
-        let why = match &e {
+        let (kind, why) = match &e {
             proto::FrameError::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                format!("no answer to the handshake within the timeout of {CONNECT_TIMEOUT:?}")
+                (io::ErrorKind::TimedOut, format!("no answer to the handshake within the timeout of {CONNECT_TIMEOUT:?}"))
             }
-            e => e.to_string(),
+            e => (io::ErrorKind::ConnectionAborted, e.to_string()),
         };
-        io::Error::new(io::ErrorKind::ConnectionAborted, format!("replica {addr}: handshake: {why}"))
+        io::Error::new(kind, format!("replica {addr}: handshake: {why}"))
     })?;
     if h.status != 0 {
         return Err(io::Error::new(

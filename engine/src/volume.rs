@@ -326,10 +326,24 @@ impl Volume {
                 } else {
                     match replica_conn::call(&r.addr, &self.name, self.size, longhorn_replica::proto::Op::Info, b"") {
                         Ok(p) => serde_json::from_slice::<longhorn_replica::proto::ReplicaInfo>(&p).ok(),
-                        Err(e) => {
+                        Err(e) if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::ConnectionRefused
+                                | std::io::ErrorKind::ConnectionReset
+                                | std::io::ErrorKind::ConnectionAborted
+                                | std::io::ErrorKind::BrokenPipe
+                                | std::io::ErrorKind::UnexpectedEof
+                        ) =>
+                        {
                             // A replica that died while no I/O ran is found out here.
                             self.fail_replica(i, &format!("not reachable: {e}"));
                             mode = r.mode();
+                            None
+                        }
+                        Err(e) => {
+                            // Slow to answer is not failed: a hung replica is dropped by
+                            // the I/O timeout when a request waits on it.
+                            warn!(replica = %r.addr, "no status from the replica: {e}");
                             None
                         }
                     }
