@@ -90,6 +90,8 @@ pub struct Supervisor {
     /// Addresses to take out of the engine's list (old incarnations of replicas, adds
     /// that failed halfway); retried until the engine has let go of them.
     to_remove: Vec<String>,
+    /// Said once that nothing can be rebuilt while no replica is healthy.
+    said_faulted: bool,
 }
 
 impl Supervisor {
@@ -116,6 +118,10 @@ impl Supervisor {
         };
         let list = ls.as_array().cloned().unwrap_or_default();
         let healthy = list.iter().filter(|r| r["mode"] == "RW").count();
+        if healthy == 0 && !self.said_faulted {
+            eprintln!("longhorn up: volume {} has no healthy replica; nothing can be rebuilt from (faulted)", cx.volume);
+        }
+        self.said_faulted = healthy == 0;
         for k in 0..replicas.len() {
             let r = &mut replicas[k];
             if r.retired {
