@@ -24,6 +24,17 @@ fn up_applies_a_valid_spec_and_refuses_a_bad_one_untouched() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("name") && err.contains("recurringJobs"), "{err}");
     assert!(!data.exists(), "a rejected spec must not create anything");
+    let o = Command::new(bin())
+        .args(["up", "vol1", "--size", "16M", "--frontend", "none", "--stale-replica-timeout", "5d", "--data-dir"])
+        .arg(&data)
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("stale replica timeout") && err.contains("unit"), "{err}");
+    assert!(!data.exists(), "a rejected timeout must not create anything");
 
     let good = t.path().join("good.json");
     std::fs::write(&good, r#"{"numberOfReplicas":"2","staleReplicaTimeout":"30","recurringJobs":"[{\"name\":\"snap\",\"task\":\"snapshot\",\"cron\":\"*/1 * * * *\",\"retain\":1},{\"name\":\"backup\",\"task\":\"backup\",\"cron\":\"*/2 * * * *\",\"retain\":1}]"}"#).expect("w");

@@ -179,6 +179,14 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     a.replicas = Some(replicas);
     let exe = std::env::current_exe().context("finding the longhorn executable")?;
     let vol_dir = a.data_dir.join(&a.volume);
+    // Checked before anything is restored, written or started.
+    let stale_after = match &a.stale_replica_timeout {
+        Some(t) => crate::autorebuild::parse_timeout(t)?,
+        None => {
+            let m = spec.stale_replica_timeout.or_else(|| crate::autorebuild::stored_timeout(&vol_dir.join("spec.json"))).unwrap_or(2880);
+            Duration::from_secs(m.max(1).saturating_mul(60))
+        }
+    };
     let log_dir = vol_dir.join("logs");
     if let Some(b) = a.from_backup.clone().or(spec.from_backup.clone()).filter(|b| !b.is_empty()) {
         crate::backup::restore_for_up(&b, &a.data_dir, &a.volume, replicas, a.size)?;
@@ -194,13 +202,6 @@ pub fn run(mut a: UpArgs) -> Result<()> {
         longhorn_replica::meta::write_atomic(&vol_dir.join("spec.json"), &data).context("storing the volume spec")?;
     }
     let size = a.size.to_string();
-    let stale_after = match &a.stale_replica_timeout {
-        Some(t) => crate::autorebuild::parse_timeout(t)?,
-        None => {
-            let m = spec.stale_replica_timeout.or_else(|| crate::autorebuild::stored_timeout(&vol_dir.join("spec.json"))).unwrap_or(2880);
-            Duration::from_secs(m.max(1) * 60)
-        }
-    };
     let cx = crate::autorebuild::Ctx {
         exe: &exe,
         run_dir: &a.run_dir,
