@@ -139,14 +139,6 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
-fn join(a: &str, b: &str) -> String {
-    let b = b.trim_matches('/');
-    match (a.trim_end_matches('/'), b) {
-        (a, "") => if a.is_empty() { "/".into() } else { a.to_string() },
-        (a, b) => format!("{a}/{b}"),
-    }
-}
-
 impl NfsTarget {
     pub fn new(url: &str) -> Result<NfsTarget, BackupError> {
         let u = parse_url(url).map_err(|w| BackupError::Invalid(format!("backup target {url:?}: {w}")))?;
@@ -299,7 +291,7 @@ impl NfsTarget {
     /// The NFS path of object `p`, relative to the mounted path (nfs-rs resolves paths
     /// from the mounted directory).
     fn path(&self, p: &str) -> String {
-        join("/", p)
+        format!("/{}", p.trim_matches('/'))
     }
 
     fn try_put(&self, p: &str, data: &[u8]) -> Result<(), BackupError> {
@@ -419,10 +411,7 @@ impl BackupTarget for NfsTarget {
     }
 
     fn exists(&self, p: &str) -> Result<bool, BackupError> {
-        match self.mtime(p) {
-            Ok(t) => Ok(t.is_some()),
-            Err(e) => Err(e),
-        }
+        self.mtime(p).map(|t| t.is_some())
     }
 
     fn list(&self, dir: &str) -> Result<Vec<String>, BackupError> {
@@ -501,7 +490,5 @@ mod tests {
         assert_eq!(b, "nfs://h:/x?nfsOptions=port=2050&backup=backup-1&volume=vol1");
         assert_eq!(crate::backup::parse_backup_url(&b), Some((t.to_string(), "vol1".to_string(), "backup-1".to_string())));
         assert_eq!(encode_path("/a b/c%d#?"), "/a%20b/c%25d%23%3F");
-        assert_eq!(join("/", "a/b"), "/a/b");
-        assert_eq!(join("/", ""), "/");
     }
 }
