@@ -6,7 +6,10 @@
 //! (atomics). A request is tracked by id with a bitmask of the replicas it still waits
 //! for:
 //! - a write, write-zeroes, trim or flush completes when that mask is empty, successfully
-//!   if at least one replica applied it (a replica that failed it has been dropped);
+//!   only if at least one replica that was RW when it answered applied it (a replica
+//!   that failed it has been dropped). A WO replica is being rebuilt: its volume.meta
+//!   says Rebuilding and no engine will ever trust it after a restart, so its
+//!   acknowledgement alone would be a promise nothing keeps;
 //! - a read or block-status goes to one RW replica; if that replica is dropped it is
 //!   sent again to another one.
 //! Target selection and insertion happen under the same lock `drop_replica` takes after
@@ -40,7 +43,8 @@ struct Pending {
     offset: u64,
     len: u32,
     waiting: u32,
-    acked: u32,
+    /// Replicas that applied it while RW.
+    acked_rw: u32,
     err: i32,
     started: Instant,
 }
@@ -61,6 +65,15 @@ pub struct EngineSession {
 
 fn bit(i: usize) -> u32 {
     1u32 << i
+}
+
+/// The outcome of a write, zeroing, trim or flush every target has answered or left.
+fn mutate_result(p: &Pending) -> IoResult {
+    if p.acked_rw != 0 {
+        IoResult::Done
+    } else {
+        IoResult::Err(if p.err != 0 { p.err } else { libc::EIO })
+    }
 }
 
 impl EngineSession {
@@ -184,12 +197,13 @@ impl Inner {
                 Kind::Read | Kind::BlockStatus => self.pick_reader(None).into_iter().collect(),
                 _ => (0..self.conns.len()).filter(|&i| self.writable(i)).collect(),
             };
-            if targets.is_empty() {
+            // Nothing is written without a replica that counts (see the module comment).
+            if !targets.iter().any(|&i| self.readable(i)) {
                 drop(ops);
                 return self.done(tag, IoResult::Err(libc::EIO));
             }
             let waiting = targets.iter().fold(0, |m, &i| m | bit(i));
-            ops.insert(id, Pending { tag, kind, offset, len, waiting, acked: 0, err: 0, started: Instant::now() });
+            ops.insert(id, Pending { tag, kind, offset, len, waiting, acked_rw: 0, err: 0, started: Instant::now() });
             targets
         };
         let mut h = Header::request(pop, id, offset, len);
@@ -301,12 +315,14 @@ impl Inner {
             }
             Kind::Mutate | Kind::Flush => {
                 p.waiting &= !bit(idx);
-                p.acked |= bit(idx);
+                if self.volume.mode_of(idx) == Mode::RW {
+                    p.acked_rw |= bit(idx);
+                }
                 if p.waiting == 0 {
-                    let tag = p.tag;
+                    let (tag, r) = (p.tag, mutate_result(p));
                     ops.remove(&h.id);
                     drop(ops);
-                    self.finish(tag, IoResult::Done);
+                    self.finish(tag, r);
                 }
             }
         }
@@ -339,12 +355,7 @@ impl Inner {
                     },
                     Kind::Mutate | Kind::Flush => {
                         if p.waiting == 0 {
-                            let r = if p.acked != 0 {
-                                IoResult::Done
-                            } else {
-                                IoResult::Err(if p.err != 0 { p.err } else { libc::EIO })
-                            };
-                            let tag = p.tag;
+                            let (tag, r) = (p.tag, mutate_result(p));
                             ops.remove(&id);
                             finished.push((tag, r));
                         }

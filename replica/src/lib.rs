@@ -3,6 +3,7 @@
 //! `server`).
 pub mod export;
 pub mod extent;
+pub mod fault;
 pub mod meta;
 pub mod proto;
 pub mod rebuild;

@@ -70,10 +70,18 @@ pub struct VolumeMeta {
     pub volume_name: String,
 }
 
+/// One layer's `.img.meta`. `name` is the layer's file name, the key everywhere (chain
+/// links, listings, the wire). `recorded_name` is the `Name` the file itself carries
+/// when that differs: Longhorn makes a snapshot's meta from the head's, so
+/// `volume-snap-X.img.meta` keeps `"Name":"volume-head-001.img"`; we read that and write
+/// our own snapshot metas the same way.
+/// On the wire (rebuild) it travels with the file's field names plus `RecordedName`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DiskMeta {
     #[serde(rename = "Name")]
     pub name: String,
+    #[serde(rename = "RecordedName", default, skip_serializing_if = "String::is_empty")]
+    pub recorded_name: String,
     #[serde(rename = "Parent")]
     pub parent: String,
     #[serde(rename = "Removed")]
@@ -84,6 +92,86 @@ pub struct DiskMeta {
     pub created: String,
     #[serde(rename = "Labels")]
     pub labels: Option<HashMap<String, String>>,
+}
+
+/// The bytes of an `.img.meta`, field for field as Longhorn writes them.
+#[derive(Serialize, Deserialize)]
+struct DiskMetaFile {
+    #[serde(rename = "Name")]
+    name: String,
+    #[serde(rename = "Parent")]
+    parent: String,
+    #[serde(rename = "Removed")]
+    removed: bool,
+    #[serde(rename = "UserCreated")]
+    user_created: bool,
+    #[serde(rename = "Created")]
+    created: String,
+    #[serde(rename = "Labels")]
+    labels: Option<HashMap<String, String>>,
+}
+
+pub const SNAP_PREFIX: &str = "volume-snap-";
+/// Longest snapshot name; keeps every layer file name well under NAME_MAX (255).
+pub const MAX_SNAPSHOT_NAME: usize = 200;
+
+/// `volume-snap-NAME.img`.
+pub fn snap_file(name: &str) -> String {
+    format!("{SNAP_PREFIX}{name}.img")
+}
+
+/// The user-facing name of a snapshot file (`volume-snap-X.img` -> `X`).
+pub fn snap_name(file: &str) -> Option<&str> {
+    file.strip_prefix(SNAP_PREFIX)?.strip_suffix(".img")
+}
+
+/// Snapshot names: 1-200 characters of `[A-Za-z0-9._-]`, not starting with `.`. With no
+/// `/` and no leading `.`, a name can never leave the replica directory.
+pub fn check_snapshot_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("snapshot name is empty".into());
+    }
+    if name.len() > MAX_SNAPSHOT_NAME {
+        return Err(format!("snapshot name is {} characters long (at most {MAX_SNAPSHOT_NAME})", name.len()));
+    }
+    if name.starts_with('.') {
+        return Err(format!("snapshot name {name:?} starts with '.'"));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("snapshot name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    Head,
+    Snapshot,
+}
+
+/// The only file names a layer may have: `volume-head-NNN.img` exactly as [`head_name`]
+/// writes it, or `volume-snap-<valid snapshot name>.img`. Every name that reaches a path
+/// (from a meta file, volume.meta or a peer) passes through here first.
+pub fn check_layer_name(file: &str) -> Result<LayerKind, String> {
+    if let Some(n) = head_number(file) {
+        if head_name(n) == file {
+            return Ok(LayerKind::Head);
+        }
+        return Err(format!("layer name {file:?} is not written as {:?}", head_name(n)));
+    }
+    match snap_name(file) {
+        Some(s) => check_snapshot_name(s).map(|_| LayerKind::Snapshot).map_err(|e| format!("layer name {file:?}: {e}")),
+        None => Err(format!("layer name {file:?} is neither volume-head-NNN.img nor volume-snap-NAME.img")),
+    }
+}
+
+/// A `Parent` field: empty (the bottom of the chain) or a snapshot layer.
+pub fn check_parent_name(parent: &str) -> Result<(), String> {
+    if parent.is_empty() || check_layer_name(parent) == Ok(LayerKind::Snapshot) {
+        Ok(())
+    } else {
+        Err(format!("Parent {parent:?} is not a snapshot layer name"))
+    }
 }
 
 /// `volume-head-002.img` for 2.
@@ -139,9 +227,10 @@ impl VolumeMeta {
                 format!("Size {} is not a multiple of SectorSize {}", m.size, m.sector_size),
             ));
         }
-        if head_number(&m.head).is_none() {
+        if check_layer_name(&m.head) != Ok(LayerKind::Head) {
             return Err(MetaError::corrupt(&path, format!("Head {:?} is not a volume-head-NNN.img name", m.head)));
         }
+        check_parent_name(&m.parent).map_err(|e| MetaError::corrupt(&path, e))?;
         Ok(m)
     }
 
@@ -157,18 +246,46 @@ impl DiskMeta {
         dir.join(format!("{img}.meta"))
     }
 
+    /// Reads the meta of layer `img`. `img` must be a layer name (so no path can come
+    /// of it); a snapshot's meta may carry the head name Longhorn leaves in it.
     pub fn load(dir: &Path, img: &str) -> Result<DiskMeta, MetaError> {
+        let kind = check_layer_name(img).map_err(|e| MetaError::corrupt(dir, e))?;
         let path = Self::path(dir, img);
-        let m: DiskMeta = read_json(&path)?;
-        if m.name != img {
+        let m: DiskMetaFile = read_json(&path)?;
+        let recorded_name = if m.name == img {
+            String::new()
+        } else if kind == LayerKind::Snapshot && check_layer_name(&m.name).is_ok() {
+            m.name
+        } else {
             return Err(MetaError::corrupt(&path, format!("Name {:?} does not match the file name {img:?}", m.name)));
+        };
+        check_parent_name(&m.parent).map_err(|e| MetaError::corrupt(&path, e))?;
+        if m.parent == img {
+            return Err(MetaError::corrupt(&path, "the layer is its own Parent"));
         }
-        Ok(m)
+        Ok(DiskMeta {
+            name: img.to_string(),
+            recorded_name,
+            parent: m.parent,
+            removed: m.removed,
+            user_created: m.user_created,
+            created: m.created,
+            labels: m.labels,
+        })
     }
 
     pub fn store(&self, dir: &Path) -> Result<(), MetaError> {
+        check_layer_name(&self.name).map_err(|e| MetaError::corrupt(dir, e))?;
         let path = Self::path(dir, &self.name);
-        let data = serde_json::to_vec(self).map_err(|e| MetaError::corrupt(&path, e.to_string()))?;
+        let f = DiskMetaFile {
+            name: if self.recorded_name.is_empty() { self.name.clone() } else { self.recorded_name.clone() },
+            parent: self.parent.clone(),
+            removed: self.removed,
+            user_created: self.user_created,
+            created: self.created.clone(),
+            labels: self.labels.clone(),
+        };
+        let data = serde_json::to_vec(&f).map_err(|e| MetaError::corrupt(&path, e.to_string()))?;
         write_atomic(&path, &data)
     }
 }
@@ -224,9 +341,15 @@ mod tests {
     #[test]
     fn longhorn_disk_meta_parses() {
         let s = r#"{"Name":"volume-head-001.img","Parent":"volume-snap-5d40.img","Removed":false,"UserCreated":true,"Created":"2022-02-22T07:36:48Z","Labels":null}"#;
-        let m: DiskMeta = serde_json::from_str(s).expect("parses");
-        assert_eq!(m.parent, "volume-snap-5d40.img");
-        assert_eq!(serde_json::to_string(&m).expect("encodes"), s);
+        let d = tempfile::tempdir().expect("tmp");
+        // As the head's meta, and (Longhorn's way) as the meta of the snapshot it became.
+        for img in ["volume-head-001.img", "volume-snap-s2.img"] {
+            std::fs::write(DiskMeta::path(d.path(), img), s).expect("write");
+            let m = DiskMeta::load(d.path(), img).expect("loads");
+            assert_eq!((m.name.as_str(), m.parent.as_str()), (img, "volume-snap-5d40.img"));
+            m.store(d.path()).expect("store");
+            assert_eq!(std::fs::read_to_string(DiskMeta::path(d.path(), img)).expect("read"), s, "rewritten byte for byte");
+        }
     }
 
     #[test]
@@ -237,6 +360,34 @@ mod tests {
         assert_eq!(parse_revision(Path::new("x"), &b).expect("parses"), 1234);
         assert!(parse_revision(Path::new("x"), &[0u8; 16]).is_err());
         assert!(parse_revision(Path::new("x"), b"12a\0").is_err());
+    }
+
+    #[test]
+    fn layer_names_never_leave_the_directory() {
+        for bad in [
+            "../volume-snap-x.img", "/etc/passwd", "volume-snap-../x.img", "volume-snap-a/b.img", "volume-snap-.img",
+            "volume-snap-.hidden.img", "volume-head-1.img", "volume-head-+01.img", "volume-head-001.img/..", "x.img",
+            "volume-snap-a\0b.img", "",
+        ] {
+            assert!(check_layer_name(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(check_layer_name("volume-head-007.img"), Ok(LayerKind::Head));
+        assert_eq!(check_layer_name("volume-head-1000.img"), Ok(LayerKind::Head));
+        assert_eq!(check_layer_name("volume-snap-3b1f877b-24ba.img"), Ok(LayerKind::Snapshot));
+        assert!(check_layer_name(&snap_file(&"a".repeat(MAX_SNAPSHOT_NAME + 1))).is_err());
+        assert!(check_parent_name("").is_ok());
+        assert!(check_parent_name("volume-head-001.img").is_err());
+        let d = tempfile::tempdir().expect("tmp");
+        let m = |parent: &str| {
+            format!(r#"{{"Name":"volume-head-001.img","Parent":"{parent}","Removed":false,"UserCreated":false,"Created":"","Labels":null}}"#)
+        };
+        std::fs::write(DiskMeta::path(d.path(), "volume-head-001.img"), m("../../etc/shadow")).expect("write");
+        assert!(DiskMeta::load(d.path(), "volume-head-001.img").is_err(), "a Parent that is a path is refused");
+        std::fs::write(DiskMeta::path(d.path(), "volume-head-001.img"), m("")).expect("write");
+        assert!(DiskMeta::load(d.path(), "../volume-head-001.img").is_err());
+        // A head's meta must name the head itself.
+        std::fs::write(DiskMeta::path(d.path(), "volume-head-002.img"), m("")).expect("write");
+        assert!(DiskMeta::load(d.path(), "volume-head-002.img").is_err());
     }
 
     #[test]

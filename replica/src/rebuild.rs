@@ -16,7 +16,7 @@
 //! a later whole-block write drops the held ones it covers. TRIM is skipped while
 //! rebuilding (its result is unspecified anyway).
 
-use crate::meta::{self, DiskMeta, MetaError};
+use crate::meta::{self, DiskMeta, LayerKind, MetaError};
 use crate::proto::{self, Header, Hello, Op};
 use crate::store::{self, Chain, Maps, Store, StoreError, BLOCK};
 use serde::{Deserialize, Serialize};
@@ -128,6 +128,9 @@ impl Store {
     /// Starts a rebuild onto snapshot file `snapshot` (see the module comment).
     pub fn begin_rebuild(&self, b: &BeginRebuild) -> Result<(), StoreError> {
         let dir = self.dir().to_path_buf();
+        if meta::check_layer_name(&b.snapshot) != Ok(LayerKind::Snapshot) {
+            return Err(StoreError::Layout { path: dir, what: format!("RebuildBegin: {:?} is not a snapshot layer name", b.snapshot) });
+        }
         let mut chain = self.chain.write().unwrap_or_else(|p| p.into_inner());
         let mut vm = self.meta.lock().unwrap_or_else(|p| p.into_inner());
         let mut st = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
@@ -142,6 +145,7 @@ impl Store {
         f.set_len(self.size()).map_err(|e| MetaError::io(&path, e))?;
         DiskMeta {
             name: new_head.clone(),
+            recorded_name: String::new(),
             parent: b.snapshot.clone(),
             removed: false,
             user_created: false,
@@ -186,8 +190,25 @@ impl Store {
         }
         hold(offset, a)?;
         hold(b, end)?;
-        // Whole blocks written now supersede held pieces inside them.
-        s.held.retain(|(o, d)| !(*o >= a && *o + d.len() as u64 <= b));
+        // Whole blocks written now supersede what held pieces hold inside them: replayed
+        // later, those bytes would overwrite this newer write. A piece may straddle a
+        // block boundary, so it is cut, not only dropped.
+        let mut kept = Vec::with_capacity(s.held.len());
+        for (o, d) in std::mem::take(&mut s.held) {
+            let e = o + d.len() as u64;
+            if e <= a || o >= b {
+                kept.push((o, d));
+                continue;
+            }
+            if o < a {
+                kept.push((o, d[..(a - o) as usize].to_vec()));
+            }
+            if e > b {
+                kept.push((b, d[(b - o) as usize..].to_vec()));
+            }
+        }
+        s.held = kept;
+        s.held_bytes = s.held.iter().map(|(_, d)| d.len()).sum();
         if s.held_bytes > MAX_HELD_BYTES {
             return Err(io::Error::other("too many partial-block writes held during the rebuild"));
         }
@@ -218,6 +239,7 @@ impl Store {
 
     fn pull_files(&self, req: &SyncRequest, t: Instant) -> Result<(), StoreError> {
         let dir = self.dir().to_path_buf();
+        check_sync_request(req).map_err(|what| StoreError::Layout { path: dir.clone(), what: format!("RebuildSync refused: {what}") })?;
         let want = self.rebuild.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.snapshot.clone());
         match (want, req.files.last()) {
             (Some(w), Some(last)) if last.name == w => {}
@@ -233,6 +255,10 @@ impl Store {
         let mut extents = Vec::new();
         for f in &req.files {
             let e = src.extents(&f.name).map_err(|e| StoreError::Io { path: dir.join(&f.name), offset: 0, source: e })?;
+            check_extents(&e, self.size()).map_err(|what| StoreError::Layout {
+                path: dir.join(&f.name),
+                what: format!("source replica {}: extents of {}: {what}", req.source, f.name),
+            })?;
             extents.push(e);
         }
         {
@@ -320,6 +346,62 @@ impl Store {
     }
 }
 
+/// What a rebuild may be told to copy: snapshot layers only (the head is this replica's
+/// own), forming one chain from the bottom, from a source given as `host:port`. The
+/// request comes from the network, and each name becomes a path here.
+fn check_sync_request(req: &SyncRequest) -> Result<(), String> {
+    check_addr(&req.source)?;
+    if req.files.is_empty() || req.files.len() >= store::MAX_LAYERS {
+        return Err(format!("{} files; a chain has 1 to {} layers below its head", req.files.len(), store::MAX_LAYERS - 1));
+    }
+    let mut parent = "";
+    for f in &req.files {
+        if meta::check_layer_name(&f.name)? != LayerKind::Snapshot {
+            return Err(format!("{:?} is not a snapshot layer; only snapshots are copied", f.name));
+        }
+        if !f.recorded_name.is_empty() {
+            meta::check_layer_name(&f.recorded_name)?;
+        }
+        if f.parent != parent {
+            return Err(format!("{:?} has Parent {:?}, expected {parent:?}: the files are not one chain from the bottom", f.name, f.parent));
+        }
+        parent = &f.name;
+    }
+    Ok(())
+}
+
+/// A replica address: `host:port`, or `[v6]:port`, with a host of letters, digits, `.`,
+/// `-` (or an IPv6 literal) and a non-zero port.
+pub fn check_addr(addr: &str) -> Result<(), String> {
+    if addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.port() != 0) {
+        return Ok(());
+    }
+    let bad = || format!("source address {addr:?} is not host:port");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        && !host.starts_with('-');
+    if port_ok && host_ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+/// Extents from a source: sorted, disjoint, block-aligned, inside the volume.
+fn check_extents(e: &[(u64, u64)], size: u64) -> Result<(), String> {
+    let mut end = 0;
+    for &(a, b) in e {
+        if a < end || a >= b || b > size || a % BLOCK != 0 || (b % BLOCK != 0 && b != size) {
+            return Err(format!("range [{a}, {b}) is not a sorted, block-aligned range inside the volume of {size} bytes"));
+        }
+        end = b;
+    }
+    Ok(())
+}
+
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -333,9 +415,15 @@ struct Source {
 
 impl Source {
     fn connect(addr: &str, volume: &str, size: u64) -> io::Result<Source> {
-        let mut s = TcpStream::connect(addr).map_err(|e| io::Error::new(e.kind(), format!("source replica {addr}: {e}")))?;
+        let sa = std::net::ToSocketAddrs::to_socket_addrs(addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("source replica {addr}: {e}")))?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("source replica {addr} resolves to nothing")))?;
+        let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(5))
+            .map_err(|e| io::Error::new(e.kind(), format!("source replica {addr}: {e}")))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        s.set_write_timeout(Some(Duration::from_secs(60)))?;
         let mut src = Source { s: s.try_clone()?, addr: addr.to_string(), next: 1 };
         let hello = serde_json::to_vec(&Hello { volume: volume.to_string(), size }).map_err(io::Error::other)?;
         let mut b = Vec::new();
@@ -344,6 +432,18 @@ impl Source {
         let (h, p) = proto::read_frame(&mut s).map_err(|e| io::Error::other(format!("source replica {addr}: {e}")))?;
         if h.status != 0 {
             return Err(io::Error::other(format!("source replica {addr} refused: {}", String::from_utf8_lossy(&p))));
+        }
+        // Whatever answers must be a replica of this very volume.
+        let info: proto::ReplicaInfo = serde_json::from_slice(&p)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("source replica {addr}: bad Hello reply: {e}")))?;
+        if info.volume != volume || info.size != size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("source {addr} serves volume {:?} of {} bytes, not {volume:?} of {size}", info.volume, info.size),
+            ));
+        }
+        if info.rebuilding {
+            return Err(io::Error::other(format!("source replica {addr} is itself being rebuilt")));
         }
         src.next = 1;
         Ok(src)

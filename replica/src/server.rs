@@ -14,7 +14,8 @@ use std::io::{self, BufReader, IoSlice, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::os::unix::io::AsRawFd;
+use std::sync::{Arc, Condvar, Mutex};
 use tracing::{debug, info, warn};
 
 /// Payloads at least this big are sent from their own buffer instead of being copied
@@ -33,24 +34,60 @@ struct SyncJob {
     header: Header,
 }
 
-/// The sending half of one connection: replies batched under a lock.
+/// Most reply bytes one connection may have queued before its reader stops taking
+/// requests: a peer that stops reading its replies holds at most this much (plus one
+/// request's reply) of the replica's memory, and stalls only itself.
+const MAX_QUEUED: usize = 64 << 20;
+
+/// The sending half of one connection. Replies are queued under a short lock and sent
+/// by whichever thread finds no one else sending: the connection's own thread (it may
+/// block on its socket: it stalls only its own peer), or the sync thread, which never
+/// blocks on a socket. What the sync thread cannot send at once goes to a helper thread
+/// of this connection, made the first time it is needed.
 struct Out {
     stream: TcpStream,
-    pending: Mutex<Pending>,
+    st: Mutex<OutState>,
+    cv: Condvar,
 }
 
 #[derive(Default)]
-struct Pending {
+struct OutState {
     small: BytesMut,
     segs: Vec<Bytes>,
+    /// Bytes in `small` and `segs`.
+    queued: usize,
+    /// A thread is sending (outside the lock); frames queued meanwhile are its to send.
+    writing: bool,
+    /// Left unsent by the sync thread: the helper's to send.
+    handoff: bool,
+    helper: bool,
+    broken: bool,
+    closed: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum SendMode {
+    /// May wait for the peer to read.
+    Blocking,
+    /// Sends what the socket takes now and hands the rest to the helper.
+    NoWait,
 }
 
 impl Out {
+    fn new(stream: TcpStream) -> Arc<Out> {
+        Arc::new(Out { stream, st: Mutex::new(OutState::default()), cv: Condvar::new() })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn queue(&self, h: Header, payload: Bytes) {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.lock();
         let mut h = h;
         h.payload_len = payload.len() as u32;
         h.crc = proto::checksum(&payload);
+        p.queued += HEADER_LEN + payload.len();
         p.small.extend_from_slice(&h.encode());
         if payload.len() >= BIG {
             let head = p.small.split().freeze();
@@ -61,25 +98,118 @@ impl Out {
         }
     }
 
-    fn flush(&self) -> io::Result<()> {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if !p.small.is_empty() {
-            let rest = p.small.split().freeze();
-            p.segs.push(rest);
+    /// Sends what is queued, unless another thread is sending it already.
+    fn send(self: &Arc<Self>, how: SendMode) -> io::Result<()> {
+        let mut st = self.lock();
+        loop {
+            if st.broken {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the connection failed while sending replies"));
+            }
+            if st.writing {
+                return Ok(());
+            }
+            if !st.small.is_empty() {
+                let rest = st.small.split().freeze();
+                st.segs.push(rest);
+            }
+            if st.segs.is_empty() {
+                return Ok(());
+            }
+            let mut batch = std::mem::take(&mut st.segs);
+            let total: usize = batch.iter().map(|b| b.len()).sum();
+            st.writing = true;
+            drop(st);
+            let r = match how {
+                SendMode::Blocking => write_segments(&self.stream, &mut batch, false),
+                SendMode::NoWait => write_segments(&self.stream, &mut batch, true),
+            };
+            st = self.lock();
+            st.writing = false;
+            let left: usize = batch.iter().map(|b| b.len()).sum();
+            st.queued -= total - left;
+            self.cv.notify_all();
+            if let Err(e) = r {
+                st.broken = true;
+                return Err(e);
+            }
+            if left > 0 {
+                // Frames queued meanwhile come after what is left of ours.
+                batch.append(&mut st.segs);
+                st.segs = batch;
+                st.handoff = true;
+                if !st.helper {
+                    st.helper = true;
+                    let me = self.clone();
+                    let r = std::thread::Builder::new().name("replica-send".into()).spawn(move || me.helper());
+                    if let Err(e) = r {
+                        st.broken = true;
+                        return Err(e);
+                    }
+                }
+                return Ok(());
+            }
         }
-        // The lock is held across the write so frames from two threads never interleave.
-        write_all_vectored(&self.stream, &mut p.segs)
+    }
+
+    /// Sends, blocking, what the sync thread had to leave, until the connection ends.
+    fn helper(self: Arc<Self>) {
+        loop {
+            {
+                let mut st = self.lock();
+                while !(st.handoff && !st.writing) && !st.closed && !st.broken {
+                    st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.closed || st.broken {
+                    return;
+                }
+                st.handoff = false;
+            }
+            if let Err(e) = self.send(SendMode::Blocking) {
+                debug!("cannot send replies: {e}");
+                return;
+            }
+        }
+    }
+
+    /// Waits while more than [`MAX_QUEUED`] bytes of replies wait for the peer.
+    fn wait_room(self: &Arc<Self>) -> io::Result<()> {
+        let mut st = self.lock();
+        while st.queued > MAX_QUEUED && !st.broken {
+            if !st.writing {
+                drop(st);
+                self.send(SendMode::Blocking)?;
+                st = self.lock();
+                continue;
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.cv.notify_all();
+        let _ = self.stream.shutdown(Shutdown::Both);
     }
 }
 
-fn write_all_vectored(mut s: &TcpStream, segs: &mut Vec<Bytes>) -> io::Result<()> {
+/// Writes `segs`, consuming what was sent. With `no_wait`, stops (Ok) when the socket
+/// would block, leaving the rest in `segs`.
+fn write_segments(s: &TcpStream, segs: &mut Vec<Bytes>, no_wait: bool) -> io::Result<()> {
     let mut i = 0;
-    while i < segs.len() {
-        let iov: Vec<IoSlice> = segs[i..].iter().take(64).map(|b| IoSlice::new(b)).collect();
-        let mut n = s.write_vectored(&iov)?;
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed while writing replies"));
+    let r = loop {
+        if i >= segs.len() {
+            break Ok(());
         }
+        let iov: Vec<IoSlice> = segs[i..].iter().take(64).map(|b| IoSlice::new(b)).collect();
+        let n = if no_wait { send_dontwait(s, &iov) } else { (&*s).write_vectored(&iov) };
+        let mut n = match n {
+            Ok(0) => break Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed while writing replies")),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if no_wait && e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+            Err(e) => break Err(e),
+        };
         while n > 0 && i < segs.len() {
             if n >= segs[i].len() {
                 n -= segs[i].len();
@@ -89,9 +219,24 @@ fn write_all_vectored(mut s: &TcpStream, segs: &mut Vec<Bytes>) -> io::Result<()
                 n = 0;
             }
         }
+    };
+    segs.drain(..i);
+    r
+}
+
+/// One `sendmsg` that never waits (the descriptor stays blocking for the connection's
+/// own thread).
+fn send_dontwait(s: &TcpStream, iov: &[IoSlice]) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid; it then points at `iov`, which outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: sendmsg on a socket we own, with a valid msghdr.
+    let n = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
     }
-    segs.clear();
-    Ok(())
+    Ok(n as usize)
 }
 
 fn errno_of(e: &io::Error) -> u32 {
@@ -164,10 +309,10 @@ impl ReplicaServer {
 
     fn connection(&self, stream: TcpStream, peer: &str) -> Result<(), FrameError> {
         stream.set_nodelay(true)?;
-        let out = Arc::new(Out { stream: stream.try_clone()?, pending: Mutex::new(Pending::default()) });
+        let out = Out::new(stream.try_clone()?);
         let mut rd = BufReader::with_capacity(256 * 1024, stream);
         let result = self.conversation(&mut rd, &out, peer);
-        let _ = out.stream.shutdown(Shutdown::Both);
+        out.close();
         result
     }
 
@@ -199,15 +344,16 @@ impl ReplicaServer {
         }
         info!(%peer, volume = %hello.volume, "engine connected");
         out.queue(reply_of(&h), Bytes::from(self.info_json()));
-        out.flush()?;
+        out.send(SendMode::Blocking)?;
 
         let mut buf = BytesMut::new();
         loop {
             let (h, payload) = proto::read_frame(rd)?;
             self.handle(out, h, payload, &mut buf);
             if rd.buffer().len() < HEADER_LEN {
-                out.flush()?;
+                out.send(SendMode::Blocking)?;
             }
+            out.wait_room()?;
         }
     }
 
@@ -215,7 +361,7 @@ impl ReplicaServer {
         let mut r = reply_of(h);
         r.status = libc::EINVAL as u32;
         out.queue(r, Bytes::from(why));
-        out.flush()?;
+        out.send(SendMode::Blocking)?;
         Ok(())
     }
 
@@ -349,7 +495,10 @@ impl ReplicaServer {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("malformed {:?} request: {e}", h.op)))?;
         match h.op {
             Op::FileExtents => self.store.file_extents(&r.file).and_then(|e| serde_json::to_vec(&e).map_err(io::Error::other)).map(Bytes::from),
-            Op::FileRead => self.store.read_file(&r.file, h.offset, h.count as usize).map(Bytes::from),
+            Op::FileRead => {
+                crate::fault::point("rebuild:file-read");
+                self.store.read_file(&r.file, h.offset, h.count as usize).map(Bytes::from)
+            }
             _ => self.store.hash_file(&r.file, h.offset, h.count as usize).map(Bytes::from),
         }
     }
@@ -388,8 +537,9 @@ impl ReplicaServer {
                     outs.push(j.out);
                 }
             }
+            // Never waits on a peer: one that does not read must not stall the others.
             for o in outs {
-                if let Err(e) = o.flush() {
+                if let Err(e) = o.send(SendMode::NoWait) {
                     debug!("cannot send flush replies: {e}");
                 }
             }

@@ -37,18 +37,14 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use tracing::{info, warn};
 
-pub const SNAP_PREFIX: &str = "volume-snap-";
+pub use crate::meta::{snap_file, snap_name, SNAP_PREFIX};
 
-/// Crash injection for tests: `LONGHORN_CRASH_AT=<step>` aborts the process right
-/// after that step.
-pub fn fault(step: &str) {
-    if let Ok(v) = std::env::var("LONGHORN_CRASH_AT") {
-        if v == step {
-            eprintln!("LONGHORN_CRASH_AT={step}: aborting");
-            std::process::abort();
-        }
-    }
+/// Snapshot names (see [`meta::check_snapshot_name`]).
+pub fn check_name(name: &str) -> Result<(), String> {
+    meta::check_snapshot_name(name)
 }
+
+pub use crate::fault::point as fault;
 
 /// Creates an empty head file of `size` bytes and its meta naming `parent`, both synced.
 fn new_head_file(dir: &Path, name: &str, parent: &str, size: u64, created: &str) -> Result<File, StoreError> {
@@ -58,6 +54,7 @@ fn new_head_file(dir: &Path, name: &str, parent: &str, size: u64, created: &str)
     f.sync_all().map_err(|e| MetaError::io(&path, e))?;
     DiskMeta {
         name: name.to_string(),
+        recorded_name: String::new(),
         parent: parent.to_string(),
         removed: false,
         user_created: false,
@@ -74,32 +71,6 @@ pub(crate) struct Prepared {
     old_head: String,
     new_head: String,
     file: File,
-}
-
-pub fn snap_file(name: &str) -> String {
-    format!("{SNAP_PREFIX}{name}.img")
-}
-
-/// The user-facing name of a snapshot file (`volume-snap-X.img` -> `X`).
-pub fn snap_name(file: &str) -> Option<&str> {
-    file.strip_prefix(SNAP_PREFIX)?.strip_suffix(".img")
-}
-
-/// Snapshot names: 1-200 characters of `[A-Za-z0-9._-]`, not starting with `.`.
-pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("snapshot name is empty".into());
-    }
-    if name.len() > 200 {
-        return Err(format!("snapshot name is {} characters long (at most 200)", name.len()));
-    }
-    if name.starts_with('.') {
-        return Err(format!("snapshot name {name:?} starts with '.'"));
-    }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("snapshot name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"));
-    }
-    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -243,6 +214,15 @@ impl Store {
         let mut prepared = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
         let (old_head, head_parent) = {
             let chain = self.chain.read().unwrap_or_else(|p| p.into_inner());
+            if chain.layers.len() >= store::MAX_LAYERS {
+                return Err(layout_err(
+                    &dir,
+                    format!(
+                        "the chain has {} layers, the most a replica opens; remove snapshots before taking another",
+                        chain.layers.len()
+                    ),
+                ));
+            }
             let h = chain.head().name.clone();
             let parent = DiskMeta::load(&dir, &h)?.parent;
             (h, parent)
@@ -256,8 +236,17 @@ impl Store {
         let _ = std::fs::remove_file(dir.join(&new_head));
         let f = new_head_file(&dir, &new_head, &snap, self.size(), created)?;
         fault("snapshot:new-head");
-        DiskMeta { name: snap.clone(), parent: head_parent, removed: false, user_created, created: created.to_string(), labels }
-            .store(&dir)?;
+        // As Longhorn: the snapshot's meta is the head's, so its Name stays the head's.
+        DiskMeta {
+            name: snap.clone(),
+            recorded_name: old_head.clone(),
+            parent: head_parent,
+            removed: false,
+            user_created,
+            created: created.to_string(),
+            labels,
+        }
+        .store(&dir)?;
         fault("snapshot:snap-meta");
         *prepared = Some(Prepared { snap, old_head, new_head, file: f });
         Ok(())
@@ -389,6 +378,12 @@ impl Store {
             let maps = chain.maps.read().unwrap_or_else(|p| p.into_inner());
             maps.top.iter().filter(|&(_, _, l)| l == head_idx).map(|(s, e, _)| (s, e)).collect()
         };
+        // The head's copy of those blocks must be on disk before the snapshot's goes: a
+        // power loss would otherwise turn them back into holes over a punched snapshot,
+        // and reads would fall through to older data.
+        let head = chain.head();
+        head.file.sync_data().map_err(|e| StoreError::Io { path: head.path.clone(), offset: 0, source: e })?;
+        fault("remove:head-synced");
         let layer = &chain.layers[si];
         let before = allocated_bytes(&layer.path);
         for (s, e) in covered {

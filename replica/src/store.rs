@@ -32,6 +32,11 @@ use std::sync::{Mutex, RwLock};
 /// The filesystem block: the unit of allocation in the layer files.
 pub const BLOCK: u64 = 4096;
 
+/// Most layers (snapshots and the head) a chain may have: the extent index numbers
+/// layers with a u16, and each layer is an open file. Snapshots are refused before a
+/// chain would grow past it, so every chain that was written can be opened again.
+pub const MAX_LAYERS: usize = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(transparent)]
@@ -100,8 +105,13 @@ pub struct Store {
     deferred: Mutex<Vec<File>>,
     /// A snapshot prepared and awaiting its commit.
     pub(crate) prepared: Mutex<Option<crate::snapshot::Prepared>>,
-    /// Set by any write since the last successful flush.
-    unsynced: AtomicBool,
+    /// Writes (and zeroings, punches) completed so far. Counted after the pwrite returns,
+    /// so a flush that reads `n` here knows the first `n` writes are in the file.
+    written: AtomicU64,
+    /// The `written` count the last successful sync of the head covered. A flag set
+    /// before the pwrite would let a flush clear it while the write is still on its way
+    /// and the next flush skip a write that was acknowledged in between.
+    synced: AtomicU64,
     /// `volume.meta` says Dirty:false; the next write must set it again first.
     clean: AtomicBool,
 }
@@ -279,8 +289,14 @@ pub(crate) fn load_chain(dir: &Path, vmeta: &VolumeMeta) -> Result<Chain, StoreE
     let mut metas = Vec::new();
     let mut cur = vmeta.head.clone();
     loop {
-        if names.len() > 1024 || names.contains(&cur) {
+        if names.contains(&cur) {
             return Err(StoreError::Layout { path: dir.join(&cur), what: "the chain of Parent links loops".into() });
+        }
+        if names.len() >= MAX_LAYERS {
+            return Err(StoreError::Layout {
+                path: dir.join(&cur),
+                what: format!("the chain has more than {MAX_LAYERS} layers"),
+            });
         }
         let m = DiskMeta::load(dir, &cur)?;
         let parent = m.parent.clone();
@@ -351,6 +367,7 @@ impl Store {
         f.sync_all().map_err(|e| MetaError::io(&head_path, e))?;
         DiskMeta {
             name: head.clone(),
+            recorded_name: String::new(),
             parent: String::new(),
             removed: false,
             user_created: false,
@@ -433,7 +450,8 @@ impl Store {
             rebuilding: AtomicBool::new(false),
             rebuild: Mutex::new(None),
             progress: Mutex::new(Default::default()),
-            unsynced: AtomicBool::new(false),
+            written: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
             clean: AtomicBool::new(false),
         })
     }
@@ -544,14 +562,20 @@ impl Store {
                 self.clean.store(false, Ordering::Release);
             }
         }
-        self.unsynced.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Counts a change to the head as done (its pwrite or punch has returned).
+    fn wrote(&self) {
+        self.written.fetch_add(1, Ordering::AcqRel);
     }
 
     fn write_head(&self, chain: &Chain, offset: u64, data: &[u8]) -> io::Result<()> {
         let head = chain.head();
         self.dirty()?;
+        crate::fault::slow_write(offset);
         write_pieces(head, data, offset)?;
+        self.wrote();
         chain.maps_mut().top.insert(offset, offset + data.len() as u64, chain.head_index());
         Ok(())
     }
@@ -647,6 +671,7 @@ impl Store {
                 chain.maps_mut().top.remove(p.start, p.end);
             }
         }
+        self.wrote();
         Ok(())
     }
 
@@ -670,9 +695,10 @@ impl Store {
         self.flush_chain(&self.chain())
     }
 
-    /// Hands `file` (a head being rotated out) to the next flush, if it has unsynced writes.
+    /// Hands `file` (a head being rotated out) to the next flush, if it has unsynced
+    /// writes. The caller holds the chain's write lock, so no write is in progress.
     pub(crate) fn defer_sync(&self, file: &File) -> io::Result<()> {
-        if self.unsynced.load(Ordering::Acquire) {
+        if self.written.load(Ordering::Acquire) != self.synced.load(Ordering::Acquire) {
             let f = file.try_clone()?;
             self.deferred.lock().unwrap_or_else(|p| p.into_inner()).push(f);
         }
@@ -680,6 +706,9 @@ impl Store {
     }
 
     fn flush_chain(&self, chain: &Chain) -> io::Result<()> {
+        // Read before any sync starts: every write counted here has returned from its
+        // pwrite, so the syncs below cover it.
+        let upto = self.written.load(Ordering::Acquire);
         let deferred: Vec<File> = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|p| p.into_inner()));
         for (i, f) in deferred.iter().enumerate() {
             if let Err(e) = f.sync_data() {
@@ -693,12 +722,10 @@ impl Store {
                 return Err(io::Error::new(e.kind(), format!("syncing a snapshot layer: {e}")));
             }
         }
-        if self.unsynced.swap(false, Ordering::AcqRel) {
+        if upto != self.synced.load(Ordering::Acquire) {
             let head = chain.head();
-            if let Err(e) = head.file.sync_data() {
-                self.unsynced.store(true, Ordering::Release);
-                return Err(io_err(head, 0, e));
-            }
+            head.file.sync_data().map_err(|e| io_err(head, 0, e))?;
+            self.synced.fetch_max(upto, Ordering::AcqRel);
         }
         self.revision.sync().map_err(|e| {
             io::Error::new(e.kind(), format!("{}: {e}", self.dir.join(meta::REVISION_COUNTER).display()))

@@ -38,6 +38,7 @@ fn longhorn_dir_with_snapshot(dir: &Path, size: u64) {
     std::fs::File::create(dir.join(head)).expect("create").set_len(size).expect("len");
     let m = |name: &str, parent: &str| DiskMeta {
         name: name.into(),
+        recorded_name: String::new(),
         parent: parent.into(),
         removed: false,
         user_created: true,
@@ -134,6 +135,81 @@ fn zeros_hide_older_layers_and_trim_never_uncovers_them() {
     check(&s);
     let snap = std::fs::read(dir.join("volume-snap-s1.img")).expect("read snap");
     assert_eq!(&snap[..65536], &vec![b'A'; 65536][..], "the snapshot never changes");
+}
+
+/// A replica directory byte for byte as Longhorn writes one after two snapshots: a
+/// snapshot's meta is the meta its file had as the head, so it keeps the head's Name.
+fn longhorn_dir_as_longhorn_writes_it(dir: &Path, size: u64) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let layer = |file: &str, fill: Option<u8>| {
+        let f = std::fs::File::create(dir.join(file)).expect("create");
+        f.set_len(size).expect("len");
+        if let Some(b) = fill {
+            f.write_all_at(&vec![b; 65536], 0).expect("write");
+        }
+    };
+    layer("volume-snap-s1.img", Some(b'1'));
+    layer("volume-snap-s2.img", None);
+    layer("volume-head-002.img", None);
+    std::fs::File::options()
+        .write(true)
+        .open(dir.join("volume-snap-s2.img"))
+        .expect("open")
+        .write_all_at(&[b'2'; 4096], 4096)
+        .expect("write");
+    let metas = [
+        ("volume-snap-s1.img", r#"{"Name":"volume-head-000.img","Parent":"","Removed":false,"UserCreated":true,"Created":"2022-02-22T07:36:48Z","Labels":null}"#),
+        ("volume-snap-s2.img", r#"{"Name":"volume-head-001.img","Parent":"volume-snap-s1.img","Removed":false,"UserCreated":true,"Created":"2022-02-22T07:40:00Z","Labels":{"app":"db"}}"#),
+        ("volume-head-002.img", r#"{"Name":"volume-head-002.img","Parent":"volume-snap-s2.img","Removed":false,"UserCreated":false,"Created":"2022-02-22T07:40:00Z","Labels":null}"#),
+    ];
+    for (f, m) in metas {
+        std::fs::write(dir.join(format!("{f}.meta")), m).expect("meta");
+    }
+    std::fs::write(
+        dir.join("volume.meta"),
+        format!(r#"{{"Size":{size},"Head":"volume-head-002.img","Dirty":false,"Rebuilding":false,"Error":"","Parent":"volume-snap-s2.img","SectorSize":512,"BackingFilePath":"","Encrypted":false}}"#),
+    )
+    .expect("volume.meta");
+    let mut rc = vec![0u8; 4096];
+    rc[..2].copy_from_slice(b"42");
+    std::fs::write(dir.join("revision.counter"), rc).expect("revision.counter");
+}
+
+#[test]
+fn a_directory_laid_out_by_longhorn_opens_and_keeps_its_conventions() {
+    let t = tempfile::tempdir().expect("tmp");
+    let dir = t.path().join("r");
+    longhorn_dir_as_longhorn_writes_it(&dir, 4 * MB);
+    let s = Store::open(&dir, Some("vol1")).expect("a Longhorn replica directory opens");
+    assert_eq!(s.revision(), 42);
+    let mut want = vec![0u8; 65536];
+    want.fill(b'1');
+    want[4096..8192].fill(b'2');
+    assert_eq!(read(&s, 0, 65536), want, "reads through both snapshots");
+    let list = s.list_snapshots().expect("list");
+    let names: Vec<&str> = list.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["s1", "s2", "volume-head"]);
+    assert_eq!(list[1].labels.get("app").map(|s| s.as_str()), Some("db"));
+    // A snapshot we take is written the way Longhorn writes one.
+    s.write(8192, &[b'3'; 4096]).expect("write");
+    s.snapshot("s3", true, "2026-01-01T00:00:00Z", None).expect("snapshot");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("volume-snap-s3.img.meta")).expect("meta")).expect("json");
+    assert_eq!(m["Name"], "volume-head-002.img", "the snapshot's meta keeps the name it had as the head");
+    assert_eq!(m["Parent"], "volume-snap-s2.img");
+    // A merge rewrites the child's meta and keeps its recorded Name.
+    s.remove_snapshot("s2").expect("merge s2 into s3");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("volume-snap-s3.img.meta")).expect("meta")).expect("json");
+    assert_eq!((m["Name"].as_str(), m["Parent"].as_str()), (Some("volume-head-002.img"), Some("volume-snap-s1.img")));
+    want[8192..12288].fill(b'3');
+    assert_eq!(read(&s, 0, 65536), want);
+    s.close().expect("close");
+    drop(s);
+    let s = Store::open(&dir, Some("vol1")).expect("reopens after our changes");
+    assert_eq!(read(&s, 0, 65536), want);
+    let names: Vec<String> = s.list_snapshots().expect("list").into_iter().map(|i| i.name).collect();
+    assert_eq!(names, ["s1", "s3", "volume-head"]);
 }
 
 type Damage = fn(&Path);

@@ -117,6 +117,21 @@ pub fn spawn_env(args: &[&str], log: &Path, word: &str, env: &[(String, String)]
     }
 }
 
+/// `longhorn replica serve` of `volume` on `dir` on a free loopback port, with extra
+/// environment (fault points); returns the process and its address.
+pub fn serve_replica(dir: &Path, volume: &str, size: u64, log: &Path, env: &[(String, String)]) -> (Proc, String) {
+    spawn_env(
+        &[
+            "replica", "serve", "--dir", dir.to_str().expect("utf8"), "--volume", volume, "--size", &size.to_string(),
+            "--listen", "127.0.0.1:0",
+        ],
+        log,
+        "listening",
+        env,
+    )
+    .expect("replica starts")
+}
+
 pub struct Replica {
     pub proc: Proc,
     pub addr: String,
@@ -168,21 +183,18 @@ impl Cluster {
         self.path("run")
     }
 
-    fn spawn_replica(&self, dir: &Path, log: &str) -> Replica {
-        let (proc, addr) = spawn(
-            &[
-                "replica", "serve", "--dir", dir.to_str().expect("utf8"), "--volume", &self.volume,
-                "--size", &self.size.to_string(), "--listen", "127.0.0.1:0",
-            ],
-            &self.path(log),
-            "listening",
-        )
-        .expect("replica starts");
+    fn spawn_replica(&self, dir: &Path, log: &str, env: &[(String, String)]) -> Replica {
+        let (proc, addr) = serve_replica(dir, &self.volume, self.size, &self.path(log), env);
         Replica { proc, addr, dir: dir.to_path_buf() }
     }
 
     pub fn add_replica(&mut self, name: &str) -> usize {
-        let r = self.spawn_replica(&self.path(name), &format!("{name}.log"));
+        self.add_replica_env(name, &[])
+    }
+
+    /// A replica started with extra environment (fault points).
+    pub fn add_replica_env(&mut self, name: &str, env: &[(String, String)]) -> usize {
+        let r = self.spawn_replica(&self.path(name), &format!("{name}.log"), env);
         self.replicas.push(r);
         self.replicas.len() - 1
     }
@@ -191,7 +203,7 @@ impl Cluster {
     pub fn restart_replica(&mut self, i: usize) {
         let dir = self.replicas[i].dir.clone();
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("r").to_string();
-        self.replicas[i] = self.spawn_replica(&dir, &format!("{name}-again.log"));
+        self.replicas[i] = self.spawn_replica(&dir, &format!("{name}-again.log"), &[]);
     }
 
     pub fn engine_args(&self) -> Vec<String> {

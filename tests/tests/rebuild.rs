@@ -99,3 +99,51 @@ fn rebuild_under_fio_then_incremental_return() {
         }
     }
 }
+
+/// Runs a Python snippet with libnbd connected to `uri` as `h`; returns what it printed.
+fn nbd_py(uri: &str, body: &str) -> String {
+    let script = format!("import nbd, errno\nh = nbd.NBD()\nh.connect_uri({uri:?})\n{body}\n");
+    let (_, out) = sh_try(&format!("{NBDSH} -c {}", shell_quote(&script)));
+    out
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The only RW replica fails while the only other one is still being rebuilt (WO). The
+/// WO replica's data is incomplete and never trusted after a restart, so a write or a
+/// FLUSH it alone acknowledges would be lost: both must fail with EIO.
+#[test]
+fn no_write_is_acknowledged_by_a_rebuilding_replica_alone() {
+    let mut c = Cluster::without_engine("vol1", 64 * MB, 0);
+    // The source's rebuild reads stall, so the new replica stays WO for as long as needed.
+    c.add_replica_env("r0", &[("LONGHORN_STALL_AT".into(), "rebuild:file-read".into())]);
+    c.start_engine();
+    let out = nbd_py(&c.uri(), "h.pwrite(b'\\x11' * 1048576, 0)\nh.flush()\nprint('SETUP-OK')");
+    assert!(out.contains("SETUP-OK"), "{out}");
+    let fresh = c.add_replica("r1");
+    let fresh_addr = c.replicas[fresh].addr.clone();
+    let o = c.cli(&["replica", "add", &fresh_addr, "-v", "vol1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ls = c.cli(&["replica", "ls", "-v", "vol1", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&ls.stdout).expect("json");
+    assert!(v.as_array().expect("array").iter().any(|r| r["address"] == fresh_addr && r["mode"] == "WO"), "{v}");
+
+    // The RW replica hangs: the engine drops it after the I/O timeout (4 s here).
+    let pid = c.replicas[0].proc.pid();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let out = nbd_py(
+        &c.uri(),
+        "for what, f in (('WRITE', lambda: h.pwrite(b'\\x22' * 4096, 0)), ('FLUSH', h.flush)):\n    try:\n        f()\n        print(what, 'ACKED')\n    except nbd.Error as e:\n        print(what, 'ERRNO', e.errnum)",
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let eio = libc::EIO;
+    assert!(out.contains(&format!("WRITE ERRNO {eio}")), "a write acknowledged by a rebuilding replica alone:\n{out}\nengine log:\n{}", c.engine_log());
+    assert!(out.contains(&format!("FLUSH ERRNO {eio}")), "a FLUSH acknowledged by a rebuilding replica alone:\n{out}");
+    let info = c.cli(&["volume", "info", "-v", "vol1", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+    assert_eq!(v["state"], "faulted", "{v}");
+}

@@ -5,6 +5,7 @@
 use longhorn_replica::proto::{self, Header, Hello, Op, HEADER_LEN};
 use longhorn_tests::*;
 use std::io::{Read, Write};
+use std::path::Path;
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -39,12 +40,7 @@ fn damaged_frames_and_foreign_engines_are_refused() {
     let t = tempfile::tempdir_in(test_root()).expect("tmp");
     let dir = t.path().join("r");
     let size = 8 * MB;
-    let (mut rp, addr) = spawn(
-        &["replica", "serve", "--dir", dir.to_str().expect("utf8"), "--volume", "vol1", "--size", &size.to_string(), "--listen", "127.0.0.1:0"],
-        &t.path().join("r.log"),
-        "listening",
-    )
-    .expect("replica starts");
+    let (mut rp, addr) = serve_replica(&dir, "vol1", size, &t.path().join("r.log"), &[]);
 
     // An engine of another volume, or of another size, is refused with a reason.
     let mut s = connect(&addr);
@@ -118,4 +114,152 @@ fn replica_refuses_a_corrupt_volume_meta_without_touching_it() {
         .output()
         .expect("run");
     assert!(!other.status.success());
+}
+
+/// A peer that answers like a source replica of `volume` would: a Hello reply with its
+/// info, one 4 KiB extent for any file, and 0xEE bytes for any read. It serves whatever
+/// file names it is asked about, as a hostile one would.
+fn fake_source(volume: &str, size: u64) -> String {
+    use longhorn_replica::proto::ReplicaInfo;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    let info = ReplicaInfo {
+        volume: volume.into(),
+        size,
+        sector_size: 512,
+        revision: 0,
+        was_dirty: false,
+        head: "volume-head-000.img".into(),
+        parent: String::new(),
+        chain: vec![],
+        mode: "RW".into(),
+        rebuilding: false,
+        progress: None,
+        head_has_data: false,
+    };
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let info = info.clone();
+            std::thread::spawn(move || loop {
+                let Ok((h, _)) = proto::read_frame(&mut s) else { return };
+                let mut r = Header::request(h.op, h.id, h.offset, h.count);
+                r.flags = proto::FLAG_REPLY;
+                let p: Vec<u8> = match h.op {
+                    Op::Hello => serde_json::to_vec(&info).expect("json"),
+                    Op::FileExtents => b"[[0,4096]]".to_vec(),
+                    Op::FileRead => vec![0xEE; h.count as usize],
+                    _ => b"x".to_vec(),
+                };
+                let mut b = Vec::new();
+                proto::put_frame(&mut b, r, &p);
+                if s.write_all(&b).is_err() {
+                    return;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A rebuild takes file names, its snapshot and the source address from whoever
+/// connects. Names that are paths must be refused before anything is created.
+#[test]
+fn rebuild_refuses_names_that_leave_the_replica_directory() {
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let dir = t.path().join("deep").join("r");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let size = 4 * MB;
+    let (mut rp, addr) = serve_replica(&dir, "vol1", size, &t.path().join("r.log"), &[]);
+    let src = fake_source("vol1", size);
+    let meta = |name: &str, parent: &str| {
+        serde_json::json!({"Name": name, "Parent": parent, "Removed": false, "UserCreated": false, "Created": "", "Labels": null})
+    };
+    let outside = t.path().join("deep").join("escaped.img");
+    let absolute = t.path().join("absolute.img");
+    let mut c = ReplicaClient::connect(&addr, "vol1", size);
+
+    let b = serde_json::json!({"snapshot": "volume-snap-s1.img", "revision": 0}).to_string();
+    let (st, p) = c.request(Op::RebuildBegin, 0, 0, b.as_bytes()).expect("reply");
+    assert_eq!(st, 0, "a proper RebuildBegin: {}", String::from_utf8_lossy(&p));
+
+    let cases: Vec<(String, serde_json::Value)> = vec![
+        ("relative path".into(), serde_json::json!([meta("../escaped.img", ""), meta("volume-snap-s1.img", "../escaped.img")])),
+        ("absolute path".into(), serde_json::json!([meta(absolute.to_str().expect("utf8"), ""), meta("volume-snap-s1.img", absolute.to_str().expect("utf8"))])),
+        ("dot-dot inside a snapshot name".into(), serde_json::json!([meta("volume-snap-../../escaped.img", ""), meta("volume-snap-s1.img", "volume-snap-../../escaped.img")])),
+        ("the head's own name".into(), serde_json::json!([meta("volume-head-001.img", ""), meta("volume-snap-s1.img", "volume-head-001.img")])),
+        ("a chain with a gap".into(), serde_json::json!([meta("volume-snap-a.img", ""), meta("volume-snap-s1.img", "volume-snap-b.img")])),
+    ];
+    for (what, files) in cases {
+        let req = serde_json::json!({"source": src, "files": files}).to_string();
+        let (st, p) = c.request(Op::RebuildSync, 0, 0, req.as_bytes()).expect("reply");
+        let why = String::from_utf8_lossy(&p);
+        assert_ne!(st, 0, "{what}: RebuildSync accepted");
+        assert!(why.contains("RebuildSync refused"), "{what}: the reason says what was refused: {why}");
+        assert!(!outside.exists() && !absolute.exists(), "{what}: a file was created outside the replica directory");
+        assert!(!Path::new("/etc/evil.img").exists());
+    }
+    for bad_source in ["127.0.0.1:0", "no port", "host name:80", ""] {
+        let req = serde_json::json!({"source": bad_source, "files": [meta("volume-snap-s1.img", "")]}).to_string();
+        let (st, p) = c.request(Op::RebuildSync, 0, 0, req.as_bytes()).expect("reply");
+        assert_ne!(st, 0, "source {bad_source:?} accepted");
+        assert!(String::from_utf8_lossy(&p).contains("source address"), "{}", String::from_utf8_lossy(&p));
+    }
+    // The snapshot a rebuild starts onto becomes a Parent link: it must be a layer name.
+    for bad in ["../../etc/evil.img", "/etc/evil.img", "volume-head-001.img"] {
+        let b = serde_json::json!({"snapshot": bad, "revision": 0}).to_string();
+        let (st, p) = c.request(Op::RebuildBegin, 0, 0, b.as_bytes()).expect("reply");
+        assert_ne!(st, 0, "RebuildBegin onto {bad:?} accepted");
+        assert!(String::from_utf8_lossy(&p).contains(bad), "reason names {bad:?}: {}", String::from_utf8_lossy(&p));
+    }
+    let names: Vec<String> = std::fs::read_dir(t.path().join("deep")).expect("ls").map(|e| e.expect("e").file_name().to_string_lossy().to_string()).collect();
+    assert_eq!(names, vec!["r".to_string()], "nothing but the replica directory beside it");
+    assert!(rp.alive(), "the replica keeps serving");
+    drop(c);
+    rp.kill9();
+}
+
+fn rss_mib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb / 1024
+}
+
+/// A connection whose peer sends requests but never reads the replies must stall only
+/// itself: the replica bounds what it queues for it, and FLUSH replies to everyone else
+/// keep coming.
+#[test]
+fn a_peer_that_stops_reading_stalls_only_itself() {
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let dir = t.path().join("r");
+    let size = 64 * MB;
+    let (mut rp, addr) = serve_replica(&dir, "vol1", size, &t.path().join("r.log"), &[]);
+    let mut greedy = ReplicaClient::connect(&addr, "vol1", size);
+    let mut b = Vec::new();
+    for i in 0..400u64 {
+        proto::put_frame(&mut b, Header::request(Op::Read, 10 + i, (i % 63) * MB, MB as u32), &[]);
+        if i == 200 {
+            proto::put_frame(&mut b, Header::request(Op::Flush, 1, 0, 0), &[]);
+        }
+    }
+    greedy.s.write_all(&b).expect("send requests");
+    std::thread::sleep(Duration::from_secs(1));
+
+    let mut other = ReplicaClient::connect(&addr, "vol1", size);
+    other.s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    other.write(0, &[7; 4096]);
+    let t0 = std::time::Instant::now();
+    let r = other.request(Op::Flush, 0, 0, &[]);
+    assert!(matches!(r, Ok((0, _))), "another connection's FLUSH is stalled by a peer that does not read: {r:?}");
+    println!("[replica] FLUSH answered in {:?} beside a stuck peer", t0.elapsed());
+    let rss = rss_mib(rp.pid());
+    println!("[replica] resident memory with 400 MiB of replies unread: {rss} MiB");
+    assert!(rss < 200, "the replica queued {rss} MiB of replies for a peer that does not read");
+    drop(greedy);
+    assert!(rp.alive());
+    rp.kill9();
 }

@@ -107,6 +107,7 @@ fn crash_at_every_step_reopens_old_or_new_chain_with_same_data() {
         ("remove:committed", Op::SnapshotRemove, "s1"),
         ("remove:cleaned", Op::SnapshotRemove, "s1"),
         ("remove:marked", Op::SnapshotRemove, "s2"),
+        ("remove:head-synced", Op::SnapshotRemove, "s2"),
         ("remove:punched", Op::SnapshotRemove, "s2"),
         ("revert:new-head", Op::SnapshotRevert, "s1"),
         ("revert:committed", Op::SnapshotRevert, "s1"),

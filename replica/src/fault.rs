@@ -1,0 +1,43 @@
+//! Fault points for tests, read from the environment of the replica process. None of
+//! them does anything unless its variable is set.
+//!
+//! - `LONGHORN_CRASH_AT=<step>`: abort the process right after `<step>` (crash-safety
+//!   tests of chain changes).
+//! - `LONGHORN_STALL_AT=<step>`: stop at `<step>` for an hour, as a replica whose disk or
+//!   process hangs (tests that the engine bounds its waits).
+//! - `LONGHORN_SLOW_WRITE=<offset>:<ms>`: a write into the head at byte `offset` pauses
+//!   `ms` milliseconds between being accepted and its pwrite (durability race tests).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// A named step of a chain change or rebuild.
+pub fn point(step: &str) {
+    if let Ok(v) = std::env::var("LONGHORN_CRASH_AT") {
+        if v == step {
+            eprintln!("LONGHORN_CRASH_AT={step}: aborting");
+            std::process::abort();
+        }
+    }
+    if let Ok(v) = std::env::var("LONGHORN_STALL_AT") {
+        if v == step {
+            eprintln!("LONGHORN_STALL_AT={step}: stalling");
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+/// The write path's fault point (parsed once: it is on the hot path).
+pub fn slow_write(offset: u64) {
+    static SLOW: OnceLock<Option<(u64, u64)>> = OnceLock::new();
+    let slow = SLOW.get_or_init(|| {
+        let v = std::env::var("LONGHORN_SLOW_WRITE").ok()?;
+        let (o, ms) = v.split_once(':')?;
+        Some((o.parse().ok()?, ms.parse().ok()?))
+    });
+    if let Some((o, ms)) = *slow {
+        if o == offset {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+    }
+}

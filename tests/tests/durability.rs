@@ -1,0 +1,161 @@
+//! What a FLUSH promises, checked from outside the replica: after an acknowledged
+//! FLUSH, the pages of every write acknowledged before it are clean in the page cache
+//! (written to the disk), as the kernel's own accounting (`cachestat(2)`) reports them.
+
+use longhorn_replica::proto::{self, Header, Op};
+use longhorn_tests::*;
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::time::Duration;
+
+/// Dirty and under-writeback pages of `[off, off+len)` of `file`.
+fn unsynced_pages(file: &Path, off: u64, len: u64) -> u64 {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let f = std::fs::File::open(file).expect("open layer");
+    let r = Range { off, len };
+    let mut st = Stat::default();
+    // SAFETY: cachestat(2) reads `r` and fills `st`, both live for the call.
+    let rc = unsafe { libc::syscall(SYS_CACHESTAT, f.as_raw_fd(), &r as *const Range, &mut st as *mut Stat, 0u32) };
+    assert_eq!(rc, 0, "cachestat(2) failed: {}", std::io::Error::last_os_error());
+    st.nr_dirty + st.nr_writeback
+}
+
+fn replica(t: &Path, size: u64, env: &[(String, String)]) -> (Proc, String, std::path::PathBuf) {
+    let dir = t.join("r");
+    let (p, addr) = serve_replica(&dir, "vol1", size, &t.join("r.log"), env);
+    (p, addr, dir)
+}
+
+fn send(c: &mut ReplicaClient, op: Op, id: u64, offset: u64, payload: &[u8], count: u32) {
+    let mut b = Vec::new();
+    proto::put_frame(&mut b, Header::request(op, id, offset, count), payload);
+    c.s.write_all(&b).expect("send");
+}
+
+fn reply(c: &mut ReplicaClient, id: u64) {
+    let (h, p) = proto::read_frame(&mut c.s).expect("reply");
+    assert_eq!(h.id, id, "replies in order here");
+    assert_eq!(h.status, 0, "request {id} failed: {}", String::from_utf8_lossy(&p));
+}
+
+/// A write that is on its way to the file while another connection's FLUSH runs must
+/// still be synced by the next FLUSH after it is acknowledged.
+#[test]
+fn a_flush_after_an_acked_write_syncs_it_even_if_an_earlier_flush_raced_it() {
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let size = 8 * MB;
+    let slow_at = MB;
+    let (mut rp, addr, dir) = replica(t.path(), size, &[("LONGHORN_SLOW_WRITE".into(), format!("{slow_at}:400"))]);
+    let head = dir.join("volume-head-000.img");
+    let mut a = ReplicaClient::connect(&addr, "vol1", size);
+    let mut b = ReplicaClient::connect(&addr, "vol1", size);
+    send(&mut a, Op::Write, 1, slow_at, &[0x5A; 4096], 4096);
+    // B's FLUSH runs while A's write waits to reach the file.
+    std::thread::sleep(Duration::from_millis(100));
+    send(&mut b, Op::Flush, 1, 0, &[], 0);
+    reply(&mut b, 1);
+    reply(&mut a, 1);
+    send(&mut a, Op::Flush, 2, 0, &[], 0);
+    reply(&mut a, 2);
+    let left = unsynced_pages(&head, slow_at, 4096);
+    assert_eq!(left, 0, "FLUSH acknowledged with the acknowledged write's page still not on disk");
+    rp.kill9();
+}
+
+/// Many connections pipelining writes and flushes: after each acknowledged FLUSH, every
+/// write that connection had acknowledged before it is on disk.
+#[test]
+fn every_acked_flush_covers_every_write_acked_before_it() {
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let size = 64 * MB;
+    let conns = 4u64;
+    let region = size / conns;
+    let (mut rp, addr, dir) = replica(t.path(), size, &[]);
+    let head = dir.join("volume-head-000.img");
+    let mut checked = 0u64;
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..conns)
+            .map(|k| {
+                let (addr, head) = (addr.clone(), head.clone());
+                sc.spawn(move || {
+                    let mut c = ReplicaClient::connect(&addr, "vol1", size);
+                    let mut x: u64 = 0x9E37_79B9 ^ k;
+                    let mut id = 0;
+                    let mut n = 0;
+                    for round in 0..150u64 {
+                        let mut offs = Vec::new();
+                        for _ in 0..8 {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            let off = k * region + (x % (region / 4096)) * 4096;
+                            id += 1;
+                            send(&mut c, Op::Write, id, off, &[(round as u8) ^ 0xA5; 4096], 4096);
+                            offs.push(off);
+                        }
+                        for i in id - 7..=id {
+                            reply(&mut c, i);
+                        }
+                        id += 1;
+                        send(&mut c, Op::Flush, id, 0, &[], 0);
+                        reply(&mut c, id);
+                        for off in offs {
+                            assert_eq!(unsynced_pages(&head, off, 4096), 0, "connection {k} round {round}: block at {off} not on disk after an acked FLUSH");
+                            n += 1;
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        for h in hs {
+            checked += h.join().expect("writer");
+        }
+    });
+    println!("[durability] {checked} acknowledged writes checked on disk after their FLUSH");
+    rp.kill9();
+}
+
+/// Removing a snapshot whose child is the head punches the blocks the head hides out of
+/// the snapshot. If the head's blocks were not on disk first, a power loss would bring
+/// back the hole in the head and the punched snapshot below it: older data.
+#[test]
+fn removing_a_snapshot_under_the_head_makes_the_head_durable_before_punching() {
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let size = 8 * MB;
+    let (mut rp, addr, dir) = replica(t.path(), size, &[]);
+    let mut c = ReplicaClient::connect(&addr, "vol1", size);
+    c.write(0, &[b'A'; 65536]);
+    let (st, p) = c.request(Op::Flush, 0, 0, &[]).expect("flush");
+    assert_eq!(st, 0, "{}", String::from_utf8_lossy(&p));
+    let snap = serde_json::json!({"name": "s1", "user_created": true}).to_string();
+    let (st, p) = c.request(Op::Snapshot, 0, 0, snap.as_bytes()).expect("snapshot");
+    assert_eq!(st, 0, "{}", String::from_utf8_lossy(&p));
+    c.write(0, &[b'B'; 65536]);
+    let head = dir.join("volume-head-001.img");
+    assert!(unsynced_pages(&head, 0, 65536) > 0, "the head's new data is still in the page cache");
+    let rm = serde_json::json!({"name": "s1"}).to_string();
+    let (st, p) = c.request(Op::SnapshotRemove, 0, 0, rm.as_bytes()).expect("remove");
+    assert_eq!(st, 0, "{}", String::from_utf8_lossy(&p));
+    assert!(String::from_utf8_lossy(&p).contains("returned"), "the hidden blocks were punched: {}", String::from_utf8_lossy(&p));
+    assert_eq!(unsynced_pages(&head, 0, 65536), 0, "blocks punched out of s1 while the head's copy was not on disk");
+    let (st, data) = c.request(Op::Read, 0, 65536, &[]).expect("read");
+    assert_eq!(st, 0);
+    assert!(data.iter().all(|&b| b == b'B'));
+    rp.kill9();
+}
