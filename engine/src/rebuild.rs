@@ -35,11 +35,13 @@ impl Volume {
         let snap_file = longhorn_replica::snapshot::snap_file(&name);
         let me = self.clone();
         let mut slot = None;
+        // Runs inside the I/O pause: each call waits at most the I/O timeout.
+        let t = self.options().io_timeout;
         let mut attach = || -> Result<(), String> {
-            let rev = replica_conn::call(&source_addr, me.name(), me.size(), Op::Revision, b"").map_err(|e| e.to_string())?;
+            let rev = replica_conn::call_with_timeout(&source_addr, me.name(), me.size(), Op::Revision, b"", t).map_err(|e| e.to_string())?;
             let revision: u64 = String::from_utf8_lossy(&rev).trim().parse().map_err(|_| "bad revision from the source".to_string())?;
             let begin = serde_json::to_vec(&BeginRebuild { snapshot: snap_file.clone(), revision }).map_err(|e| e.to_string())?;
-            replica_conn::call(addr, me.name(), me.size(), Op::RebuildBegin, &begin).map_err(|e| e.to_string())?;
+            replica_conn::call_with_timeout(addr, me.name(), me.size(), Op::RebuildBegin, &begin, t).map_err(|e| e.to_string())?;
             // An older slot for the same address (a replica that failed) is retired.
             for (_, r) in me.replicas.iter() {
                 if r.addr == addr {

@@ -58,7 +58,8 @@ pub fn call_long(addr: &str, volume: &str, size: u64, op: Op, payload: &[u8]) ->
     call_with_timeout(addr, volume, size, op, payload, Duration::from_secs(24 * 3600))
 }
 
-fn call_with_timeout(addr: &str, volume: &str, size: u64, op: Op, payload: &[u8], t: Duration) -> io::Result<Bytes> {
+/// As [`call`], waiting at most `t` for the answer.
+pub fn call_with_timeout(addr: &str, volume: &str, size: u64, op: Op, payload: &[u8], t: Duration) -> io::Result<Bytes> {
     let (mut s, _) = connect(addr, volume, size)?;
     s.set_read_timeout(Some(t))?;
     let mut buf = Vec::new();

@@ -39,6 +39,8 @@ enum Kind {
 
 struct Pending {
     tag: u64,
+    /// The [`Group`] this request is a piece of, or 0.
+    group: u64,
     kind: Kind,
     offset: u64,
     len: u32,
@@ -49,11 +51,31 @@ struct Pending {
     started: Instant,
 }
 
+/// Zeroing or trimming a long range, sent to the replicas in pieces: passed whole, a
+/// multi-GiB WRITE_ZEROES could keep every replica busy past the I/O timeout at once,
+/// and all of them would be dropped. A few pieces are in flight at a time; each has
+/// its own timeout, as any request has.
+struct Group {
+    tag: u64,
+    op: Op,
+    fua: bool,
+    /// Start of the first piece not sent yet.
+    next: u64,
+    end: u64,
+    in_flight: u32,
+    err: i32,
+}
+
+/// Largest piece of a zeroing or trim sent to a replica, and how many are in flight.
+const PIECE: u64 = 16 << 20;
+const PIECES_IN_FLIGHT: u32 = 4;
+
 pub(crate) struct Inner {
     volume: Arc<Volume>,
     completer: Arc<dyn Completer>,
     conns: Slots<Arc<ReplicaConn>>,
     ops: Mutex<HashMap<u64, Pending>>,
+    groups: Mutex<HashMap<u64, Group>>,
     next_id: AtomicU64,
     rr: AtomicUsize,
     closed: AtomicBool,
@@ -83,6 +105,7 @@ impl EngineSession {
             completer,
             conns: Slots::default(),
             ops: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             rr: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
@@ -190,6 +213,12 @@ impl Inner {
                 return self.done(tag, r);
             }
         }
+        if matches!(pop, Op::WriteZeroes | Op::Trim) && len as u64 > PIECE {
+            let gid = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let g = Group { tag, op: pop, fua, next: offset, end: offset + len as u64, in_flight: 0, err: 0 };
+            self.groups.lock().unwrap_or_else(|e| e.into_inner()).insert(gid, g);
+            return self.pump(gid);
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let targets: Vec<usize> = {
             let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
@@ -203,7 +232,7 @@ impl Inner {
                 return self.done(tag, IoResult::Err(libc::EIO));
             }
             let waiting = targets.iter().fold(0, |m, &i| m | bit(i));
-            ops.insert(id, Pending { tag, kind, offset, len, waiting, acked_rw: 0, err: 0, started: Instant::now() });
+            ops.insert(id, Pending { tag, group: 0, kind, offset, len, waiting, acked_rw: 0, err: 0, started: Instant::now() });
             targets
         };
         let mut h = Header::request(pop, id, offset, len);
@@ -224,6 +253,93 @@ impl Inner {
     fn done(&self, tag: u64, r: IoResult) {
         self.finish(tag, r);
         self.completer.flush();
+    }
+
+    /// Sends the next pieces of group `gid`, or completes it when all have answered.
+    fn pump(&self, gid: u64) {
+        loop {
+            let (op, fua, off, n) = {
+                let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(g) = groups.get_mut(&gid) else { return };
+                if g.err != 0 || g.next >= g.end {
+                    if g.in_flight == 0 {
+                        let (tag, err) = (g.tag, g.err);
+                        groups.remove(&gid);
+                        drop(groups);
+                        return self.done(tag, if err == 0 { IoResult::Done } else { IoResult::Err(err) });
+                    }
+                    return;
+                }
+                if g.in_flight >= PIECES_IN_FLIGHT {
+                    return;
+                }
+                let n = (g.end - g.next).min(PIECE);
+                let off = g.next;
+                g.next += n;
+                g.in_flight += 1;
+                (g.op, g.fua, off, n as u32)
+            };
+            if let Err(e) = self.send_piece(gid, op, fua, off, n) {
+                self.piece_done(gid, IoResult::Err(e), false);
+            }
+        }
+    }
+
+    /// One piece of a group, to every writable replica; `Err(errno)` if none counts.
+    fn send_piece(&self, gid: u64, op: Op, fua: bool, offset: u64, len: u32) -> Result<(), i32> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let targets: Vec<usize> = {
+            let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+            let targets: Vec<usize> = (0..self.conns.len()).filter(|&i| self.writable(i)).collect();
+            if !targets.iter().any(|&i| self.readable(i)) {
+                return Err(libc::EIO);
+            }
+            let waiting = targets.iter().fold(0, |m, &i| m | bit(i));
+            let p = Pending { tag: 0, group: gid, kind: Kind::Mutate, offset, len, waiting, acked_rw: 0, err: 0, started: Instant::now() };
+            ops.insert(id, p);
+            targets
+        };
+        let mut h = Header::request(op, id, offset, len);
+        if fua {
+            h.flags |= FLAG_FUA;
+        }
+        let h = replica_conn::seal(h, &[]);
+        for i in targets {
+            if let Some(c) = self.conns.get(i) {
+                // Pushed now: later pieces are sent from reply threads, with no frontend
+                // push to follow.
+                if let Err(e) = c.send(h, &[], true) {
+                    self.volume.fail_replica(i, &format!("send failed: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A piece of group `gid` is settled; sends more (when `pump`) or completes it.
+    fn piece_done(&self, gid: u64, r: IoResult, pump: bool) {
+        {
+            let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(g) = groups.get_mut(&gid) else { return };
+            g.in_flight -= 1;
+            if let IoResult::Err(e) = r {
+                if g.err == 0 {
+                    g.err = e;
+                }
+            }
+        }
+        if pump {
+            self.pump(gid);
+        }
+    }
+
+    /// Ends a pending request: its frontend request, or a piece of a group.
+    fn settle(&self, tag: u64, group: u64, r: IoResult) {
+        if group == 0 {
+            self.finish(tag, r);
+        } else {
+            self.piece_done(group, r, true);
+        }
     }
 
     /// Every request ends here exactly once.
@@ -319,10 +435,10 @@ impl Inner {
                     p.acked_rw |= bit(idx);
                 }
                 if p.waiting == 0 {
-                    let (tag, r) = (p.tag, mutate_result(p));
+                    let (tag, group, r) = (p.tag, p.group, mutate_result(p));
                     ops.remove(&h.id);
                     drop(ops);
-                    self.finish(tag, r);
+                    self.settle(tag, group, r);
                 }
             }
         }
@@ -350,14 +466,14 @@ impl Inner {
                         None => {
                             let tag = p.tag;
                             ops.remove(&id);
-                            finished.push((tag, IoResult::Err(libc::EIO)));
+                            finished.push((tag, 0, IoResult::Err(libc::EIO)));
                         }
                     },
                     Kind::Mutate | Kind::Flush => {
                         if p.waiting == 0 {
-                            let (tag, r) = (p.tag, mutate_result(p));
+                            let (tag, group, r) = (p.tag, p.group, mutate_result(p));
                             ops.remove(&id);
-                            finished.push((tag, r));
+                            finished.push((tag, group, r));
                         }
                     }
                 }
@@ -374,8 +490,8 @@ impl Inner {
                 }
             }
         }
-        for (tag, r) in finished {
-            self.finish(tag, r);
+        for (tag, group, r) in finished {
+            self.settle(tag, group, r);
         }
         self.completer.flush();
     }

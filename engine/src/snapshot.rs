@@ -13,6 +13,8 @@ use tracing::{info, warn};
 
 /// How long a snapshot may wait for in-flight I/O before giving up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a replica may take to merge a removed snapshot into its child.
+const MERGE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// A random (version 4) UUID, as Longhorn names snapshots.
 pub fn new_uuid() -> String {
@@ -82,15 +84,16 @@ impl Volume {
             .ok_or_else(|| format!("volume {} has no healthy replica", self.name()))
     }
 
-    /// Runs `op` on each of `targets` in parallel, over connections made beforehand.
-    fn on_replicas(&self, targets: &[usize], op: Op, payload: &[u8]) -> Vec<(usize, Result<Vec<u8>, String>)> {
+    /// Runs `op` on each of `targets` in parallel, over connections made beforehand,
+    /// waiting at most `timeout` for each answer.
+    fn on_replicas(&self, targets: &[usize], op: Op, payload: &[u8], timeout: Duration) -> Vec<(usize, Result<Vec<u8>, String>)> {
         let mut conns = Vec::new();
         for &i in targets {
             let addr = self.addr_of(i);
             let c = replica_conn::connect(&addr, self.name(), self.size()).map(|(s, _)| s).map_err(|e| e.to_string());
             conns.push((i, addr, c));
         }
-        self.run_on(conns, op, payload)
+        self.run_on(conns, op, payload, timeout)
     }
 
     fn run_on(
@@ -98,6 +101,7 @@ impl Volume {
         conns: Vec<(usize, String, Result<TcpStream, String>)>,
         op: Op,
         payload: &[u8],
+        timeout: Duration,
     ) -> Vec<(usize, Result<Vec<u8>, String>)> {
         std::thread::scope(|sc| {
             let hs: Vec<_> = conns
@@ -105,7 +109,7 @@ impl Volume {
                 .map(|(i, addr, c)| {
                     sc.spawn(move || {
                         let r = c.and_then(|mut s| {
-                            let _ = s.set_read_timeout(Some(Duration::from_secs(600)));
+                            let _ = s.set_read_timeout(Some(timeout));
                             exchange(&mut s, &addr, op, payload)
                         });
                         (i, r)
@@ -157,12 +161,16 @@ impl Volume {
         let payload = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
         // Connect, flush and prepare before the pause, so the pause covers only the
         // commit of each rotation.
+        // Every wait here is bounded by the I/O timeout: the commit runs inside the I/O
+        // pause, and a replica that does not answer within it is dropped, as the I/O
+        // path would drop it.
+        let timeout = self.options().io_timeout;
         let mut conns = Vec::new();
         for &i in &targets {
             let addr = self.addr_of(i);
             let c = replica_conn::connect(&addr, self.name(), self.size())
-                .map(|(s, _)| s)
                 .map_err(|e| e.to_string())
+                .and_then(|(s, _)| s.set_read_timeout(Some(timeout)).map(|_| s).map_err(|e| e.to_string()))
                 .and_then(|mut s| exchange(&mut s, &addr, Op::Snapshot, &prep).map(|_| s))
                 // Flushed last, so the sync inside the pause finds little to write.
                 .and_then(|mut s| exchange(&mut s, &addr, Op::Flush, b"").map(|_| s));
@@ -171,7 +179,7 @@ impl Volume {
         let t = Instant::now();
         self.pause(DRAIN_TIMEOUT).map_err(|e| format!("snapshot {name}: {e}"))?;
         let drained = t.elapsed();
-        let results = self.run_on(conns, Op::Snapshot, &payload);
+        let results = self.run_on(conns, Op::Snapshot, &payload, timeout);
         let hook = if results.iter().any(|(_, r)| r.is_ok()) { in_pause() } else { Ok(()) };
         self.resume();
         let pause = t.elapsed();
@@ -236,7 +244,8 @@ impl Volume {
             .map_err(|e| e.to_string())?;
         let mut outcome = String::new();
         let mut errors = Vec::new();
-        for (i, r) in self.on_replicas(&self.writable_replicas(), Op::SnapshotRemove, &payload) {
+        // A merge copies data and may take long; it runs beside I/O, not in a pause.
+        for (i, r) in self.on_replicas(&self.writable_replicas(), Op::SnapshotRemove, &payload, MERGE_TIMEOUT) {
             match r {
                 Ok(p) => outcome = String::from_utf8_lossy(&p).to_string(),
                 Err(e) => {
@@ -273,7 +282,7 @@ impl Volume {
         let req = SnapshotRequest { name: name.to_string(), created: longhorn_replica::meta::now_rfc3339(), ..Default::default() };
         let payload = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
         self.pause(DRAIN_TIMEOUT).map_err(|e| e.to_string())?;
-        let results = self.on_replicas(&self.writable_replicas(), Op::SnapshotRevert, &payload);
+        let results = self.on_replicas(&self.writable_replicas(), Op::SnapshotRevert, &payload, self.options().io_timeout);
         self.resume();
         let mut ok = 0;
         for (i, r) in results {

@@ -20,11 +20,10 @@
 
 use crate::extent::ExtentMap;
 use crate::snapshot::snap_file;
-use crate::store::{self, Chain, Store, BLOCK};
+use crate::store::{self, Chain, Store};
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 
 /// Largest `SNAPSHOT_READ`.
 pub const MAX_READ: u64 = 8 << 20;
@@ -46,6 +45,9 @@ pub struct SnapshotRanges {
     pub incremental: bool,
     /// Sorted, non-overlapping, 4 KiB-aligned `[start, end)` ranges.
     pub ranges: Vec<(u64, u64)>,
+    /// Where the next page starts (ask again with that offset), when there is one.
+    #[serde(default)]
+    pub next: Option<u64>,
 }
 
 fn bad(what: String) -> io::Error {
@@ -64,37 +66,12 @@ fn layer_of(chain: &Chain, name: &str) -> io::Result<usize> {
 
 /// Data ranges of `file` inside `[start, end)`, 4 KiB aligned.
 fn data_in(file: &std::fs::File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
-    let fd = file.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = start;
-    while pos < end {
-        // SAFETY: lseek on a descriptor the chain keeps open.
-        let d = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if d < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            return Err(e);
-        }
-        let d = d as u64;
-        if d >= end {
-            break;
-        }
-        // SAFETY: as above.
-        let h = unsafe { libc::lseek(fd, d as libc::off_t, libc::SEEK_HOLE) };
-        if h < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let s = (d / BLOCK * BLOCK).max(start);
-        let e = (h as u64).div_ceil(BLOCK).saturating_mul(BLOCK).min(end);
-        if s < e {
-            out.push((s, e));
-        }
-        pos = (h as u64).max(d + 1);
-    }
-    Ok(out)
+    Ok(store::data_ranges(file, start, end, usize::MAX)?.0)
 }
+
+/// Most ranges in one `SNAPSHOT_RANGES` or `FILE_EXTENTS` reply: about 3 MB of JSON,
+/// well inside a frame, however fragmented the volume is. The rest comes in more pages.
+pub const MAX_RANGES_PER_REPLY: usize = 100_000;
 
 impl Store {
     fn export_chain(&self) -> std::sync::RwLockReadGuard<'_, Chain> {
@@ -127,19 +104,51 @@ impl Store {
     }
 
     /// Where the volume as of `name` may differ from the volume as of `since` (see the
-    /// module comment).
+    /// module comment), whole.
     pub fn snapshot_ranges(&self, name: &str, since: Option<&str>) -> io::Result<SnapshotRanges> {
+        let mut out = self.snapshot_ranges_page(name, since, 0, usize::MAX)?;
+        while let Some(next) = out.next {
+            let page = self.snapshot_ranges_page(name, since, next, usize::MAX)?;
+            out.ranges.extend(page.ranges);
+            out.next = page.next;
+        }
+        Ok(out)
+    }
+
+    /// The ranges of [`Store::snapshot_ranges`] from `start` on, at most `max` of them
+    /// (and at most [`MAX_RANGES_PER_REPLY`]); `next` says where to go on.
+    pub fn snapshot_ranges_page(&self, name: &str, since: Option<&str>, start: u64, max: usize) -> io::Result<SnapshotRanges> {
+        let max = max.clamp(1, MAX_RANGES_PER_REPLY);
         let chain = self.export_chain();
         let top = layer_of(&chain, name)?;
         let base = since.and_then(|s| layer_of(&chain, s).ok()).filter(|&b| b < top);
         let from = base.map(|b| b + 1).unwrap_or(0);
+        let layers = &chain.layers[from..=top];
+        // Each layer is scanned for at most `per` ranges; the union is exact up to where
+        // the first layer that stopped early stopped.
+        let per = (4 * max / layers.len()).max(64);
+        let mut upto = self.size();
+        let mut found = Vec::with_capacity(layers.len());
+        for l in layers {
+            let (r, more) = store::data_ranges(&l.file, start.min(self.size()), self.size(), per).map_err(|e| store::io_err(l, start, e))?;
+            if more {
+                upto = upto.min(r.last().map(|x| x.1).unwrap_or(start));
+            }
+            found.push(r);
+        }
         let mut map = ExtentMap::new();
-        for l in &chain.layers[from..=top] {
-            for (s, e) in data_in(&l.file, 0, self.size()).map_err(|e| store::io_err(l, 0, e))? {
-                map.insert(s, e, 0);
+        for (s, e) in found.into_iter().flatten() {
+            if s < upto {
+                map.insert(s, e.min(upto), 0);
             }
         }
-        Ok(SnapshotRanges { incremental: base.is_some(), ranges: map.iter().map(|(s, e, _)| (s, e)).collect() })
+        let mut ranges: Vec<(u64, u64)> = map.iter().map(|(s, e, _)| (s, e)).collect();
+        let mut next = (upto < self.size()).then_some(upto);
+        if ranges.len() > max {
+            ranges.truncate(max);
+            next = ranges.last().map(|r| r.1);
+        }
+        Ok(SnapshotRanges { incremental: base.is_some(), ranges, next })
     }
 }
 
@@ -150,7 +159,9 @@ pub fn serve(store: &Store, h: &crate::proto::Header, payload: &[u8]) -> io::Res
     if h.op == crate::proto::Op::SnapshotRead {
         store.snapshot_read(&r.snapshot, h.offset, h.count as u64).map(bytes::Bytes::from)
     } else {
-        let v = store.snapshot_ranges(&r.snapshot, r.since.as_deref())?;
+        // The header's offset says where the page starts, its count how many ranges at most.
+        let max = if h.count == 0 { MAX_RANGES_PER_REPLY } else { h.count as usize };
+        let v = store.snapshot_ranges_page(&r.snapshot, r.since.as_deref(), h.offset, max)?;
         serde_json::to_vec(&v).map(bytes::Bytes::from).map_err(io::Error::other)
     }
 }
@@ -195,5 +206,65 @@ mod tests {
         assert!(!back.incremental);
         assert!(s.snapshot_read("nope", 0, 4096).is_err());
         assert!(s.snapshot_read("a", 16 << 20, 4096).is_err());
+    }
+
+    /// A fragmented chain (thousands of extents in each of two layers, interleaved) read
+    /// in small pages gives exactly what one unpaged scan gives.
+    #[test]
+    fn pages_of_ranges_and_extents_add_up_to_the_whole() {
+        let t = tempfile::tempdir().expect("tmp");
+        let s = store(t.path());
+        let blocks = (16 << 20) / 4096u64;
+        for b in (0..blocks).step_by(3) {
+            s.write(b * 4096, &[1u8; 4096]).expect("w");
+        }
+        s.snapshot("a", true, "2024-01-01T00:00:00Z", None).expect("snap a");
+        for b in (1..blocks).step_by(5) {
+            s.write(b * 4096, &[2u8; 4096]).expect("w");
+        }
+        s.snapshot("b", true, "2024-01-01T00:00:01Z", None).expect("snap b");
+        for since in [None, Some("a")] {
+            let whole = s.snapshot_ranges("b", since).expect("whole");
+            assert!(whole.ranges.len() > 500, "fragmented: {} ranges", whole.ranges.len());
+            let mut paged: Vec<(u64, u64)> = Vec::new();
+            let (mut at, mut pages) = (0, 0);
+            loop {
+                let p = s.snapshot_ranges_page("b", since, at, 50).expect("page");
+                assert!(p.ranges.len() <= 50);
+                pages += 1;
+                paged.extend(p.ranges);
+                match p.next {
+                    Some(n) => {
+                        assert!(n > at, "pages move forward");
+                        at = n;
+                    }
+                    None => break,
+                }
+            }
+            assert!(pages > 10, "{pages} pages");
+            // Pages may cut a range in two where one page ends: merge adjacent ones.
+            let mut merged: Vec<(u64, u64)> = Vec::new();
+            for r in paged {
+                match merged.last_mut() {
+                    Some(l) if l.1 == r.0 => l.1 = r.1,
+                    _ => merged.push(r),
+                }
+            }
+            assert_eq!(merged, whole.ranges, "since {since:?}");
+        }
+        let whole = s.file_extents("volume-snap-a.img", 0, usize::MAX).expect("extents");
+        assert_eq!(whole.next, None);
+        let mut paged = Vec::new();
+        let mut at = 0;
+        loop {
+            let p = s.file_extents("volume-snap-a.img", at, 7).expect("page");
+            paged.extend(p.extents);
+            match p.next {
+                Some(n) => at = n,
+                None => break,
+            }
+        }
+        assert_eq!(paged, whole.extents);
+        assert_eq!(whole.extents.len() as u64, blocks.div_ceil(3));
     }
 }

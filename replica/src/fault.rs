@@ -7,6 +7,8 @@
 //!   process hangs (tests that the engine bounds its waits).
 //! - `LONGHORN_SLOW_WRITE=<offset>:<ms>`: a write into the head at byte `offset` pauses
 //!   `ms` milliseconds between being accepted and its pwrite (durability race tests).
+//! - `LONGHORN_SLOW_ZERO=<ms>`: zeroing or trimming takes `ms` milliseconds per MiB more,
+//!   as on a slow disk (tests that long zeroings do not exceed the I/O timeout).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -39,5 +41,14 @@ pub fn slow_write(offset: u64) {
         if o == offset {
             std::thread::sleep(Duration::from_millis(ms));
         }
+    }
+}
+
+/// The zeroing path's fault point: `len` bytes are about to be zeroed or trimmed.
+pub fn slow_zero(len: u64) {
+    static SLOW: OnceLock<Option<u64>> = OnceLock::new();
+    let ms = SLOW.get_or_init(|| std::env::var("LONGHORN_SLOW_ZERO").ok()?.parse().ok());
+    if let Some(ms) = *ms {
+        std::thread::sleep(Duration::from_millis(ms * len.div_ceil(1 << 20)));
     }
 }

@@ -66,6 +66,14 @@ pub struct SyncRequest {
     pub files: Vec<DiskMeta>,
 }
 
+/// Reply of `FILE_EXTENTS`: one page of a layer's data extents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExtentsPage {
+    pub extents: Vec<(u64, u64)>,
+    /// Where the next page starts, when there is one.
+    pub next: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FileRequest {
     pub file: String,
@@ -98,9 +106,16 @@ impl Store {
         }
     }
 
-    pub fn file_extents(&self, file: &str) -> io::Result<Vec<(u64, u64)>> {
+    /// The data extents of snapshot layer `file` from `start` on, at most `max` (and at
+    /// most [`crate::export::MAX_RANGES_PER_REPLY`]) of them.
+    pub fn file_extents(&self, file: &str, start: u64, max: usize) -> io::Result<ExtentsPage> {
         let size = self.size();
-        self.with_layer(file, |l| store::allocated_ranges(&l.file, size))
+        let max = max.clamp(1, crate::export::MAX_RANGES_PER_REPLY);
+        self.with_layer(file, |l| {
+            let (extents, more) = store::data_ranges(&l.file, start.min(size), size, max)?;
+            let next = if more { extents.last().map(|e| e.1) } else { None };
+            Ok(ExtentsPage { extents, next })
+        })
     }
 
     pub fn read_file(&self, file: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
@@ -463,9 +478,24 @@ impl Source {
         Ok(p)
     }
 
+    /// Every data extent of `file`, page by page.
     fn extents(&mut self, file: &str) -> io::Result<Vec<(u64, u64)>> {
-        let p = self.call(Op::FileExtents, 0, 0, file)?;
-        serde_json::from_slice(&p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("extents of {file}: {e}")))
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut at = 0;
+        loop {
+            let p = self.call(Op::FileExtents, at, 0, file)?;
+            let page: ExtentsPage = serde_json::from_slice(&p)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("extents of {file}: {e}")))?;
+            out.extend(page.extents);
+            match page.next {
+                // Each page must move forward, or a hostile source could loop us forever.
+                Some(n) if n > at => at = n,
+                Some(n) => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, format!("extents of {file}: next page {n} does not move past {at}")))
+                }
+                None => return Ok(out),
+            }
+        }
     }
 
     fn read(&mut self, file: &str, offset: u64, len: usize) -> io::Result<bytes::Bytes> {

@@ -494,7 +494,12 @@ impl ReplicaServer {
         let r: crate::rebuild::FileRequest = serde_json::from_slice(payload)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("malformed {:?} request: {e}", h.op)))?;
         match h.op {
-            Op::FileExtents => self.store.file_extents(&r.file).and_then(|e| serde_json::to_vec(&e).map_err(io::Error::other)).map(Bytes::from),
+            Op::FileExtents => {
+                // The header's offset says where the page starts, its count how many at most.
+                let max = if h.count == 0 { usize::MAX } else { h.count as usize };
+                let page = self.store.file_extents(&r.file, h.offset, max)?;
+                serde_json::to_vec(&page).map(Bytes::from).map_err(io::Error::other)
+            }
             Op::FileRead => {
                 crate::fault::point("rebuild:file-read");
                 self.store.read_file(&r.file, h.offset, h.count as usize).map(Bytes::from)

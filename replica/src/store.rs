@@ -216,12 +216,21 @@ fn fmt_u64(mut v: u64, buf: &mut [u8; 24]) -> &[u8] {
 
 /// Ranges of `file` that hold data, from SEEK_DATA/SEEK_HOLE, rounded out to blocks.
 pub(crate) fn allocated_ranges(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    Ok(data_ranges(file, 0, size, usize::MAX)?.0)
+}
+
+/// At most `max` data ranges of `file` inside `[start, end)`, rounded out to blocks and
+/// clipped to the range; and whether it stopped at `max` (more may follow the last).
+pub(crate) fn data_ranges(file: &File, start: u64, end: u64, max: usize) -> io::Result<(Vec<(u64, u64)>, bool)> {
     let fd = file.as_raw_fd();
     let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < size {
+    let mut pos = start;
+    while pos < end {
+        if out.len() == max {
+            return Ok((out, true));
+        }
         // SAFETY: plain lseek on an fd we own.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::ENXIO) {
@@ -229,19 +238,23 @@ pub(crate) fn allocated_ranges(file: &File, size: u64) -> io::Result<Vec<(u64, u
             }
             return Err(err);
         }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
         // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
         if hole < 0 {
             return Err(io::Error::last_os_error());
         }
-        let s = (data as u64) / BLOCK * BLOCK;
-        let e = ((hole as u64).min(size)).div_ceil(BLOCK) * BLOCK;
+        let s = (data / BLOCK * BLOCK).max(start);
+        let e = (hole as u64).div_ceil(BLOCK).saturating_mul(BLOCK).min(end);
         if s < e {
-            out.push((s, e.min(size)));
+            out.push((s, e));
         }
-        pos = hole;
+        pos = (hole as u64).max(data + 1);
     }
-    Ok(out)
+    Ok((out, false))
 }
 
 pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
@@ -652,6 +665,7 @@ impl Store {
     /// Block-aligned zeroing. Where an older layer holds data: zero blocks if `must_zero`
     /// (else left alone); elsewhere the head's blocks are punched out.
     fn zero_aligned(&self, chain: &Chain, a: u64, b: u64, must_zero: bool) -> io::Result<()> {
+        crate::fault::slow_zero(b - a);
         let pieces = chain.maps.read().unwrap_or_else(|p| p.into_inner()).below.lookup(a, b);
         let head = chain.head();
         self.dirty()?;

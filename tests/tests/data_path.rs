@@ -281,3 +281,25 @@ fn hung_replica_is_dropped_after_the_io_timeout() {
     assert_eq!(v[2]["mode"].as_str(), Some("ERR"), "{v}");
     assert!(v[2]["error"].as_str().unwrap_or("").contains("timeout"), "{v}");
 }
+
+/// A zeroing of a whole large volume on slow disks: passed whole, it kept every replica
+/// busy past the I/O timeout at once, all were dropped and the volume faulted. The
+/// engine sends it in pieces, each answered well within the timeout.
+#[test]
+fn a_long_write_zeroes_on_slow_disks_does_not_fault_the_volume() {
+    let size = 1024 * MB;
+    let slow = [("LONGHORN_SLOW_ZERO".to_string(), "6".to_string())];
+    let mut c = Cluster::without_engine("vol1", size, 0);
+    c.add_replica_env("r0", &slow);
+    c.add_replica_env("r1", &slow);
+    c.start_engine();
+    sh(&format!("{NBDSH} -u '{}' -c 'h.pwrite(b\"\\x77\" * 65536, 0); h.flush()'", c.uri()));
+    let t = std::time::Instant::now();
+    // 1 GiB at 6 ms per MiB is 6 s per replica, against an I/O timeout of 4 s.
+    let (ok, out) = sh_try(&format!("{NBDSH} -u '{}' -c 'h.zero({size}, 0); print(h.pread(65536, 0) == bytes(65536))'", c.uri()));
+    eprintln!("1 GiB WRITE_ZEROES took {:?}", t.elapsed());
+    assert!(ok && out.trim() == "True", "zeroing failed or did not read back as zeros: {out}\nengine log:\n{}", c.engine_log());
+    let info = c.cli(&["volume", "info", "-v", "vol1", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+    assert_eq!(v["state"], "healthy", "replicas were dropped by a long zeroing: {v}\nengine log:\n{}", c.engine_log());
+}

@@ -145,3 +145,38 @@ fn require_tools() {
         assert!(have(t), "{t} is not installed (tests/run installs it)");
     }
 }
+
+/// A replica that hangs while it commits a rotation is waited for no longer than the
+/// I/O timeout: the pause ends, the snapshot is taken on the others, and the hung
+/// replica is dropped, as the I/O path would drop it.
+#[test]
+fn a_replica_hung_in_the_commit_is_dropped_within_the_io_timeout() {
+    let mut c = Cluster::without_engine("vol1", 16 * MB, 2);
+    c.add_replica_env("r2", &[("LONGHORN_STALL_AT".into(), "snapshot:synced".into())]);
+    c.start_engine();
+    let hung = c.replicas[2].addr.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (bin, run) = (bin(), c.run_dir());
+    std::thread::spawn(move || {
+        let o = std::process::Command::new(bin)
+            .args(["snapshot", "create", "s1", "-v", "vol1", "--json"])
+            .env("LONGHORN_RUN_DIR", run)
+            .output();
+        let _ = tx.send(o);
+    });
+    let o = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("snapshot create still waits on a hung replica after 30 s (the I/O timeout is 4 s)")
+        .expect("run longhorn");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let created: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let pause = created["pause_us"].as_u64().expect("pause_us");
+    eprintln!("snapshot with a hung replica paused I/O for {pause} us");
+    assert!(pause < 6_000_000, "I/O was held for {pause} us");
+    assert_eq!(created["replicas"], 2, "{created}");
+    let ls: serde_json::Value = serde_json::from_str(&cli_ok(&c, &["replica", "ls", "-v", "vol1", "--json"])).expect("json");
+    let r = ls.as_array().expect("array").iter().find(|r| r["address"] == hung.as_str()).cloned().expect("listed");
+    assert_eq!(r["mode"], "ERR", "{r}");
+    assert!(snap_ls(&c).as_array().expect("array").iter().any(|s| s["name"] == "s1"));
+    sh(&format!("{NBDSH} -u '{}' -c 'h.pwrite(b\"x\" * 4096, 0); h.flush()'", c.uri()));
+}

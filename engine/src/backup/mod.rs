@@ -155,6 +155,32 @@ fn replica_call(s: &mut TcpStream, addr: &str, op: Op, offset: u64, count: u32, 
     Ok(p.to_vec())
 }
 
+/// Every range of `SNAPSHOT_RANGES`, page by page (a fragmented volume has more than
+/// one reply holds).
+fn snapshot_ranges(s: &mut TcpStream, addr: &str, rq: &ExportRequest) -> Result<SnapshotRanges, BackupError> {
+    let payload = serde_json::to_vec(rq).map_err(|e| BackupError::Failed(format!("encoding SnapshotRanges: {e}")))?;
+    let mut out: Option<SnapshotRanges> = None;
+    let mut at = 0;
+    loop {
+        let raw = replica_call(s, addr, Op::SnapshotRanges, at, 0, &payload)?;
+        let page: SnapshotRanges = serde_json::from_slice(&raw)
+            .map_err(|e| BackupError::Failed(format!("replica {addr}: bad SnapshotRanges reply: {e}")))?;
+        let next = page.next;
+        match &mut out {
+            None => out = Some(page),
+            Some(o) => o.ranges.extend(page.ranges),
+        }
+        match next {
+            Some(n) if n > at => at = n,
+            Some(n) => return Err(BackupError::Failed(format!("replica {addr}: SnapshotRanges page {n} does not move past {at}"))),
+            None => break,
+        }
+    }
+    let mut r = out.ok_or_else(|| BackupError::Failed(format!("replica {addr}: no SnapshotRanges reply")))?;
+    r.next = None;
+    Ok(r)
+}
+
 fn connect(v: &Volume, addr: &str) -> Result<TcpStream, BackupError> {
     let (s, _) = replica_conn::connect(addr, v.name(), v.size()).map_err(|e| BackupError::Failed(e.to_string()))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
@@ -286,9 +312,7 @@ fn run(
     };
     let mut s = connect(v, addr)?;
     let rq = ExportRequest { snapshot: snapshot.to_string(), since: last.as_ref().map(|b| b.snapshot_name.clone()) };
-    let raw = replica_call(&mut s, addr, Op::SnapshotRanges, 0, 0, &serde_json::to_vec(&rq).unwrap_or_default())?;
-    let ranges: SnapshotRanges = serde_json::from_slice(&raw)
-        .map_err(|e| BackupError::Failed(format!("replica {addr}: bad SnapshotRanges reply: {e}")))?;
+    let ranges = snapshot_ranges(&mut s, addr, &rq)?;
     let last = last.filter(|_| ranges.incremental);
     let mut blocks = BTreeSet::new();
     for &(a, b) in &ranges.ranges {
