@@ -45,6 +45,12 @@
 //! - Backup ops (see `export`): SNAPSHOT_READ (JSON `ExportRequest` payload, offset and
 //!   count in the header; reply: the data as of that snapshot) and SNAPSHOT_RANGES
 //!   (JSON `ExportRequest`; reply: JSON `SnapshotRanges`).
+//! - Listings that grow with fragmentation are paged: FILE_EXTENTS and SNAPSHOT_RANGES
+//!   take the page's start in `offset` and the most entries wanted in `count` (0: the
+//!   replica's limit, 100 000); the reply's `next`, when set, is the `offset` to ask for
+//!   next and is always past the one asked for.
+//! - Every name a peer sends that becomes a file name (snapshot, rebuild files) must
+//!   pass `meta::check_layer_name`; anything else is refused with EINVAL.
 //! - `payload_len` is at most [`MAX_PAYLOAD`]; `count` at most [`MAX_IO`].
 
 use bytes::{Bytes, BytesMut};
