@@ -9,7 +9,6 @@
 //!    (only what differs, when it already holds some of it);
 //! 3. it becomes RW. On any failure it is marked ERR and I/O never noticed.
 
-use crate::replica_conn;
 use crate::volume::{Mode, ReplicaState, Volume};
 use longhorn_replica::proto::Op;
 use longhorn_replica::rebuild::{BeginRebuild, SyncRequest};
@@ -26,7 +25,7 @@ impl Volume {
         if self.replicas.iter().any(|(_, r)| r.addr == addr && !r.removed() && r.mode() != Mode::ERR) {
             return Err(format!("replica {addr} is already in the volume"));
         }
-        let (_, info) = replica_conn::connect(addr, self.name(), self.size()).map_err(|e| e.to_string())?;
+        let (_, info) = self.dialer().connect(addr).map_err(|e| e.to_string())?;
         let source = (0..self.replicas.len())
             .find(|&i| self.mode_of(i) == Mode::RW)
             .ok_or_else(|| format!("volume {} has no healthy replica to rebuild from", self.name()))?;
@@ -38,10 +37,10 @@ impl Volume {
         // Runs inside the I/O pause: each call waits at most the I/O timeout.
         let t = self.options().io_timeout;
         let mut attach = || -> Result<(), String> {
-            let rev = replica_conn::call_with_timeout(&source_addr, me.name(), me.size(), Op::Revision, b"", t).map_err(|e| e.to_string())?;
+            let rev = me.dialer().call_with_timeout(&source_addr, Op::Revision, b"", t).map_err(|e| e.to_string())?;
             let revision: u64 = String::from_utf8_lossy(&rev).trim().parse().map_err(|_| "bad revision from the source".to_string())?;
             let begin = serde_json::to_vec(&BeginRebuild { snapshot: snap_file.clone(), revision }).map_err(|e| e.to_string())?;
-            replica_conn::call_with_timeout(addr, me.name(), me.size(), Op::RebuildBegin, &begin, t).map_err(|e| e.to_string())?;
+            me.dialer().call_with_timeout(addr, Op::RebuildBegin, &begin, t).map_err(|e| e.to_string())?;
             // An older slot for the same address (a replica that failed) is retired.
             for (_, r) in me.replicas.iter() {
                 if r.addr == addr {
@@ -95,7 +94,7 @@ impl Volume {
     }
 
     fn sync_replica(&self, i: usize, addr: &str, source: &str, snap_file: &str) -> Result<u64, String> {
-        let files = replica_conn::call(source, self.name(), self.size(), Op::ChainFiles, b"").map_err(|e| e.to_string())?;
+        let files = self.dialer().call(source, Op::ChainFiles, b"").map_err(|e| e.to_string())?;
         let mut files: Vec<DiskMeta> = serde_json::from_slice(&files).map_err(|e| format!("bad chain from {source}: {e}"))?;
         // Snapshots taken after the rebuild began are not part of it.
         let Some(end) = files.iter().position(|f| f.name == snap_file) else {
@@ -106,7 +105,7 @@ impl Volume {
         if self.mode_of(i) != Mode::WO {
             return Err("replica left WO mode before its data was copied".into());
         }
-        let p = replica_conn::call_long(addr, self.name(), self.size(), Op::RebuildSync, &req).map_err(|e| e.to_string())?;
+        let p = self.dialer().call_long(addr, Op::RebuildSync, &req).map_err(|e| e.to_string())?;
         let prog: longhorn_replica::rebuild::RebuildProgress = serde_json::from_slice(&p).map_err(|e| e.to_string())?;
         Ok(prog.bytes_sent)
     }

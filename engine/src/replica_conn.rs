@@ -1,8 +1,9 @@
-//! The engine's side of one connection to a replica: handshake, buffered sends, and
-//! helpers for one-off control requests.
+//! The engine's side of one connection to a replica: the [`Dialer`] that makes every
+//! connection (handshake and credentials), buffered sends, and one-off control requests.
 
 use bytes::Bytes;
-use longhorn_replica::proto::{self, Header, Hello, Op, ReplicaInfo, HEADER_LEN};
+use longhorn_replica::auth::{self, Credentials};
+use longhorn_replica::proto::{self, Header, Op, ReplicaInfo, HEADER_LEN};
 use std::io::{self, BufWriter, IoSlice, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
@@ -10,69 +11,56 @@ use std::time::Duration;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connects to `addr` and does the Hello handshake for `volume` of `size` bytes.
-/// Returns the stream and what the replica says about itself.
-pub fn connect(addr: &str, volume: &str, size: u64) -> io::Result<(TcpStream, ReplicaInfo)> {
-    let sa = addr
-        .to_socket_addrs()
-        .map_err(|e| io::Error::new(e.kind(), format!("replica address {addr}: {e}")))?
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("replica address {addr} resolves to nothing")))?;
-    let mut s = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT)
-        .map_err(|e| io::Error::new(e.kind(), format!("replica {addr}: connect: {e}")))?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(CONNECT_TIMEOUT))?;
-    let hello = serde_json::to_vec(&Hello { volume: volume.to_string(), size })
-        .map_err(|e| io::Error::other(format!("encoding Hello: {e}")))?;
-    let mut buf = Vec::new();
-    proto::put_frame(&mut buf, Header::request(Op::Hello, 0, 0, 0), &hello);
-    s.write_all(&buf).map_err(|e| io::Error::new(e.kind(), format!("replica {addr}: handshake: {e}")))?;
-    let (h, payload) = proto::read_frame(&mut s).map_err(|e| {
-        let (kind, why) = match &e {
-            proto::FrameError::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                (io::ErrorKind::TimedOut, format!("no answer to the handshake within the timeout of {CONNECT_TIMEOUT:?}"))
-            }
-            e => (io::ErrorKind::ConnectionAborted, e.to_string()),
-        };
-        io::Error::new(kind, format!("replica {addr}: handshake: {why}"))
-    })?;
-    if h.status != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("replica {addr} refused the engine: {}", String::from_utf8_lossy(&payload)),
-        ));
+/// What the engine says about itself whenever it dials a replica: the volume, its size,
+/// and its credentials (the volume's secret and this engine's id, see
+/// `longhorn_replica::auth`). Every connection to a replica is made through one.
+#[derive(Clone, Debug)]
+pub struct Dialer {
+    pub volume: String,
+    pub size: u64,
+    pub creds: Credentials,
+}
+
+impl Dialer {
+    /// Connects to `addr` and does the handshake. Returns the stream (no read timeout)
+    /// and what the replica says about itself.
+    pub fn connect(&self, addr: &str) -> io::Result<(TcpStream, ReplicaInfo)> {
+        let sa = addr
+            .to_socket_addrs()
+            .map_err(|e| io::Error::new(e.kind(), format!("replica address {addr}: {e}")))?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("replica address {addr} resolves to nothing")))?;
+        let mut s = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT)
+            .map_err(|e| io::Error::new(e.kind(), format!("replica {addr}: connect: {e}")))?;
+        s.set_nodelay(true)?;
+        let info = auth::client_handshake(&mut s, &self.volume, self.size, &self.creds).map_err(|e| e.into_io(addr))?;
+        s.set_read_timeout(None)?;
+        Ok((s, info))
     }
-    let info: ReplicaInfo = serde_json::from_slice(&payload)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("replica {addr}: bad Hello reply: {e}")))?;
-    s.set_read_timeout(None)?;
-    Ok((s, info))
-}
 
-/// One request/reply exchange on a fresh connection (control operations only).
-pub fn call(addr: &str, volume: &str, size: u64, op: Op, payload: &[u8]) -> io::Result<Bytes> {
-    call_with_timeout(addr, volume, size, op, payload, Duration::from_secs(30))
-}
-
-/// As [`call`], for operations that run long (a rebuild's copy).
-pub fn call_long(addr: &str, volume: &str, size: u64, op: Op, payload: &[u8]) -> io::Result<Bytes> {
-    call_with_timeout(addr, volume, size, op, payload, Duration::from_secs(24 * 3600))
-}
-
-/// As [`call`], waiting at most `t` for the answer.
-pub fn call_with_timeout(addr: &str, volume: &str, size: u64, op: Op, payload: &[u8], t: Duration) -> io::Result<Bytes> {
-    let (mut s, _) = connect(addr, volume, size)?;
-    s.set_read_timeout(Some(t))?;
-    let mut buf = Vec::new();
-    proto::put_frame(&mut buf, Header::request(op, 1, 0, 0), payload);
-    s.write_all(&buf)?;
-    let (h, p) = proto::read_frame(&mut s).map_err(|e| io::Error::other(format!("replica {addr}: {op:?}: {e}")))?;
-    if h.status != 0 {
-        return Err(io::Error::other(format!(
-            "replica {addr}: {op:?} failed: {}",
-            String::from_utf8_lossy(&p)
-        )));
+    /// One request/reply exchange on a fresh connection (control operations only).
+    pub fn call(&self, addr: &str, op: Op, payload: &[u8]) -> io::Result<Bytes> {
+        self.call_with_timeout(addr, op, payload, Duration::from_secs(30))
     }
-    Ok(p)
+
+    /// As [`Dialer::call`], for operations that run long (a rebuild's copy).
+    pub fn call_long(&self, addr: &str, op: Op, payload: &[u8]) -> io::Result<Bytes> {
+        self.call_with_timeout(addr, op, payload, Duration::from_secs(24 * 3600))
+    }
+
+    /// As [`Dialer::call`], waiting at most `t` for the answer.
+    pub fn call_with_timeout(&self, addr: &str, op: Op, payload: &[u8], t: Duration) -> io::Result<Bytes> {
+        let (mut s, _) = self.connect(addr)?;
+        s.set_read_timeout(Some(t))?;
+        let mut buf = Vec::new();
+        proto::put_frame(&mut buf, Header::request(op, 1, 0, 0), payload);
+        s.write_all(&buf)?;
+        let (h, p) = proto::read_frame(&mut s).map_err(|e| io::Error::other(format!("replica {addr}: {op:?}: {e}")))?;
+        if h.status != 0 {
+            return Err(io::Error::other(format!("replica {addr}: {op:?} failed: {}", String::from_utf8_lossy(&p))));
+        }
+        Ok(p)
+    }
 }
 
 /// Fills in a header's payload length and CRC.

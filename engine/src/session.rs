@@ -126,7 +126,7 @@ impl Inner {
     /// Opens this session's connection to replica slot `i` and starts its reply thread.
     pub(crate) fn attach(self: &Arc<Self>, i: usize) -> std::io::Result<()> {
         let addr = self.volume.addr_of(i);
-        let (s, _) = replica_conn::connect(&addr, self.volume.name(), self.volume.size())?;
+        let (s, _) = self.volume.dialer().connect(&addr)?;
         let c = ReplicaConn::new(&addr, s)?;
         let rd = c.reader()?;
         if self.conns.set(i, Arc::new(c)).is_err() {

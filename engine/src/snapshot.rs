@@ -1,7 +1,6 @@
 //! Snapshot orchestration across the replica set. Runs on control threads, beside
 //! the I/O path: the only contact with I/O is the pause (drain) around a rotation.
 
-use crate::replica_conn;
 use crate::volume::{Mode, Volume};
 use longhorn_replica::proto::{self, Header, Op, SnapshotRequest};
 use longhorn_replica::snapshot::{check_name, SnapshotInfo};
@@ -90,7 +89,7 @@ impl Volume {
         let mut conns = Vec::new();
         for &i in targets {
             let addr = self.addr_of(i);
-            let c = replica_conn::connect(&addr, self.name(), self.size()).map(|(s, _)| s).map_err(|e| e.to_string());
+            let c = self.dialer().connect(&addr).map(|(s, _)| s).map_err(|e| e.to_string());
             conns.push((i, addr, c));
         }
         self.run_on(conns, op, payload, timeout)
@@ -168,7 +167,7 @@ impl Volume {
         let mut conns = Vec::new();
         for &i in &targets {
             let addr = self.addr_of(i);
-            let c = replica_conn::connect(&addr, self.name(), self.size())
+            let c = self.dialer().connect(&addr)
                 .map_err(|e| e.to_string())
                 .and_then(|(s, _)| s.set_read_timeout(Some(timeout)).map(|_| s).map_err(|e| e.to_string()))
                 .and_then(|mut s| exchange(&mut s, &addr, Op::Snapshot, &prep).map(|_| s))
@@ -206,7 +205,7 @@ impl Volume {
     fn first_rw_info(&self) -> Result<longhorn_replica::proto::ReplicaInfo, String> {
         let i = self.first_rw()?;
         let addr = self.addr_of(i);
-        let p = replica_conn::call(&addr, self.name(), self.size(), Op::Info, b"").map_err(|e| e.to_string())?;
+        let p = self.dialer().call(&addr, Op::Info, b"").map_err(|e| e.to_string())?;
         serde_json::from_slice(&p).map_err(|e| format!("replica {addr}: bad info: {e}"))
     }
 
@@ -224,7 +223,7 @@ impl Volume {
     pub fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>, String> {
         let i = self.first_rw()?;
         let addr = &self.addr_of(i);
-        let p = replica_conn::call(addr, self.name(), self.size(), Op::SnapshotList, b"").map_err(|e| e.to_string())?;
+        let p = self.dialer().call(addr, Op::SnapshotList, b"").map_err(|e| e.to_string())?;
         serde_json::from_slice(&p).map_err(|e| format!("replica {addr}: bad snapshot list: {e}"))
     }
 

@@ -7,7 +7,9 @@
 //! once, so I/O carries on with the rest.
 
 use crate::api::{BlockBackend, Completer, Session};
-use crate::replica_conn;
+use crate::replica_conn::Dialer;
+use longhorn_replica::auth::{Credentials, Key};
+use longhorn_replica::proto;
 use crate::session::EngineSession;
 use crate::slots::Slots;
 use serde::Serialize;
@@ -15,7 +17,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Mode {
@@ -40,6 +42,9 @@ pub struct ReplicaState {
     reason: Mutex<String>,
     /// Taken out of the set by `replica rm`: no longer listed.
     removed: AtomicBool,
+    /// A connection kept open and pinged, so this engine holds the replica's lease even
+    /// with no client connected (see `longhorn_replica::server::LEASE`).
+    lease: Mutex<Option<std::net::TcpStream>>,
 }
 
 impl ReplicaState {
@@ -53,7 +58,13 @@ impl ReplicaState {
         self.removed.store(true, Ordering::Release);
     }
     pub(crate) fn new(addr: &str, mode: Mode, reason: String) -> ReplicaState {
-        ReplicaState { addr: addr.to_string(), mode: AtomicU8::new(mode as u8), reason: Mutex::new(reason), removed: AtomicBool::new(false) }
+        ReplicaState {
+            addr: addr.to_string(),
+            mode: AtomicU8::new(mode as u8),
+            reason: Mutex::new(reason),
+            removed: AtomicBool::new(false),
+            lease: Mutex::new(None),
+        }
     }
     pub(crate) fn set_mode(&self, m: Mode) {
         self.mode.store(m as u8, Ordering::Release);
@@ -91,17 +102,23 @@ pub struct VolumeStatus {
 pub struct VolumeOptions {
     /// A replica that has not answered a request for this long is dropped.
     pub io_timeout: Duration,
+    /// The volume's secret, proven to every replica (see `longhorn_replica::auth`).
+    pub secret: Option<Arc<Key>>,
 }
 
 impl Default for VolumeOptions {
     fn default() -> Self {
-        VolumeOptions { io_timeout: Duration::from_secs(8) }
+        VolumeOptions { io_timeout: Duration::from_secs(8), secret: None }
     }
 }
+
+/// How often the engine pings each replica to keep its lease.
+const LEASE_PING: Duration = Duration::from_secs(2);
 
 pub struct Volume {
     name: String,
     size: u64,
+    dialer: Dialer,
     pub(crate) replicas: Slots<Arc<ReplicaState>>,
     opts: VolumeOptions,
     sessions: Mutex<Vec<Weak<crate::session::Inner>>>,
@@ -124,17 +141,22 @@ impl Volume {
         if addrs.len() > 32 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "at most 32 replicas"));
         }
+        let id = longhorn_replica::auth::random_id()?;
+        let dialer = Dialer { volume: name.to_string(), size, creds: Credentials::engine(opts.secret.clone(), &id) };
         let mut found = Vec::new();
+        let mut leases = Vec::new();
         for a in addrs {
-            match replica_conn::connect(a, name, size) {
-                Ok((_, info)) => {
+            match dialer.connect(a) {
+                Ok((s, info)) => {
                     if info.was_dirty {
                         warn!(replica = %a, "replica was not closed cleanly last time");
                     }
+                    leases.push(Some(s));
                     found.push((a.clone(), Ok(info)))
                 }
                 Err(e) => {
                     warn!(replica = %a, "replica unusable: {e}");
+                    leases.push(None);
                     found.push((a.clone(), Err(e.to_string())));
                 }
             }
@@ -148,7 +170,7 @@ impl Volume {
             return Err(io::Error::other(format!("no usable replica for volume {name}: {}", why.join("; "))));
         };
         let replicas = Slots::default();
-        for (a, r) in found {
+        for ((a, r), lease) in found.into_iter().zip(leases) {
             let (mode, reason) = match r {
                 Ok(i) if i.rebuilding => {
                     let why = "needs rebuild: its last rebuild did not finish".to_string();
@@ -163,11 +185,14 @@ impl Volume {
                 }
                 Err(e) => (Mode::ERR, e),
             };
-            let _ = replicas.push(Arc::new(ReplicaState::new(&a, mode, reason)));
+            let st = ReplicaState::new(&a, mode, reason);
+            *st.lease.lock().unwrap_or_else(|e| e.into_inner()) = lease;
+            let _ = replicas.push(Arc::new(st));
         }
         let v = Arc::new(Volume {
             name: name.to_string(),
             size,
+            dialer,
             replicas,
             opts,
             sessions: Mutex::new(Vec::new()),
@@ -178,9 +203,11 @@ impl Volume {
             control: Mutex::new(()),
         });
         let rw = v.healthy();
-        info!(volume = name, size, replicas = v.replicas.len(), healthy = rw, revision = newest, "volume started");
+        info!(volume = name, size, replicas = v.replicas.len(), healthy = rw, revision = newest, engine = %id, "volume started");
         let weak = Arc::downgrade(&v);
         std::thread::Builder::new().name("io-watchdog".into()).spawn(move || watchdog(weak))?;
+        let weak = Arc::downgrade(&v);
+        std::thread::Builder::new().name("lease".into()).spawn(move || keep_leases(weak))?;
         Ok(v)
     }
 
@@ -324,7 +351,7 @@ impl Volume {
                 let info = if mode == Mode::ERR {
                     None
                 } else {
-                    match replica_conn::call(&r.addr, &self.name, self.size, longhorn_replica::proto::Op::Info, b"") {
+                    match self.dialer.call(&r.addr, longhorn_replica::proto::Op::Info, b"") {
                         Ok(p) => serde_json::from_slice::<longhorn_replica::proto::ReplicaInfo>(&p).ok(),
                         Err(e) if matches!(
                             e.kind(),
@@ -386,7 +413,7 @@ impl Volume {
             if r.mode() == Mode::ERR {
                 continue;
             }
-            match replica_conn::call(&r.addr, &self.name, self.size, longhorn_replica::proto::Op::Close, b"") {
+            match self.dialer.call(&r.addr, longhorn_replica::proto::Op::Close, b"") {
                 Ok(_) => info!(replica = %r.addr, "replica flushed and closed cleanly"),
                 Err(e) => warn!(replica = %r.addr, "clean close failed: {e}"),
             }
@@ -408,6 +435,47 @@ impl BlockBackend for VolumeHandle {
     fn open_session(&self, completer: Arc<dyn Completer>) -> io::Result<Box<dyn Session>> {
         Ok(Box::new(EngineSession::open(self.0.clone(), completer)?))
     }
+}
+
+/// Pings every replica in use over its lease connection, reconnecting one that broke,
+/// so the replicas know this engine is alive even when no client does I/O.
+fn keep_leases(v: Weak<Volume>) {
+    loop {
+        std::thread::sleep(LEASE_PING);
+        let Some(v) = v.upgrade() else { return };
+        for (_, r) in v.replicas.iter() {
+            if r.removed() || r.mode() == Mode::ERR {
+                *r.lease.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                continue;
+            }
+            let mut l = r.lease.lock().unwrap_or_else(|e| e.into_inner());
+            if l.is_none() {
+                match v.dialer.connect(&r.addr) {
+                    Ok((s, _)) => *l = Some(s),
+                    Err(e) => debug!(replica = %r.addr, "lease connection: {e}"),
+                }
+            }
+            if let Some(s) = l.as_mut() {
+                if let Err(e) = ping(s) {
+                    debug!(replica = %r.addr, "lease ping: {e}");
+                    *l = None;
+                }
+            }
+        }
+    }
+}
+
+fn ping(s: &mut std::net::TcpStream) -> io::Result<()> {
+    use std::io::Write;
+    s.set_read_timeout(Some(LEASE_PING))?;
+    let mut b = Vec::new();
+    proto::put_frame(&mut b, proto::Header::request(proto::Op::Ping, 1, 0, 0), &[]);
+    s.write_all(&b)?;
+    let (h, p) = proto::read_frame(s).map_err(|e| io::Error::other(e.to_string()))?;
+    if h.status != 0 {
+        return Err(io::Error::other(String::from_utf8_lossy(&p).to_string()));
+    }
+    Ok(())
 }
 
 /// Fails replicas that leave requests unanswered past the I/O timeout.
@@ -432,6 +500,10 @@ fn watchdog(v: Weak<Volume>) {
 impl Volume {
     pub fn name(&self) -> &str {
         &self.name
+    }
+    /// How this engine connects to the volume's replicas.
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
     }
     pub fn size(&self) -> u64 {
         self.size

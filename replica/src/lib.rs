@@ -1,6 +1,7 @@
 //! The replica: a volume stored as a chain of sparse files in Longhorn's on-disk
 //! layout (`meta`, `store`), and the replica side of the data protocol (`proto`,
 //! `server`).
+pub mod auth;
 pub mod export;
 pub mod extent;
 pub mod fault;

@@ -22,9 +22,12 @@
 //!
 //! # Rules
 //!
-//! - The first request on a connection must be `Hello` with a JSON [`Hello`] payload;
-//!   the replica refuses (status EINVAL, reason in the payload, then closes) when the
-//!   volume name or size differ from its own. Nothing else is accepted before it.
+//! - The replica speaks first: a `Hello` reply frame (id 0) with a JSON [`Challenge`].
+//!   The first request on a connection must then be `Hello` with a JSON [`Hello`]
+//!   payload, proving the volume's secret (`auth` states the handshake); the replica
+//!   refuses (status EACCES, EINVAL or EBUSY, reason in the payload, then closes) a
+//!   wrong proof, another volume or size, or a second engine while one holds the lease
+//!   (`server`). Nothing else is accepted before it.
 //! - Requests are pipelined: a client may send many before reading replies, and replies
 //!   may come back in any order; `id` pairs them. A connection is owned by one engine
 //!   session, and an engine may open several connections to one replica.
@@ -255,11 +258,32 @@ pub fn put_frame(out: &mut Vec<u8>, mut h: Header, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// The handshake a client sends first on every connection.
+/// The replica's first frame on every connection (see `auth`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Challenge {
+    /// 32 random bytes, hex.
+    pub nonce: String,
+    /// The replica has a secret: the Hello must prove it.
+    pub auth: bool,
+}
+
+/// The client's answer to the challenge (see `auth`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
     pub volume: String,
     pub size: u64,
+    /// `engine` or `peer` (a replica pulling a rebuild).
+    #[serde(default)]
+    pub role: String,
+    /// The engine's id, one per engine process (the lease is held by it).
+    #[serde(default)]
+    pub engine: String,
+    /// 32 random bytes, hex.
+    #[serde(default)]
+    pub nonce: String,
+    /// HMAC-SHA256 proof of the volume's secret, hex; empty without a secret.
+    #[serde(default)]
+    pub mac: String,
 }
 
 /// What a replica says about itself (reply to HELLO and INFO).
@@ -283,6 +307,9 @@ pub struct ReplicaInfo {
     /// The head holds data (written since the last snapshot).
     #[serde(default)]
     pub head_has_data: bool,
+    /// In the Hello reply: the replica's proof of the volume's secret (see `auth`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
 }
 
 /// SNAPSHOT, SNAPSHOT_REMOVE and SNAPSHOT_REVERT requests.

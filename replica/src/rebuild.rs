@@ -17,7 +17,8 @@
 //! rebuilding (its result is unspecified anyway).
 
 use crate::meta::{self, DiskMeta, LayerKind, MetaError};
-use crate::proto::{self, Header, Hello, Op};
+use crate::auth::{self, Credentials};
+use crate::proto::{self, Header, Op};
 use crate::store::{self, Chain, Maps, Store, StoreError, BLOCK};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -230,10 +231,11 @@ impl Store {
         Ok(Some((a, b)))
     }
 
-    /// Pulls the chain files from `req.source`, then finishes the rebuild.
-    pub fn sync_from(&self, req: &SyncRequest) -> Result<RebuildProgress, StoreError> {
+    /// Pulls the chain files from `req.source`, then finishes the rebuild. `key` is the
+    /// volume's secret, proven to the source.
+    pub fn sync_from(&self, req: &SyncRequest, key: Option<std::sync::Arc<auth::Key>>) -> Result<RebuildProgress, StoreError> {
         let t = Instant::now();
-        let r = self.pull_files(req, t);
+        let r = self.pull_files(req, t, &Credentials::peer(key));
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         p.elapsed_ms = t.elapsed().as_millis() as u64;
         match r {
@@ -252,7 +254,7 @@ impl Store {
         }
     }
 
-    fn pull_files(&self, req: &SyncRequest, t: Instant) -> Result<(), StoreError> {
+    fn pull_files(&self, req: &SyncRequest, t: Instant, creds: &Credentials) -> Result<(), StoreError> {
         let dir = self.dir().to_path_buf();
         check_sync_request(req).map_err(|what| StoreError::Layout { path: dir.clone(), what: format!("RebuildSync refused: {what}") })?;
         let want = self.rebuild.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.snapshot.clone());
@@ -265,7 +267,7 @@ impl Store {
                 })
             }
         }
-        let mut src = Source::connect(&req.source, self.volume(), self.size())
+        let mut src = Source::connect(&req.source, self.volume(), self.size(), creds)
             .map_err(|e| StoreError::Io { path: dir.clone(), offset: 0, source: e })?;
         let mut extents = Vec::new();
         for f in &req.files {
@@ -429,7 +431,8 @@ struct Source {
 }
 
 impl Source {
-    fn connect(addr: &str, volume: &str, size: u64) -> io::Result<Source> {
+    /// Connects as a rebuild peer, proving (and checking) the volume's secret.
+    fn connect(addr: &str, volume: &str, size: u64, creds: &Credentials) -> io::Result<Source> {
         let sa = std::net::ToSocketAddrs::to_socket_addrs(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("source replica {addr}: {e}")))?
             .next()
@@ -437,31 +440,14 @@ impl Source {
         let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(5))
             .map_err(|e| io::Error::new(e.kind(), format!("source replica {addr}: {e}")))?;
         s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))?;
-        s.set_write_timeout(Some(Duration::from_secs(60)))?;
-        let mut src = Source { s: s.try_clone()?, addr: addr.to_string(), next: 1 };
-        let hello = serde_json::to_vec(&Hello { volume: volume.to_string(), size }).map_err(io::Error::other)?;
-        let mut b = Vec::new();
-        proto::put_frame(&mut b, Header::request(Op::Hello, 0, 0, 0), &hello);
-        s.write_all(&b)?;
-        let (h, p) = proto::read_frame(&mut s).map_err(|e| io::Error::other(format!("source replica {addr}: {e}")))?;
-        if h.status != 0 {
-            return Err(io::Error::other(format!("source replica {addr} refused: {}", String::from_utf8_lossy(&p))));
-        }
-        // Whatever answers must be a replica of this very volume.
-        let info: proto::ReplicaInfo = serde_json::from_slice(&p)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("source replica {addr}: bad Hello reply: {e}")))?;
-        if info.volume != volume || info.size != size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("source {addr} serves volume {:?} of {} bytes, not {volume:?} of {size}", info.volume, info.size),
-            ));
-        }
+        // The handshake also checks that whatever answers is a replica of this very volume.
+        let info = auth::client_handshake(&mut s, volume, size, creds).map_err(|e| e.into_io(addr))?;
         if info.rebuilding {
             return Err(io::Error::other(format!("source replica {addr} is itself being rebuilt")));
         }
-        src.next = 1;
-        Ok(src)
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        s.set_write_timeout(Some(Duration::from_secs(60)))?;
+        Ok(Source { s, addr: addr.to_string(), next: 1 })
     }
 
     fn call(&mut self, op: Op, offset: u64, count: u32, file: &str) -> io::Result<bytes::Bytes> {

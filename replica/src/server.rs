@@ -6,13 +6,23 @@
 //! go through the page cache and complete inline (microseconds); FLUSH and FUA writes
 //! go to a single sync thread that does one `fdatasync` for every flush waiting on it
 //! (group commit) and replies to each, out of order with the inline traffic.
+//!
+//! Every connection starts with the handshake of `auth`. Then one engine at a time may
+//! use the replica: the first to connect takes the lease, its other connections join
+//! it, and a second engine is refused while the first holds connections and was heard
+//! from within [`LEASE`] (engines ping every few seconds). When it has gone (its
+//! connections closed) or fell silent for longer, another engine may take over; every
+//! later request on the old engine's connections is refused with ESTALE, so two
+//! engines never write to one replica.
 
+use crate::auth::{self, Key};
 use crate::proto::{self, FrameError, Header, Hello, Op, FLAG_FUA, FLAG_REPLY, HEADER_LEN};
 use crate::store::Store;
 use bytes::{Bytes, BytesMut};
 use std::io::{self, BufReader, IoSlice, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -27,6 +37,35 @@ pub struct ReplicaServer {
     mode: Mutex<String>,
     sync_tx: Mutex<Sender<SyncJob>>,
     stopping: AtomicBool,
+    /// The volume's secret (see `auth`); without one, no proof is asked for.
+    key: Option<Arc<Key>>,
+    lease: Mutex<Option<Lease>>,
+    /// The generation of the current lease: a connection of an older one is fenced.
+    lease_gen: AtomicU64,
+    /// When the lease holder was last heard from, in ms since `epoch`.
+    last_seen: AtomicU64,
+    epoch: Instant,
+}
+
+/// How long an engine that holds connections but sends nothing keeps the volume. An
+/// engine pings every few seconds; one silent this long is gone or cut off, and
+/// another may take over (the old one's connections are then refused every request).
+pub const LEASE: Duration = Duration::from_secs(15);
+
+/// One engine at a time: the one whose connections write to this replica.
+struct Lease {
+    engine: String,
+    conns: usize,
+    gen: u64,
+}
+
+/// What a connection may do, fixed by its handshake.
+#[derive(Clone, Copy)]
+enum Peer {
+    /// An engine holding lease generation `gen`.
+    Engine { gen: u64 },
+    /// A replica copying a rebuild from this one: read-only rebuild ops.
+    Replica,
 }
 
 struct SyncJob {
@@ -255,13 +294,19 @@ fn reply_of(h: &Header) -> Header {
 }
 
 impl ReplicaServer {
-    pub fn new(store: Arc<Store>) -> Arc<ReplicaServer> {
+    /// A server for `store`; with `key`, every client must prove the volume's secret.
+    pub fn new(store: Arc<Store>, key: Option<Arc<Key>>) -> Arc<ReplicaServer> {
         let (tx, rx) = channel();
         let srv = Arc::new(ReplicaServer {
             store,
             mode: Mutex::new("RW".to_string()),
             sync_tx: Mutex::new(tx),
             stopping: AtomicBool::new(false),
+            key,
+            lease: Mutex::new(None),
+            lease_gen: AtomicU64::new(0),
+            last_seen: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         let s2 = srv.clone();
         std::thread::Builder::new()
@@ -317,38 +362,102 @@ impl ReplicaServer {
     }
 
     fn conversation(&self, rd: &mut BufReader<TcpStream>, out: &Arc<Out>, peer: &str) -> Result<(), FrameError> {
-        // Handshake first.
+        let Some(who) = self.handshake(rd, out, peer)? else { return Ok(()) };
+        let result = self.serve_requests(rd, out, who);
+        if let Peer::Engine { gen } = who {
+            self.release(gen);
+        }
+        result
+    }
+
+    /// The challenge, the client's proof and the lease (see `auth`). `None`: refused.
+    fn handshake(&self, rd: &mut BufReader<TcpStream>, out: &Arc<Out>, peer: &str) -> Result<Option<Peer>, FrameError> {
+        let c = auth::challenge(self.key.as_deref())?;
+        let mut ch = Header::request(Op::Hello, 0, 0, 0);
+        ch.flags = FLAG_REPLY;
+        out.queue(ch, Bytes::from(serde_json::to_vec(&c).map_err(io::Error::other)?));
+        out.send(SendMode::Blocking)?;
+        // A client that connects and says nothing is not waited for.
+        rd.get_ref().set_read_timeout(Some(auth::HANDSHAKE_TIMEOUT))?;
         let (h, payload) = proto::read_frame(rd)?;
+        rd.get_ref().set_read_timeout(None)?;
         if h.op != Op::Hello {
             warn!(%peer, "first request was {:?}, not Hello", h.op);
             return Err(FrameError::Io(io::Error::new(io::ErrorKind::InvalidData, "no Hello")));
         }
+        let refuse = |errno: i32, why: String| -> Result<Option<Peer>, FrameError> {
+            warn!(%peer, "refusing a client: {why}");
+            let mut r = reply_of(&h);
+            r.status = errno as u32;
+            out.queue(r, Bytes::from(why));
+            out.send(SendMode::Blocking)?;
+            Ok(None)
+        };
         let hello: Hello = match serde_json::from_slice(&payload) {
             Ok(v) => v,
-            Err(e) => {
-                self.refuse(out, &h, format!("malformed Hello: {e}"))?;
-                return Ok(());
-            }
+            Err(e) => return refuse(libc::EINVAL, format!("malformed Hello: {e}")),
         };
-        if hello.volume != self.store.volume() || hello.size != self.store.size() {
-            let why = format!(
-                "this replica serves volume {:?} of {} bytes; the engine asked for {:?} of {} bytes",
-                self.store.volume(),
-                self.store.size(),
-                hello.volume,
-                hello.size
-            );
-            warn!(%peer, "refusing engine: {why}");
-            self.refuse(out, &h, why)?;
-            return Ok(());
+        if let Some(k) = &self.key {
+            if !auth::check_hello(k, &c, &hello) {
+                return refuse(libc::EACCES, "authentication failed: the Hello does not prove this volume's secret".into());
+            }
         }
-        info!(%peer, volume = %hello.volume, "engine connected");
-        out.queue(reply_of(&h), Bytes::from(self.info_json()));
+        if hello.volume != self.store.volume() || hello.size != self.store.size() {
+            return refuse(
+                libc::EINVAL,
+                format!(
+                    "this replica serves volume {:?} of {} bytes; the client asked for {:?} of {} bytes",
+                    self.store.volume(),
+                    self.store.size(),
+                    hello.volume,
+                    hello.size
+                ),
+            );
+        }
+        let who = match hello.role.as_str() {
+            auth::ROLE_PEER => Peer::Replica,
+            auth::ROLE_ENGINE | "" => match self.acquire(&hello.engine, peer) {
+                Ok(gen) => Peer::Engine { gen },
+                Err(why) => return refuse(libc::EBUSY, why),
+            },
+            r => return refuse(libc::EINVAL, format!("unknown role {r:?}")),
+        };
+        info!(%peer, volume = %hello.volume, role = %hello.role, engine = %hello.engine, "client connected");
+        let mut info = self.info();
+        if let Some(k) = &self.key {
+            info.mac = auth::welcome_mac(k, &c, &hello);
+        }
+        out.queue(reply_of(&h), Bytes::from(serde_json::to_vec(&info).map_err(io::Error::other)?));
         out.send(SendMode::Blocking)?;
+        Ok(Some(who))
+    }
 
+    fn serve_requests(&self, rd: &mut BufReader<TcpStream>, out: &Arc<Out>, who: Peer) -> Result<(), FrameError> {
         let mut buf = BytesMut::new();
         loop {
             let (h, payload) = proto::read_frame(rd)?;
+            match who {
+                Peer::Engine { gen } => {
+                    if self.lease_gen.load(Ordering::Acquire) != gen {
+                        // Another engine holds the volume now: this one must not write.
+                        let mut r = reply_of(&h);
+                        r.status = libc::ESTALE as u32;
+                        out.queue(r, Bytes::from_static(b"another engine took over this replica; this engine's lease is gone"));
+                        out.send(SendMode::Blocking)?;
+                        return Err(FrameError::Io(io::Error::other("request from an engine whose lease is gone")));
+                    }
+                    self.last_seen.store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+                }
+                Peer::Replica => {
+                    if !matches!(h.op, Op::ChainFiles | Op::FileExtents | Op::FileRead | Op::FileHash | Op::Info | Op::Ping) {
+                        let mut r = reply_of(&h);
+                        r.status = libc::EPERM as u32;
+                        out.queue(r, Bytes::from(format!("{:?} is not for a rebuild peer", h.op)));
+                        out.send(SendMode::Blocking)?;
+                        continue;
+                    }
+                }
+            }
             self.handle(out, h, payload, &mut buf);
             if rd.buffer().len() < HEADER_LEN {
                 out.send(SendMode::Blocking)?;
@@ -357,17 +466,49 @@ impl ReplicaServer {
         }
     }
 
-    fn refuse(&self, out: &Arc<Out>, h: &Header, why: String) -> Result<(), FrameError> {
-        let mut r = reply_of(h);
-        r.status = libc::EINVAL as u32;
-        out.queue(r, Bytes::from(why));
-        out.send(SendMode::Blocking)?;
-        Ok(())
+    /// Takes or joins the engine lease for `engine` (see [`LEASE`]).
+    fn acquire(&self, engine: &str, peer: &str) -> Result<u64, String> {
+        let mut l = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let idle = Duration::from_millis(now.saturating_sub(self.last_seen.load(Ordering::Acquire)));
+        match l.as_mut() {
+            Some(cur) if cur.engine == engine => {
+                cur.conns += 1;
+                return Ok(cur.gen);
+            }
+            Some(cur) if cur.conns > 0 && idle < LEASE => {
+                return Err(format!(
+                    "another engine ({}) serves this replica (last request {} ms ago); a second engine is refused",
+                    cur.engine,
+                    idle.as_millis()
+                ));
+            }
+            Some(cur) => {
+                warn!(%peer, new = engine, old = %cur.engine, open = cur.conns, idle_ms = idle.as_millis() as u64, "an engine takes over the replica");
+            }
+            None => {}
+        }
+        let gen = self.lease_gen.load(Ordering::Acquire) + 1;
+        *l = Some(Lease { engine: engine.to_string(), conns: 1, gen });
+        self.lease_gen.store(gen, Ordering::Release);
+        self.last_seen.store(now, Ordering::Release);
+        Ok(gen)
+    }
+
+    fn release(&self, gen: u64) {
+        let mut l = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cur) = l.as_mut().filter(|c| c.gen == gen) {
+            cur.conns = cur.conns.saturating_sub(1);
+        }
+    }
+
+    fn info(&self) -> crate::proto::ReplicaInfo {
+        let mode = self.mode.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.store.info(&mode)
     }
 
     fn info_json(&self) -> Vec<u8> {
-        let mode = self.mode.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        serde_json::to_vec(&self.store.info(&mode)).unwrap_or_default()
+        serde_json::to_vec(&self.info()).unwrap_or_default()
     }
 
     fn handle(&self, out: &Arc<Out>, h: Header, payload: Bytes, buf: &mut BytesMut) {
@@ -451,7 +592,7 @@ impl ReplicaServer {
                 }),
             Op::RebuildSync => serde_json::from_slice::<crate::rebuild::SyncRequest>(&payload)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("malformed RebuildSync: {e}")))
-                .and_then(|r| self.store.sync_from(&r).map_err(|e| io::Error::other(e.to_string())))
+                .and_then(|r| self.store.sync_from(&r, self.key.clone()).map_err(|e| io::Error::other(e.to_string())))
                 .and_then(|p| {
                     *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = "RW".to_string();
                     serde_json::to_vec(&p).map_err(io::Error::other)

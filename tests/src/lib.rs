@@ -147,6 +147,8 @@ pub struct Engine {
 /// A volume: replicas and an engine in one temporary directory.
 pub struct Cluster {
     pub tmp: tempfile::TempDir,
+    /// The volume's secret file, given to every replica and the engine.
+    pub secret: PathBuf,
     pub volume: String,
     pub size: u64,
     pub replicas: Vec<Replica>,
@@ -168,7 +170,9 @@ impl Cluster {
     /// Replicas only; the caller sets `engine_extra` and calls `start_engine`.
     pub fn without_engine(volume: &str, size: u64, n: usize) -> Cluster {
         let tmp = tempfile::Builder::new().prefix("lh-test-").tempdir_in(test_root()).expect("tempdir");
-        let mut c = Cluster { tmp, volume: volume.to_string(), size, replicas: Vec::new(), engine: None, engine_extra: Vec::new(), engine_env: Vec::new() };
+        let secret = tmp.path().join("volume.key");
+        longhorn_replica::auth::Key::generate(&secret).expect("volume secret");
+        let mut c = Cluster { tmp, secret, volume: volume.to_string(), size, replicas: Vec::new(), engine: None, engine_extra: Vec::new(), engine_env: Vec::new() };
         for i in 0..n {
             c.add_replica(&format!("r{i}"));
         }
@@ -184,7 +188,9 @@ impl Cluster {
     }
 
     fn spawn_replica(&self, dir: &Path, log: &str, env: &[(String, String)]) -> Replica {
-        let (proc, addr) = serve_replica(dir, &self.volume, self.size, &self.path(log), env);
+        let mut env = env.to_vec();
+        env.push(self.secret_env());
+        let (proc, addr) = serve_replica(dir, &self.volume, self.size, &self.path(log), &env);
         Replica { proc, addr, dir: dir.to_path_buf() }
     }
 
@@ -212,6 +218,7 @@ impl Cluster {
             "engine".into(), "serve".into(), "--volume".into(), self.volume.clone(),
             "--size".into(), self.size.to_string(), "--nbd".into(), format!("unix:{}", sock.display()),
             "--run-dir".into(), self.run_dir().display().to_string(), "--io-timeout".into(), "4".into(),
+            "--secret-file".into(), self.secret.display().to_string(),
         ];
         for r in &self.replicas {
             a.push("--replica".into());
@@ -219,6 +226,11 @@ impl Cluster {
         }
         a.extend(self.engine_extra.iter().cloned());
         a
+    }
+
+    /// `LONGHORN_SECRET_FILE` for this volume's processes.
+    pub fn secret_env(&self) -> (String, String) {
+        ("LONGHORN_SECRET_FILE".to_string(), self.secret.display().to_string())
     }
 
     pub fn start_engine(&mut self) {
@@ -332,18 +344,23 @@ pub struct ReplicaClient {
 }
 
 impl ReplicaClient {
+    /// Connects as an engine of the test (no secret: for replicas started without one).
     pub fn connect(addr: &str, volume: &str, size: u64) -> ReplicaClient {
-        use longhorn_replica::proto::{self, Header, Hello, Op};
-        use std::io::Write;
+        Self::connect_as(addr, volume, size, &longhorn_replica::auth::Credentials::engine(None, "test-engine"))
+            .expect("replica accepts the handshake")
+    }
+
+    /// Connects with the given credentials; Err is the handshake's failure.
+    pub fn connect_as(
+        addr: &str,
+        volume: &str,
+        size: u64,
+        creds: &longhorn_replica::auth::Credentials,
+    ) -> Result<ReplicaClient, longhorn_replica::auth::HandshakeError> {
         let mut s = std::net::TcpStream::connect(addr).expect("connect to replica");
+        longhorn_replica::auth::client_handshake(&mut s, volume, size, creds)?;
         s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-        let mut b = Vec::new();
-        let p = serde_json::to_vec(&Hello { volume: volume.into(), size }).expect("json");
-        proto::put_frame(&mut b, Header::request(Op::Hello, 0, 0, 0), &p);
-        s.write_all(&b).expect("hello");
-        let (h, _) = proto::read_frame(&mut s).expect("hello reply");
-        assert_eq!(h.status, 0, "replica refused the handshake");
-        ReplicaClient { s, next: 1 }
+        Ok(ReplicaClient { s, next: 1 })
     }
 
     /// One request; returns (status, payload), or Err when the connection dropped.

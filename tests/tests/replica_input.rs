@@ -2,17 +2,20 @@
 //! directories. Each gets a clear error, the replica keeps serving others, and no data
 //! file changes.
 
-use longhorn_replica::proto::{self, Header, Hello, Op, HEADER_LEN};
+use longhorn_replica::proto::{self, Header, Op, HEADER_LEN};
 use longhorn_tests::*;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::net::TcpStream;
 use std::time::Duration;
 
+/// Reads the replica's challenge and sends a Hello without a proof; returns the reply.
 fn hello(s: &mut TcpStream, volume: &str, size: u64) -> (Header, Vec<u8>) {
+    let (h, _) = proto::read_frame(s).expect("challenge");
+    assert!(h.op == Op::Hello && h.is_reply(), "the replica speaks first");
     let mut b = Vec::new();
-    let p = serde_json::to_vec(&Hello { volume: volume.into(), size }).expect("json");
-    proto::put_frame(&mut b, Header::request(Op::Hello, 0, 0, 0), &p);
+    let p = serde_json::json!({"volume": volume, "size": size, "role": "engine", "engine": "test-engine"}).to_string();
+    proto::put_frame(&mut b, Header::request(Op::Hello, 0, 0, 0), p.as_bytes());
     s.write_all(&b).expect("send hello");
     let (h, p) = proto::read_frame(s).expect("hello reply");
     (h, p.to_vec())
@@ -136,12 +139,21 @@ fn fake_source(volume: &str, size: u64) -> String {
         rebuilding: false,
         progress: None,
         head_has_data: false,
+        mac: String::new(),
     };
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { return };
             let info = info.clone();
-            std::thread::spawn(move || loop {
+            std::thread::spawn(move || {
+                let mut ch = Header::request(Op::Hello, 0, 0, 0);
+                ch.flags = proto::FLAG_REPLY;
+                let mut b = Vec::new();
+                proto::put_frame(&mut b, ch, br#"{"nonce":"00","auth":false}"#);
+                if s.write_all(&b).is_err() {
+                    return;
+                }
+                loop {
                 let Ok((h, _)) = proto::read_frame(&mut s) else { return };
                 let mut r = Header::request(h.op, h.id, h.offset, h.count);
                 r.flags = proto::FLAG_REPLY;
@@ -155,6 +167,7 @@ fn fake_source(volume: &str, size: u64) -> String {
                 proto::put_frame(&mut b, r, &p);
                 if s.write_all(&b).is_err() {
                     return;
+                }
                 }
             });
         }

@@ -82,6 +82,8 @@ pub struct Ctx<'a> {
     pub log_dir: &'a Path,
     /// `None`: never declare a replica stale.
     pub stale_after: Option<Duration>,
+    /// The volume's secret file, given to every replica and the engine.
+    pub secret: &'a Path,
 }
 
 #[derive(Default)]
@@ -221,7 +223,8 @@ fn replace(cx: &Ctx, r: &mut Replica, stale: bool, to_remove: &mut Vec<String>) 
 /// Starts `longhorn replica serve` on `dir`, on a free loopback port.
 pub fn start_replica(cx: &Ctx, name: &str, dir: &Path) -> Result<(Proc, String)> {
     let mut c = std::process::Command::new(cx.exe);
-    c.args(["replica", "serve", "--volume", cx.volume, "--size", &cx.size.to_string(), "--listen", "127.0.0.1:0", "--dir"]).arg(dir);
+    c.args(["replica", "serve", "--volume", cx.volume, "--size", &cx.size.to_string(), "--listen", "127.0.0.1:0"]);
+    c.arg("--secret-file").arg(cx.secret).arg("--dir").arg(dir);
     let (p, addr) = spawn_and_wait(name, c, &cx.log_dir.join(format!("{name}.log")), "listening")?;
     if addr.is_empty() {
         bail!("{name} did not say where it listens");

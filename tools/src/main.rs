@@ -20,7 +20,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub const DEFAULT_RUN_DIR: &str = "/run/longhorn";
 
@@ -130,6 +130,10 @@ pub struct ReplicaServeArgs {
     /// on stdout as `listening ADDR`.
     #[arg(long, default_value = "127.0.0.1:9502")]
     pub listen: String,
+    /// The volume's secret (64 hex digits, mode 0600): engines and rebuild peers must
+    /// prove it. Required to listen on anything but loopback.
+    #[arg(long, env = "LONGHORN_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -152,6 +156,9 @@ pub struct EngineServeArgs {
     /// Drop a replica that leaves a request unanswered this many seconds.
     #[arg(long, default_value_t = 8)]
     pub io_timeout: u64,
+    /// The volume's secret, proven to every replica (as given to them).
+    #[arg(long, env = "LONGHORN_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
     #[arg(long, default_value = DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
     pub run_dir: PathBuf,
     /// The volume's recurring jobs (a JSON list as in a StorageClass's recurringJobs);
@@ -251,9 +258,19 @@ fn replica_serve(a: ReplicaServeArgs) -> Result<()> {
     if store.was_dirty() {
         info!(dir = %a.dir.display(), "replica was not closed cleanly last time (Dirty)");
     }
+    let key = match &a.secret_file {
+        Some(p) => Some(Arc::new(longhorn_replica::auth::Key::load(p).map_err(|e| anyhow!(e))?)),
+        None => None,
+    };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     let addr = listener.local_addr().context("local address")?;
-    let server = ReplicaServer::new(Arc::new(store));
+    if key.is_none() && !addr.ip().is_loopback() {
+        bail!("--listen {addr}: without --secret-file anyone who reaches this address could act as the volume's engine; give the volume's secret to listen beyond loopback");
+    }
+    if key.is_none() {
+        warn!(%addr, "no --secret-file: any local process can connect as an engine");
+    }
+    let server = ReplicaServer::new(Arc::new(store), key);
     info!(dir = %a.dir.display(), volume = %a.volume, %addr, revision = server.store().revision(), "replica serving");
     println!("listening {addr}");
     std::io::stdout().flush().ok();
@@ -270,7 +287,11 @@ fn engine_serve(a: EngineServeArgs) -> Result<()> {
     use longhorn_frontend::device::{Device, DeviceConfig, DeviceError, FrontendKind};
     let sigs = stop_signals()?;
     let kind: FrontendKind = a.frontend.parse().map_err(|e: String| anyhow!("--frontend: {e}"))?;
-    let opts = VolumeOptions { io_timeout: Duration::from_secs(a.io_timeout.max(1)) };
+    let secret = match &a.secret_file {
+        Some(p) => Some(Arc::new(longhorn_replica::auth::Key::load(p).map_err(|e| anyhow!(e))?)),
+        None => None,
+    };
+    let opts = VolumeOptions { io_timeout: Duration::from_secs(a.io_timeout.max(1)), secret };
     let volume = Volume::start(&a.volume, a.size, &a.replicas, opts).context("starting the volume")?;
     let nbd_listen = a.nbd.clone().unwrap_or_else(|| format!("unix:{}", a.run_dir.join(format!("{}.nbd", a.volume)).display()));
     if let Some(p) = nbd_listen.strip_prefix("unix:") {

@@ -202,7 +202,12 @@ pub fn run(mut a: UpArgs) -> Result<()> {
         longhorn_replica::meta::write_atomic(&vol_dir.join("spec.json"), &data).context("storing the volume spec")?;
     }
     let size = a.size.to_string();
+    // One secret per volume, made on first start and kept with its data: replicas and
+    // engine prove it to each other (see longhorn_replica::auth).
+    let secret = vol_dir.join("volume.key");
+    longhorn_replica::auth::Key::load_or_generate(&secret).map_err(|e| anyhow::anyhow!(e))?;
     let cx = crate::autorebuild::Ctx {
+        secret: &secret,
         exe: &exe,
         run_dir: &a.run_dir,
         volume: &a.volume,
@@ -235,6 +240,7 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     let addrs: Vec<String> = reps.iter().map(|r| r.addr.clone()).collect();
     let mut c = Command::new(&exe);
     c.args(["engine", "serve", "--volume", &a.volume, "--size", &size]).arg("--run-dir").arg(&a.run_dir);
+    c.arg("--secret-file").arg(&secret);
     c.arg("--jobs-file").arg(&jobs_file);
     for ad in &addrs {
         c.args(["--replica", ad]);

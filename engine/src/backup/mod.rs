@@ -21,7 +21,6 @@
 pub mod store;
 pub mod target;
 
-use crate::replica_conn;
 use crate::volume::{Mode, Volume};
 use longhorn_replica::export::{ExportRequest, SnapshotRanges};
 use longhorn_replica::proto::{self, Header, Op};
@@ -182,7 +181,7 @@ fn snapshot_ranges(s: &mut TcpStream, addr: &str, rq: &ExportRequest) -> Result<
 }
 
 fn connect(v: &Volume, addr: &str) -> Result<TcpStream, BackupError> {
-    let (s, _) = replica_conn::connect(addr, v.name(), v.size()).map_err(|e| BackupError::Failed(e.to_string()))?;
+    let (s, _) = v.dialer().connect(addr).map_err(|e| BackupError::Failed(e.to_string()))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
     Ok(s)
 }

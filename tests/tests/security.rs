@@ -1,0 +1,141 @@
+//! Who may talk to a replica: only holders of the volume's secret (proven, never sent),
+//! rebuild peers only for reading, and one engine at a time.
+
+use longhorn_replica::auth::{Credentials, HandshakeError, Key};
+use longhorn_replica::proto::Op;
+use longhorn_tests::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn refused_errno(r: Result<ReplicaClient, HandshakeError>) -> (u32, String) {
+    match r {
+        Err(HandshakeError::Refused { errno, reason }) => (errno, reason),
+        Err(e) => panic!("expected a refusal, got {e}"),
+        Ok(_) => panic!("the replica accepted the client"),
+    }
+}
+
+#[test]
+fn replicas_accept_only_clients_that_prove_the_volume_secret() {
+    let c = Cluster::without_engine("vol1", 16 * MB, 1);
+    let addr = c.replicas[0].addr.clone();
+    let key = Arc::new(Key::load(&c.secret).expect("secret"));
+    let other_file = c.path("other.key");
+    let other = Arc::new(Key::generate(&other_file).expect("another secret"));
+
+    let (errno, why) = refused_errno(ReplicaClient::connect_as(&addr, "vol1", 16 * MB, &Credentials::engine(None, "e")));
+    assert_eq!(errno, libc::EACCES as u32, "{why}");
+    assert!(why.contains("authentication failed"), "{why}");
+    let (errno, _) = refused_errno(ReplicaClient::connect_as(&addr, "vol1", 16 * MB, &Credentials::engine(Some(other), "e")));
+    assert_eq!(errno, libc::EACCES as u32, "another volume's secret is refused");
+
+    let mut good = ReplicaClient::connect_as(&addr, "vol1", 16 * MB, &Credentials::engine(Some(key.clone()), "e"))
+        .expect("the volume's secret is accepted");
+    good.write(0, &[1; 4096]);
+
+    // A rebuild peer may read snapshot files, never write or change the chain.
+    let mut peer = ReplicaClient::connect_as(&addr, "vol1", 16 * MB, &Credentials::peer(Some(key.clone()))).expect("peer");
+    for op in [Op::Write, Op::Flush, Op::Snapshot, Op::RebuildBegin, Op::Close, Op::SetMode] {
+        let (st, p) = peer.request(op, 0, 4096, &[0; 4096][..if op == Op::Write { 4096 } else { 0 }]).expect("reply");
+        assert_eq!(st, libc::EPERM as u32, "{op:?} by a rebuild peer: {}", String::from_utf8_lossy(&p));
+    }
+    let (st, _) = peer.request(Op::ChainFiles, 0, 0, &[]).expect("reply");
+    assert_eq!(st, 0, "a peer reads the chain");
+
+    // A replica without the secret cannot pass for one of this volume.
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let (mut impostor, iaddr) = serve_replica(&t.path().join("r"), "vol1", 16 * MB, &t.path().join("r.log"), &[]);
+    match ReplicaClient::connect_as(&iaddr, "vol1", 16 * MB, &Credentials::engine(Some(key), "e")) {
+        Err(HandshakeError::Untrusted(why)) => assert!(why.contains("cannot prove"), "{why}"),
+        Err(e) => panic!("unexpected: {e}"),
+        Ok(_) => panic!("an engine with a secret talked to a replica without one"),
+    }
+    impostor.kill9();
+
+    // Without a secret a replica refuses to listen beyond loopback.
+    let o = std::process::Command::new(bin())
+        .args(["replica", "serve", "--volume", "v", "--size", "1M", "--listen", "0.0.0.0:0", "--dir"])
+        .arg(t.path().join("r2"))
+        .env_remove("LONGHORN_SECRET_FILE")
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--secret-file"), "{}", String::from_utf8_lossy(&o.stderr));
+    // A secret file others can read is refused.
+    std::fs::write(c.path("loose.key"), "00".repeat(32)).expect("write");
+    let o = std::process::Command::new(bin())
+        .args(["replica", "serve", "--volume", "v", "--size", "1M", "--listen", "127.0.0.1:0", "--dir"])
+        .arg(t.path().join("r3"))
+        .arg("--secret-file")
+        .arg(c.path("loose.key"))
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("chmod 600"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn engine_b(c: &Cluster) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["engine", "serve", "--volume", "vol1", "--size", &c.size.to_string(), "--io-timeout", "4"])
+        .arg("--nbd")
+        .arg(format!("unix:{}", c.path("b.nbd").display()))
+        .arg("--run-dir")
+        .arg(c.path("run-b"))
+        .env("LONGHORN_SECRET_FILE", &c.secret);
+    for r in &c.replicas {
+        cmd.args(["--replica", &r.addr]);
+    }
+    cmd
+}
+
+/// Two engines on the same replicas: the second is refused while the first lives; once
+/// the first is silent past the lease, the second takes over and the first, when it
+/// wakes, can no longer write.
+#[test]
+fn a_second_engine_is_refused_and_a_stale_one_is_fenced() {
+    let mut c = Cluster::new("vol1", 16 * MB, 2);
+    sh(&format!("{NBDSH} -u '{}' -c 'h.pwrite(b\"A\" * 4096, 0); h.flush()'", c.uri()));
+    let o = engine_b(&c).stdout(std::process::Stdio::null()).output().expect("run engine B");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a second engine started on replicas in use");
+    assert!(err.contains("another engine"), "the refusal says why: {err}");
+
+    // Engine A hangs (a partition, as the replicas see it) past the lease.
+    let a_pid = c.engine.as_ref().expect("engine").proc.pid();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(a_pid, libc::SIGSTOP) };
+    let t = Instant::now();
+    let (b, uri_b) = loop {
+        let log = c.path("engine-b.log");
+        let args: Vec<String> = engine_b(&c).get_args().map(|a| a.to_string_lossy().to_string()).collect();
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        match spawn_env(&a, &log, "ready", &[c.secret_env()]) {
+            Ok(v) => break v,
+            Err(_) if t.elapsed() < Duration::from_secs(40) => std::thread::sleep(Duration::from_secs(2)),
+            Err(e) => panic!("engine B never took over: {e}"),
+        }
+    };
+    let took = t.elapsed();
+    eprintln!("engine B took over {took:?} after engine A fell silent");
+    assert!(took >= Duration::from_secs(14), "the lease ended too early ({took:?}): a live engine could lose its replicas");
+    sh(&format!("{NBDSH} -u '{uri_b}' -c 'h.pwrite(b\"B\" * 4096, 0); h.flush()'"));
+
+    // Engine A wakes: its writes are refused, and it never overwrites B's data.
+    // SAFETY: as above.
+    unsafe { libc::kill(a_pid, libc::SIGCONT) };
+    let (_, out) = sh_try(&format!(
+        "{NBDSH} -u '{}' -c 'import errno\ntry:\n    h.pwrite(b\"X\" * 4096, 0)\n    print(\"ACKED\")\nexcept nbd.Error as e:\n    print(\"ERRNO\", e.errnum)'",
+        c.uri()
+    ));
+    assert!(out.contains(&format!("ERRNO {}", libc::EIO)), "the stale engine's write: {out}");
+    let data = sh(&format!("{NBDSH} -u '{uri_b}' -c 'import sys; sys.stdout.write(h.pread(4096, 0).decode())'"));
+    assert_eq!(data, "B".repeat(4096), "engine B's data was overwritten by the stale engine");
+    drop(b);
+
+    // An engine that dies releases the replicas at once: its connections close.
+    let mut c2 = Cluster::new("vol1", 16 * MB, 1);
+    c2.engine.as_mut().expect("engine").proc.kill9();
+    let t = Instant::now();
+    c2.start_engine();
+    assert!(t.elapsed() < Duration::from_secs(10), "a restart after kill -9 waited for the lease");
+}
