@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use store::{BackupCfg, BlockMapping, Compression, StoreLock, VolumeCfg, BLOCK_SIZE};
+use store::{BackupCfg, BlockMapping, Checksum, Compression, StoreLock, VolumeCfg, BLOCK_SIZE};
 use target::BackupTarget;
 use tracing::{error, info, warn};
 
@@ -275,7 +275,7 @@ fn run(
     let last = if vcfg.last_backup_name.is_empty() {
         None
     } else {
-        match store::load_backup(t, vol, &vcfg.last_backup_name) {
+        match store::load_backup(t, vol, &vcfg.last_backup_name, Some(v.size().max(vcfg.size))) {
             Ok(b) if b.complete() && b.snapshot_name != snapshot => Some(b),
             Ok(_) => None,
             Err(e) => {
@@ -318,7 +318,7 @@ fn run(
             return Err(e);
         }
     };
-    let mut merged: BTreeMap<u64, String> = BTreeMap::new();
+    let mut merged: BTreeMap<u64, Checksum> = BTreeMap::new();
     if let Some(l) = &last {
         for b in &l.blocks {
             if b.offset < v.size() {
@@ -375,11 +375,11 @@ fn upload_blocks(
     comp: Compression,
     blocks: &[u64],
     crash_after: Option<u64>,
-) -> Result<Vec<(u64, String)>, BackupError> {
+) -> Result<Vec<(u64, Checksum)>, BackupError> {
     let vol = v.name();
     let next = AtomicUsize::new(0);
     let out = Mutex::new(Vec::with_capacity(blocks.len()));
-    let seen: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    let seen: Mutex<HashSet<Checksum>> = Mutex::new(HashSet::new());
     let stored = AtomicU64::new(0);
     let failed: Mutex<Option<BackupError>> = Mutex::new(None);
     let payload = serde_json::to_vec(&ExportRequest { snapshot: snapshot.to_string(), since: None }).unwrap_or_default();
@@ -503,8 +503,9 @@ pub fn list_backups(t: &dyn BackupTarget, volume: Option<&str>) -> Result<Vec<Ba
     };
     let mut out = Vec::new();
     for v in vols {
+        let vsize = store::volume_size(t, &v);
         for b in store::list_backups(t, &v)? {
-            match store::load_backup(t, &v, &b) {
+            match store::load_backup(t, &v, &b, vsize) {
                 Ok(c) => out.push(BackupInfo {
                     url: backup_url(t.url(), &v, &c.name),
                     state: if c.complete() { "complete" } else { "incomplete" }.into(),
@@ -566,11 +567,12 @@ pub fn delete_backup(t: Arc<dyn BackupTarget>, volume: &str, name: &str) -> Resu
     }
     let _lock = StoreLock::acquire(t.clone(), volume, store::DELETION_LOCK)?;
     t.delete(&cfg_path)?;
-    let mut used: HashSet<String> = HashSet::new();
+    let vsize = store::volume_size(&*t, volume);
+    let mut used: HashSet<Checksum> = HashSet::new();
     let mut remaining = Vec::new();
     let mut unreadable = false;
     for b in store::list_backups(&*t, volume)? {
-        match store::load_backup(&*t, volume, &b) {
+        match store::load_backup(&*t, volume, &b, vsize) {
             Ok(c) => {
                 used.extend(c.blocks.iter().map(|m| m.block_checksum.clone()));
                 remaining.push(c);
@@ -635,7 +637,7 @@ pub fn restore(
     if dest.exists() {
         return Err(BackupError::Invalid(format!("{} exists: volume {new_volume:?} is already there", dest.display())));
     }
-    let cfg = store::load_backup(&*t, volume, name)?;
+    let cfg = store::load_backup(&*t, volume, name, store::volume_size(&*t, volume))?;
     if !cfg.complete() {
         return Err(BackupError::Invalid(format!("backup {name} of {volume} is not complete (in progress or interrupted)")));
     }
@@ -648,7 +650,7 @@ pub fn restore(
             what: format!("volume size {size} is not a multiple of 2 MiB"),
         });
     }
-    if let Some(b) = cfg.blocks.iter().find(|b| b.offset % BLOCK_SIZE != 0 || b.offset >= size || b.block_checksum.len() != 64) {
+    if let Some(b) = cfg.blocks.iter().find(|b| b.offset % BLOCK_SIZE != 0 || b.offset >= size) {
         return Err(BackupError::Corrupt {
             target: t.url().into(),
             object: store::backup_cfg_path(volume, name),

@@ -24,12 +24,18 @@
 //! - Locks: a backup or restore holds a type-1 lock, a deletion a type-2 lock; locks of
 //!   different types exclude each other, the older one wins, and a lock whose object
 //!   was not rewritten for 150 s is dead. A holder rewrites its lock every 60 s.
+//! - The store is not trusted: every name read from it (a listed volume, backup or
+//!   block, a cfg's `Blocks`, `Name` and `LastBackupName`) must pass the format's rule
+//!   before it is built into a path, and every object is read with a size bound
+//!   ([`MAX_BLOCK_OBJECT`], [`MAX_SMALL_OBJECT`], [`max_backup_cfg`]). What breaks a
+//!   rule is [`BackupError::Corrupt`] naming the object; a listing skips it, warning.
 
 use super::target::BackupTarget;
 use super::BackupError;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha512};
 use std::collections::HashMap;
+use std::fmt;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,19 +45,91 @@ use tracing::{debug, warn};
 pub const BLOCK_SIZE: u64 = 2 << 20;
 pub const BASE: &str = "backupstore";
 
+/// Most bytes a stored block may take. 2 MiB compressed by any method Longhorn uses
+/// grows by far less than 1/64 when it does not compress (lz4 frames store such a
+/// block raw with a 4-byte header per 64 KiB-4 MiB, gzip 5 bytes per stored block of
+/// up to 64 KiB); 1/16 leaves room for any framing.
+pub const MAX_BLOCK_OBJECT: u64 = BLOCK_SIZE + BLOCK_SIZE / 16;
+/// Most bytes of a `volume.cfg` or a lock: names, times and labels, a few KiB.
+pub const MAX_SMALL_OBJECT: u64 = 1 << 20;
+/// Bytes a backup cfg may spend per 2 MiB block of its volume: a compact entry
+/// (`{"Offset":70368744177664,"BlockChecksum":"<64>"},`) is 109 bytes; 160 leaves room
+/// for indentation.
+const CFG_BYTES_PER_BLOCK: u64 = 160;
+/// The largest volume whose backup cfg we read whole (its bound is then 5 GiB).
+const MAX_CFG_VOLUME_SIZE: u64 = 64 << 40;
+/// The bound when the volume's size is not known (its `volume.cfg` is unreadable):
+/// enough for a volume of about 3 TiB with every block written.
+const UNKNOWN_SIZE_CFG_BOUND: u64 = 256 << 20;
+/// How deep a block sits under `blocks/` (`<c[0:2]>/<c[2:4]>/<c>.blk`); nothing
+/// deeper is walked.
+pub const BLOCK_DEPTH: usize = 3;
+
+/// Most bytes a backup cfg of a volume of `volume_size` bytes can need: its fields and
+/// labels plus one entry per block. A store can make a reader hold no more than what a
+/// real backup of the volume it claims needs; the size comes from `volume.cfg`, itself
+/// bounded.
+pub fn max_backup_cfg(volume_size: Option<u64>) -> u64 {
+    match volume_size {
+        Some(s) => MAX_SMALL_OBJECT + s.min(MAX_CFG_VOLUME_SIZE).div_ceil(BLOCK_SIZE) * CFG_BYTES_PER_BLOCK,
+        None => UNKNOWN_SIZE_CFG_BOUND,
+    }
+}
+
+/// A block's name, `hex(SHA-512(block))[:64]`: exactly 64 lowercase hex digits. Only
+/// a value of this type is built into a block's path, so a name read from a store
+/// cannot steer the path or split a character.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Checksum(String);
+
+impl Checksum {
+    pub fn parse(s: &str) -> Result<Checksum, String> {
+        if s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(Checksum(s.to_string()))
+        } else {
+            Err(format!("block checksum {s:?} is not 64 lowercase hex digits"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Checksum {
+    type Error = String;
+    fn try_from(s: String) -> Result<Checksum, String> {
+        Checksum::parse(&s)
+    }
+}
+
+impl From<Checksum> for String {
+    fn from(c: Checksum) -> String {
+        c.0
+    }
+}
+
+impl fmt::Display for Checksum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// `hex(SHA-512(data))[:64]`: Longhorn's checksum for volume names and blocks.
-pub fn checksum(data: &[u8]) -> String {
+pub fn checksum(data: &[u8]) -> Checksum {
     let d = Sha512::digest(data);
     let mut s = String::with_capacity(128);
     for b in d.iter() {
         s.push_str(&format!("{b:02x}"));
     }
     s.truncate(64);
-    s
+    Checksum(s)
 }
 
 pub fn volume_path(volume: &str) -> String {
     let h = checksum(volume.as_bytes());
+    let h = h.as_str();
     format!("{BASE}/volumes/{}/{}/{volume}", &h[0..2], &h[2..4])
 }
 
@@ -71,7 +149,8 @@ pub fn blocks_dir(volume: &str) -> String {
     format!("{}/blocks", volume_path(volume))
 }
 
-pub fn block_path(volume: &str, c: &str) -> String {
+pub fn block_path(volume: &str, c: &Checksum) -> String {
+    let c = c.as_str();
     format!("{}/{}/{}/{c}.blk", blocks_dir(volume), &c[0..2], &c[2..4])
 }
 
@@ -91,6 +170,22 @@ pub fn check_name(kind: &str, n: &str) -> Result<(), BackupError> {
     } else {
         Err(BackupError::Invalid(format!("{kind} name {n:?} must be 1-200 characters of letters, digits, '.', '_' and '-'")))
     }
+}
+
+/// Whether a name found in a listing of `dir` passes `check`; one that does not is
+/// skipped, with a warning naming it.
+fn listed<T>(t: &dyn BackupTarget, dir: &str, name: &str, check: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    match check(name) {
+        Ok(v) => Some(v),
+        Err(why) => {
+            warn!(target = t.url(), "skipping {dir}/{name:?}: {why}");
+            None
+        }
+    }
+}
+
+fn name_rule(kind: &'static str) -> impl Fn(&str) -> Result<(), String> {
+    move |n| check_name(kind, n).map_err(|e| e.to_string())
 }
 
 /// `"x"` stored as `"\"x\""` (Go's `json:",string"` on a string field).
@@ -162,7 +257,7 @@ pub struct VolumeCfg {
 #[serde(rename_all = "PascalCase")]
 pub struct BlockMapping {
     pub offset: u64,
-    pub block_checksum: String,
+    pub block_checksum: Checksum,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
@@ -248,10 +343,12 @@ impl Compression {
         }
     }
 
+    /// Decompresses `data`, refusing to produce more than `limit` bytes (a small
+    /// object may claim to hold any amount).
     pub fn decompress(self, data: &[u8], limit: u64) -> std::io::Result<Vec<u8>> {
         let mut out = Vec::with_capacity(limit as usize);
         match self {
-            Compression::None => out.extend_from_slice(data),
+            Compression::None => out.extend_from_slice(&data[..data.len().min(limit as usize + 1)]),
             Compression::Gzip => {
                 flate2::read::GzDecoder::new(data).take(limit + 1).read_to_end(&mut out)?;
             }
@@ -259,21 +356,24 @@ impl Compression {
                 lz4_flex::frame::FrameDecoder::new(data).take(limit + 1).read_to_end(&mut out)?;
             }
         }
+        if out.len() as u64 > limit {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("holds more than {limit} bytes")));
+        }
         Ok(out)
     }
 }
 
 /// Reads block `c` of `volume`, decompresses it and checks its checksum.
-pub fn read_block(t: &dyn BackupTarget, volume: &str, c: &str, comp: Compression) -> Result<Vec<u8>, BackupError> {
+pub fn read_block(t: &dyn BackupTarget, volume: &str, c: &Checksum, comp: Compression) -> Result<Vec<u8>, BackupError> {
     let path = block_path(volume, c);
-    let raw = t.get(&path)?;
+    let raw = t.get(&path, MAX_BLOCK_OBJECT)?;
     let corrupt = |what: String| BackupError::Corrupt { target: t.url().to_string(), object: path.clone(), what };
     let mut data = comp.decompress(&raw, BLOCK_SIZE).map_err(|e| corrupt(format!("cannot {} decompress: {e}", comp.name())))?;
-    if checksum(&data) != c && comp != Compression::None {
+    if checksum(&data) != *c && comp != Compression::None {
         // Longhorn falls back on the other methods for blocks written by older versions.
         for other in [Compression::Lz4, Compression::Gzip, Compression::None] {
             if let Ok(d) = other.decompress(&raw, BLOCK_SIZE) {
-                if checksum(&d) == c {
+                if checksum(&d) == *c {
                     data = d;
                     break;
                 }
@@ -284,19 +384,31 @@ pub fn read_block(t: &dyn BackupTarget, volume: &str, c: &str, comp: Compression
         return Err(corrupt(format!("holds {} bytes, a block is {BLOCK_SIZE}", data.len())));
     }
     let got = checksum(&data);
-    if got != c {
+    if got != *c {
         return Err(corrupt(format!("content has checksum {got}, not the block's name")));
     }
     Ok(data)
 }
 
-pub fn load_json<T: for<'de> Deserialize<'de>>(t: &dyn BackupTarget, path: &str) -> Result<T, BackupError> {
-    let raw = t.get(path)?;
-    serde_json::from_slice(&raw).map_err(|e| BackupError::Corrupt {
-        target: t.url().to_string(),
-        object: path.to_string(),
-        what: format!("not a valid config: {e}"),
-    })
+pub fn load_json<T: for<'de> Deserialize<'de>>(t: &dyn BackupTarget, path: &str, max: u64) -> Result<T, BackupError> {
+    let raw = t.get(path, max)?;
+    serde_json::from_slice(&raw).map_err(|e| corrupt(t, path, format!("not a valid config: {e}")))
+}
+
+fn corrupt(t: &dyn BackupTarget, object: &str, what: String) -> BackupError {
+    BackupError::Corrupt { target: t.url().to_string(), object: object.to_string(), what }
+}
+
+/// A cfg's own `Name` must be the one its path gives (Longhorn writes both); an empty
+/// one is taken from the path.
+fn check_own_name(t: &dyn BackupTarget, path: &str, kind: &str, own: &mut String, want: &str) -> Result<(), BackupError> {
+    if own.is_empty() {
+        *own = want.to_string();
+    }
+    if own != want {
+        return Err(corrupt(t, path, format!("its Name {own:?} is not the {kind} {want:?} it is stored as")));
+    }
+    Ok(())
 }
 
 pub fn save_json<T: Serialize>(t: &dyn BackupTarget, path: &str, v: &T) -> Result<(), BackupError> {
@@ -305,21 +417,57 @@ pub fn save_json<T: Serialize>(t: &dyn BackupTarget, path: &str, v: &T) -> Resul
 }
 
 pub fn load_volume(t: &dyn BackupTarget, volume: &str) -> Result<VolumeCfg, BackupError> {
-    load_json(t, &volume_cfg_path(volume))
+    let path = volume_cfg_path(volume);
+    let mut v: VolumeCfg = load_json(t, &path, MAX_SMALL_OBJECT)?;
+    check_own_name(t, &path, "volume", &mut v.name, volume)?;
+    if !v.last_backup_name.is_empty() {
+        check_name("backup", &v.last_backup_name).map_err(|e| corrupt(t, &path, format!("LastBackupName: {e}")))?;
+    }
+    Ok(v)
 }
 
-pub fn load_backup(t: &dyn BackupTarget, volume: &str, backup: &str) -> Result<BackupCfg, BackupError> {
-    load_json(t, &backup_cfg_path(volume, backup))
+/// The size `volume.cfg` gives `volume`, when it can be read: what bounds its backup cfgs.
+pub fn volume_size(t: &dyn BackupTarget, volume: &str) -> Option<u64> {
+    match load_volume(t, volume) {
+        Ok(v) => Some(v.size),
+        Err(e) => {
+            debug!(volume, "volume size unknown, backup cfgs get the fixed bound: {e}");
+            None
+        }
+    }
+}
+
+/// Backup `backup` of `volume`; `volume_size` (see [`volume_size`]) bounds its size.
+pub fn load_backup(t: &dyn BackupTarget, volume: &str, backup: &str, volume_size: Option<u64>) -> Result<BackupCfg, BackupError> {
+    let path = backup_cfg_path(volume, backup);
+    let mut b: BackupCfg = load_json(t, &path, max_backup_cfg(volume_size))?;
+    check_own_name(t, &path, "backup", &mut b.name, backup)?;
+    Ok(b)
 }
 
 /// Every volume in the store, by name.
 pub fn list_volumes(t: &dyn BackupTarget) -> Result<Vec<String>, BackupError> {
     let mut out = Vec::new();
     let root = format!("{BASE}/volumes");
+    // The two levels above a volume are hash prefixes: two hex digits each.
+    let prefix = |n: &str| {
+        if n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()) { Ok(()) } else { Err("not a 2-hex-digit level".to_string()) }
+    };
     for a in t.list(&root)? {
+        if listed(t, &root, &a, prefix).is_none() {
+            continue;
+        }
         for b in t.list(&format!("{root}/{a}"))? {
-            for v in t.list(&format!("{root}/{a}/{b}"))? {
-                if check_name("volume", &v).is_ok() && volume_path(&v) == format!("{root}/{a}/{b}/{v}") {
+            if listed(t, &format!("{root}/{a}"), &b, prefix).is_none() {
+                continue;
+            }
+            let dir = format!("{root}/{a}/{b}");
+            for v in t.list(&dir)? {
+                let at_home = |v: &str| {
+                    name_rule("volume")(v)?;
+                    if volume_path(v) == format!("{dir}/{v}") { Ok(()) } else { Err(format!("volume {v} belongs in {}", volume_path(v))) }
+                };
+                if listed(t, &dir, &v, at_home).is_some() {
                     out.push(v);
                 }
             }
@@ -332,20 +480,29 @@ pub fn list_volumes(t: &dyn BackupTarget) -> Result<Vec<String>, BackupError> {
 
 /// The backup names of `volume` (complete or not).
 pub fn list_backups(t: &dyn BackupTarget, volume: &str) -> Result<Vec<String>, BackupError> {
+    let dir = backups_dir(volume);
     Ok(t
-        .list(&backups_dir(volume))?
+        .list(&dir)?
         .into_iter()
         .filter_map(|n| n.strip_prefix("backup_").and_then(|n| n.strip_suffix(".cfg")).map(|s| s.to_string()))
+        .filter(|n| listed(t, &dir, n, name_rule("backup")).is_some())
         .collect())
 }
 
-/// Every block checksum stored for `volume`.
-pub fn list_blocks(t: &dyn BackupTarget, volume: &str) -> Result<Vec<String>, BackupError> {
+/// Every block stored for `volume`. Objects under `blocks/` that are not named as a
+/// block are left alone (not ours to collect), with a warning.
+pub fn list_blocks(t: &dyn BackupTarget, volume: &str) -> Result<Vec<Checksum>, BackupError> {
+    let dir = blocks_dir(volume);
     Ok(t
-        .list_all(&blocks_dir(volume))?
+        .list_all(&dir, BLOCK_DEPTH)?
         .into_iter()
-        .filter_map(|p| p.rsplit('/').next().and_then(|n| n.strip_suffix(".blk")).map(|s| s.to_string()))
-        .filter(|c| c.len() == 64)
+        .filter_map(|p| {
+            let name = p.rsplit('/').next().unwrap_or(&p);
+            listed(t, &dir, name, |n| {
+                let c = Checksum::parse(n.strip_suffix(".blk").ok_or("not a .blk object")?)?;
+                if p == block_path(volume, &c) { Ok(c) } else { Err(format!("block {c} belongs in {}", block_path(volume, &c))) }
+            })
+        })
         .collect())
 }
 
@@ -390,11 +547,11 @@ impl StoreLock {
             let mut blocker = None;
             for n in target.list(&locks_dir(volume))? {
                 let Some(other) = n.strip_suffix(".lck") else { continue };
-                if other == name {
+                if other == name || listed(&*target, &locks_dir(volume), other, name_rule("lock")).is_none() {
                     continue;
                 }
                 let p = format!("{}/{n}", locks_dir(volume));
-                let Ok(l) = load_json::<LockFile>(&*target, &p) else { continue };
+                let Ok(l) = load_json::<LockFile>(&*target, &p, MAX_SMALL_OBJECT) else { continue };
                 let Ok(Some(t)) = target.mtime(&p) else { continue };
                 let expired = SystemTime::now().duration_since(t).map(|d| d > LOCK_DURATION).unwrap_or(false);
                 let older = l.acquired || (t, other) < (my_time, name.as_str());
@@ -453,7 +610,7 @@ mod tests {
 
     #[test]
     fn test_vectors() {
-        assert_eq!(checksum(&vec![0u8; BLOCK_SIZE as usize]), "731859029215873fdac1c9f2f8bd25a334abf0f3a9e1b057cf2cacc2826d86b0");
+        assert_eq!(checksum(&vec![0u8; BLOCK_SIZE as usize]).as_str(), "731859029215873fdac1c9f2f8bd25a334abf0f3a9e1b057cf2cacc2826d86b0");
         assert!(volume_path("vol1").starts_with("backupstore/volumes/01/9c/vol1"));
     }
 
@@ -471,6 +628,43 @@ mod tests {
         let lh = r#"{"Name":"pvc-1","Size":"2147483648","Labels":null,"CreatedTime":"2024-01-01T00:00:00Z","LastBackupName":"backup-a","LastBackupAt":"2024-01-01T00:00:00Z","BlockCount":"10","BackingImageName":"\"\"","BackingImageChecksum":"\"\"","CompressionMethod":"\"gzip\"","StorageClassName":"\"longhorn\"","DataEngine":"\"v1\""}"#;
         let v: VolumeCfg = serde_json::from_str(lh).expect("parse Longhorn's");
         assert_eq!((v.size, v.block_count, v.compression_method.as_str(), v.storage_class_name.as_str()), (2 << 30, 10, "gzip", "longhorn"));
+    }
+
+    #[test]
+    fn block_names_are_64_lowercase_hex_digits() {
+        let good = "731859029215873fdac1c9f2f8bd25a334abf0f3a9e1b057cf2cacc2826d86b0";
+        assert!(Checksum::parse(good).is_ok());
+        let non_ascii = format!("aé{}", "0".repeat(61));
+        assert_eq!(non_ascii.len(), 64);
+        for bad in [non_ascii.as_str(), &good.to_uppercase(), &good[..63], &format!("{good}0"), &format!("0{}", "/..".repeat(21)), ""] {
+            assert!(Checksum::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        // A cfg naming such a block does not parse, and the error says why.
+        let cfg = format!(r#"{{"Name":"b","VolumeName":"v","Blocks":[{{"Offset":0,"BlockChecksum":"{non_ascii}"}}]}}"#);
+        let e = serde_json::from_str::<BackupCfg>(&cfg).expect_err("bad block name");
+        assert!(e.to_string().contains("64 lowercase hex"), "{e}");
+    }
+
+    #[test]
+    fn decompression_is_bounded() {
+        // 64 MiB of zeros compress to a few KiB; reading them back stops at the bound.
+        let big = vec![0u8; 64 << 20];
+        for c in [Compression::Lz4, Compression::Gzip, Compression::None] {
+            let z = c.compress(&big).expect("compress");
+            let e = c.decompress(&z, BLOCK_SIZE).expect_err("more than a block");
+            assert!(e.to_string().contains("more than"), "{e}");
+        }
+    }
+
+    #[test]
+    fn cfg_bounds_follow_the_volume_size() {
+        assert_eq!(max_backup_cfg(Some(16 << 20)), MAX_SMALL_OBJECT + 8 * CFG_BYTES_PER_BLOCK);
+        // A compact cfg of a full 1 TiB volume fits its bound.
+        let n = (1u64 << 40) / BLOCK_SIZE;
+        let entry = serde_json::to_vec(&BlockMapping { offset: (1 << 40) - BLOCK_SIZE, block_checksum: checksum(b"x") }).expect("json");
+        assert!(n * (entry.len() as u64 + 1) < max_backup_cfg(Some(1 << 40)));
+        // A store claiming an absurd size gets the 64 TiB volume's bound.
+        assert_eq!(max_backup_cfg(Some(u64::MAX)), max_backup_cfg(Some(MAX_CFG_VOLUME_SIZE)));
     }
 
     #[test]
