@@ -63,3 +63,64 @@ fn backup_bad_input() {
     assert!(d.join("fromb/replica-1/volume.meta").exists());
     assert!(up.term(), "up stops cleanly");
 }
+
+/// Starts a backup and waits for it by polling (no 250 ms steps), so several fit in one
+/// second; returns its name.
+fn quick_backup(env: &Env, c: &Cluster) -> String {
+    let p = env.json(c, &["backup", "create", "-v", &c.volume, "--no-wait"]);
+    let name = p["backup"].as_str().expect("name").to_string();
+    let t = std::time::Instant::now();
+    loop {
+        let s = env.json(c, &["backup", "status", "-v", &c.volume, &name]);
+        match s[0]["state"].as_str() {
+            Some("complete") => return name,
+            Some("in-progress") if t.elapsed() < std::time::Duration::from_secs(60) => {}
+            _ => panic!("backup {name}: {s}"),
+        }
+    }
+}
+
+/// The first byte of what `backup restore --latest` gives.
+fn latest_byte(env: &Env, c: &Cluster, to: &str) -> u8 {
+    let data = c.path("latest");
+    env.ok(c, &["backup", "restore", "--latest", "-v", &c.volume, "--to", to, "--data-dir", data.to_str().expect("utf8"), "--replicas", "1"]);
+    read_layers(&head_chain(&data.join(to).join("replica-0")), 4096)[0]
+}
+
+/// Backups taken back to back share their second-resolution times; the latest is still
+/// the last one taken (volume.cfg's LastBackupName), and deleting it makes the one
+/// before it the latest.
+#[test]
+fn latest_backup_within_one_second() {
+    let c = Cluster::new("vol5", 8 * MB, 1);
+    let store = c.path("store");
+    let env = Env { settings: c.path("settings.json"), vars: vec![] };
+    env.ok(&c, &["backup", "target", &format!("file://{}", store.display())]);
+    let vcfg = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(store.join("backupstore/volumes/88/8a/vol5/volume.cfg")).expect("volume.cfg")).expect("json")
+    };
+    let mut ties = 0;
+    for round in 0..8u8 {
+        let mut names = Vec::new();
+        for k in 1..=3u8 {
+            qemu_io(&c.uri(), &[format!("write -P {} 0 2M", round * 3 + k).as_str()]);
+            names.push(quick_backup(&env, &c));
+            assert_eq!(vcfg()["LastBackupName"], names[names.len() - 1].as_str(), "round {round}");
+        }
+        let ls = env.json(&c, &["backup", "ls", "vol5"]);
+        let created: Vec<&str> = names
+            .iter()
+            .map(|n| ls.as_array().expect("array").iter().find(|b| b["name"] == n.as_str()).and_then(|b| b["created"].as_str()).expect("listed"))
+            .collect();
+        if created[1] == created[2] {
+            ties += 1;
+        }
+        let listed: Vec<&str> = ls.as_array().expect("array").iter().filter_map(|b| b["name"].as_str()).collect();
+        assert_eq!(&listed[listed.len() - 3..], &[names[0].as_str(), names[1].as_str(), names[2].as_str()], "ls lists in the order taken");
+        assert_eq!(latest_byte(&env, &c, &format!("r{round}a")), round * 3 + 3, "round {round}: --latest is the last backup taken ({created:?})");
+        env.ok(&c, &["backup", "rm", &names[2], "-v", "vol5"]);
+        assert_eq!(vcfg()["LastBackupName"], names[1].as_str(), "round {round}: the one before the deleted latest is the latest ({created:?})");
+        assert_eq!(latest_byte(&env, &c, &format!("r{round}b")), round * 3 + 2, "round {round}");
+    }
+    eprintln!("{ties} of 8 rounds had their last two backups in the same second");
+}

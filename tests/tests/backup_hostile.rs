@@ -173,6 +173,10 @@ fn a_last_backup_name_outside_the_store_is_refused() {
     let err = succeeded(&o, "volumes");
     assert_eq!(serde_json::from_slice::<Value>(&o.stdout).expect("json"), Value::Array(vec![]));
     assert!(err.contains("volume.cfg") && err.contains("../../../../x"), "{err}");
+    // --latest follows LastBackupName, so it refuses rather than guessing.
+    let o = b.run(&url, &["backup", "restore", "--latest", "-v", "vol1", "--to", "lastname", "--data-dir", &b.data(), "--replicas", "1"]);
+    let err = failed(&o, "restore --latest");
+    assert!(err.contains("volume.cfg") && err.contains("../../../../x"), "{err}");
 }
 
 /// A 4 GiB block object, restored under a 1.5 GiB address-space limit: refused before

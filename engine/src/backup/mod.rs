@@ -333,12 +333,19 @@ fn run(
         let p = job.p.lock().unwrap_or_else(|e| e.into_inner());
         (p.blocks_uploaded, p.bytes_uploaded)
     };
+    match store::load_volume(t, vol) {
+        Ok(c) => vcfg = c,
+        Err(e) => warn!(volume = vol, "re-reading volume.cfg before the commit: {e}; writing it from the copy read at the start"),
+    }
+    let now = chrono::Utc::now();
+    // Strictly after the volume's last backup, whatever the clock did since.
+    let unix_nano = (now.timestamp_nanos_opt().unwrap_or(0).max(0) as u64).max(vcfg.last_backup_unix_nano + 1);
     let cfg = BackupCfg {
         name: name.clone(),
         volume_name: vol.to_string(),
         snapshot_name: snapshot.to_string(),
         snapshot_created_at: snap_created.to_string(),
-        created_time: now_rfc3339(),
+        created_time: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         size: merged.len() as u64 * BLOCK_SIZE,
         labels: req.labels.clone(),
         is_incremental: last.is_some(),
@@ -348,13 +355,12 @@ fn run(
         blocks: merged.into_iter().map(|(offset, block_checksum)| BlockMapping { offset, block_checksum }).collect(),
         newly_uploaded_data_size: bytes_up,
         re_uploaded_data_size: 0,
+        created_time_unix_nano: unix_nano,
     };
     store::save_json(t, &cfg_path, &cfg)?;
-    if let Ok(c) = store::load_volume(t, vol) {
-        vcfg = c;
-    }
     vcfg.last_backup_name = name.clone();
     vcfg.last_backup_at = snap_created.to_string();
+    vcfg.last_backup_unix_nano = unix_nano;
     vcfg.block_count += uploaded;
     vcfg.size = v.size();
     vcfg.labels = req.labels.clone();
@@ -448,6 +454,9 @@ pub struct BackupInfo {
     pub snapshot: String,
     pub snapshot_created_at: String,
     pub created: String,
+    /// Completion in nanoseconds since the epoch (`CreatedTime`'s second when Longhorn
+    /// took it, 0 while incomplete): what orders the backups of a volume.
+    pub created_unix_nano: u64,
     /// `complete`, or `incomplete` (in progress, or interrupted).
     pub state: String,
     pub size: u64,
@@ -508,6 +517,7 @@ pub fn list_backups(t: &dyn BackupTarget, volume: Option<&str>) -> Result<Vec<Ba
             match store::load_backup(t, &v, &b, vsize) {
                 Ok(c) => out.push(BackupInfo {
                     url: backup_url(t.url(), &v, &c.name),
+                    created_unix_nano: c.order().0,
                     state: if c.complete() { "complete" } else { "incomplete" }.into(),
                     name: c.name,
                     volume: v.clone(),
@@ -524,7 +534,7 @@ pub fn list_backups(t: &dyn BackupTarget, volume: Option<&str>) -> Result<Vec<Ba
             }
         }
     }
-    out.sort_by(|a, b| (&a.volume, &a.snapshot_created_at, &a.created, &a.name).cmp(&(&b.volume, &b.snapshot_created_at, &b.created, &b.name)));
+    out.sort_by(|a, b| (&a.volume, a.created_unix_nano, &a.name).cmp(&(&b.volume, b.created_unix_nano, &b.name)));
     Ok(out)
 }
 
@@ -539,8 +549,19 @@ pub fn find_backup(t: &dyn BackupTarget, name: &str) -> Result<String, BackupErr
     Err(BackupError::Invalid(format!("no backup named {name:?} in {}", t.url())))
 }
 
-/// The newest complete backup of `volume`.
+/// The latest backup of `volume`: `volume.cfg`'s `LastBackupName`, as Longhorn's UI
+/// takes it; the last complete one in [`BackupCfg::order`] when that names none.
 pub fn latest_backup(t: &dyn BackupTarget, volume: &str) -> Result<String, BackupError> {
+    store::check_name("volume", volume)?;
+    match store::load_volume(t, volume) {
+        Ok(v) if !v.last_backup_name.is_empty() => match store::load_backup(t, volume, &v.last_backup_name, Some(v.size)) {
+            Ok(b) if b.complete() => return Ok(b.name),
+            Ok(_) => warn!(volume, "LastBackupName {} is not complete; taking the newest complete backup", v.last_backup_name),
+            Err(e) => warn!(volume, "LastBackupName {}: {e}; taking the newest complete backup", v.last_backup_name),
+        },
+        Ok(_) | Err(BackupError::NotFound { .. }) => {}
+        Err(e) => return Err(e),
+    }
     list_backups(t, Some(volume))?
         .into_iter()
         .filter(|b| b.state == "complete")
@@ -595,7 +616,7 @@ pub fn delete_backup(t: Arc<dyn BackupTarget>, volume: &str, name: &str) -> Resu
     }
     if let Ok(mut v) = store::load_volume(&*t, volume) {
         if v.last_backup_name == name {
-            let latest = remaining.iter().filter(|b| b.complete()).max_by(|a, b| a.snapshot_created_at.cmp(&b.snapshot_created_at));
+            let latest = remaining.iter().filter(|b| b.complete()).max_by(|a, b| a.order().cmp(&b.order()));
             v.last_backup_name = latest.map(|b| b.name.clone()).unwrap_or_default();
             v.last_backup_at = latest.map(|b| b.snapshot_created_at.clone()).unwrap_or_default();
         }

@@ -21,6 +21,12 @@
 //!   `volume.cfg` fields from `CompressionMethod` on are encoded twice
 //!   (`"CompressionMethod":"\"lz4\""`), as Go's `json:",string"` on a string does. The
 //!   backup cfg's `CompressionMethod` is encoded twice too, `VolumeSize` is a string.
+//! - Order: `CreatedTime` has second resolution, so backups taken back to back tie. The
+//!   latest backup is `volume.cfg`'s `LastBackupName` (as Longhorn's UI has it), and
+//!   the backups of a volume are ordered by `CreatedTimeUnixNano`, an extra field (Go
+//!   ignores it) recording the completion to the nanosecond, kept strictly above the
+//!   volume's `LastBackupUnixNano` so a clock stepping back cannot reorder them;
+//!   Longhorn's own backups, without it, are placed by `CreatedTime`.
 //! - Locks: a backup or restore holds a type-1 lock, a deletion a type-2 lock; locks of
 //!   different types exclude each other, the older one wins, and a lock whose object
 //!   was not rewritten for 150 s is dead. A holder rewrites its lock every 60 s.
@@ -251,6 +257,13 @@ pub struct VolumeCfg {
     pub storage_class_name: String,
     #[serde(with = "twice", default)]
     pub data_engine: String,
+    /// Ours: `CreatedTimeUnixNano` of the last backup (see the module comment).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub last_backup_unix_nano: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -290,6 +303,10 @@ pub struct BackupCfg {
     pub newly_uploaded_data_size: u64,
     #[serde(with = "int_str", default)]
     pub re_uploaded_data_size: u64,
+    /// Ours: when the backup completed, in nanoseconds since the epoch (0 when Longhorn
+    /// wrote it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub created_time_unix_nano: u64,
 }
 
 fn null_blocks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<BlockMapping>, D::Error> {
@@ -299,6 +316,20 @@ fn null_blocks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<BlockMapping>, D::
 impl BackupCfg {
     pub fn complete(&self) -> bool {
         !self.created_time.is_empty()
+    }
+
+    /// Where this backup stands among its volume's backups, oldest first: by its
+    /// completion to the nanosecond when we took it, else by `CreatedTime` (seconds),
+    /// then by name. An incomplete backup comes before every complete one.
+    pub fn order(&self) -> (u64, &str) {
+        let t = match self.created_time_unix_nano {
+            0 => chrono::DateTime::parse_from_rfc3339(&self.created_time)
+                .ok()
+                .and_then(|t| t.timestamp_nanos_opt())
+                .map_or(0, |n| n.max(0) as u64),
+            n => n,
+        };
+        (t, &self.name)
     }
 }
 
@@ -665,6 +696,24 @@ mod tests {
         assert!(n * (entry.len() as u64 + 1) < max_backup_cfg(Some(1 << 40)));
         // A store claiming an absurd size gets the 64 TiB volume's bound.
         assert_eq!(max_backup_cfg(Some(u64::MAX)), max_backup_cfg(Some(MAX_CFG_VOLUME_SIZE)));
+    }
+
+    #[test]
+    fn order_is_finer_than_created_time() {
+        let b = |name: &str, created: &str, ns: u64| BackupCfg { name: name.into(), created_time: created.into(), created_time_unix_nano: ns, ..Default::default() };
+        let same_second = "2026-01-01T00:00:00Z";
+        let first = b("backup-ffff", same_second, 1_767_225_600_100_000_000);
+        let second = b("backup-0000", same_second, 1_767_225_600_200_000_000);
+        assert!(first.order() < second.order(), "the nanoseconds decide, not the name");
+        // Longhorn's (no nanoseconds) are placed by CreatedTime; incomplete ones first.
+        let longhorn = b("backup-lh", "2026-01-01T00:00:01Z", 0);
+        assert!(second.order() < longhorn.order());
+        assert!(b("backup-x", "", 0).order() < first.order());
+        // Written only when set, and read back.
+        let s = serde_json::to_string(&second).expect("json");
+        assert!(s.contains(r#""CreatedTimeUnixNano":1767225600200000000"#), "{s}");
+        assert!(!serde_json::to_string(&longhorn).expect("json").contains("UnixNano"));
+        assert_eq!(serde_json::from_str::<BackupCfg>(&s).expect("parse"), second);
     }
 
     #[test]
