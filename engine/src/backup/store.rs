@@ -29,7 +29,11 @@
 //!   Longhorn's own backups, without it, are placed by `CreatedTime`.
 //! - Locks: a backup or restore holds a type-1 lock, a deletion a type-2 lock; locks of
 //!   different types exclude each other, the older one wins, and a lock whose object
-//!   was not rewritten for 150 s is dead. A holder rewrites its lock every 60 s.
+//!   was not rewritten for 150 s is dead. A holder rewrites its lock every 60 s. Two
+//!   type-1 locks do not exclude each other (nor in Longhorn), so every read-modify-
+//!   write of `volume.cfg` also holds the volume.cfg lock: type 1 with our extra
+//!   `"Exclusive":true`, one holder at a time, rewritten every 5 s, dead after 30 s
+//!   ([`StoreLock::acquire_volume_cfg`]). Longhorn's own writers do not take it.
 //! - The store is not trusted: every name read from it (a listed volume, backup or
 //!   block, a cfg's `Blocks`, `Name` and `LastBackupName`) must pass the format's rule
 //!   before it is built into a path, and every object is read with a size bound
@@ -447,6 +451,28 @@ pub fn save_json<T: Serialize>(t: &dyn BackupTarget, path: &str, v: &T) -> Resul
     t.put(path, &raw)
 }
 
+/// Reads `volume.cfg` of `volume` (`None` when there is none), lets `f` change it, and
+/// writes it back if it changed, all under the volume.cfg lock
+/// ([`StoreLock::acquire_volume_cfg`]): two writers never lose each other's change.
+pub fn with_volume_cfg<R>(
+    t: &Arc<dyn BackupTarget>,
+    volume: &str,
+    f: impl FnOnce(&mut Option<VolumeCfg>) -> Result<R, BackupError>,
+) -> Result<R, BackupError> {
+    let _lock = StoreLock::acquire_volume_cfg(t.clone(), volume)?;
+    let before = match load_volume(&**t, volume) {
+        Ok(v) => Some(v),
+        Err(BackupError::NotFound { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let mut cfg = before.clone();
+    let r = f(&mut cfg)?;
+    if let Some(c) = cfg.as_ref().filter(|_| cfg != before) {
+        save_json(&**t, &volume_cfg_path(volume), c)?;
+    }
+    Ok(r)
+}
+
 pub fn load_volume(t: &dyn BackupTarget, volume: &str) -> Result<VolumeCfg, BackupError> {
     let path = volume_cfg_path(volume);
     let mut v: VolumeCfg = load_json(t, &path, MAX_SMALL_OBJECT)?;
@@ -548,6 +574,12 @@ pub const DELETION_LOCK: u32 = 2;
 const LOCK_DURATION: Duration = Duration::from_secs(150);
 const LOCK_REFRESH: Duration = Duration::from_secs(60);
 const LOCK_MAX_WAIT: Duration = Duration::from_secs(30);
+/// The volume.cfg lock is held for a read and two writes: refreshed often and dead
+/// soon, and waited for longer than a dead one stays, so a holder that crashed delays
+/// the next commit instead of failing it.
+const CFG_LOCK_DURATION: Duration = Duration::from_secs(30);
+const CFG_LOCK_REFRESH: Duration = Duration::from_secs(5);
+const CFG_LOCK_MAX_WAIT: Duration = Duration::from_secs(90);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -556,9 +588,57 @@ struct LockFile {
     #[serde(rename = "Type")]
     kind: u32,
     acquired: bool,
+    /// Ours: the volume.cfg lock. Longhorn sees a type-1 lock, so its deletions wait
+    /// for it as for a backup.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    exclusive: bool,
 }
 
-/// A lock in the store (`locks/`), held until dropped; a thread rewrites it while held.
+/// Another process's lock, as found in `locks/`.
+struct OtherLock {
+    /// The object's name without `.lck`: what breaks a tie of times.
+    stem: String,
+    lock: LockFile,
+    mtime: SystemTime,
+}
+
+impl OtherLock {
+    fn dead(&self, after: Duration) -> bool {
+        SystemTime::now().duration_since(self.mtime).is_ok_and(|d| d > after)
+    }
+
+    /// Whether it comes before a lock of ours written at `my_time` named `me`.
+    fn before(&self, my_time: SystemTime, me: &str) -> bool {
+        self.lock.acquired || (self.mtime, self.stem.as_str()) < (my_time, me)
+    }
+}
+
+/// The locks of `volume` other than `me`; one that vanishes or does not parse while
+/// they are read is no lock.
+fn other_locks(t: &dyn BackupTarget, volume: &str, me: &str) -> Result<Vec<OtherLock>, BackupError> {
+    let dir = locks_dir(volume);
+    let mut out = Vec::new();
+    for n in t.list(&dir)? {
+        let Some(stem) = n.strip_suffix(".lck") else { continue };
+        if stem == me || listed(t, &dir, stem, name_rule("lock")).is_none() {
+            continue;
+        }
+        let p = format!("{dir}/{n}");
+        let Ok(lock) = load_json::<LockFile>(t, &p, MAX_SMALL_OBJECT) else { continue };
+        let Ok(Some(mtime)) = t.mtime(&p) else { continue };
+        out.push(OtherLock { stem: stem.to_string(), lock, mtime });
+    }
+    Ok(out)
+}
+
+/// A pause of 10 ms and up to `spread_ms` more, so contenders that backed off at once
+/// do not meet again at once.
+fn jitter(spread_ms: u64) -> Duration {
+    Duration::from_millis(10 + super::target::random_u64() % spread_ms.max(1))
+}
+
+/// A lock in the store (`locks/`), held until dropped (its object is removed then, on
+/// an error while acquiring too); a thread rewrites it while held.
 pub struct StoreLock {
     target: Arc<dyn BackupTarget>,
     path: String,
@@ -566,63 +646,99 @@ pub struct StoreLock {
 }
 
 impl StoreLock {
-    /// Waits (up to 30 s) until no live lock of the other type is older than ours.
-    pub fn acquire(target: Arc<dyn BackupTarget>, volume: &str, kind: u32) -> Result<StoreLock, BackupError> {
-        let name = generate_name("lock");
-        let path = format!("{}/{name}.lck", locks_dir(volume));
-        let mut me = LockFile { name: name.clone(), kind, acquired: false };
-        save_json(&*target, &path, &me)?;
-        let start = std::time::Instant::now();
-        let my_time = target.mtime(&path)?.unwrap_or_else(SystemTime::now);
-        loop {
-            let mut blocker = None;
-            for n in target.list(&locks_dir(volume))? {
-                let Some(other) = n.strip_suffix(".lck") else { continue };
-                if other == name || listed(&*target, &locks_dir(volume), other, name_rule("lock")).is_none() {
-                    continue;
-                }
-                let p = format!("{}/{n}", locks_dir(volume));
-                let Ok(l) = load_json::<LockFile>(&*target, &p, MAX_SMALL_OBJECT) else { continue };
-                let Ok(Some(t)) = target.mtime(&p) else { continue };
-                let expired = SystemTime::now().duration_since(t).map(|d| d > LOCK_DURATION).unwrap_or(false);
-                let older = l.acquired || (t, other) < (my_time, name.as_str());
-                if l.kind != kind && older && !expired {
-                    blocker = Some(format!("{n} ({})", if l.kind == DELETION_LOCK { "a deletion" } else { "a backup or restore" }));
-                    break;
-                }
-            }
-            match blocker {
-                None => break,
-                Some(b) if start.elapsed() > LOCK_MAX_WAIT => {
-                    let _ = target.delete(&path);
-                    return Err(BackupError::Busy(format!(
-                        "volume {volume} in {} is locked by {b}; gave up after {LOCK_MAX_WAIT:?}",
-                        target.url()
-                    )));
-                }
-                Some(b) => {
-                    debug!(volume, "waiting for lock {b}");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-            }
-        }
-        me.acquired = true;
-        save_json(&*target, &path, &me)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (t2, p2, s2) = (target.clone(), path.clone(), stop.clone());
+    /// Writes lock `me` of `volume`; returns it and the time the store gave it.
+    fn create(target: &Arc<dyn BackupTarget>, volume: &str, me: &LockFile) -> Result<(StoreLock, SystemTime), BackupError> {
+        let path = format!("{}/{}.lck", locks_dir(volume), me.name);
+        save_json(&**target, &path, me)?;
+        let lock = StoreLock { target: target.clone(), path, stop: Arc::new(AtomicBool::new(false)) };
+        let t = lock.save(me)?;
+        Ok((lock, t))
+    }
+
+    fn save(&self, me: &LockFile) -> Result<SystemTime, BackupError> {
+        save_json(&*self.target, &self.path, me)?;
+        Ok(self.target.mtime(&self.path)?.unwrap_or_else(SystemTime::now))
+    }
+
+    /// Rewrites `me` every `every` until dropped, so others do not take it for dead.
+    fn keep_alive(&self, me: LockFile, every: Duration) {
+        let (t, p, stop) = (self.target.clone(), self.path.clone(), self.stop.clone());
         let _ = std::thread::Builder::new().name("backup-lock".into()).spawn(move || {
             let mut last = std::time::Instant::now();
-            while !s2.load(Ordering::Acquire) {
+            while !stop.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(200));
-                if last.elapsed() >= LOCK_REFRESH {
+                if last.elapsed() >= every {
                     last = std::time::Instant::now();
-                    if let Err(e) = save_json(&*t2, &p2, &me) {
-                        warn!("refreshing backupstore lock {p2}: {e}");
+                    if let Err(e) = save_json(&*t, &p, &me) {
+                        warn!("refreshing backupstore lock {p}: {e}");
                     }
                 }
             }
         });
-        Ok(StoreLock { target, path, stop })
+    }
+
+    /// Waits (up to 30 s) until no live lock of the other type is older than ours.
+    /// Locks of one type do not exclude each other: backups and restores of a volume
+    /// run side by side, as in Longhorn.
+    pub fn acquire(target: Arc<dyn BackupTarget>, volume: &str, kind: u32) -> Result<StoreLock, BackupError> {
+        let mut me = LockFile { name: generate_name("lock"), kind, acquired: false, exclusive: false };
+        let (lock, my_time) = StoreLock::create(&target, volume, &me)?;
+        let start = std::time::Instant::now();
+        loop {
+            let blocker = other_locks(&*target, volume, &me.name)?
+                .into_iter()
+                .find(|o| o.lock.kind != kind && o.before(my_time, &me.name) && !o.dead(LOCK_DURATION));
+            let Some(b) = blocker else { break };
+            let b = format!("{}.lck ({})", b.stem, if b.lock.kind == DELETION_LOCK { "a deletion" } else { "a backup or restore" });
+            if start.elapsed() > LOCK_MAX_WAIT {
+                return Err(BackupError::Busy(format!("volume {volume} in {} is locked by {b}; gave up after {LOCK_MAX_WAIT:?}", target.url())));
+            }
+            debug!(volume, "waiting for lock {b}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        me.acquired = true;
+        lock.save(&me)?;
+        lock.keep_alive(me, LOCK_REFRESH);
+        Ok(lock)
+    }
+
+    /// The volume.cfg lock of `volume`: one holder at a time, of any process or host.
+    /// Backups run side by side (their type-1 locks allow it) but each ends with a
+    /// read-modify-write of volume.cfg (`LastBackupName`, `BlockCount`); this makes
+    /// those one after the other, so none is lost.
+    ///
+    /// The store has no compare-and-swap, so: wait until no live volume.cfg lock is
+    /// held or older than ours, mark ours held, then look again; whoever then sees
+    /// another one held backs off (unmarks, waits a random while) and tries again. Of
+    /// two that mark theirs at once, the second to look sees the first's mark (each
+    /// marks before it looks), so two never both hold it.
+    pub fn acquire_volume_cfg(target: Arc<dyn BackupTarget>, volume: &str) -> Result<StoreLock, BackupError> {
+        let mut me = LockFile { name: generate_name("lock"), kind: BACKUP_LOCK, acquired: false, exclusive: true };
+        let (lock, mut my_time) = StoreLock::create(&target, volume, &me)?;
+        let rivals = |me: &str| -> Result<Vec<OtherLock>, BackupError> {
+            Ok(other_locks(&*target, volume, me)?.into_iter().filter(|o| o.lock.exclusive && !o.dead(CFG_LOCK_DURATION)).collect())
+        };
+        let start = std::time::Instant::now();
+        loop {
+            if !rivals(&me.name)?.iter().any(|o| o.before(my_time, &me.name)) {
+                me.acquired = true;
+                lock.save(&me)?;
+                if !rivals(&me.name)?.iter().any(|o| o.lock.acquired) {
+                    break;
+                }
+                me.acquired = false;
+                my_time = lock.save(&me)?;
+            }
+            if start.elapsed() > CFG_LOCK_MAX_WAIT {
+                return Err(BackupError::Busy(format!(
+                    "volume.cfg of {volume} in {} stayed locked by another writer; gave up after {CFG_LOCK_MAX_WAIT:?}",
+                    target.url()
+                )));
+            }
+            std::thread::sleep(jitter(50));
+        }
+        lock.keep_alive(me, CFG_LOCK_REFRESH);
+        Ok(lock)
     }
 }
 
@@ -714,6 +830,33 @@ mod tests {
         assert!(s.contains(r#""CreatedTimeUnixNano":1767225600200000000"#), "{s}");
         assert!(!serde_json::to_string(&longhorn).expect("json").contains("UnixNano"));
         assert_eq!(serde_json::from_str::<BackupCfg>(&s).expect("parse"), second);
+    }
+
+    #[test]
+    fn concurrent_volume_cfg_updates_lose_nothing() {
+        let s = crate::backup::target::file::tests::Scratch::new("cfg-race");
+        let (writers, per) = (3u64, 20u64);
+        std::thread::scope(|sc| {
+            for w in 0..writers {
+                // A target of its own, as another process would have.
+                let t: Arc<dyn BackupTarget> = Arc::new(s.target());
+                sc.spawn(move || {
+                    for i in 0..per {
+                        with_volume_cfg(&t, "vol1", |c| {
+                            let v = c.get_or_insert_with(|| VolumeCfg { name: "vol1".into(), ..Default::default() });
+                            v.block_count += 1;
+                            v.last_backup_name = format!("backup-{w}-{i}");
+                            Ok(())
+                        })
+                        .expect("update");
+                    }
+                });
+            }
+        });
+        let v = load_volume(&s.target(), "vol1").expect("volume.cfg");
+        assert_eq!(v.block_count, writers * per, "every update counted");
+        assert!(v.last_backup_name.ends_with(&format!("-{}", per - 1)), "the last update of a writer is last: {}", v.last_backup_name);
+        assert!(s.target().list(&locks_dir("vol1")).expect("locks").is_empty(), "no lock left");
     }
 
     #[test]

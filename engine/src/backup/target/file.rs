@@ -1,7 +1,14 @@
 //! `file:///path` (and Longhorn's `vfs:///path`): the backupstore in a local directory,
 //! or in any filesystem mounted there (an NFS share mounted by the kernel, for one).
+//!
+//! Durability: a change this target reports done survives a crash. An object is
+//! written to a temporary of its own (see [`TempNames`]), synced, renamed over its
+//! name, and the directory is synced; a directory it makes is synced in its parent; a
+//! removal is synced in its directory (so a removed backup cfg cannot come back after
+//! its blocks were collected). A directory another writer is making at the same time
+//! is durable once that writer's put returns.
 
-use super::{too_deep, too_large, BackupTarget};
+use super::{too_deep, too_large, BackupTarget, TempNames};
 use crate::backup::BackupError;
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
@@ -10,11 +17,32 @@ use std::time::SystemTime;
 pub struct FileTarget {
     url: String,
     root: PathBuf,
+    tmp: TempNames,
+}
+
+/// Syncs directory `dir`: what was made, renamed or removed in it is then durable.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Makes `dir` and its missing parents, syncing the parent of each one made.
+pub(crate) fn create_dirs_synced(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    create_dirs_synced(parent)?;
+    match std::fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent),
+        // Made by another writer meanwhile; its entry may not be synced yet.
+        Err(e) if e.kind() == ErrorKind::AlreadyExists && dir.is_dir() => sync_dir(parent),
+        Err(e) => Err(e),
+    }
 }
 
 impl FileTarget {
     pub fn new(url: &str, root: &str) -> FileTarget {
-        FileTarget { url: url.to_string(), root: PathBuf::from(root) }
+        FileTarget { url: url.to_string(), root: PathBuf::from(root), tmp: TempNames::new() }
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -62,16 +90,18 @@ impl BackupTarget for FileTarget {
 
     fn put(&self, p: &str, data: &[u8]) -> Result<(), BackupError> {
         let path = self.path(p);
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(|e| self.err(p, e))?;
-        }
+        let dir = path.parent().unwrap_or(&self.root);
+        create_dirs_synced(dir).map_err(|e| self.err(p, e))?;
         // Written beside, then renamed: a reader never sees half an object.
-        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(self.tmp.suffix());
+        let tmp = PathBuf::from(tmp);
         let r = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = std::fs::File::create_new(&tmp)?;
             f.write_all(data)?;
             f.sync_data()?;
-            std::fs::rename(&tmp, &path)
+            std::fs::rename(&tmp, &path)?;
+            sync_dir(dir)
         })();
         if r.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -140,6 +170,9 @@ impl BackupTarget for FileTarget {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(self.err(p, e)),
         }
+        if let Some(d) = path.parent() {
+            sync_dir(d).map_err(|e| self.err(p, e))?;
+        }
         // Empty block directories go too (Longhorn leaves them; either reads the store).
         let mut d = path.parent();
         for _ in 0..2 {
@@ -153,7 +186,7 @@ impl BackupTarget for FileTarget {
 
     fn check(&self) -> Result<(), BackupError> {
         let d = self.path(crate::backup::store::BASE);
-        std::fs::create_dir_all(&d).map_err(|e| self.err(crate::backup::store::BASE, e))?;
+        create_dirs_synced(&d).map_err(|e| self.err(crate::backup::store::BASE, e))?;
         let probe = d.join(format!(".probe-{}", std::process::id()));
         std::fs::write(&probe, b"").map_err(|e| self.err(crate::backup::store::BASE, e))?;
         let _ = std::fs::remove_file(&probe);
@@ -170,7 +203,7 @@ impl BackupTarget for FileTarget {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A fresh directory under the system's temporary directory, removed on drop.
@@ -209,6 +242,26 @@ mod tests {
         // Not a regular file: refused, never read.
         std::os::unix::fs::symlink("/dev/zero", s.0.join("a/zero")).expect("symlink");
         assert!(matches!(t.get("a/zero", 10), Err(BackupError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn concurrent_puts_of_one_path_both_land_whole() {
+        let s = Scratch::new("put-race");
+        let t = std::sync::Arc::new(s.target());
+        let data: Vec<Vec<u8>> = (0..2u8).map(|i| vec![i + 1; 256 << 10]).collect();
+        for round in 0..200 {
+            let path = format!("v/{round}.cfg");
+            let r: Vec<Result<(), BackupError>> = std::thread::scope(|sc| {
+                let h: Vec<_> = data.iter().map(|d| sc.spawn(|| t.put(&path, d))).collect();
+                h.into_iter().map(|h| h.join().expect("thread")).collect()
+            });
+            for x in &r {
+                assert!(x.is_ok(), "round {round}: a put failed: {x:?}");
+            }
+            let got = t.get(&path, 1 << 20).expect("get");
+            assert!(data.contains(&got), "round {round}: the object is neither put whole ({} bytes)", got.len());
+        }
+        assert_eq!(std::fs::read_dir(s.0.join("v")).expect("read_dir").count(), 200, "no temporary left behind");
     }
 
     #[test]

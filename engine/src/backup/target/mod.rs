@@ -12,6 +12,7 @@ pub mod s3;
 
 use super::BackupError;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 pub trait BackupTarget: Send + Sync {
@@ -38,6 +39,34 @@ pub trait BackupTarget: Send + Sync {
     fn mtime(&self, path: &str) -> Result<Option<SystemTime>, BackupError>;
     /// Whether the target can be reached and written (before a backup changes anything).
     fn check(&self) -> Result<(), BackupError>;
+}
+
+/// Names for the temporary an object is written to before it is renamed into place.
+/// Two writers must never share one (one would rename or truncate the other's), not
+/// two threads of a process nor two hosts on one share: a name holds the pid, a
+/// counter and a random number drawn per target.
+pub(crate) struct TempNames {
+    seq: AtomicU64,
+    nonce: u64,
+}
+
+/// A random number, different at each call (std's randomly keyed hasher, fed the time).
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}
+
+impl TempNames {
+    pub(crate) fn new() -> TempNames {
+        TempNames { seq: AtomicU64::new(0), nonce: random_u64() }
+    }
+
+    /// What to append to an object's name for its next temporary (listings skip `*.tmp`).
+    pub(crate) fn suffix(&self) -> String {
+        format!(".{}-{}-{:016x}.tmp", std::process::id(), self.seq.fetch_add(1, Ordering::Relaxed), self.nonce)
+    }
 }
 
 /// The error for an object bigger than a reader accepts.

@@ -10,21 +10,21 @@
 //! mount and mean nothing here, so they are accepted and ignored.
 //!
 //! Invariants:
-//! - An object is written as `NAME.<pid>-<n>.tmp` beside its final name, committed
-//!   to stable storage (WRITE UNSTABLE + COMMIT, verifier checked by nfs-rs) and then
-//!   renamed over NAME, so a reader sees the old object or the new one, never a part.
+//! - An object is written as `NAME.<pid>-<n>-<random>.tmp` beside its final name,
+//!   committed to stable storage (WRITE UNSTABLE + COMMIT, verifier checked by nfs-rs)
+//!   and then renamed over NAME, so a reader sees the old object or the new one, never
+//!   a part.
 //!   Listings skip `*.tmp`, as the file target's do.
 //! - A lost connection (server restarted, TCP reset) drops the mount; new mounts are
 //!   tried for about [`RECONNECT_WINDOW`] and the operation is retried once on the new
 //!   one. Every operation here is idempotent, a put included (a put cut short may leave
 //!   its `.tmp` behind).
 
-use super::{too_deep, too_large, BackupTarget};
+use super::{too_deep, too_large, BackupTarget, TempNames};
 use crate::backup::BackupError;
 use nfs_rs::Mount;
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, warn};
@@ -56,9 +56,7 @@ pub struct NfsTarget {
     mount: Mutex<Mounted>,
     /// Directories known to exist, so a put does not walk the path with MKDIRs each time.
     dirs: Mutex<HashSet<String>>,
-    seq: AtomicU64,
-    /// Random per target instance, for temporary names.
-    nonce: u64,
+    tmp: TempNames,
 }
 
 /// What the URL says: host, port, NFSv4 path (starting with `/`), version preference.
@@ -132,13 +130,6 @@ fn encode_path(p: &str) -> String {
     out
 }
 
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    h.finish()
-}
-
 impl NfsTarget {
     pub fn new(url: &str) -> Result<NfsTarget, BackupError> {
         let u = parse_url(url).map_err(|w| BackupError::Invalid(format!("backup target {url:?}: {w}")))?;
@@ -160,8 +151,7 @@ impl NfsTarget {
             rt,
             mount: Mutex::new(Mounted::default()),
             dirs: Mutex::new(HashSet::new()),
-            seq: AtomicU64::new(0),
-            nonce: random_u64(),
+            tmp: TempNames::new(),
         })
     }
 
@@ -300,7 +290,7 @@ impl NfsTarget {
         let path = self.path(p);
         // Unique across hosts too: the server creates it UNCHECKED (no exclusive create),
         // so two writers must never share a temporary name.
-        let tmp = format!("{path}.{}-{}-{:016x}.tmp", std::process::id(), self.seq.fetch_add(1, Ordering::Relaxed), self.nonce);
+        let tmp = format!("{path}{}", self.tmp.suffix());
         let body = bytes::Bytes::copy_from_slice(data);
         let r = self.run(p, |m| {
             let (tmp, path, body) = (tmp.clone(), path.clone(), body.clone());
