@@ -192,3 +192,13 @@ fn backup_nfs_faults() {
     let (_r, _e, ruri) = serve(&c, &data.join("r").join("replica-0"), "r", 64 * MB);
     sh(&format!("qemu-img compare -f raw -F raw '{}' '{ruri}'", now.display()));
 }
+
+#[test]
+fn backup_nfs_refuses_an_oversized_object() {
+    let c = Cluster::new("vol4", 16 * MB, 1);
+    let export = c.path("nfs-export");
+    let g = Ganesha::start(&c, &export);
+    let env = Env { settings: c.path("settings.json"), vars: vec![] };
+    env.ok(&c, &["backup", "target", &g.target()]);
+    oversized_block_is_refused(&c, &env, &Dir(export));
+}

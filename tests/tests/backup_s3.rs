@@ -154,3 +154,13 @@ fn backup_s3_faults() {
     let e = env.err(&c, &["backup", "create", "-v", "vol3"]);
     assert!(e.contains("404") || e.contains("NoSuchBucket"), "{e}");
 }
+
+#[test]
+fn backup_s3_refuses_an_oversized_object() {
+    let c = Cluster::new("vol4", 16 * MB, 1);
+    let m = moto(&c, false);
+    sh(&format!("curl -sf -X PUT '{}/backups'", m.endpoint));
+    let env = env_for(&c, &m.endpoint);
+    env.ok(&c, &["backup", "target", "s3://backups@us-east-1/lh"]);
+    oversized_block_is_refused(&c, &env, &Bucket { url: format!("{}/backups", m.endpoint), prefix: "lh".into() });
+}

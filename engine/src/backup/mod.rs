@@ -11,12 +11,18 @@
 //! replica's chain, ask the replica for the ranges changed since then (else every data
 //! range: a full backup); write the backup's `.cfg` with an empty `CreatedTime`; read
 //! every 2 MiB block the ranges touch (four workers), name it by checksum, upload it
-//! unless the store has it; merge the block list with the previous backup's; write the
-//! `.cfg` with `CreatedTime` (the commit point), then `volume.cfg`.
+//! unless the store has it; merge the block list with the previous backup's; then,
+//! under the store's volume.cfg lock, write the `.cfg` with `CreatedTime` (the commit
+//! point) and update `volume.cfg`. One engine takes one backup at a time; backups of a
+//! volume by several engines or processes may run at once (type-1 locks allow it, as
+//! Longhorn's do), and the volume.cfg lock keeps their commits from losing each
+//! other's `LastBackupName` and `BlockCount`.
 //!
 //! A restore writes into `DATA_DIR/.VOL.restoring/replica-N` and renames that to
 //! `DATA_DIR/VOL` only once every block has been read, verified against its name and
-//! written, so an unfinished restore is never a volume anyone can serve.
+//! written, so an unfinished restore is never a volume anyone can serve. Every
+//! directory it makes is synced in its parent and the rename in `DATA_DIR`, so a
+//! restore that reported success survives a crash.
 
 pub mod store;
 pub mod target;
@@ -32,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use store::{BackupCfg, BlockMapping, Compression, StoreLock, VolumeCfg, BLOCK_SIZE};
+use store::{BackupCfg, BlockMapping, Checksum, Compression, StoreLock, VolumeCfg, BLOCK_SIZE};
 use target::BackupTarget;
 use tracing::{error, info, warn};
 
@@ -105,6 +111,37 @@ struct Job {
 }
 
 static JOBS: Mutex<Vec<Arc<Job>>> = Mutex::new(Vec::new());
+
+/// This engine's one running backup, claimed in `JOBS` before anything else is done so
+/// that two requests (a recurring job and a manual backup, say) cannot both pass the
+/// check; given back on drop unless the backup started. Backups by other engines or
+/// processes may run at the same time: the store's volume.cfg lock keeps their
+/// commits apart.
+struct Slot(Option<Arc<Job>>);
+
+impl Slot {
+    fn claim(p: Progress) -> Result<(Slot, Arc<Job>), BackupError> {
+        let mut jobs = JOBS.lock().unwrap_or_else(|e| e.into_inner());
+        if jobs.iter().any(|j| j.p.lock().unwrap_or_else(|e| e.into_inner()).state == "in-progress") {
+            return Err(BackupError::Busy(format!("a backup of volume {} is already running", p.volume)));
+        }
+        let job = Arc::new(Job { p: Mutex::new(p) });
+        jobs.push(job.clone());
+        Ok((Slot(Some(job.clone())), job))
+    }
+
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(j) = self.0.take() {
+            JOBS.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| !Arc::ptr_eq(x, &j));
+        }
+    }
+}
 
 /// Progress of this engine's backups, newest last (`name` picks one).
 pub fn status(name: Option<&str>) -> Vec<Progress> {
@@ -188,9 +225,14 @@ fn connect(v: &Volume, addr: &str) -> Result<TcpStream, BackupError> {
 
 /// Starts a backup of `v` (see the module comment); returns once it runs.
 pub fn start(v: &Arc<Volume>, req: CreateRequest) -> Result<Progress, BackupError> {
-    if status(None).iter().any(|p| p.state == "in-progress") {
-        return Err(BackupError::Busy(format!("a backup of volume {} is already running", v.name())));
-    }
+    let name = store::generate_name("backup");
+    let (slot, job) = Slot::claim(Progress {
+        backup: name.clone(),
+        volume: v.name().to_string(),
+        target: req.target.clone(),
+        state: "in-progress".into(),
+        ..Default::default()
+    })?;
     store::check_name("volume", v.name())?;
     if v.size() % BLOCK_SIZE != 0 {
         return Err(BackupError::Invalid(format!(
@@ -224,7 +266,6 @@ pub fn start(v: &Arc<Volume>, req: CreateRequest) -> Result<Progress, BackupErro
         .find(|(_, r)| r.mode() == Mode::RW)
         .map(|(_, r)| r.addr.clone())
         .ok_or_else(|| BackupError::Failed(format!("volume {} has no healthy replica", v.name())))?;
-    let name = store::generate_name("backup");
     let p = Progress {
         backup: name.clone(),
         volume: v.name().to_string(),
@@ -235,8 +276,7 @@ pub fn start(v: &Arc<Volume>, req: CreateRequest) -> Result<Progress, BackupErro
         compression: comp.name().into(),
         ..Default::default()
     };
-    let job = Arc::new(Job { p: Mutex::new(p.clone()) });
-    JOBS.lock().unwrap_or_else(|e| e.into_inner()).push(job.clone());
+    *job.p.lock().unwrap_or_else(|e| e.into_inner()) = p.clone();
     let v2 = v.clone();
     let created = snap.created.clone();
     let r = std::thread::Builder::new().name("backup".into()).spawn(move || {
@@ -260,6 +300,7 @@ pub fn start(v: &Arc<Volume>, req: CreateRequest) -> Result<Progress, BackupErro
     if let Err(e) = r {
         return Err(BackupError::Failed(format!("cannot start the backup thread: {e}")));
     }
+    slot.keep();
     Ok(p)
 }
 
@@ -277,30 +318,23 @@ fn run(
 ) -> Result<(), BackupError> {
     let vol = v.name();
     let name = job.p.lock().unwrap_or_else(|e| e.into_inner()).backup.clone();
-    let _lock = StoreLock::acquire(ta, vol, store::BACKUP_LOCK)?;
-    let mut vcfg = match store::load_volume(t, vol) {
-        Ok(c) => c,
-        Err(BackupError::NotFound { .. }) => {
-            let c = VolumeCfg {
-                name: vol.to_string(),
-                size: v.size(),
-                created_time: now_rfc3339(),
-                compression_method: comp.name().into(),
-                data_engine: "v1".into(),
-                ..Default::default()
-            };
-            store::save_json(t, &store::volume_cfg_path(vol), &c)?;
-            c
-        }
-        Err(e) => return Err(e),
+    let _lock = StoreLock::acquire(ta.clone(), vol, store::BACKUP_LOCK)?;
+    let new_volume = || VolumeCfg {
+        name: vol.to_string(),
+        size: v.size(),
+        created_time: now_rfc3339(),
+        compression_method: comp.name().into(),
+        data_engine: "v1".into(),
+        ..Default::default()
     };
+    let vcfg = store::with_volume_cfg(&ta, vol, |c| Ok(c.get_or_insert_with(new_volume).clone()))?;
     // As Longhorn: the store's volume keeps the compression it was first backed up with.
     let comp = if vcfg.compression_method.is_empty() { comp } else { Compression::parse(&vcfg.compression_method)? };
     job.p.lock().unwrap_or_else(|e| e.into_inner()).compression = comp.name().into();
     let last = if vcfg.last_backup_name.is_empty() {
         None
     } else {
-        match store::load_backup(t, vol, &vcfg.last_backup_name) {
+        match store::load_backup(t, vol, &vcfg.last_backup_name, Some(v.size().max(vcfg.size))) {
             Ok(b) if b.complete() && b.snapshot_name != snapshot => Some(b),
             Ok(_) => None,
             Err(e) => {
@@ -341,7 +375,7 @@ fn run(
             return Err(e);
         }
     };
-    let mut merged: BTreeMap<u64, String> = BTreeMap::new();
+    let mut merged: BTreeMap<u64, Checksum> = BTreeMap::new();
     if let Some(l) = &last {
         for b in &l.blocks {
             if b.offset < v.size() {
@@ -356,34 +390,40 @@ fn run(
         let p = job.p.lock().unwrap_or_else(|e| e.into_inner());
         (p.blocks_uploaded, p.bytes_uploaded)
     };
-    let cfg = BackupCfg {
-        name: name.clone(),
-        volume_name: vol.to_string(),
-        snapshot_name: snapshot.to_string(),
-        snapshot_created_at: snap_created.to_string(),
-        created_time: now_rfc3339(),
-        size: merged.len() as u64 * BLOCK_SIZE,
-        labels: req.labels.clone(),
-        is_incremental: last.is_some(),
-        volume_size: v.size(),
-        volume_created_at: vcfg.created_time.clone(),
-        compression_method: comp.name().into(),
-        blocks: merged.into_iter().map(|(offset, block_checksum)| BlockMapping { offset, block_checksum }).collect(),
-        newly_uploaded_data_size: bytes_up,
-        re_uploaded_data_size: 0,
-    };
-    store::save_json(t, &cfg_path, &cfg)?;
-    if let Ok(c) = store::load_volume(t, vol) {
-        vcfg = c;
-    }
-    vcfg.last_backup_name = name.clone();
-    vcfg.last_backup_at = snap_created.to_string();
-    vcfg.block_count += uploaded;
-    vcfg.size = v.size();
-    vcfg.labels = req.labels.clone();
-    vcfg.compression_method = comp.name().into();
-    store::save_json(t, &store::volume_cfg_path(vol), &vcfg)?;
-    Ok(())
+    // The commit: the backup's cfg, then volume.cfg, as one change of volume.cfg.
+    store::with_volume_cfg(&ta, vol, |c| {
+        // Removed while we ran (by hand): made again rather than lost.
+        let vcfg = c.get_or_insert_with(|| vcfg.clone());
+        let now = chrono::Utc::now();
+        // Strictly after the volume's last backup, whatever the clock did since.
+        let unix_nano = (now.timestamp_nanos_opt().unwrap_or(0).max(0) as u64).max(vcfg.last_backup_unix_nano + 1);
+        let cfg = BackupCfg {
+            name: name.clone(),
+            volume_name: vol.to_string(),
+            snapshot_name: snapshot.to_string(),
+            snapshot_created_at: snap_created.to_string(),
+            created_time: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            size: merged.len() as u64 * BLOCK_SIZE,
+            labels: req.labels.clone(),
+            is_incremental: last.is_some(),
+            volume_size: v.size(),
+            volume_created_at: vcfg.created_time.clone(),
+            compression_method: comp.name().into(),
+            blocks: merged.into_iter().map(|(offset, block_checksum)| BlockMapping { offset, block_checksum }).collect(),
+            newly_uploaded_data_size: bytes_up,
+            re_uploaded_data_size: 0,
+            created_time_unix_nano: unix_nano,
+        };
+        store::save_json(t, &cfg_path, &cfg)?;
+        vcfg.last_backup_name = name.clone();
+        vcfg.last_backup_at = snap_created.to_string();
+        vcfg.last_backup_unix_nano = unix_nano;
+        vcfg.block_count += uploaded;
+        vcfg.size = v.size();
+        vcfg.labels = req.labels.clone();
+        vcfg.compression_method = comp.name().into();
+        Ok(())
+    })
 }
 
 /// Reads, names and stores `blocks` (indices of 2 MiB blocks); returns (offset, checksum)
@@ -398,11 +438,11 @@ fn upload_blocks(
     comp: Compression,
     blocks: &[u64],
     crash_after: Option<u64>,
-) -> Result<Vec<(u64, String)>, BackupError> {
+) -> Result<Vec<(u64, Checksum)>, BackupError> {
     let vol = v.name();
     let next = AtomicUsize::new(0);
     let out = Mutex::new(Vec::with_capacity(blocks.len()));
-    let seen: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    let seen: Mutex<HashSet<Checksum>> = Mutex::new(HashSet::new());
     let stored = AtomicU64::new(0);
     let failed: Mutex<Option<BackupError>> = Mutex::new(None);
     let payload = serde_json::to_vec(&ExportRequest { snapshot: snapshot.to_string(), since: None }).unwrap_or_default();
@@ -471,6 +511,9 @@ pub struct BackupInfo {
     pub snapshot: String,
     pub snapshot_created_at: String,
     pub created: String,
+    /// Completion in nanoseconds since the epoch (`CreatedTime`'s second when Longhorn
+    /// took it, 0 while incomplete): what orders the backups of a volume.
+    pub created_unix_nano: u64,
     /// `complete`, or `incomplete` (in progress, or interrupted).
     pub state: String,
     pub size: u64,
@@ -526,10 +569,12 @@ pub fn list_backups(t: &dyn BackupTarget, volume: Option<&str>) -> Result<Vec<Ba
     };
     let mut out = Vec::new();
     for v in vols {
+        let vsize = store::volume_size(t, &v);
         for b in store::list_backups(t, &v)? {
-            match store::load_backup(t, &v, &b) {
+            match store::load_backup(t, &v, &b, vsize) {
                 Ok(c) => out.push(BackupInfo {
                     url: backup_url(t.url(), &v, &c.name),
+                    created_unix_nano: c.order().0,
                     state: if c.complete() { "complete" } else { "incomplete" }.into(),
                     name: c.name,
                     volume: v.clone(),
@@ -546,7 +591,7 @@ pub fn list_backups(t: &dyn BackupTarget, volume: Option<&str>) -> Result<Vec<Ba
             }
         }
     }
-    out.sort_by(|a, b| (&a.volume, &a.snapshot_created_at, &a.created, &a.name).cmp(&(&b.volume, &b.snapshot_created_at, &b.created, &b.name)));
+    out.sort_by(|a, b| (&a.volume, a.created_unix_nano, &a.name).cmp(&(&b.volume, b.created_unix_nano, &b.name)));
     Ok(out)
 }
 
@@ -561,8 +606,19 @@ pub fn find_backup(t: &dyn BackupTarget, name: &str) -> Result<String, BackupErr
     Err(BackupError::Invalid(format!("no backup named {name:?} in {}", t.url())))
 }
 
-/// The newest complete backup of `volume`.
+/// The latest backup of `volume`: `volume.cfg`'s `LastBackupName`, as Longhorn's UI
+/// takes it; the last complete one in [`BackupCfg::order`] when that names none.
 pub fn latest_backup(t: &dyn BackupTarget, volume: &str) -> Result<String, BackupError> {
+    store::check_name("volume", volume)?;
+    match store::load_volume(t, volume) {
+        Ok(v) if !v.last_backup_name.is_empty() => match store::load_backup(t, volume, &v.last_backup_name, Some(v.size)) {
+            Ok(b) if b.complete() => return Ok(b.name),
+            Ok(_) => warn!(volume, "LastBackupName {} is not complete; taking the newest complete backup", v.last_backup_name),
+            Err(e) => warn!(volume, "LastBackupName {}: {e}; taking the newest complete backup", v.last_backup_name),
+        },
+        Ok(_) | Err(BackupError::NotFound { .. }) => {}
+        Err(e) => return Err(e),
+    }
     list_backups(t, Some(volume))?
         .into_iter()
         .filter(|b| b.state == "complete")
@@ -589,11 +645,12 @@ pub fn delete_backup(t: Arc<dyn BackupTarget>, volume: &str, name: &str) -> Resu
     }
     let _lock = StoreLock::acquire(t.clone(), volume, store::DELETION_LOCK)?;
     t.delete(&cfg_path)?;
-    let mut used: HashSet<String> = HashSet::new();
+    let vsize = store::volume_size(&*t, volume);
+    let mut used: HashSet<Checksum> = HashSet::new();
     let mut remaining = Vec::new();
     let mut unreadable = false;
     for b in store::list_backups(&*t, volume)? {
-        match store::load_backup(&*t, volume, &b) {
+        match store::load_backup(&*t, volume, &b, vsize) {
             Ok(c) => {
                 used.extend(c.blocks.iter().map(|m| m.block_checksum.clone()));
                 remaining.push(c);
@@ -614,14 +671,21 @@ pub fn delete_backup(t: Arc<dyn BackupTarget>, volume: &str, name: &str) -> Resu
             }
         }
     }
-    if let Ok(mut v) = store::load_volume(&*t, volume) {
-        if v.last_backup_name == name {
-            let latest = remaining.iter().filter(|b| b.complete()).max_by(|a, b| a.snapshot_created_at.cmp(&b.snapshot_created_at));
-            v.last_backup_name = latest.map(|b| b.name.clone()).unwrap_or_default();
-            v.last_backup_at = latest.map(|b| b.snapshot_created_at.clone()).unwrap_or_default();
+    let r = store::with_volume_cfg(&t, volume, |c| {
+        if let Some(v) = c.as_mut() {
+            if v.last_backup_name == name {
+                let latest = remaining.iter().filter(|b| b.complete()).max_by(|a, b| a.order().cmp(&b.order()));
+                v.last_backup_name = latest.map(|b| b.name.clone()).unwrap_or_default();
+                v.last_backup_at = latest.map(|b| b.snapshot_created_at.clone()).unwrap_or_default();
+            }
+            v.block_count = all.len() as u64 - removed;
         }
-        v.block_count = all.len() as u64 - removed;
-        store::save_json(&*t, &store::volume_cfg_path(volume), &v)?;
+        Ok(())
+    });
+    match r {
+        // The backup is gone all the same; what lists the store says the same of volume.cfg.
+        Err(e @ BackupError::Corrupt { .. }) => warn!(volume, "volume.cfg not updated: {e}"),
+        r => r?,
     }
     info!(volume, backup = name, blocks_removed = removed, "backup deleted");
     Ok(DeleteResult { backup: name.into(), volume: volume.into(), blocks_removed: removed, blocks_left: all.len() as u64 - removed })
@@ -658,7 +722,7 @@ pub fn restore(
     if dest.exists() {
         return Err(BackupError::Invalid(format!("{} exists: volume {new_volume:?} is already there", dest.display())));
     }
-    let cfg = store::load_backup(&*t, volume, name)?;
+    let cfg = store::load_backup(&*t, volume, name, store::volume_size(&*t, volume))?;
     if !cfg.complete() {
         return Err(BackupError::Invalid(format!("backup {name} of {volume} is not complete (in progress or interrupted)")));
     }
@@ -671,7 +735,7 @@ pub fn restore(
             what: format!("volume size {size} is not a multiple of 2 MiB"),
         });
     }
-    if let Some(b) = cfg.blocks.iter().find(|b| b.offset % BLOCK_SIZE != 0 || b.offset >= size || b.block_checksum.len() != 64) {
+    if let Some(b) = cfg.blocks.iter().find(|b| b.offset % BLOCK_SIZE != 0 || b.offset >= size) {
         return Err(BackupError::Corrupt {
             target: t.url().into(),
             object: store::backup_cfg_path(volume, name),
@@ -689,6 +753,8 @@ pub fn restore(
         let mut stores = Vec::new();
         for i in 0..replicas.max(1) {
             let d = tmp.join(format!("replica-{i}"));
+            // The replica syncs its files in d; d's own entry, and tmp's, are ours.
+            target::file::create_dirs_synced(&d).map_err(|e| io(&d, e))?;
             longhorn_replica::Store::create(&d, new_volume, size).map_err(|e| BackupError::Failed(e.to_string()))?;
             stores.push(longhorn_replica::Store::open(&d, Some(new_volume)).map_err(|e| BackupError::Failed(e.to_string()))?);
         }
@@ -745,9 +811,7 @@ pub fn restore(
         }
     };
     std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
-    if let Ok(d) = std::fs::File::open(data_dir) {
-        let _ = d.sync_all();
-    }
+    target::file::sync_dir(data_dir).map_err(|e| io(data_dir, e))?;
     let res = RestoreResult {
         volume: new_volume.into(),
         size,

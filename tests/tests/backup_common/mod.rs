@@ -307,3 +307,21 @@ impl Env {
         v["backup-target"].as_str().expect("target").to_string()
     }
 }
+
+/// A block object bigger than any stored block can be (3 MiB for a 2 MiB block): a
+/// restore refuses it, naming it, whatever the target. Takes a backup of `c` first.
+pub fn oversized_block_is_refused(c: &Cluster, env: &Env, o: &dyn Objects) {
+    let vol = c.volume.as_str();
+    qemu_io(&c.uri(), &["write -P 9 0 2M"]);
+    let b = env.json(c, &["backup", "create", "-v", vol]);
+    let name = b["backup"].as_str().expect("name").to_string();
+    let h = sh(&format!("printf %s '{vol}' | sha512sum")).chars().take(4).collect::<String>();
+    let vdir = format!("backupstore/volumes/{}/{}/{vol}", &h[0..2], &h[2..4]);
+    let cfg: Value = serde_json::from_slice(&o.get(&format!("{vdir}/backups/backup_{name}.cfg")).expect("cfg")).expect("json");
+    let (_, blk) = blocks_of(&cfg).into_iter().next().expect("a block");
+    let path = format!("{vdir}/blocks/{}/{}/{blk}.blk", &blk[0..2], &blk[2..4]);
+    o.put(&path, &vec![0x5a; 3 << 20]);
+    let data = c.path("data-oversized");
+    let err = env.err(c, &["backup", "restore", &name, "--to", "big", "--data-dir", data.to_str().expect("utf8"), "--replicas", "1"]);
+    assert!(err.contains(&format!("{blk}.blk")) && err.contains("larger than"), "names the block and the bound: {err}");
+}

@@ -10,21 +10,21 @@
 //! mount and mean nothing here, so they are accepted and ignored.
 //!
 //! Invariants:
-//! - An object is written as `NAME.<pid>-<n>.tmp` beside its final name, committed
-//!   to stable storage (WRITE UNSTABLE + COMMIT, verifier checked by nfs-rs) and then
-//!   renamed over NAME, so a reader sees the old object or the new one, never a part.
+//! - An object is written as `NAME.<pid>-<n>-<random>.tmp` beside its final name,
+//!   committed to stable storage (WRITE UNSTABLE + COMMIT, verifier checked by nfs-rs)
+//!   and then renamed over NAME, so a reader sees the old object or the new one, never
+//!   a part.
 //!   Listings skip `*.tmp`, as the file target's do.
 //! - A lost connection (server restarted, TCP reset) drops the mount; new mounts are
 //!   tried for about [`RECONNECT_WINDOW`] and the operation is retried once on the new
 //!   one. Every operation here is idempotent, a put included (a put cut short may leave
 //!   its `.tmp` behind).
 
-use super::BackupTarget;
+use super::{too_deep, too_large, BackupTarget, TempNames};
 use crate::backup::BackupError;
 use nfs_rs::Mount;
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, warn};
@@ -56,9 +56,7 @@ pub struct NfsTarget {
     mount: Mutex<Mounted>,
     /// Directories known to exist, so a put does not walk the path with MKDIRs each time.
     dirs: Mutex<HashSet<String>>,
-    seq: AtomicU64,
-    /// Random per target instance, for temporary names.
-    nonce: u64,
+    tmp: TempNames,
 }
 
 /// What the URL says: host, port, NFSv4 path (starting with `/`), version preference.
@@ -132,13 +130,6 @@ fn encode_path(p: &str) -> String {
     out
 }
 
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    h.finish()
-}
-
 impl NfsTarget {
     pub fn new(url: &str) -> Result<NfsTarget, BackupError> {
         let u = parse_url(url).map_err(|w| BackupError::Invalid(format!("backup target {url:?}: {w}")))?;
@@ -160,8 +151,7 @@ impl NfsTarget {
             rt,
             mount: Mutex::new(Mounted::default()),
             dirs: Mutex::new(HashSet::new()),
-            seq: AtomicU64::new(0),
-            nonce: random_u64(),
+            tmp: TempNames::new(),
         })
     }
 
@@ -300,7 +290,7 @@ impl NfsTarget {
         let path = self.path(p);
         // Unique across hosts too: the server creates it UNCHECKED (no exclusive create),
         // so two writers must never share a temporary name.
-        let tmp = format!("{path}.{}-{}-{:016x}.tmp", std::process::id(), self.seq.fetch_add(1, Ordering::Relaxed), self.nonce);
+        let tmp = format!("{path}{}", self.tmp.suffix());
         let body = bytes::Bytes::copy_from_slice(data);
         let r = self.run(p, |m| {
             let (tmp, path, body) = (tmp.clone(), path.clone(), body.clone());
@@ -322,12 +312,17 @@ impl NfsTarget {
         r
     }
 
-    fn read_all(&self, p: &str) -> Result<Vec<u8>, BackupError> {
+    /// The object at `p`, or `Err(size)` when it holds more than `max` bytes (the size
+    /// the server gave, when it gave one).
+    fn read_all(&self, p: &str, max: u64) -> Result<Result<Vec<u8>, Option<u64>>, BackupError> {
         let path = self.path(p);
         self.run(p, |m| {
             let path = path.clone();
             async move {
                 let o = m.lookup_path(&path).await?;
+                if let Some(size) = o.attr.as_ref().map(|a| a.filesize).filter(|&s| s > max) {
+                    return Ok(Err(Some(size)));
+                }
                 let chunk = m.get_max_read_size().clamp(1, 1 << 20);
                 let mut out = Vec::new();
                 loop {
@@ -335,9 +330,13 @@ impl NfsTarget {
                     if b.is_empty() {
                         break;
                     }
+                    // The size is the server's word; the bytes it sends are what count.
+                    if (out.len() + b.len()) as u64 > max {
+                        return Ok(Err(None));
+                    }
                     out.extend_from_slice(&b);
                 }
-                Ok(out)
+                Ok(Ok(out))
             }
         })
     }
@@ -356,6 +355,11 @@ impl NfsTarget {
                     if e.file_name == "." || e.file_name == ".." || e.file_name.ends_with(".tmp") {
                         continue;
                     }
+                    // A server may send any bytes; a name with a separator is no entry of a directory.
+                    if e.file_name.is_empty() || e.file_name.contains('/') || e.file_name.contains('\0') {
+                        warn!("skipping an entry of {path} named {:?}: not a file name", e.file_name);
+                        continue;
+                    }
                     let is_dir = match &e.attr {
                         Some(a) => a.type_ == NF4DIR,
                         // The server sent no attributes for it: ask.
@@ -372,13 +376,17 @@ impl NfsTarget {
         }
     }
 
-    fn walk(&self, dir: &str, out: &mut Vec<String>) -> Result<(), BackupError> {
+    /// Objects under `dir`, `depth` levels down at most: a server can present a
+    /// directory that contains itself.
+    fn walk(&self, dir: &str, depth: usize, out: &mut Vec<String>) -> Result<(), BackupError> {
         for (name, is_dir) in self.entries(dir)? {
             let p = format!("{}/{name}", dir.trim_end_matches('/'));
-            if is_dir {
-                self.walk(&p, out)?;
-            } else {
+            if !is_dir {
                 out.push(p);
+            } else if depth > 1 {
+                self.walk(&p, depth - 1, out)?;
+            } else {
+                too_deep(&self.url, &p, depth);
             }
         }
         Ok(())
@@ -402,12 +410,13 @@ impl BackupTarget for NfsTarget {
         }
     }
 
-    fn get(&self, p: &str) -> Result<Vec<u8>, BackupError> {
-        match self.read_all(p) {
+    fn get(&self, p: &str, max: u64) -> Result<Vec<u8>, BackupError> {
+        let r = match self.read_all(p, max) {
             // Renamed over between our LOOKUP and READ: the name now holds the new object.
-            Err(BackupError::Target { what, .. }) if what.contains("stale file handle") => self.read_all(p),
+            Err(BackupError::Target { what, .. }) if what.contains("stale file handle") => self.read_all(p, max),
             r => r,
-        }
+        };
+        r?.map_err(|size| too_large(&self.url, p, max, size))
     }
 
     fn exists(&self, p: &str) -> Result<bool, BackupError> {
@@ -420,9 +429,9 @@ impl BackupTarget for NfsTarget {
         Ok(v)
     }
 
-    fn list_all(&self, dir: &str) -> Result<Vec<String>, BackupError> {
+    fn list_all(&self, dir: &str, max_depth: usize) -> Result<Vec<String>, BackupError> {
         let mut v = Vec::new();
-        self.walk(dir.trim_end_matches('/'), &mut v)?;
+        self.walk(dir.trim_end_matches('/'), max_depth, &mut v)?;
         v.sort();
         Ok(v)
     }

@@ -5,7 +5,7 @@
 //! path-style requests unless VIRTUAL_HOSTED_STYLE=true). Without AWS_ENDPOINTS the
 //! bucket is on AWS in `region`, virtual-hosted style.
 
-use super::{env_get, BackupTarget};
+use super::{env_get, too_deep, too_large, BackupTarget};
 use crate::backup::BackupError;
 use s3::creds::Credentials;
 use s3::{Bucket, Region};
@@ -107,6 +107,28 @@ impl S3Target {
     }
 }
 
+/// Collects a response body, failing the write once it would pass `max` bytes so a
+/// GET of a huge object stops there instead of buffering it whole.
+struct Bounded {
+    buf: Vec<u8>,
+    max: u64,
+    over: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if (self.buf.len() + b.len()) as u64 > self.max {
+            self.over = true;
+            return Err(std::io::Error::other("object larger than the bound"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn parse_time(s: &str) -> Option<SystemTime> {
     let t = chrono::DateTime::parse_from_rfc3339(s).or_else(|_| chrono::DateTime::parse_from_rfc2822(s)).ok()?;
     let secs = t.timestamp();
@@ -126,14 +148,21 @@ impl BackupTarget for S3Target {
         }
     }
 
-    fn get(&self, p: &str) -> Result<Vec<u8>, BackupError> {
-        let r = self.bucket.get_object(self.key(p)).map_err(|e| self.err(p, e))?;
-        match r.status_code() {
-            200..=299 => Ok(r.as_slice().to_vec()),
-            404 if !String::from_utf8_lossy(r.as_slice()).contains("NoSuchBucket") => {
+    fn get(&self, p: &str, max: u64) -> Result<Vec<u8>, BackupError> {
+        // An error document is small; the bound holds for it too.
+        let mut body = Bounded { buf: Vec::new(), max, over: false };
+        let r = self.bucket.get_object_to_writer(self.key(p), &mut body);
+        if body.over {
+            return Err(too_large(&self.url, p, max, None));
+        }
+        let code = r.map_err(|e| self.err(p, e))?;
+        let body = body.buf;
+        match code {
+            200..=299 => Ok(body),
+            404 if !String::from_utf8_lossy(&body).contains("NoSuchBucket") => {
                 Err(BackupError::NotFound { target: self.url.clone(), object: p.to_string() })
             }
-            c => Err(self.status_err(p, "GET", c, r.as_slice())),
+            c => Err(self.status_err(p, "GET", c, &body)),
         }
     }
 
@@ -160,9 +189,23 @@ impl BackupTarget for S3Target {
         Ok(v)
     }
 
-    fn list_all(&self, dir: &str) -> Result<Vec<String>, BackupError> {
+    fn list_all(&self, dir: &str, max_depth: usize) -> Result<Vec<String>, BackupError> {
+        // A flat listing cannot loop, but a key deeper than asked is no object of ours.
         let (objs, _) = self.list_keys(dir, false)?;
-        let mut v: Vec<String> = objs.into_iter().map(|(k, _)| self.rel(&k)).collect();
+        let base = format!("{}/", dir.trim_end_matches('/'));
+        let mut v = Vec::new();
+        let mut deep = 0usize;
+        for (k, _) in objs {
+            let rel = self.rel(&k);
+            if rel.strip_prefix(&base).is_some_and(|r| r.split('/').count() > max_depth) {
+                deep += 1;
+            } else {
+                v.push(rel);
+            }
+        }
+        if deep > 0 {
+            too_deep(&self.url, &format!("{deep} keys under {dir}"), max_depth);
+        }
         v.sort();
         Ok(v)
     }
