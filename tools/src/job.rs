@@ -151,7 +151,8 @@ fn run_backup(
         // The one just made is kept whatever the clock says (times have 1 s resolution).
         .filter(|b| b.name != name)
         .collect();
-    mine.sort_by(|a, b| (a.created.clone(), a.name.clone()).cmp(&(b.created.clone(), b.name.clone())));
+    // Completion order (nanoseconds, kept increasing per volume), never CreatedTime.
+    mine.sort_by(|a, b| (a.created_unix_nano, &a.name).cmp(&(b.created_unix_nano, &b.name)));
     let excess = mine.len().saturating_sub(retain.saturating_sub(1) as usize);
     let mut removed = Vec::new();
     for b in mine.iter().take(excess) {
