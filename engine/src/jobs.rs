@@ -115,7 +115,8 @@ pub fn parse_jobs(v: &Value) -> Result<Vec<RecurringJob>, String> {
             Some(Value::String(_)) => {}
             _ => return Err(format!("{at}: field \"name\" is required and must be a string")),
         }
-        if name.is_empty() || name.chars().count() > 8 {
+        longhorn_replica::names::check("job", name).map_err(|e| format!("{at}: field \"name\": {e}"))?;
+        if name.chars().count() > 8 {
             return Err(format!("{at}: field \"name\" must be 1 to 8 characters, not {}", name.chars().count()));
         }
         if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {

@@ -6,6 +6,7 @@ pub mod export;
 pub mod extent;
 pub mod fault;
 pub mod meta;
+pub mod names;
 pub mod proto;
 pub mod rebuild;
 pub mod server;

@@ -113,7 +113,7 @@ struct DiskMetaFile {
 
 pub const SNAP_PREFIX: &str = "volume-snap-";
 /// Longest snapshot name; keeps every layer file name well under NAME_MAX (255).
-pub const MAX_SNAPSHOT_NAME: usize = 200;
+pub const MAX_SNAPSHOT_NAME: usize = crate::names::MAX_NAME;
 
 /// `volume-snap-NAME.img`.
 pub fn snap_file(name: &str) -> String {
@@ -125,22 +125,9 @@ pub fn snap_name(file: &str) -> Option<&str> {
     file.strip_prefix(SNAP_PREFIX)?.strip_suffix(".img")
 }
 
-/// Snapshot names: 1-200 characters of `[A-Za-z0-9._-]`, not starting with `.`. With no
-/// `/` and no leading `.`, a name can never leave the replica directory.
+/// Snapshot names follow the one rule for names (`names`).
 pub fn check_snapshot_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("snapshot name is empty".into());
-    }
-    if name.len() > MAX_SNAPSHOT_NAME {
-        return Err(format!("snapshot name is {} characters long (at most {MAX_SNAPSHOT_NAME})", name.len()));
-    }
-    if name.starts_with('.') {
-        return Err(format!("snapshot name {name:?} starts with '.'"));
-    }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("snapshot name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"));
-    }
-    Ok(())
+    crate::names::check("snapshot", name)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,7 +23,7 @@ fn source(dir: &Path, size: u64) -> (Arc<Store>, String) {
     st.snapshot("s", false, "2026-01-01T00:00:00Z", None).expect("snapshot");
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr").to_string();
-    let srv = ReplicaServer::new(st.clone());
+    let srv = ReplicaServer::new(st.clone(), None);
     std::thread::spawn(move || srv.serve(l));
     (st, addr)
 }
@@ -46,7 +46,7 @@ fn a_held_write_straddling_blocks_never_overwrites_a_newer_whole_block() {
     // Then block 0 is written whole: newer than the held bytes in it.
     t.write(0, &[2u8; 4096]).expect("whole block");
     let files = src.chain_files().expect("files");
-    t.sync_from(&SyncRequest { source: addr, files }).expect("sync");
+    t.sync_from(&SyncRequest { source: addr, files }, None).expect("sync");
     let got = read(&t, 0, 8192);
     assert!(got[..4096].iter().all(|&b| b == 2), "the newer whole-block write was overwritten by an older held piece");
     assert!(got[4096..4200].iter().all(|&b| b == 1), "the held piece's part in block 1 is kept");
@@ -69,7 +69,7 @@ fn partial_writes_superseded_by_whole_blocks_do_not_fill_the_held_budget() {
         t.write(off, &block).expect("whole block over it");
     }
     let files = src.chain_files().expect("files");
-    t.sync_from(&SyncRequest { source: addr, files }).expect("sync after many superseded partial writes");
+    t.sync_from(&SyncRequest { source: addr, files }, None).expect("sync after many superseded partial writes");
     assert!(read(&t, 0, 512 * 4096).iter().all(|&b| b == 4));
 }
 

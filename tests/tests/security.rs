@@ -139,3 +139,110 @@ fn a_second_engine_is_refused_and_a_stale_one_is_fenced() {
     c2.start_engine();
     assert!(t.elapsed() < Duration::from_secs(10), "a restart after kill -9 waited for the lease");
 }
+
+/// Sends one raw request line to the engine's control socket.
+fn control_raw(c: &Cluster, line: &str) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let s = std::os::unix::net::UnixStream::connect(c.run_dir().join("vol1.sock")).expect("control socket");
+    (&s).write_all(format!("{line}\n").as_bytes()).expect("send");
+    let mut out = String::new();
+    std::io::BufReader::new(&s).read_line(&mut out).expect("answer");
+    serde_json::from_str(&out).expect("json answer")
+}
+
+fn tree(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = walk(dir).into_iter().map(|p| p.strip_prefix(dir).expect("under").display().to_string()).collect();
+    v.sort();
+    v
+}
+
+fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// Names that become paths are checked by one rule, whichever way they come in: the
+/// CLI, the control socket, a recurring job spec. Nothing is made outside its place.
+#[test]
+fn hostile_names_are_refused_at_every_entry_point() {
+    let c = Cluster::new("vol1", 16 * MB, 1);
+    let hostile = ["../escape", "/tmp/abs", "a/b", "..", ".hidden", "-rf", "nul\u{0}x", &"n".repeat(201)];
+    let before = tree(c.tmp.path());
+    for name in hostile {
+        let data = c.path("data");
+        let cli: Vec<Vec<String>> = vec![
+            vec!["up".into(), name.into(), "--size".into(), "4M".into(), "--data-dir".into(), data.display().to_string(), "--no-auto-rebuild".into()],
+            vec!["replica".into(), "serve".into(), "--volume".into(), name.into(), "--size".into(), "4M".into(), "--listen".into(), "127.0.0.1:0".into(), "--dir".into(), c.path("rx").display().to_string()],
+            vec!["engine".into(), "serve".into(), "--volume".into(), name.into(), "--size".into(), "4M".into(), "--replica".into(), "127.0.0.1:1".into()],
+            vec!["volume".into(), "info".into(), "-v".into(), name.into()],
+            vec!["snapshot".into(), "create".into(), name.into(), "-v".into(), "vol1".into()],
+            vec!["snapshot".into(), "rm".into(), name.into(), "-v".into(), "vol1".into()],
+            vec!["snapshot".into(), "revert".into(), name.into(), "-v".into(), "vol1".into()],
+            vec!["backup".into(), "restore".into(), "--latest".into(), "-v".into(), "vol1".into(), "--to".into(), name.into(), "--data-dir".into(), data.display().to_string()],
+            vec!["share".into(), name.into()],
+        ];
+        for args in cli {
+            // A NUL cannot be passed on a command line at all; the OS refuses it first.
+            if name.contains('\u{0}') {
+                continue;
+            }
+            let o = c.cli(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+            assert!(!o.status.success(), "longhorn {args:?} accepted {name:?}");
+            let err = String::from_utf8_lossy(&o.stderr);
+            // A leading '-' is already refused by the argument parser, as an unknown option.
+            assert!(err.contains("name") || name.starts_with('-'), "longhorn {args:?}: the error names the bad name: {err}");
+        }
+        for req in [
+            serde_json::json!({"cmd": "snapshot-create", "name": name}),
+            serde_json::json!({"cmd": "snapshot-rm", "name": name}),
+            serde_json::json!({"cmd": "snapshot-revert", "name": name}),
+            serde_json::json!({"cmd": "job-add", "jobs": [{"name": name, "task": "snapshot", "cron": "* * * * *", "retain": 1}]}),
+            serde_json::json!({"cmd": "job-rm", "name": name}),
+        ] {
+            let r = control_raw(&c, &req.to_string());
+            assert_eq!(r["ok"], false, "{req} accepted: {r}");
+        }
+    }
+    assert!(!c.tmp.path().parent().expect("parent").join("escape").exists());
+    assert!(!std::path::Path::new("/tmp/abs").exists());
+    let after = tree(c.tmp.path());
+    let new: Vec<&String> = after.iter().filter(|p| !before.contains(p) && !p.ends_with(".log")).collect();
+    assert!(new.is_empty(), "files appeared: {new:?}");
+    let snaps: serde_json::Value = serde_json::from_slice(&c.cli(&["snapshot", "ls", "-v", "vol1", "--json"]).stdout).expect("json");
+    assert_eq!(snaps.as_array().map(|a| a.len()), Some(1), "only the volume head: {snaps}");
+}
+
+/// Control and NBD sockets are root's alone, whatever the umask the engine runs with.
+#[test]
+fn sockets_are_private_whatever_the_umask() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::without_engine("vol1", 16 * MB, 1);
+    let run = c.path("run-private");
+    let mut args = c.engine_args();
+    let i = args.iter().position(|a| a == "--run-dir").expect("--run-dir");
+    args[i + 1] = run.display().to_string();
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("umask 000; exec '{}' {}", bin().display(), quoted.join(" ")))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let out = child.stdout.take().expect("stdout");
+    let ready = std::io::BufReader::new(out).lines().map_while(Result::ok).any(|l| l.starts_with("ready"));
+    c.engine = Some(Engine { proc: Proc { child, log: c.path("umask.log") }, uri: String::new(), sock: c.path("vol.nbd") });
+    assert!(ready, "the engine started under umask 000");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&run), 0o700, "run directory");
+    assert_eq!(mode(&run.join("vol1.sock")), 0o600, "control socket");
+    assert_eq!(mode(&c.path("vol.nbd")), 0o600, "NBD socket");
+}

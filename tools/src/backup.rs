@@ -46,7 +46,7 @@ enum Sub {
     Create(CreateArgs),
     /// Progress of a running volume's backups.
     Status {
-        #[arg(long, short = 'v')]
+        #[arg(long, short = 'v', value_parser = crate::volume_name)]
         volume: String,
         name: Option<String>,
         #[arg(long, default_value = crate::DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
@@ -71,7 +71,7 @@ enum Sub {
 
 #[derive(Args)]
 pub struct CreateArgs {
-    #[arg(long, short = 'v')]
+    #[arg(long, short = 'v', value_parser = crate::volume_name)]
     pub volume: String,
     /// Back up this snapshot instead of taking a new one.
     #[arg(long)]
@@ -100,7 +100,7 @@ pub struct RestoreArgs {
     #[arg(long, short = 'v')]
     pub volume: Option<String>,
     /// The new volume's name.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::volume_name)]
     pub to: String,
     #[arg(long, default_value = "/var/lib/longhorn")]
     pub data_dir: PathBuf,

@@ -108,7 +108,7 @@ pub struct RunDirArg {
 #[derive(Args)]
 pub struct VolumeRef {
     /// The volume's name.
-    #[arg(long, short = 'v')]
+    #[arg(long, short = 'v', value_parser = volume_name)]
     pub volume: String,
     #[command(flatten)]
     pub common: RunDirArg,
@@ -120,7 +120,7 @@ pub struct ReplicaServeArgs {
     #[arg(long)]
     pub dir: PathBuf,
     /// The volume this replica belongs to (engines of other volumes are refused).
-    #[arg(long)]
+    #[arg(long, value_parser = volume_name)]
     pub volume: String,
     /// Volume size (e.g. 10G, 512M, bytes); needed to create a new replica and must
     /// match an existing one.
@@ -138,7 +138,7 @@ pub struct ReplicaServeArgs {
 
 #[derive(Args)]
 pub struct EngineServeArgs {
-    #[arg(long)]
+    #[arg(long, value_parser = volume_name)]
     pub volume: String,
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
@@ -169,6 +169,11 @@ pub struct EngineServeArgs {
     /// with `longhorn job clock --advance` (for tests).
     #[arg(long)]
     pub manual_clock: Option<String>,
+}
+
+/// A volume name, checked by the one rule for names before it reaches any path.
+pub fn volume_name(s: &str) -> std::result::Result<String, String> {
+    longhorn_replica::names::check("volume", s).map(|_| s.to_string())
 }
 
 /// Parses sizes like `10G`, `512M`, `4096`, `1.5T` (binary units).

@@ -37,6 +37,7 @@ use tracing::{error, info, warn};
 #[derive(Args)]
 pub struct ShareArgs {
     /// The volume to share.
+    #[arg(value_parser = crate::volume_name)]
     pub volume: String,
     /// Address the NFS server listens on (loopback by default).
     #[arg(long, default_value = "127.0.0.1")]

@@ -18,6 +18,7 @@ use crate::autorebuild::Replica;
 #[derive(Args)]
 pub struct UpArgs {
     /// The volume's name.
+    #[arg(value_parser = crate::volume_name)]
     pub volume: String,
     /// Volume size (e.g. 10G). An existing volume's size must match.
     #[arg(long, value_parser = parse_size)]

@@ -168,18 +168,9 @@ pub fn locks_dir(volume: &str) -> String {
     format!("{}/locks", volume_path(volume))
 }
 
-/// Volume and backup names: Longhorn's `[a-z0-9][a-z0-9_.-]+`-like rule, kept loose
-/// (letters of either case) but never a path separator.
+/// Volume and backup names follow the one rule for names (`longhorn_replica::names`).
 pub fn check_name(kind: &str, n: &str) -> Result<(), BackupError> {
-    let ok = !n.is_empty()
-        && n.len() <= 200
-        && !n.starts_with('.')
-        && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(BackupError::Invalid(format!("{kind} name {n:?} must be 1-200 characters of letters, digits, '.', '_' and '-'")))
-    }
+    longhorn_replica::names::check(kind, n).map_err(BackupError::Invalid)
 }
 
 /// Whether a name found in a listing of `dir` passes `check`; one that does not is

@@ -293,7 +293,8 @@ fn bind_unix(path: &Path) -> io::Result<(Listener, String)> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(with_context(e, format!("checking {}", path.display()))),
     }
-    let listener = UnixListener::bind(path)
+    // Root only (mode 0600), like the engine's control socket.
+    let listener = longhorn_engine::control::bind_private(path)
         .map_err(|e| with_context(e, format!("binding unix socket {}", path.display())))?;
     let m = std::fs::symlink_metadata(path)
         .map_err(|e| with_context(e, format!("checking {}", path.display())))?;
