@@ -147,6 +147,15 @@ pub fn parse_jobs(v: &Value) -> Result<Vec<RecurringJob>, String> {
     Ok(out)
 }
 
+/// `t` moved by `secs` seconds (the control API's `job-clock`). chrono panics on a
+/// duration or a date out of its range, so both are checked: the number comes from a
+/// client.
+pub fn advance_clock(t: DateTime<Utc>, secs: i64) -> Result<DateTime<Utc>, String> {
+    chrono::Duration::try_seconds(secs)
+        .and_then(|d| t.checked_add_signed(d))
+        .ok_or_else(|| format!("cannot move the clock by {secs} seconds from {t}: out of range"))
+}
+
 /// Where time comes from.
 pub enum Clock {
     System,
@@ -310,7 +319,7 @@ impl Scheduler {
         };
         let now = {
             let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
-            *g += chrono::Duration::seconds(secs);
+            *g = advance_clock(*g, secs)?;
             *g
         };
         self.run_due();
@@ -401,5 +410,21 @@ impl Scheduler {
             }
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `job-clock` with a huge `advance` used to panic inside chrono (and, with
+    /// panic=abort, take the engine down); now it is an error.
+    #[test]
+    fn clock_advance_out_of_range_is_an_error() {
+        let t = DateTime::parse_from_rfc3339("2024-01-01T00:00:00Z").expect("time").with_timezone(&Utc);
+        assert_eq!(advance_clock(t, 60).expect("one minute").to_rfc3339(), "2024-01-01T00:01:00+00:00");
+        for secs in [i64::MAX, i64::MIN, i64::MAX / 1000, 400_000 * 365 * 86_400] {
+            assert!(advance_clock(t, secs).is_err(), "{secs}");
+        }
     }
 }
