@@ -7,7 +7,7 @@
 //! the I/O path.
 
 use serde_json::{json, Value};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -95,21 +95,40 @@ impl Drop for ControlServer {
     }
 }
 
+/// Longest request line accepted. Requests are small (a backup-create with its
+/// credentials and labels is a few KiB); without a bound, a client that never sends a
+/// newline would grow the engine's memory for as long as it keeps sending.
+pub const MAX_REQUEST_LEN: u64 = 1 << 20;
+
+/// Reads one request line (at most [`MAX_REQUEST_LEN`] bytes) and parses it: a JSON
+/// object with a "cmd" string. `Ok(None)` when the client sent nothing.
+pub fn read_request(r: impl Read) -> Result<Option<Value>, String> {
+    let mut line = String::new();
+    let mut rd = BufReader::new(r.take(MAX_REQUEST_LEN + 1));
+    match rd.read_line(&mut line) {
+        Ok(0) => return Ok(None),
+        Ok(n) if n as u64 > MAX_REQUEST_LEN => {
+            return Err(format!("request is longer than {MAX_REQUEST_LEN} bytes"));
+        }
+        Ok(_) => {}
+        Err(e) => return Err(format!("reading request: {e}")),
+    }
+    match serde_json::from_str::<Value>(&line) {
+        Ok(req) if req.get("cmd").and_then(|c| c.as_str()).is_some() => Ok(Some(req)),
+        Ok(_) => Err("request has no \"cmd\" string".into()),
+        Err(e) => Err(format!("request is not JSON: {e}")),
+    }
+}
+
 fn serve_one(s: UnixStream, h: Handler) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut line = String::new();
-    let mut rd = BufReader::new(&s);
-    let reply = match rd.read_line(&mut line) {
-        Ok(0) => return,
-        Ok(_) => match serde_json::from_str::<Value>(&line) {
-            Ok(req) if req.get("cmd").and_then(|c| c.as_str()).is_some() => match h(&req) {
-                Ok(v) => json!({"ok": true, "result": v}),
-                Err(e) => json!({"ok": false, "error": e}),
-            },
-            Ok(_) => json!({"ok": false, "error": "request has no \"cmd\" string"}),
-            Err(e) => json!({"ok": false, "error": format!("request is not JSON: {e}")}),
+    let reply = match read_request(&s) {
+        Ok(None) => return,
+        Ok(Some(req)) => match h(&req) {
+            Ok(v) => json!({"ok": true, "result": v}),
+            Err(e) => json!({"ok": false, "error": e}),
         },
-        Err(e) => json!({"ok": false, "error": format!("reading request: {e}")}),
+        Err(e) => json!({"ok": false, "error": e}),
     };
     let mut out = reply.to_string();
     out.push('\n');
@@ -133,5 +152,27 @@ pub fn call(run_dir: &Path, volume: &str, req: &Value) -> Result<Value, String> 
         Ok(v.get("result").cloned().unwrap_or(Value::Null))
     } else {
         Err(v.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error").to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines() {
+        let req = read_request(&b"{\"cmd\":\"volume-info\"}\nrest"[..]).expect("parses").expect("a request");
+        assert_eq!(req["cmd"], "volume-info");
+        assert_eq!(read_request(&b""[..]), Ok(None));
+        assert!(read_request(&b"{\"name\":1}\n"[..]).expect_err("no cmd").contains("cmd"));
+        assert!(read_request(&b"{\"cmd\":\n"[..]).expect_err("bad JSON").contains("not JSON"));
+    }
+
+    /// A client that never sends a newline is cut off at the limit instead of growing
+    /// the engine's memory without end (std::io::repeat never ends).
+    #[test]
+    fn endless_request_is_refused_at_the_limit() {
+        let e = read_request(std::io::repeat(b' ')).expect_err("too long");
+        assert!(e.contains("longer than"), "{e}");
     }
 }

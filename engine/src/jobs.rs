@@ -95,6 +95,12 @@ pub fn parse_cron(s: &str) -> Result<Cron, String> {
     if fields != 5 {
         return Err(format!("{s:?} has {fields} fields; a cron expression has 5 (minute hour day month weekday)"));
     }
+    // croner takes an empty list element ("1,", ",") without complaint, as a set it
+    // then searches for a match for hundreds of milliseconds; no cron means anything
+    // by it.
+    if let Some(f) = s.split_whitespace().find(|f| f.split(',').any(str::is_empty)) {
+        return Err(format!("{s:?}: field {f:?} has an empty list element"));
+    }
     Cron::from_str(s).map_err(|e| format!("{s:?} is not a valid cron expression: {e}"))
 }
 
@@ -146,6 +152,15 @@ pub fn parse_jobs(v: &Value) -> Result<Vec<RecurringJob>, String> {
         out.push(RecurringJob { name: name.to_string(), task, cron: cron.to_string(), retain: retain as u32, labels });
     }
     Ok(out)
+}
+
+/// `t` moved by `secs` seconds (the control API's `job-clock`). chrono panics on a
+/// duration or a date out of its range, so both are checked: the number comes from a
+/// client.
+pub fn advance_clock(t: DateTime<Utc>, secs: i64) -> Result<DateTime<Utc>, String> {
+    chrono::Duration::try_seconds(secs)
+        .and_then(|d| t.checked_add_signed(d))
+        .ok_or_else(|| format!("cannot move the clock by {secs} seconds from {t}: out of range"))
 }
 
 /// Where time comes from.
@@ -311,7 +326,7 @@ impl Scheduler {
         };
         let now = {
             let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
-            *g += chrono::Duration::seconds(secs);
+            *g = advance_clock(*g, secs)?;
             *g
         };
         self.run_due();
@@ -402,5 +417,30 @@ impl Scheduler {
             }
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzzing: croner accepted these, and took 0.4 s to find no next run.
+    #[test]
+    fn cron_list_elements_must_not_be_empty() {
+        for bad in ["*/5 1, , 2 *", "0 0 ,1 * *", "0 0 1,,2 * *"] {
+            assert!(parse_cron(bad).expect_err(bad).contains("empty list element"), "{bad}");
+        }
+        assert!(parse_cron("0,30 1,2 * * 1-5").is_ok());
+    }
+
+    /// `job-clock` with a huge `advance` used to panic inside chrono (and, with
+    /// panic=abort, take the engine down); now it is an error.
+    #[test]
+    fn clock_advance_out_of_range_is_an_error() {
+        let t = DateTime::parse_from_rfc3339("2024-01-01T00:00:00Z").expect("time").with_timezone(&Utc);
+        assert_eq!(advance_clock(t, 60).expect("one minute").to_rfc3339(), "2024-01-01T00:01:00+00:00");
+        for secs in [i64::MAX, i64::MIN, i64::MAX / 1000, 400_000 * 365 * 86_400] {
+            assert!(advance_clock(t, secs).is_err(), "{secs}");
+        }
     }
 }

@@ -345,6 +345,13 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
+/// Serves one client already connected on `stream` (handshake, transmission, close) on
+/// the calling thread. The fuzz targets drive whole connections through a socketpair
+/// with it; every accepted socket takes the same path.
+pub fn serve_unix_connection(stream: UnixStream, backend: Arc<dyn BlockBackend>) {
+    handle_connection(Stream::Unix(stream), backend)
+}
+
 fn handle_connection(stream: Stream, backend: Arc<dyn BlockBackend>) {
     let peer = stream.peer();
     info!(peer = %peer, volume = backend.name(), "NBD client connected");

@@ -1,0 +1,73 @@
+//! The replica protocol: the frame decoder both ends use on the other's bytes, and the
+//! JSON payloads of the handshake (Hello, and the ReplicaInfo it is answered with) and
+//! of snapshot requests.
+
+use longhorn_replica::proto::{
+    checksum, decode_extents, encode_extents, put_frame, read_frame, FrameError, Header, Hello, Op, ReplicaInfo,
+    SnapshotRequest, HEADER_LEN, MAX_PAYLOAD,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A stream of frames, decoded as a connection would until the first error. Every
+/// frame that decodes is within its declared limits, carries a payload matching its
+/// CRC, and encodes back to exactly the bytes it came from.
+pub fn replica_frame(data: &[u8]) {
+    let mut rest = data;
+    loop {
+        let before = rest;
+        let (h, payload) = match read_frame(&mut rest) {
+            Ok(f) => f,
+            Err(FrameError::Closed) => {
+                assert!(before.len() < HEADER_LEN, "Closed with a whole header left");
+                return;
+            }
+            Err(_) => return,
+        };
+        let used = before.len() - rest.len();
+        assert_eq!(used, HEADER_LEN + h.payload_len as usize);
+        assert!(h.payload_len <= MAX_PAYLOAD);
+        assert_eq!(payload.len(), h.payload_len as usize);
+        assert_eq!(checksum(&payload), h.crc);
+        assert_eq!(&h.encode()[..], &before[..HEADER_LEN], "decode(encode(header)) differs");
+        let hb: &[u8; HEADER_LEN] = before[..HEADER_LEN].try_into().expect("header length");
+        assert_eq!(Header::decode(hb).expect("decodes again"), h);
+        let mut again = Vec::new();
+        put_frame(&mut again, h, &payload);
+        assert_eq!(&again[..], &before[..used], "put_frame of a decoded frame differs");
+        match h.op {
+            Op::BlockStatus if h.is_reply() => {
+                if let Some(ext) = decode_extents(&payload) {
+                    assert_eq!(encode_extents(&ext).len(), payload.len());
+                    assert_eq!(decode_extents(&encode_extents(&ext)), Some(ext));
+                }
+            }
+            Op::Hello if !h.is_reply() => json_round_trip::<Hello>(&payload, |a, b| a.volume == b.volume && a.size == b.size),
+            Op::Hello => json_round_trip::<ReplicaInfo>(&payload, |a, b| a == b),
+            Op::Snapshot | Op::SnapshotRemove | Op::SnapshotRevert if !h.is_reply() => snapshot_request(&payload),
+            _ => {}
+        }
+    }
+}
+
+/// decode(encode(x)) == x for a payload that decodes.
+fn json_round_trip<T: Serialize + DeserializeOwned>(payload: &[u8], same: impl Fn(&T, &T) -> bool) {
+    let Ok(v) = serde_json::from_slice::<T>(payload) else { return };
+    let enc = serde_json::to_vec(&v).expect("a decoded value encodes");
+    let back: T = serde_json::from_slice(&enc).expect("what we encode decodes");
+    assert!(same(&v, &back), "JSON round trip changed the value");
+}
+
+fn snapshot_request(payload: &[u8]) {
+    json_round_trip::<SnapshotRequest>(payload, |a, b| {
+        (&a.name, a.user_created, &a.created, &a.labels, a.prepare) == (&b.name, b.user_created, &b.created, &b.labels, b.prepare)
+    });
+}
+
+/// The handshake payloads alone: the engine's Hello as the replica parses it, and the
+/// replica's ReplicaInfo as the engine parses it, and a snapshot request.
+pub fn replica_hello(data: &[u8]) {
+    json_round_trip::<Hello>(data, |a, b| a.volume == b.volume && a.size == b.size);
+    json_round_trip::<ReplicaInfo>(data, |a, b| a == b);
+    snapshot_request(data);
+}
