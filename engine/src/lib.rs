@@ -8,6 +8,7 @@ pub mod backup;
 pub mod control;
 pub mod jobs;
 pub mod rebuild;
+pub mod recover;
 pub mod replica_conn;
 pub mod session;
 pub mod slots;

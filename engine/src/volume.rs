@@ -104,11 +104,15 @@ pub struct VolumeOptions {
     pub io_timeout: Duration,
     /// The volume's secret, proven to every replica (see `longhorn_replica::auth`).
     pub secret: Option<Arc<Key>>,
+    /// Add back and rebuild failed replicas that answer again (see `recover`).
+    pub auto_rebuild: bool,
+    /// With no healthy replica left, take back the newest that answer (see `recover`).
+    pub auto_salvage: bool,
 }
 
 impl Default for VolumeOptions {
     fn default() -> Self {
-        VolumeOptions { io_timeout: Duration::from_secs(8), secret: None }
+        VolumeOptions { io_timeout: Duration::from_secs(8), secret: None, auto_rebuild: false, auto_salvage: false }
     }
 }
 
@@ -208,6 +212,10 @@ impl Volume {
         std::thread::Builder::new().name("io-watchdog".into()).spawn(move || watchdog(weak))?;
         let weak = Arc::downgrade(&v);
         std::thread::Builder::new().name("lease".into()).spawn(move || keep_leases(weak))?;
+        if v.opts.auto_rebuild || v.opts.auto_salvage {
+            let weak = Arc::downgrade(&v);
+            std::thread::Builder::new().name("recover".into()).spawn(move || crate::recover::run(weak))?;
+        }
         Ok(v)
     }
 

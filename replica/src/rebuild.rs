@@ -257,7 +257,10 @@ impl Store {
     fn pull_files(&self, req: &SyncRequest, t: Instant, creds: &Credentials) -> Result<(), StoreError> {
         let dir = self.dir().to_path_buf();
         check_sync_request(req).map_err(|what| StoreError::Layout { path: dir.clone(), what: format!("RebuildSync refused: {what}") })?;
-        let want = self.rebuild.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.snapshot.clone());
+        let (want, old_head) = {
+            let st = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
+            (st.as_ref().map(|s| s.snapshot.clone()), st.as_ref().map(|s| s.old_head.clone()))
+        };
         match (want, req.files.last()) {
             (Some(w), Some(last)) if last.name == w => {}
             (w, _) => {
@@ -285,6 +288,17 @@ impl Store {
         for (f, ext) in req.files.iter().zip(extents) {
             let path = dir.join(&f.name);
             let ioe = |off: u64, e: io::Error| StoreError::Io { path: path.clone(), offset: off, source: e };
+            // A replica coming back after being cut off holds, in its old head, most of
+            // what became the rebuild snapshot on the others: start from it (a second
+            // name for the same file), so only what changed since is sent. The old head
+            // is deleted when the rebuild finishes, and until then volume.meta says
+            // Rebuilding, so no engine trusts what the copy does to it.
+            if !path.exists() && Some(&f.name) == req.files.last().map(|l| &l.name) {
+                if let Some(h) = old_head.as_ref().filter(|h| dir.join(h).exists()) {
+                    std::fs::hard_link(dir.join(h), &path).map_err(|e| ioe(0, e))?;
+                    info!(dir = %dir.display(), from = %h, to = %f.name, "rebuild starts from the old head");
+                }
+            }
             let existed = path.exists();
             let file = OpenOptions::new().read(true).write(true).create(true).open(&path).map_err(|e| ioe(0, e))?;
             file.set_len(self.size()).map_err(|e| ioe(0, e))?;

@@ -159,6 +159,14 @@ pub struct EngineServeArgs {
     /// The volume's secret, proven to every replica (as given to them).
     #[arg(long, env = "LONGHORN_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
+    /// Add back and rebuild, by itself, a failed replica that answers again (for
+    /// replicas on other hosts; `longhorn up` restarts its own replicas instead).
+    #[arg(long)]
+    pub auto_rebuild: bool,
+    /// When no replica is healthy, take back RW the ones with the newest data as soon as
+    /// they answer again (after a network partition of the engine, say).
+    #[arg(long)]
+    pub auto_salvage: bool,
     #[arg(long, default_value = DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
     pub run_dir: PathBuf,
     /// The volume's recurring jobs (a JSON list as in a StorageClass's recurringJobs);
@@ -296,7 +304,12 @@ fn engine_serve(a: EngineServeArgs) -> Result<()> {
         Some(p) => Some(Arc::new(longhorn_replica::auth::Key::load(p).map_err(|e| anyhow!(e))?)),
         None => None,
     };
-    let opts = VolumeOptions { io_timeout: Duration::from_secs(a.io_timeout.max(1)), secret };
+    let opts = VolumeOptions {
+        io_timeout: Duration::from_secs(a.io_timeout.max(1)),
+        secret,
+        auto_rebuild: a.auto_rebuild,
+        auto_salvage: a.auto_salvage,
+    };
     let volume = Volume::start(&a.volume, a.size, &a.replicas, opts).context("starting the volume")?;
     let nbd_listen = a.nbd.clone().unwrap_or_else(|| format!("unix:{}", a.run_dir.join(format!("{}.nbd", a.volume)).display()));
     if let Some(p) = nbd_listen.strip_prefix("unix:") {

@@ -242,6 +242,11 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     let mut c = Command::new(&exe);
     c.args(["engine", "serve", "--volume", &a.volume, "--size", &size]).arg("--run-dir").arg(&a.run_dir);
     c.arg("--secret-file").arg(&secret);
+    // This supervisor restarts and re-adds replicas itself; what it cannot do is pick
+    // which replica to trust when none is healthy: the engine salvages those.
+    if !a.no_auto_rebuild {
+        c.arg("--auto-salvage");
+    }
     c.arg("--jobs-file").arg(&jobs_file);
     for ad in &addrs {
         c.args(["--replica", ad]);
