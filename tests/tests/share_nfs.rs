@@ -296,8 +296,9 @@ fn share_existing_filesystem_writer_and_three_readers() {
     c.engine = Some(Engine { proc, uri, sock: c.path("vol.nbd") });
     let dev = PathBuf::from("/dev/longhorn/lhshare1");
 
-    // A filesystem with files, made before the volume is shared.
-    sh(&format!("mkfs.ext4 -q -F '{}'", dev.display()));
+    // A filesystem with files, made before the volume is shared; its top belongs to the
+    // anonymous user, as a root-squashed share needs for clients to write there.
+    sh(&format!("mkfs.ext4 -q -F -E root_owner=65534:65534 '{}'", dev.display()));
     let mnt = c.path("pre");
     std::fs::create_dir_all(&mnt).expect("mount point");
     sh(&format!("mount '{}' '{}'", dev.display(), mnt.display()));
@@ -330,6 +331,17 @@ fn share_existing_filesystem_writer_and_three_readers() {
     // The seed's scenario.
     let (mut expected, record) = writer_and_readers(&s, 3.0);
     eprintln!("rwx scenario: {record}");
+
+    // Root over NFS is squashed: what the writer made belongs to nobody on the volume,
+    // and the filesystem is mounted nosuid,nodev on the share manager's host.
+    let export = c.run_dir().join("lhshare1.share").join("export");
+    let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(export.join("index.html")).expect("stat index.html"));
+    assert_eq!(uid, 65534, "a file root made over NFS is owned by uid {uid}, not squashed to nobody");
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
+    let real = std::fs::canonicalize(&export).expect("export path");
+    let line = mounts.lines().find(|l| l.split_whitespace().nth(1) == Some(&*real.to_string_lossy())).expect("export mounted");
+    let opts = line.split_whitespace().nth(3).unwrap_or("");
+    assert!(opts.split(',').any(|o| o == "nosuid") && opts.split(',').any(|o| o == "nodev"), "export mount options: {opts}");
 
     // Kill the NFS server: the share manager restarts it and clients carry on.
     let old = state(&c.run_dir(), "lhshare1")["server_pid"].as_i64().expect("server_pid");

@@ -213,7 +213,9 @@ fn start(a: &ShareArgs, sh: &mut Share, state: &mut State, port: u16, stop: &Ato
         }
         Probe::Empty => {
             info!(volume = %a.volume, device = %dev.display(), "no filesystem on the volume: mkfs.ext4");
-            run_tool(Command::new("mkfs.ext4").args(["-q", "-F", "-L"]).arg(label(&a.volume)).arg(&dev), "mkfs.ext4")?;
+            // Clients' root is squashed to the anonymous user: let it write at the top.
+            let owner = format!("root_owner={ANON_ID}:{ANON_ID}");
+            run_tool(Command::new("mkfs.ext4").args(["-q", "-F", "-E", &owner, "-L"]).arg(label(&a.volume)).arg(&dev), "mkfs.ext4")?;
             state.set("formatted", json!(true));
             "ext4".to_string()
         }
@@ -442,7 +444,10 @@ fn mount(dev: &Path, mnt: &Path, fstype: &str) -> Result<()> {
     let (d, m) = (cstr(dev)?, cstr(mnt)?);
     let t = CString::new(fstype).map_err(|_| anyhow!("bad filesystem type {fstype:?}"))?;
     // SAFETY: valid NUL-terminated strings; no data argument.
-    let r = unsafe { libc::mount(d.as_ptr(), m.as_ptr(), t.as_ptr(), 0, std::ptr::null()) };
+    // nosuid, nodev: what NFS clients write there must never run as root or reach a
+    // device on the share manager's host.
+    let flags = libc::MS_NOSUID | libc::MS_NODEV;
+    let r = unsafe { libc::mount(d.as_ptr(), m.as_ptr(), t.as_ptr(), flags, std::ptr::null()) };
     if r != 0 {
         let e = std::io::Error::last_os_error();
         bail!("mounting {} ({fstype}) on {}: {e}", dev.display(), mnt.display());
@@ -477,8 +482,11 @@ fn sock_addr(bind: &str, port: u16) -> Result<SocketAddr> {
     (host, port).to_socket_addrs().with_context(|| format!("address {host}:{port}"))?.next().ok_or_else(|| anyhow!("no address for {host}"))
 }
 
+/// The anonymous user and group clients' root is squashed to ("nobody").
+const ANON_ID: u32 = 65534;
+
 /// NFS-Ganesha's configuration: NFSv4 only (minor versions 0-2), one export of the
-/// mounted filesystem at pseudo path /VOL, read-write, root not squashed, numeric
+/// mounted filesystem at pseudo path /VOL, read-write, root squashed to nobody, numeric
 /// owners (no idmapd), graceless (clients reconnect at once after a restart), its
 /// recovery records in the share's own directory, no NLM/RQUOTA/UDP.
 fn ganesha_config(volume: &str, mnt: &Path, recovery: &Path, bind: &str, port: u16) -> String {
@@ -511,7 +519,9 @@ EXPORT {{
     Protocols = 4;
     Transports = TCP;
     Access_Type = RW;
-    Squash = No_Root_Squash;
+    Squash = Root_Squash;
+    Anonymous_Uid = {ANON_ID};
+    Anonymous_Gid = {ANON_ID};
     SecType = sys;
     FSAL {{
         Name = VFS;
