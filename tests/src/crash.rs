@@ -633,11 +633,12 @@ impl Rig {
     /// with `envs[i]` (fault points for the next round), the engine with `engine_env`;
     /// every replica must come up RW.
     pub fn restart_with(&mut self, envs: &[Vec<(String, String)>], engine_env: &[(String, String)]) {
-        self.stop_clean();
+        self.stop_all_cleanly();
         self.start_all(envs, engine_env);
     }
 
-    fn stop_clean(&mut self) {
+    /// Stops the engine, then the replicas, each cleanly.
+    pub fn stop_all_cleanly(&mut self) {
         self.c.stop_engine();
         for rep in &mut self.c.replicas {
             assert!(rep.proc.term(), "{}: replica {} did not stop cleanly:\n{}", self.scenario, rep.dir.display(), rep.proc.log_text());
@@ -663,7 +664,7 @@ impl Rig {
     pub fn at_rest(&mut self, when: &str) -> RecordCheck {
         let image = self.read_volume("at-rest.raw");
         let r = self.check_records(&image, when);
-        self.stop_clean();
+        self.stop_all_cleanly();
         let chains: Vec<Vec<String>> = (0..self.c.replicas.len()).map(|i| self.chain_names(i)).collect();
         let mut views = BTreeMap::new();
         for (i, rep) in self.c.replicas.iter().enumerate() {
