@@ -154,6 +154,16 @@ impl Volume {
                     leases.push(Some(s));
                     found.push((a.clone(), Ok(info)))
                 }
+                Err(e) if e.kind() == io::ErrorKind::ResourceBusy => {
+                    // A replica another engine still holds is alive and may have taken
+                    // writes the reachable ones lack (one that failed and came back not
+                    // yet rebuilt): started without it, this engine could serve old
+                    // data and then rebuild the good replicas from it.
+                    return Err(io::Error::new(
+                        io::ErrorKind::ResourceBusy,
+                        format!("not starting volume {name} without replica {a}, which may hold newer data: {e}; start again once the other engine is gone"),
+                    ));
+                }
                 Err(e) => {
                     warn!(replica = %a, "replica unusable: {e}");
                     leases.push(None);
