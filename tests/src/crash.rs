@@ -453,11 +453,28 @@ impl Rig {
         self.c.replicas[i] = Replica { proc, addr, dir };
     }
 
-    /// The engine started on the current replica addresses, with `env`.
+    /// The engine started on the current replica addresses, with `env`. A replica
+    /// still busy with a long request (a merge, say) of an engine that was killed keeps
+    /// that engine's lease until the request ends, and refuses the new engine until
+    /// then: the start is tried again, as a supervisor would, for up to a minute.
     pub fn start_engine(&mut self, env: &[(String, String)]) {
-        self.c.engine_env = env.to_vec();
-        self.c.start_engine();
-        self.c.engine_env.clear();
+        let args = self.c.engine_args();
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let t = Instant::now();
+        loop {
+            let log = self.next_log("engine");
+            match spawn_env(&a, &log, "ready", env) {
+                Ok((proc, uri)) => {
+                    self.c.engine = Some(Engine { proc, uri, sock: self.c.path("vol.nbd") });
+                    return;
+                }
+                Err(e) if e.contains("a second engine is refused") && t.elapsed() < Duration::from_secs(60) => {
+                    self.note("engine-start-refused");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("{}: the engine does not start: {e}", self.scenario),
+            }
+        }
     }
 
     /// SIGKILLs what `v` names, all signals sent before any is waited for.
@@ -620,12 +637,15 @@ impl Rig {
         )
     }
 
-    /// Snapshot names of replica `i`'s chain, oldest first (from its files).
+    /// Snapshot layers of replica `i`'s chain, oldest first (from its files), each
+    /// marked `(removed)` when it is.
     pub fn chain_names(&self, i: usize) -> Vec<String> {
-        head_chain(&self.c.replicas[i].dir)
+        let dir = &self.c.replicas[i].dir;
+        head_chain(dir)
             .iter()
             .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(|s| s.to_string()))
             .filter(|n| n.starts_with("volume-snap-"))
+            .map(|n| if snapshot_removed(dir, &n) { format!("{n}(removed)") } else { n })
             .collect()
     }
 
@@ -686,10 +706,10 @@ impl Rig {
             }
             assert_eq!(chains[i], chains[0], "{} ({when}): replica {i} has another chain of snapshots than replica 0", self.scenario);
             for name in &chains[i] {
-                let snap = name.trim_start_matches("volume-snap-").trim_end_matches(".img");
-                if snapshot_removed(&rep.dir, name) {
+                if name.ends_with("(removed)") {
                     continue;
                 }
+                let snap = name.trim_start_matches("volume-snap-").trim_end_matches(".img");
                 let v = view_of(&rep.dir, snap, self.c.size);
                 if let Some(&before) = views.get(snap).or(self.views.get(snap)) {
                     if before != v {
@@ -701,6 +721,7 @@ impl Rig {
             }
         }
         self.views = views;
+        eprintln!("[crash] {} at rest: chain {:?}", self.scenario, chains[0]);
         self.last_chain = chains[0].clone();
         self.start_all(&[], &[]);
         self.stats.rounds += 1;
