@@ -903,17 +903,26 @@ impl Rig {
         let crashed = self.crash(plan, &mut |_| waiter.is_finished());
         let (op_ok, op_out) = waiter.join().expect("waiter");
         eprintln!("[crash] {} round {}: {plan:?} crashed={crashed} op_ok={op_ok}", self.scenario, self.stats.rounds);
+        self.settle(w, Some(seed), &format!("{plan:?}"));
+        Outcome { op_ok, op_out, crashed }
+    }
+
+    /// Ends a round after its crash: the record writer is stopped when the volume kept
+    /// serving (it must have seen no error then) or ends with its engine; what died is
+    /// brought back; the records and what `fio_fill(seed)` wrote are checked.
+    pub fn settle(&mut self, w: Writer, fio_seed: Option<u64>, what: &str) {
         if self.serving() {
             std::thread::sleep(self.rng.ms(20, 200));
             let end = w.stop();
-            assert_eq!(end.errors, 0, "{}: I/O failed although the volume kept serving ({plan:?}): {}\nengine log:\n{}", self.scenario, end.summary, self.c.engine_log());
+            assert_eq!(end.errors, 0, "{}: I/O failed although the volume kept serving ({what}): {}\nengine log:\n{}", self.scenario, end.summary, self.c.engine_log());
         } else {
             w.finish(Duration::from_secs(30));
         }
         self.heal();
         let img = self.read_volume("after-heal.raw");
-        self.check_records(&img, &format!("after {plan:?}"));
-        self.fio_verify(seed, &format!("after {plan:?}"));
-        Outcome { op_ok, op_out, crashed }
+        self.check_records(&img, &format!("after {what}"));
+        if let Some(seed) = fio_seed {
+            self.fio_verify(seed, &format!("after {what}"));
+        }
     }
 }

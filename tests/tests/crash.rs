@@ -30,48 +30,40 @@ fn kill_round(rig: &mut Rig, victim: Victim, depth: u32) {
         assert!(!f.is_finished(), "fio ended before the kill; the round would prove nothing");
     }
     rig.kill(victim);
-    let end = if replicas_only {
-        std::thread::sleep(rig.rng.ms(50, 300));
-        w.stop()
-    } else {
-        w.finish(Duration::from_secs(30))
-    };
     if replicas_only {
-        assert_eq!(end.errors, 0, "{}: I/O failed after {victim:?} was killed: {}\nengine log:\n{}", rig.scenario, end.summary, rig.c.engine_log());
+        std::thread::sleep(rig.rng.ms(50, 300));
     }
+    // With replicas only killed, the volume serves on: the writer must see no error.
+    rig.settle(w, (!replicas_only).then_some(seed), &format!("{victim:?} was killed"));
     if let Some(f) = fio_live {
         let (ok, errs, out) = f.join().expect("fio thread");
         assert!(ok && errs == 0, "{}: fio verify across the kill of {victim:?}:\n{out}\nengine log:\n{}", rig.scenario, rig.c.engine_log());
         rig.stats.fio_verified += 1;
     }
-    rig.heal();
-    let img = rig.read_volume("after-heal.raw");
-    rig.check_records(&img, &format!("after {victim:?} was killed and brought back"));
-    if !replicas_only {
-        rig.fio_verify(seed, &format!("after {victim:?} was killed"));
-    }
     rig.at_rest(&format!("at rest after {victim:?}"));
 }
 
-fn kill_campaign(scenario: &str, volume: &str, default_rounds: u64, depth: u32, victim: impl Fn(&mut Rng) -> Victim) {
+/// `depth`: the record writer's queue depth, by round (a deep queue puts several
+/// writes in flight at the kill).
+fn kill_campaign(scenario: &str, volume: &str, default_rounds: u64, depth: &[u32], victim: impl Fn(&mut Rng) -> Victim) {
     let mut rig = Rig::new(scenario, volume);
     let b = Budget::from_env(default_rounds);
     let mut r = 0;
     while b.more(r) {
         let v = victim(&mut rig.rng);
-        kill_round(&mut rig, v, depth);
+        kill_round(&mut rig, v, depth[r as usize % depth.len()]);
         r += 1;
     }
 }
 
 #[test]
 fn crash_replica_kill() {
-    kill_campaign("replica-kill", "crash1", 3, 4, |g| Victim::Replica(g.below(3) as usize));
+    kill_campaign("replica-kill", "crash1", 2, &[4], |g| Victim::Replica(g.below(3) as usize));
 }
 
 #[test]
 fn crash_two_replicas_kill() {
-    kill_campaign("two-replicas-kill", "crash2", 2, 4, |g| {
+    kill_campaign("two-replicas-kill", "crash2", 2, &[4], |g| {
         let a = g.below(3) as usize;
         Victim::TwoReplicas(a, (a + 1 + g.below(2) as usize) % 3)
     });
@@ -79,22 +71,12 @@ fn crash_two_replicas_kill() {
 
 #[test]
 fn crash_engine_kill() {
-    kill_campaign("engine-kill", "crash3", 3, 1, |_| Victim::Engine);
+    kill_campaign("engine-kill", "crash3", 3, &[1, 8], |_| Victim::Engine);
 }
 
 #[test]
 fn crash_all_kill() {
-    kill_campaign("all-kill", "crash4", 3, 1, |_| Victim::All);
-}
-
-#[test]
-fn crash_all_kill_deep_queue() {
-    kill_campaign("all-kill-qd8", "crash5", 2, 8, |_| Victim::All);
-}
-
-#[test]
-fn crash_engine_kill_deep_queue() {
-    kill_campaign("engine-kill-qd8", "crash6", 2, 8, |_| Victim::Engine);
+    kill_campaign("all-kill", "crash4", 3, &[1, 8], |_| Victim::All);
 }
 
 const SNAPSHOT_STEPS: &[&str] =
@@ -179,7 +161,7 @@ const REMOVE_HEAD_STEPS: &[&str] = &["remove:head-synced", "remove:punched"];
 #[test]
 fn crash_snapshot_remove() {
     let mut rig = Rig::new("snapshot-remove", "crash8");
-    let b = Budget::from_env(4);
+    let b = Budget::from_env(3);
     let start = rig.rng.below(64);
     let vol = rig.c.volume.clone();
     let mut r = 0;
@@ -228,7 +210,7 @@ const REBUILD_ENGINE_STEPS: &[&str] = &["rebuild:engine-attached", "rebuild:engi
 #[test]
 fn crash_rebuild() {
     let mut rig = Rig::new("rebuild", "crash9");
-    let b = Budget::from_env(5);
+    let b = Budget::from_env(4);
     let start = rig.rng.below(64);
     let vol = rig.c.volume.clone();
     let kinds = REBUILD_TARGET_STEPS.len() + 1 + REBUILD_ENGINE_STEPS.len() + 4;
@@ -293,16 +275,7 @@ fn crash_rebuild() {
         if !crashed {
             assert!(added, "rebuild: no crash, yet `replica add` failed: {add_out}");
         }
-        if rig.serving() {
-            let end = w.stop();
-            assert_eq!(end.errors, 0, "rebuild ({plan:?}): I/O failed although the volume kept serving: {}\nengine log:\n{}", end.summary, rig.c.engine_log());
-        } else {
-            w.finish(Duration::from_secs(30));
-        }
-        rig.heal();
-        let img = rig.read_volume("after-heal.raw");
-        rig.check_records(&img, &format!("after {plan:?} during a rebuild"));
-        rig.fio_verify(seed, &format!("after {plan:?} during a rebuild"));
+        rig.settle(w, Some(seed), &format!("{plan:?} during a rebuild"));
         rig.at_rest(&format!("after {plan:?} during a rebuild"));
         // System snapshots of the rebuilds pile up otherwise.
         let o = rig.c.cli(&["snapshot", "purge", "-v", &vol]);
@@ -379,7 +352,7 @@ fn restore_and_compare(rig: &Rig, name: &str, to: &str, replicas: usize, want: u
 #[test]
 fn crash_backup() {
     let mut rig = backup_rig("backup", "crash10");
-    let b = Budget::from_env(5);
+    let b = Budget::from_env(4);
     let start = rig.rng.below(64);
     let vol = rig.c.volume.clone();
     let mut expected: std::collections::HashMap<String, u64> = Default::default();
@@ -460,7 +433,7 @@ fn crash_restore() {
     let url = format!("file://{}?backup={name}&volume={vol}", rig.c.path("store").display());
     let data = rig.c.path("restored");
     let settings = ("LONGHORN_SETTINGS".to_string(), rig.c.path("settings.json").display().to_string());
-    let b = Budget::from_env(6);
+    let b = Budget::from_env(4);
     let start = rig.rng.below(64);
     let mut r = 0;
     while b.more(r) {
