@@ -62,6 +62,7 @@ impl Volume {
         };
         self.rotate(Some(&name), None, false, &mut attach)?;
         let Some(i) = slot else { return Err("the replica was not attached".into()) };
+        longhorn_replica::fault::point("rebuild:engine-attached");
         info!(volume = self.name(), replica = addr, snapshot = %name, from = %source_addr, had_revision = info.revision, "replica added (WO); rebuilding");
         let me = self.clone();
         let addr2 = addr.to_string();
@@ -75,6 +76,7 @@ impl Volume {
                 let t = Instant::now();
                 match me.sync_replica(i, &addr2, &source_addr, &snap_file) {
                     Ok(p) => {
+                        longhorn_replica::fault::point("rebuild:engine-synced");
                         if me.mode_of(i) == Mode::WO {
                             if let Some(r) = me.replicas.get(i) {
                                 r.set_mode(Mode::RW);

@@ -158,6 +158,16 @@ impl Volume {
                     leases.push(Some(s));
                     found.push((a.clone(), Ok(info)))
                 }
+                Err(e) if e.kind() == io::ErrorKind::ResourceBusy => {
+                    // A replica another engine still holds is alive and may have taken
+                    // writes the reachable ones lack (one that failed and came back not
+                    // yet rebuilt): started without it, this engine could serve old
+                    // data and then rebuild the good replicas from it.
+                    return Err(io::Error::new(
+                        io::ErrorKind::ResourceBusy,
+                        format!("not starting volume {name} without replica {a}, which may hold newer data: {e}; start again once the other engine is gone"),
+                    ));
+                }
                 Err(e) => {
                     warn!(replica = %a, "replica unusable: {e}");
                     leases.push(None);
@@ -173,11 +183,31 @@ impl Volume {
             let why: Vec<String> = found.iter().filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {e}"))).collect();
             return Err(io::Error::other(format!("no usable replica for volume {name}: {}", why.join("; "))));
         };
+        // Those with the newest data must also hold the same snapshots: a chain change
+        // that a crash interrupted (the engine died between the replicas' commits) can
+        // leave the same data in differently cut chains. The chain most of them hold is
+        // kept (the first on a tie); the others are rebuilt from it.
+        let snapshots = |i: &proto::ReplicaInfo| -> Vec<String> { i.chain.iter().filter(|n| n.starts_with("volume-snap-")).cloned().collect() };
+        let candidates: Vec<Vec<String>> =
+            found.iter().filter_map(|(_, r)| r.as_ref().ok().filter(|i| !i.rebuilding && i.revision == newest).map(snapshots)).collect();
+        let mut chain: Option<(&Vec<String>, usize)> = None;
+        for c in &candidates {
+            let n = candidates.iter().filter(|d| *d == c).count();
+            if chain.is_none_or(|(_, m)| n > m) {
+                chain = Some((c, n));
+            }
+        }
+        let chain = chain.map(|(c, _)| c.clone()).unwrap_or_default();
         let replicas = Slots::default();
         for ((a, r), lease) in found.into_iter().zip(leases) {
             let (mode, reason) = match r {
                 Ok(i) if i.rebuilding => {
                     let why = "needs rebuild: its last rebuild did not finish".to_string();
+                    warn!(replica = %a, "{why}");
+                    (Mode::ERR, why)
+                }
+                Ok(i) if i.revision == newest && snapshots(&i) != chain => {
+                    let why = format!("needs rebuild: its snapshots {:?} are not the others' {chain:?}", snapshots(&i));
                     warn!(replica = %a, "{why}");
                     (Mode::ERR, why)
                 }

@@ -183,6 +183,8 @@ impl HandshakeError {
     pub fn into_io(self, addr: &str) -> io::Error {
         let kind = match &self {
             HandshakeError::TimedOut(_) => io::ErrorKind::TimedOut,
+            // Another engine holds the replica (see `server`): a state, not a verdict.
+            HandshakeError::Refused { errno, .. } if *errno == libc::EBUSY as u32 => io::ErrorKind::ResourceBusy,
             HandshakeError::Refused { .. } | HandshakeError::Untrusted(_) => io::ErrorKind::PermissionDenied,
             HandshakeError::Frame(proto::FrameError::Io(e)) => e.kind(),
             HandshakeError::Frame(_) => io::ErrorKind::ConnectionAborted,

@@ -241,6 +241,7 @@ impl Store {
         match r {
             Ok(()) => {
                 drop(p);
+                crate::fault::point("rebuild:pulled");
                 self.finish_rebuild()?;
                 let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
                 p.active = false;
@@ -360,14 +361,17 @@ impl Store {
             self.write_locked(&chain, *off, data).map_err(|e| StoreError::Io { path: dir.clone(), offset: *off, source: e })?;
         }
         chain.head().file.sync_data().map_err(|e| StoreError::Io { path: chain.head().path.clone(), offset: 0, source: e })?;
+        crate::fault::point("rebuild:replayed");
         next.rebuilding = false;
         next.store(&dir)?;
+        crate::fault::point("rebuild:committed");
         *vm = next;
         if st.old_head != st.new_head {
             let _ = std::fs::remove_file(dir.join(&st.old_head));
             let _ = std::fs::remove_file(DiskMeta::path(&dir, &st.old_head));
         }
         crate::snapshot::remove_leftovers(&dir, &chain);
+        crate::fault::point("rebuild:cleaned");
         info!(dir = %dir.display(), held = st.held.len(), "rebuild finished; chain complete");
         Ok(())
     }

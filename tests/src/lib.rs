@@ -4,6 +4,7 @@
 //! The binary under test is `$LONGHORN_BIN`, else `target/release/longhorn`, else
 //! `target/debug/longhorn`; `tests/run` builds it before running the suite.
 
+pub mod crash;
 pub mod vm;
 
 use std::io::{BufRead, BufReader};

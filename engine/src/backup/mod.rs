@@ -366,9 +366,13 @@ fn run(
         &cfg_path,
         &BackupCfg { name: name.clone(), volume_name: vol.to_string(), compression_method: comp.name().into(), ..Default::default() },
     )?;
+    longhorn_replica::fault::point("backup:cfg-started");
     let r = upload_blocks(v, t, job, addr, snapshot, comp, &blocks, req.crash_after_blocks);
     let fresh = match r {
-        Ok(f) => f,
+        Ok(f) => {
+            longhorn_replica::fault::point("backup:uploaded");
+            f
+        }
         Err(e) => {
             // Not a backup: its blocks stay until a deletion collects what no backup uses.
             let _ = t.delete(&cfg_path);
@@ -415,6 +419,7 @@ fn run(
             created_time_unix_nano: unix_nano,
         };
         store::save_json(t, &cfg_path, &cfg)?;
+        longhorn_replica::fault::point("backup:cfg-committed");
         vcfg.last_backup_name = name.clone();
         vcfg.last_backup_at = snap_created.to_string();
         vcfg.last_backup_unix_nano = unix_nano;
@@ -423,7 +428,9 @@ fn run(
         vcfg.labels = req.labels.clone();
         vcfg.compression_method = comp.name().into();
         Ok(())
-    })
+    })?;
+    longhorn_replica::fault::point("backup:volume-cfg");
+    Ok(())
 }
 
 /// Reads, names and stores `blocks` (indices of 2 MiB blocks); returns (offset, checksum)
@@ -810,7 +817,9 @@ pub fn restore(
             return Err(e);
         }
     };
+    longhorn_replica::fault::point("restore:written");
     std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
+    longhorn_replica::fault::point("restore:renamed");
     target::file::sync_dir(data_dir).map_err(|e| io(data_dir, e))?;
     let res = RestoreResult {
         volume: new_volume.into(),

@@ -374,9 +374,12 @@ impl FuseDevice {
     pub fn attach(cfg: &DeviceConfig) -> Result<FuseDevice> {
         let mountpoint = cfg.run_dir.join(format!("{}.fuse", cfg.volume));
         // A mount left by an engine that was killed is dead (ENOTCONN): clear it.
+        // mountinfo names it by its canonical path, which a run dir given with `..`
+        // or through a symlink is not.
+        let listed = cfg.run_dir.canonicalize().map(|d| d.join(format!("{}.fuse", cfg.volume))).unwrap_or_else(|_| mountpoint.clone());
         if let Some(_mp) = std::fs::read_to_string("/proc/self/mountinfo")
             .ok()
-            .and_then(|t| t.lines().find(|l| l.split(' ').nth(4) == Some(&*mountpoint.to_string_lossy())).map(str::to_string))
+            .and_then(|t| t.lines().find(|l| l.split(' ').nth(4) == Some(&*listed.to_string_lossy())).map(str::to_string))
         {
             warn!(mount = %mountpoint.display(), "unmounting a stale FUSE mount of a previous engine");
             lazy_umount(&mountpoint);
