@@ -105,16 +105,24 @@ impl Volume {
         let mut answers = Vec::new();
         for (_, r) in latest_slots(self) {
             match self.dialer().connect(&r.addr) {
-                Ok((_, info)) if !info.rebuilding => answers.push((r.addr.clone(), info.revision)),
+                Ok((_, info)) if !info.rebuilding => answers.push((r.addr.clone(), info)),
                 Ok(_) => tracing::debug!(replica = %r.addr, "half-rebuilt; not salvaged"),
                 Err(e) => tracing::debug!(replica = %r.addr, "still unreachable: {e}"),
             }
         }
-        let Some(newest) = answers.iter().map(|(_, rev)| *rev).max() else {
+        let Some(newest) = answers.iter().map(|(_, i)| i.revision).max() else {
             return Err("no failed replica answers yet".into());
         };
+        // As at engine start: the newest data, in the chain most of those replicas hold.
+        let infos: Vec<&longhorn_replica::proto::ReplicaInfo> = answers.iter().map(|(_, i)| i).collect();
+        let chain = crate::volume::trusted_chain(&infos, newest);
+        let chosen: Vec<(String, u64)> = answers
+            .iter()
+            .filter(|(_, i)| i.revision == newest && crate::volume::snapshot_chain(i) == chain)
+            .map(|(a, i)| (a.clone(), i.revision))
+            .collect();
         let mut slots = Vec::new();
-        for (addr, rev) in answers.iter().filter(|(_, rev)| *rev == newest) {
+        for (addr, rev) in chosen.iter() {
             for (_, r) in self.replicas.iter() {
                 if &r.addr == addr {
                     r.set_removed();

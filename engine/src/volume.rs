@@ -183,21 +183,8 @@ impl Volume {
             let why: Vec<String> = found.iter().filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {e}"))).collect();
             return Err(io::Error::other(format!("no usable replica for volume {name}: {}", why.join("; "))));
         };
-        // Those with the newest data must also hold the same snapshots: a chain change
-        // that a crash interrupted (the engine died between the replicas' commits) can
-        // leave the same data in differently cut chains. The chain most of them hold is
-        // kept (the first on a tie); the others are rebuilt from it.
-        let snapshots = |i: &proto::ReplicaInfo| -> Vec<String> { i.chain.iter().filter(|n| n.starts_with("volume-snap-")).cloned().collect() };
-        let candidates: Vec<Vec<String>> =
-            found.iter().filter_map(|(_, r)| r.as_ref().ok().filter(|i| !i.rebuilding && i.revision == newest).map(snapshots)).collect();
-        let mut chain: Option<(&Vec<String>, usize)> = None;
-        for c in &candidates {
-            let n = candidates.iter().filter(|d| *d == c).count();
-            if chain.is_none_or(|(_, m)| n > m) {
-                chain = Some((c, n));
-            }
-        }
-        let chain = chain.map(|(c, _)| c.clone()).unwrap_or_default();
+        let infos: Vec<&proto::ReplicaInfo> = found.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
+        let chain = trusted_chain(&infos, newest);
         let replicas = Slots::default();
         for ((a, r), lease) in found.into_iter().zip(leases) {
             let (mode, reason) = match r {
@@ -206,8 +193,8 @@ impl Volume {
                     warn!(replica = %a, "{why}");
                     (Mode::ERR, why)
                 }
-                Ok(i) if i.revision == newest && snapshots(&i) != chain => {
-                    let why = format!("needs rebuild: its snapshots {:?} are not the others' {chain:?}", snapshots(&i));
+                Ok(i) if i.revision == newest && snapshot_chain(&i) != chain => {
+                    let why = format!("needs rebuild: its snapshots {:?} are not the others' {chain:?}", snapshot_chain(&i));
                     warn!(replica = %a, "{why}");
                     (Mode::ERR, why)
                 }
@@ -473,6 +460,28 @@ impl BlockBackend for VolumeHandle {
     fn open_session(&self, completer: Arc<dyn Completer>) -> io::Result<Box<dyn Session>> {
         Ok(Box::new(EngineSession::open(self.0.clone(), completer)?))
     }
+}
+
+/// The snapshots of a replica's chain, oldest last.
+pub(crate) fn snapshot_chain(i: &proto::ReplicaInfo) -> Vec<String> {
+    i.chain.iter().filter(|n| n.starts_with("volume-snap-")).cloned().collect()
+}
+
+/// Of the replicas with the newest data (revision `newest`, not half-rebuilt), the
+/// snapshot chain most of them hold (the first on a tie). A chain change a crash
+/// interrupted between the replicas' commits can leave the same data in differently
+/// cut chains; only replicas with this chain are trusted, the others are rebuilt.
+pub(crate) fn trusted_chain(infos: &[&proto::ReplicaInfo], newest: u64) -> Vec<String> {
+    let candidates: Vec<Vec<String>> =
+        infos.iter().filter(|i| !i.rebuilding && i.revision == newest).map(|i| snapshot_chain(i)).collect();
+    let mut best: Option<(&Vec<String>, usize)> = None;
+    for c in &candidates {
+        let n = candidates.iter().filter(|d| *d == c).count();
+        if best.is_none_or(|(_, m)| n > m) {
+            best = Some((c, n));
+        }
+    }
+    best.map(|(c, _)| c.clone()).unwrap_or_default()
 }
 
 /// Pings every replica in use over its lease connection, reconnecting one that broke,
