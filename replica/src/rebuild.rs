@@ -371,6 +371,7 @@ impl Store {
             let _ = std::fs::remove_file(DiskMeta::path(&dir, &st.old_head));
         }
         crate::snapshot::remove_leftovers(&dir, &chain);
+        drop_off_chain(&dir, &chain);
         crate::fault::point("rebuild:cleaned");
         info!(dir = %dir.display(), held = st.held.len(), "rebuild finished; chain complete");
         Ok(())
@@ -378,6 +379,24 @@ impl Store {
 
     pub fn rebuild_progress(&self) -> RebuildProgress {
         self.progress.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Removes the snapshot layers of `dir` that are not in `chain`. A replica that comes
+/// back with its directory may hold snapshots of its own past that the source's chain
+/// does not have (one the others removed while it was down, a branch): kept, such a
+/// layer is one more child of its parent here and nowhere else, and a later removal of
+/// that parent only marks it here while the others merge it, so the chains part. A
+/// rebuilt replica holds the source's chain and nothing else.
+fn drop_off_chain(dir: &std::path::Path, chain: &Chain) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        let img = n.strip_suffix(".meta").unwrap_or(&n);
+        if meta::check_layer_name(img) == Ok(LayerKind::Snapshot) && !chain.layers.iter().any(|l| l.name == img) {
+            info!(dir = %dir.display(), file = %n, "removing a snapshot file the rebuilt chain does not have");
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
