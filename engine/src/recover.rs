@@ -7,7 +7,9 @@
 //!   start. They get fresh slots, attached to every session while still ERR, and turn
 //!   RW in one I/O pause, so no write can reach one of them and not the others. A
 //!   write that failed with EIO while the volume was faulted may have reached some of
-//!   them; the revision counter decides, as it does after a crash.
+//!   them and not others, at equal revision counters: unless they are all settled
+//!   (`ReplicaInfo::unsettled`), one is taken back and the rest are rebuilt from it,
+//!   as at engine start.
 //! - **Re-add** (`VolumeOptions::auto_rebuild`): a failed replica that answers again is
 //!   added back and rebuilt from a healthy one (incrementally: it keeps its files),
 //!   tries backing off from 1 s to 60 s; the backoff is forgotten once the replica has
@@ -116,10 +118,17 @@ impl Volume {
         // As at engine start: the newest data, in the chain most of those replicas hold.
         let infos: Vec<&longhorn_replica::proto::ReplicaInfo> = answers.iter().map(|(_, i)| i).collect();
         let chain = crate::volume::trusted_chain(&infos, newest);
-        let chosen: Vec<(String, u64)> = answers
+        let candidates: Vec<(&str, &longhorn_replica::proto::ReplicaInfo)> = answers
             .iter()
             .filter(|(_, i)| i.revision == newest && crate::volume::snapshot_chain(i) == chain)
-            .map(|(a, i)| (a.clone(), i.revision))
+            .map(|(a, i)| (a.as_str(), i))
+            .collect();
+        // Writes that failed with EIO may have reached them in different subsets.
+        let keep = crate::volume::settled_pick(&candidates);
+        let chosen: Vec<(String, u64)> = candidates
+            .iter()
+            .filter(|(a, _)| keep.is_none_or(|k| k == *a))
+            .map(|(a, i)| (a.to_string(), i.revision))
             .collect();
         let mut slots = Vec::new();
         for (addr, rev) in chosen.iter() {

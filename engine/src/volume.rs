@@ -185,6 +185,12 @@ impl Volume {
         };
         let infos: Vec<&proto::ReplicaInfo> = found.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
         let chain = trusted_chain(&infos, newest);
+        let candidates: Vec<(&str, &proto::ReplicaInfo)> = found
+            .iter()
+            .filter_map(|(a, r)| r.as_ref().ok().map(|i| (a.as_str(), i)))
+            .filter(|(_, i)| !i.rebuilding && i.revision == newest && snapshot_chain(i) == chain)
+            .collect();
+        let keep = settled_pick(&candidates).map(str::to_string);
         let replicas = Slots::default();
         for ((a, r), lease) in found.into_iter().zip(leases) {
             let (mode, reason) = match r {
@@ -195,6 +201,13 @@ impl Volume {
                 }
                 Ok(i) if i.revision == newest && snapshot_chain(&i) != chain => {
                     let why = format!("needs rebuild: its snapshots {:?} are not the others' {chain:?}", snapshot_chain(&i));
+                    warn!(replica = %a, "{why}");
+                    (Mode::ERR, why)
+                }
+                Ok(i) if i.revision == newest && keep.as_ref().is_some_and(|k| *k != a) => {
+                    let why = "needs rebuild: the last engine stopped without closing it, so writes that were in flight \
+                               may have reached it and not the others (equal revision counters do not prove equal data)"
+                        .to_string();
                     warn!(replica = %a, "{why}");
                     (Mode::ERR, why)
                 }
@@ -463,6 +476,21 @@ impl BlockBackend for VolumeHandle {
 }
 
 /// The snapshots of a replica's chain, oldest last.
+/// Which one replica to serve when the candidates (newest revision, trusted chain, not
+/// half-rebuilt) may differ: `None` when they cannot. Replicas apply the writes of
+/// different connections in their own order, and an engine that died (or was cut off
+/// from them all) with writes in flight leaves each with the subset it had applied,
+/// counted the same. Unless every candidate was closed cleanly with nothing written
+/// since, one is kept (a settled one first, else the first listed) and the rest are
+/// rebuilt from it, which for a returning replica sends only the ranges that differ.
+pub(crate) fn settled_pick<'a>(candidates: &[(&'a str, &proto::ReplicaInfo)]) -> Option<&'a str> {
+    if candidates.len() < 2 || !candidates.iter().any(|(_, i)| i.unsettled) {
+        return None;
+    }
+    let pick = candidates.iter().find(|(_, i)| !i.unsettled).unwrap_or(&candidates[0]);
+    Some(pick.0)
+}
+
 pub(crate) fn snapshot_chain(i: &proto::ReplicaInfo) -> Vec<String> {
     i.chain.iter().filter(|n| n.starts_with("volume-snap-")).cloned().collect()
 }

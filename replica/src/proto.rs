@@ -295,6 +295,13 @@ pub struct ReplicaInfo {
     pub revision: u64,
     /// The replica was not closed cleanly last time it was open.
     pub was_dirty: bool,
+    /// The head may have changed since the last clean close: the replica was opened
+    /// dirty, or took writes after its last close. An engine that died with writes in
+    /// flight on several connections can leave replicas that applied different ones at
+    /// the same revision count, so a new engine must not serve two unsettled replicas
+    /// as if they were equal (see the engine's `Volume::start`).
+    #[serde(default)]
+    pub unsettled: bool,
     pub head: String,
     pub parent: String,
     pub chain: Vec<String>,

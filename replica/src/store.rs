@@ -114,6 +114,10 @@ pub struct Store {
     synced: AtomicU64,
     /// `volume.meta` says Dirty:false; the next write must set it again first.
     clean: AtomicBool,
+    /// The `written` count at the last clean close (u64::MAX: the replica was opened
+    /// dirty and not closed cleanly since). Any other count means the head changed since
+    /// every replica last agreed: see `ReplicaInfo::unsettled`.
+    settled_at: AtomicU64,
 }
 
 /// The revision counter: an mmap of `revision.counter`.
@@ -466,6 +470,7 @@ impl Store {
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             clean: AtomicBool::new(false),
+            settled_at: AtomicU64::new(if was_dirty { u64::MAX } else { 0 }),
         })
     }
 
@@ -756,6 +761,7 @@ impl Store {
         m.dirty = false;
         m.store(&self.dir)?;
         self.clean.store(true, Ordering::Release);
+        self.settled_at.store(self.written.load(Ordering::Acquire), Ordering::Release);
         Ok(())
     }
 
@@ -775,6 +781,7 @@ impl Store {
             sector_size: self.sector_size,
             revision: self.revision.get(),
             was_dirty: self.was_dirty,
+            unsettled: self.settled_at.load(Ordering::Acquire) != self.written.load(Ordering::Acquire),
             head: m.head.clone(),
             parent: m.parent.clone(),
             chain,

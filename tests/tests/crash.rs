@@ -681,15 +681,12 @@ fn fuse_engine_starts_again_after_sigkill() {
 /// Two clients' writes are in flight on two connections when every process dies. Each
 /// replica had applied one of them and not the other (made certain here with
 /// LONGHORN_SLOW_WRITE: r0 and r2 are slow to write block X, r1 block Y), so all three
-/// have the same revision counter, and the engine that starts next uses all three as RW
-/// although they differ in X and Y. Neither write was acknowledged, so either content
-/// is allowed, but one: reads of X must not change from one read to the next (they go
-/// round-robin to the replicas), and the replicas the engine uses must be identical.
-///
-/// Fails: the engine trusts equal revision counters to mean equal data (see the report
-/// in the crash harness commit). Run it with `--ignored`.
+/// have the same revision counter although they differ in X and Y. Neither write was
+/// acknowledged, so either content is allowed, but one: reads of X must not change from
+/// one read to the next (they go round-robin to the replicas), and the replicas the
+/// engine uses must be identical. The engine that starts next serves one of the
+/// replicas the dead engine left unsettled, and the others are rebuilt from it.
 #[test]
-#[ignore = "product bug: after a crash, replicas with equal revisions may differ in blocks of writes that were in flight on different connections"]
 fn replicas_agree_after_a_crash_with_writes_in_flight_on_two_connections() {
     let (x, y) = (1 * MB, 2 * MB);
     let mut c = Cluster::without_engine("crash12", 16 * MB, 0);

@@ -132,6 +132,7 @@ fn fake_source(volume: &str, size: u64) -> String {
         sector_size: 512,
         revision: 0,
         was_dirty: false,
+        unsettled: false,
         head: "volume-head-000.img".into(),
         parent: String::new(),
         chain: vec![],
