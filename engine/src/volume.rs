@@ -85,6 +85,9 @@ pub struct ReplicaStatus {
     pub error: String,
     /// Rebuild progress, while and after the replica is rebuilt.
     pub progress: Option<longhorn_replica::rebuild::RebuildProgress>,
+    /// Written since the replicas last agreed (`ReplicaInfo::unsettled`): if the
+    /// engine died now, the next one would rebuild it from another replica.
+    pub unsettled: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -419,6 +422,7 @@ impl Volume {
                     mode,
                     progress,
                     revision: info.as_ref().map(|i| i.revision),
+                    unsettled: info.as_ref().map(|i| i.unsettled),
                     head: info.as_ref().map(|i| i.head.clone()),
                     chain: info.map(|i| i.chain).unwrap_or_default(),
                     error: r.reason(),
@@ -438,6 +442,7 @@ impl Volume {
                 mode: r.mode(),
                 progress: None,
                 revision: None,
+                unsettled: None,
                 head: None,
                 chain: Vec::new(),
                 error: r.reason(),
@@ -531,26 +536,73 @@ fn keep_leases(v: Weak<Volume>) {
                 }
             }
             if let Some(s) = l.as_mut() {
-                if let Err(e) = ping(s) {
+                if let Err(e) = lease_call(s, proto::Op::Ping, LEASE_PING) {
                     debug!(replica = %r.addr, "lease ping: {e}");
                     *l = None;
                 }
             }
         }
+        v.settle_when_idle();
     }
 }
 
-fn ping(s: &mut std::net::TcpStream) -> io::Result<()> {
+/// One request on a replica's lease connection, waiting at most `t` for the answer.
+fn lease_call(s: &mut std::net::TcpStream, op: proto::Op, t: Duration) -> io::Result<bytes::Bytes> {
     use std::io::Write;
-    s.set_read_timeout(Some(LEASE_PING))?;
+    s.set_read_timeout(Some(t))?;
     let mut b = Vec::new();
-    proto::put_frame(&mut b, proto::Header::request(proto::Op::Ping, 1, 0, 0), &[]);
+    proto::put_frame(&mut b, proto::Header::request(op, 1, 0, 0), &[]);
     s.write_all(&b)?;
     let (h, p) = proto::read_frame(s).map_err(|e| io::Error::other(e.to_string()))?;
     if h.status != 0 {
         return Err(io::Error::other(String::from_utf8_lossy(&p).to_string()));
     }
-    Ok(())
+    Ok(p)
+}
+
+impl Volume {
+    /// Once the volume is idle after writes, tells its RW replicas they agree (SETTLE,
+    /// in a short I/O pause with nothing in flight), so that if this engine dies now the
+    /// next one serves them all at once instead of rebuilding all but one (see
+    /// `settled_pick`). Under steady writes the volume is never idle and nothing is
+    /// sent; a replica that does not answer within SETTLE_WAIT stays unsettled.
+    fn settle_when_idle(&self) {
+        const SETTLE_WAIT: Duration = Duration::from_millis(500);
+        if self.inflight.load(Ordering::SeqCst) != 0 || self.healthy() == 0 {
+            return;
+        }
+        let rw: Vec<Arc<ReplicaState>> =
+            self.replicas.iter().map(|(_, r)| r.clone()).filter(|r| !r.removed() && r.mode() == Mode::RW).collect();
+        let unsettled = rw.iter().any(|r| {
+            let mut l = r.lease.lock().unwrap_or_else(|e| e.into_inner());
+            let info = l.as_mut().and_then(|s| lease_call(s, proto::Op::Info, SETTLE_WAIT).ok());
+            info.and_then(|p| serde_json::from_slice::<proto::ReplicaInfo>(&p).ok()).is_none_or(|i| i.unsettled)
+        });
+        if !unsettled {
+            return;
+        }
+        // A chain change or rebuild in progress settles nothing: try at the next tick.
+        let Ok(_ctl) = self.control.try_lock() else { return };
+        if self.pause(SETTLE_WAIT).is_err() {
+            return;
+        }
+        // Modes may have changed before the pause: only replicas RW now, with every
+        // write acknowledged by each of them, are vouched for.
+        for (_, r) in self.replicas.iter() {
+            if r.removed() || r.mode() != Mode::RW {
+                continue;
+            }
+            let mut l = r.lease.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = l.as_mut() {
+                if let Err(e) = lease_call(s, proto::Op::Settle, SETTLE_WAIT) {
+                    debug!(replica = %r.addr, "settle: {e}");
+                    *l = None;
+                }
+            }
+        }
+        self.resume();
+        debug!(volume = %self.name, "replicas settled");
+    }
 }
 
 /// Fails replicas that leave requests unanswered past the I/O timeout.

@@ -52,6 +52,11 @@
 //!   take the page's start in `offset` and the most entries wanted in `count` (0: the
 //!   replica's limit, 100 000); the reply's `next`, when set, is the `offset` to ask for
 //!   next and is always past the one asked for.
+//! - SETTLE (engine only, no payload) says every write this replica took is on every
+//!   replica the engine uses: the engine sends it with I/O paused and nothing in flight.
+//!   Until its next write the replica reports itself settled (`ReplicaInfo::unsettled`
+//!   false), so a later engine may serve it with the other settled ones on equal
+//!   revision counters. An engine never sends it to a replica that is not RW.
 //! - Every name a peer sends that becomes a file name (snapshot, rebuild files) must
 //!   pass `meta::check_layer_name`; anything else is refused with EINVAL.
 //! - `payload_len` is at most [`MAX_PAYLOAD`]; `count` at most [`MAX_IO`].
@@ -98,6 +103,7 @@ pub enum Op {
     RebuildSync = 29,
     SnapshotRead = 30,
     SnapshotRanges = 31,
+    Settle = 32,
 }
 
 impl Op {
@@ -127,6 +133,7 @@ impl Op {
             29 => Op::RebuildSync,
             30 => Op::SnapshotRead,
             31 => Op::SnapshotRanges,
+            32 => Op::Settle,
             _ => return None,
         })
     }
@@ -295,8 +302,8 @@ pub struct ReplicaInfo {
     pub revision: u64,
     /// The replica was not closed cleanly last time it was open.
     pub was_dirty: bool,
-    /// The head may have changed since the last clean close: the replica was opened
-    /// dirty, or took writes after its last close. An engine that died with writes in
+    /// The head may have changed since the replicas last agreed: the replica was opened
+    /// dirty, or took writes after its last clean close or SETTLE. An engine that died with writes in
     /// flight on several connections can leave replicas that applied different ones at
     /// the same revision count, so a new engine must not serve two unsettled replicas
     /// as if they were equal (see the engine's `Volume::start`).

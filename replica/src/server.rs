@@ -598,6 +598,10 @@ impl ReplicaServer {
                     serde_json::to_vec(&p).map_err(io::Error::other)
                 })
                 .map(Bytes::from),
+            Op::Settle => {
+                self.store.settle();
+                Ok(Bytes::new())
+            }
             Op::Close => {
                 self.store
                     .close()

@@ -114,9 +114,9 @@ pub struct Store {
     synced: AtomicU64,
     /// `volume.meta` says Dirty:false; the next write must set it again first.
     clean: AtomicBool,
-    /// The `written` count at the last clean close (u64::MAX: the replica was opened
-    /// dirty and not closed cleanly since). Any other count means the head changed since
-    /// every replica last agreed: see `ReplicaInfo::unsettled`.
+    /// The `written` count when every replica last agreed: at the last clean close or
+    /// the engine's last SETTLE (u64::MAX: opened dirty and neither since). Any other
+    /// count means the head changed since: see `ReplicaInfo::unsettled`.
     settled_at: AtomicU64,
 }
 
@@ -749,6 +749,12 @@ impl Store {
         self.revision.sync().map_err(|e| {
             io::Error::new(e.kind(), format!("{}: {e}", self.dir.join(meta::REVISION_COUNTER).display()))
         })
+    }
+
+    /// The engine vouches that every write this replica took is on the others too
+    /// (see `proto`'s SETTLE): settled until the next write.
+    pub fn settle(&self) {
+        self.settled_at.store(self.written.load(Ordering::Acquire), Ordering::Release);
     }
 
     /// Flushes and records a clean close (Dirty:false). A later write marks the replica

@@ -732,6 +732,39 @@ fn replicas_agree_after_a_crash_with_writes_in_flight_on_two_connections() {
     assert!(!differ, "the replicas the engine used differ");
 }
 
+/// The other side of the rule above: an engine that dies while the volume is idle
+/// leaves replicas it had settled (SETTLE once nothing was in flight), and the next
+/// engine serves all of them at once, with nothing to rebuild.
+#[test]
+fn an_engine_killed_while_idle_leaves_replicas_that_need_no_rebuild() {
+    let mut c = Cluster::new("crash14", 16 * MB, 3);
+    sh(&format!(
+        "{NBDSH} -u '{}' -c 'h.pwrite(b\"A\" * 65536, 0); h.pwrite(b\"B\" * 4096, 1048576); h.flush()'",
+        c.uri()
+    ));
+    let ls = |c: &Cluster| -> Vec<serde_json::Value> {
+        let o = c.cli(&["replica", "ls", "-v", &c.volume, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+    };
+    let t = std::time::Instant::now();
+    loop {
+        let l = ls(&c);
+        if l.len() == 3 && l.iter().all(|r| r["unsettled"] == false) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the idle engine did not settle its replicas: {l:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if let Some(mut e) = c.engine.take() {
+        e.proc.kill9();
+    }
+    c.start_engine();
+    let l = ls(&c);
+    assert!(l.iter().all(|r| r["mode"] == "RW"), "replicas after the restart: {l:?}\n{}", c.engine_log());
+    let out = sh(&format!("{NBDSH} -u '{}' -c 'print(h.pread(4096, 1048576)[:1].decode())'", c.uri()));
+    assert_eq!(out.trim(), "B");
+}
+
 /// The engine dies in the middle of a snapshot's commit: two replicas committed the
 /// new chain, the third had not (it is held at `snapshot:synced` here, as a slow disk
 /// would hold it), and `longhorn up` stops the rest. All three have the same revision
