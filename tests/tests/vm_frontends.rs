@@ -27,10 +27,12 @@ const STEPS: &[&str] = &[
     "engine", "device", "fio_raw", "mkfs", "mount", "files", "snapshot", "kill_replica", "fio_fs", "replica_err", "umount", "e2fsck",
     "checksums", "refuse_mounted", "stop",
 ];
-/// Steps only one frontend has: ublk checks the queue limits it declares (write-back
-/// cache, FUA, 32 MiB discard/write-zeroes, a hardware queue per CPU) and that FUA
-/// writes, WRITE_ZEROES, DISCARD and FLUSH go through it.
-const EXTRA_STEPS: &[(&str, &[&str])] = &[("ublk", &["limits", "discard_zeroes"])];
+/// Steps of the kernel block devices: the queue limits they declare (write-back cache,
+/// FUA, 1 GiB discards, WRITE_ZEROES offered; for ublk also a hardware queue per CPU),
+/// that FUA writes, WRITE_ZEROES, DISCARD and FLUSH go through, and that a 64 MiB
+/// discard (one request), `blkdiscard -z` and `fallocate -z` read back zeros.
+const DEVICE_STEPS: &[&str] = &["limits", "discard_zeroes", "long_ranges"];
+const EXTRA_STEPS: &[(&str, &[&str])] = &[("ublk", DEVICE_STEPS), ("nbd", DEVICE_STEPS)];
 const VM_TIMEOUT: Duration = Duration::from_secs(8 * 60);
 
 fn root() -> PathBuf {

@@ -16,25 +16,27 @@ modprobe -d "${LH_MODDIR:-/}" -a ext4 nbd ublk_drv loop 2>/tmp/modprobe.err \
 # fio's write (or read) IOPS from terse v3 output.
 fio_iops() { awk -F';' -v f="$2" '$1=="3" { print int($f) }' "$1" | head -1; }
 
-# ublk only (called from run, uses its $F $W $D and step): the queue limits the device
-# declares (write-back cache, FUA, discard and write-zeroes capped at the engine's 32 MiB,
-# one hardware queue per CPU, depth >= 64), then FUA writes, WRITE_ZEROES and DISCARD
-# through the device, checked by reading back and by the block layer's counters.
-ublk_checks() {
+# nbd and ublk (called from run, uses its $F $W $D and step): the queue limits the
+# device declares, then FUA writes, WRITE_ZEROES and DISCARD through the device, checked
+# by reading back and by the block layer's counters. ublk declares a write-back cache,
+# FUA, discard and write-zeroes up to 1 GiB a request, one hardware queue per CPU and
+# depth >= 64; the NBD driver gets discards capped at 1 GiB and WRITE_ZEROES offered.
+device_checks() {
     local K=/sys/dev/block/$((0x$(stat -c %t $D))):$((0x$(stat -c %T $D)))
-    local q=$K/queue
+    local q=$K/queue G=1073741824
     local wc fua dmax zmax nq nr lbs
     wc=$(cat $q/write_cache) fua=$(cat $q/fua) dmax=$(cat $q/discard_max_bytes) zmax=$(cat $q/write_zeroes_max_bytes)
     nq=$(ls $K/mq | wc -l) nr=$(cat $q/nr_requests) lbs=$(cat $q/logical_block_size)
     local lim="write_cache='$wc' fua=$fua discard_max=$dmax write_zeroes_max=$zmax hw_queues=$nq/$(nproc)cpus nr_requests=$nr lbs=$lbs max_kb=$(cat $q/max_sectors_kb)"
-    if [ "$wc" = "write back" ] && [ "$fua" = 1 ] && [ "$dmax" = 33554432 ] && [ "$zmax" = 33554432 ] && [ "$nq" = "$(nproc)" ] && [ "$nr" -ge 64 ]; then
+    if [ "$wc" = "write back" ] && [ "$fua" = 1 ] && [ "$dmax" = $G ] && [ "$zmax" -ge $G ] \
+        && { [ $F = nbd ] || { [ "$zmax" = $G ] && [ "$nq" = "$(nproc)" ] && [ "$nr" -ge 64 ]; }; }; then
         step limits OK "$lim"
     else
         step limits FAIL "$lim"
     fi
     # 8 MiB of random data at 200 MiB written with FUA (O_DIRECT|O_DSYNC), zeroed in its
     # middle (BLKZEROOUT: WRITE_ZEROES), 40 MiB after it discarded (two requests), and the
-# device fsync'ed (FLUSH).
+    # device fsync'ed (FLUSH).
     local M=1048576 s0 s1
     s0=$(awk '{print $12, $16}' $K/stat)
     head -c $((8 * M)) /dev/urandom > $W/rand8m
@@ -51,6 +53,25 @@ ublk_checks() {
         step discard_zeroes OK "fua write + write-zeroes + discard read back right; discards/flushes ${s0// //} -> ${s1// //}"
     else
         step discard_zeroes FAIL "rc=$rc $(tr '\n' ' ' < $W/zero.txt) discards/flushes ${s0// //} -> ${s1// //}"; showlog
+    fi
+    # Long ranges, past the engine's old 32 MiB limit: 64 MiB of random data at 32 MiB
+    # discarded by one blkdiscard (one DISCARD request), and 64 MiB at 96 MiB zeroed by
+    # `blkdiscard -z` (40 MiB) and `fallocate -z` (24 MiB); all 128 MiB read back zero.
+    head -c $((64 * M)) /dev/urandom > $W/rand64m
+    dd if=$W/rand64m of=$D bs=1M seek=32 oflag=direct status=none \
+        && dd if=$W/rand64m of=$D bs=1M seek=96 oflag=direct status=none && sync $D
+    s0=$(awk '{print $12}' $K/stat)
+    blkdiscard -o $((32 * M)) -l $((64 * M)) $D > $W/long.txt 2>&1 \
+        && blkdiscard -z -o $((96 * M)) -l $((40 * M)) $D >> $W/long.txt 2>&1 \
+        && fallocate -z -o $((136 * M)) -l $((24 * M)) $D >> $W/long.txt 2>&1 \
+        && sync $D \
+        && dd if=$D bs=1M skip=32 count=128 iflag=direct status=none | cmp -n $((128 * M)) - /dev/zero >> $W/long.txt 2>&1
+    rc=$?
+    s1=$(awk '{print $12}' $K/stat)
+    if [ $rc = 0 ] && [ $((s1 - s0)) = 1 ]; then
+        step long_ranges OK "64 MiB discard in one request, 40 MiB blkdiscard -z and 24 MiB fallocate -z read back zero"
+    else
+        step long_ranges FAIL "rc=$rc discards ${s0} -> ${s1} $(tr '\n' ' ' < $W/long.txt)"; showlog
     fi
 }
 
@@ -84,7 +105,7 @@ run() {
         --verify=crc32c --verify_fatal=1 --verify_state_save=0 --output-format=terse --terse-version=3 > $W/fio-raw.txt 2>&1 \
         && step fio_raw OK "write_iops=$(fio_iops $W/fio-raw.txt 49)" || { step fio_raw FAIL "$(tail -n 3 $W/fio-raw.txt | tr '\n' ' ')"; showlog; }
     echo "FIO $F raw-randwrite-4k-qd16-verify $(fio_iops $W/fio-raw.txt 49)"
-    [ $F = ublk ] && ublk_checks
+    { [ $F = ublk ] || [ $F = nbd ]; } && device_checks
 
 
     mkfs.ext4 -q -F $D > $W/mkfs.txt 2>&1 && step mkfs OK || { step mkfs FAIL "$(tail -n 3 $W/mkfs.txt | tr '\n' ' ')"; showlog; }

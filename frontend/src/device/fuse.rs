@@ -32,9 +32,9 @@ const BLOCK: u32 = 4096;
 /// Threads reading /dev/fuse (each with its own cloned fd). Replies come from engine
 /// threads, so these only read and submit.
 const FUSE_THREADS: usize = 2;
-/// Largest extent one engine request may cover: the engine refuses longer
-/// WriteZeroes/Trim (its MAX_IO, 32 MiB), so fallocate ranges are split.
-const MAX_CHUNK: u64 = 32 << 20;
+/// Largest extent one engine request covers: the engine takes any length, but a
+/// fallocate of a huge range is split so no one request runs long.
+const MAX_CHUNK: u64 = 1 << 30;
 
 pub fn probe() -> std::result::Result<(), String> {
     if !Path::new("/dev/fuse").exists() {

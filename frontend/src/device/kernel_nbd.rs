@@ -20,9 +20,11 @@ const REQUEST_TIMEOUT_S: u64 = 120;
 /// Seconds the driver waits for a dead connection to be replaced before failing I/O.
 const DEAD_CONN_TIMEOUT_S: u64 = 30;
 const BLOCK: u64 = 4096;
-/// The engine refuses a TRIM or WRITE_ZEROES longer than this (its MAX_IO); the kernel
-/// driver would send up to 4 GiB in one request.
-const MAX_RANGE: u64 = 32 << 20;
+/// Longest DISCARD the kernel is let send in one request. The engine takes any length
+/// (it works through long ones in 16 MiB pieces, each under the I/O timeout), but the
+/// driver gives a request REQUEST_TIMEOUT_S in all, and unbounded it would send up to
+/// 4 GiB at once. (WRITE_ZEROES has no writable limit: the driver's own applies.)
+const MAX_DISCARD: u64 = 1 << 30;
 
 pub fn probe() -> std::result::Result<(), String> {
     if Path::new("/sys/module/nbd").exists() || Path::new("/dev/nbd0").exists() {
@@ -296,9 +298,6 @@ impl NbdDevice {
             socks.push(fd);
             (size, flags) = (s, f);
         }
-        // Without a way to cap WRITE_ZEROES requests, let the block layer write zero
-        // pages itself (bounded like any write); DISCARD is capped through sysfs below.
-        flags &= !crate::nbd::proto::NBD_FLAG_SEND_WRITE_ZEROES;
         match Genl::open().and_then(|mut g| g.family("nbd").map(|f| (g, f))) {
             Ok((mut g, family)) => {
                 if flags & NBD_FLAG_CAN_MULTI_CONN == 0 {
@@ -387,12 +386,12 @@ impl NbdDevice {
     }
 
     /// Waits until the device shows its size (the driver sets it up asynchronously),
-    /// then caps its discard size at what the engine takes.
+    /// then caps the length of one discard (see MAX_DISCARD).
     fn wait_ready(&self, size: u64) -> Result<()> {
         self.wait_size(size)?;
         let p = format!("/sys/block/nbd{}/queue/discard_max_bytes", self.index);
         if Path::new(&p).exists() {
-            std::fs::write(&p, MAX_RANGE.to_string()).ctx(|| format!("volume {}: capping discards in {p}", self.volume))?;
+            std::fs::write(&p, MAX_DISCARD.to_string()).ctx(|| format!("volume {}: capping discards in {p}", self.volume))?;
         }
         Ok(())
     }

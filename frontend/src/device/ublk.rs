@@ -14,7 +14,7 @@
 //!
 //! The device declares a volatile write cache and FUA, so FLUSH and FUA writes reach
 //! the engine (a write that arrives empty is a flush); DISCARD becomes a Trim and
-//! WRITE_ZEROES a WriteZeroes, both capped at the engine's 32 MiB per request.
+//! WRITE_ZEROES a WriteZeroes, both up to 1 GiB per request.
 //! Detaching flushes the device, stops it (the driver drains in-flight requests,
 //! then aborts the queues' commands, which ends the queue threads) and deletes it.
 
@@ -37,8 +37,10 @@ const CONTROL: &str = "/dev/ublk-control";
 const DEPTH: u16 = 128;
 /// Largest read/write request (and each tag's buffer).
 const IO_BUF_BYTES: u32 = 512 << 10;
-/// The engine refuses a Trim or WriteZeroes longer than this (its MAX_IO).
-const MAX_RANGE: u32 = 32 << 20;
+/// Longest Trim or WriteZeroes sent as one request: the engine takes any length (it
+/// works through long ones in 16 MiB pieces, each under the I/O timeout); this bounds
+/// how long one request may take as a whole.
+const MAX_RANGE: u32 = 1 << 30;
 /// Discard granularity (the engine's block).
 const BLOCK: u32 = 4096;
 /// The io_uring user_data tag of the eventfd POLL (ublk tags are below the depth).
