@@ -49,6 +49,8 @@ struct Pending {
     acked_rw: u32,
     err: i32,
     started: Instant,
+    /// A write carrying data (counted in the volume's stats; zeroes and trims are not).
+    data: bool,
 }
 
 /// Zeroing or trimming a long range, sent to the replicas in pieces: passed whole, a
@@ -232,7 +234,8 @@ impl Inner {
                 return self.done(tag, IoResult::Err(libc::EIO));
             }
             let waiting = targets.iter().fold(0, |m, &i| m | bit(i));
-            ops.insert(id, Pending { tag, group: 0, kind, offset, len, waiting, acked_rw: 0, err: 0, started: Instant::now() });
+            let data = pop == Op::Write;
+            ops.insert(id, Pending { tag, group: 0, kind, offset, len, waiting, acked_rw: 0, err: 0, started: Instant::now(), data });
             targets
         };
         let mut h = Header::request(pop, id, offset, len);
@@ -295,7 +298,7 @@ impl Inner {
                 return Err(libc::EIO);
             }
             let waiting = targets.iter().fold(0, |m, &i| m | bit(i));
-            let p = Pending { tag: 0, group: gid, kind: Kind::Mutate, offset, len, waiting, acked_rw: 0, err: 0, started: Instant::now() };
+            let p = Pending { tag: 0, group: gid, kind: Kind::Mutate, offset, len, waiting, acked_rw: 0, err: 0, started: Instant::now(), data: false };
             ops.insert(id, p);
             targets
         };
@@ -425,6 +428,9 @@ impl Inner {
                     }
                 };
                 let tag = p.tag;
+                if p.kind == Kind::Read {
+                    self.volume.stats.read(p.len as u64, p.started);
+                }
                 ops.remove(&h.id);
                 drop(ops);
                 self.finish(tag, result);
@@ -435,6 +441,9 @@ impl Inner {
                     p.acked_rw |= bit(idx);
                 }
                 if p.waiting == 0 {
+                    if p.data && p.acked_rw != 0 {
+                        self.volume.stats.write(p.len as u64, p.started);
+                    }
                     let (tag, group, r) = (p.tag, p.group, mutate_result(p));
                     ops.remove(&h.id);
                     drop(ops);

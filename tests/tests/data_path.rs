@@ -34,6 +34,35 @@ fn nbdinfo_shows_size_and_flags() {
     assert_eq!(v["state"].as_str(), Some("healthy"));
 }
 
+/// `volume stats` counts exactly the reads and writes a client made (what the manager's
+/// throughput, IOPS and latency metrics are computed from); zeroing is not counted.
+#[test]
+fn volume_stats_count_the_requests_a_client_made() {
+    require(&["nbdsh"]);
+    let c = Cluster::new("vol1", 64 * MB, 2);
+    let stats = || {
+        let o = c.cli(&["volume", "stats", "-v", "vol1", "--json"]);
+        assert!(o.status.success(), "{o:?}");
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("json")
+    };
+    let before = stats();
+    assert_eq!(before["write_ops"].as_u64(), Some(0), "{before}");
+    // Three writes of 64 KiB, two reads of 4 KiB, one write-zeroes and a flush.
+    sh(&format!(
+        "{NBDSH} -u '{}' -c 'for i in range(3): h.pwrite(b\"x\" * 65536, i * 65536)' \
+         -c 'h.pread(4096, 0); h.pread(4096, 8192); h.zero(1 << 20, 4 << 20); h.flush()'",
+        c.uri()
+    ));
+    let after = stats();
+    let n = |k: &str| after[k].as_u64().unwrap_or(u64::MAX);
+    assert_eq!((n("write_ops"), n("write_bytes")), (3, 3 * 65536), "{after}");
+    assert_eq!((n("read_ops"), n("read_bytes")), (2, 8192), "{after}");
+    assert!(n("write_latency_ns") > 0 && n("read_latency_ns") > 0, "{after}");
+    let text = c.cli(&["volume", "stats", "-v", "vol1"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("write") && text.contains("196608 bytes"), "{text}");
+}
+
 #[test]
 fn nbdcopy_round_trip_and_qemu_img_compare() {
     require(&["nbdcopy", "qemu-img", "nbdinfo"]);

@@ -93,6 +93,9 @@ enum VolumeCmd {
     Info(VolumeRef),
     /// List the volumes served on this machine.
     Ls(RunDirArg),
+    /// Requests completed since the engine started: reads and writes (count, bytes,
+    /// summed latency). Write-zeroes, trims and flushes are not counted.
+    Stats(VolumeRef),
 }
 
 #[derive(Args)]
@@ -231,6 +234,7 @@ fn main() {
         Cmd::Engine(EngineCmd::Serve(a)) => engine_serve(a),
         Cmd::Volume(VolumeCmd::Info(a)) => volume_info(a),
         Cmd::Volume(VolumeCmd::Ls(a)) => volume_ls(a),
+        Cmd::Volume(VolumeCmd::Stats(a)) => volume_stats(a),
         Cmd::Snapshot(c) => snapshot::run(c),
         Cmd::Backup(c) => backup::run(c),
         Cmd::Share(a) => share::run(a),
@@ -406,6 +410,8 @@ fn control_request(v: &Arc<Volume>, req: &Value) -> std::result::Result<Value, S
     match req.get("cmd").and_then(|c| c.as_str()).unwrap_or("") {
         "volume-info" => serde_json::to_value(v.status()).map_err(|e| e.to_string()),
         "replica-ls" => serde_json::to_value(v.replica_status()).map_err(|e| e.to_string()),
+        // Request counters since the engine started, for the manager's metrics.
+        "volume-stats" => serde_json::to_value(v.stats()).map_err(|e| e.to_string()),
         // What the engine already knows, without asking the replicas (no side effects).
         "replica-modes" => serde_json::to_value(v.replica_modes()).map_err(|e| e.to_string()),
         c if c.starts_with("snapshot-") => snapshot::control(v, c, req),
@@ -442,6 +448,21 @@ fn volume_info(a: VolumeRef) -> Result<()> {
         print_json(&v);
     } else {
         table::volumes(&[v]);
+    }
+    Ok(())
+}
+
+fn volume_stats(a: VolumeRef) -> Result<()> {
+    let v = call(&a.common.run_dir, &a.volume, "volume-stats")?;
+    if a.common.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    for dir in ["read", "write"] {
+        let ops = n(&format!("{dir}_ops"));
+        let mean_us = n(&format!("{dir}_latency_ns")).checked_div(ops).unwrap_or(0) as f64 / 1000.0;
+        println!("{dir:5} {ops:>12} requests {:>16} bytes   mean latency {mean_us:.1} us", n(&format!("{dir}_bytes")));
     }
     Ok(())
 }
