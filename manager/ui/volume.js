@@ -91,7 +91,7 @@ export function render(main, name) {
     fill(backupsBox, bs.length ? h('table.grid#backup-progress',
       h('thead', h('tr', ['Backup', 'Snapshot', 'State', 'Progress', 'Error'].map((t) => h('th', t)))),
       h('tbody', bs.map((b) => h('tr', { 'data-backup': b.id },
-        h('td.mono', b.id), h('td.mono', b.snapshot || ''), h('td', pill(b.state)), h('td', progress(b.progress)), h('td.err', b.error || ''))))) : '');
+        h('td.mono', b.id), h('td.mono', b.snapshot || ''), h('td', pill(b.state)), h('td', progress(b.progress)), h('td', h('span.err', b.error || '')))))) : '');
   }
 
   let snapTimer = null;
@@ -192,6 +192,9 @@ export function render(main, name) {
   }
 
   load();
+  // Snapshots taken elsewhere (the CLI, a recurring job) change no volume field the
+  // events carry, so the chain is also read again every 5 s.
+  const every = setInterval(() => v && can(v, 'snapshotList') && loadSnapshots(), 5000);
   return {
     onEvent(ev) {
       if (ev.type === 'refresh') return load();
@@ -210,6 +213,7 @@ export function render(main, name) {
     },
     dispose() {
       clearTimeout(snapTimer);
+      clearInterval(every);
     },
   };
 }

@@ -98,7 +98,7 @@ function action(v, name, b, res) {
     case 'recurringJobAdd':
       for (const [i, j] of (b.jobs || []).entries()) {
         if (!j.name || j.name.length > 8) return err(res, 400, `recurringJobs[${i}] ("${j.name}"): field "name" must be 1 to 8 characters, not ${j.name.length}`, 'name');
-        if (j.cron.split(' ').length !== 5) return err(res, 400, `recurringJobs[${i}] ("${j.name}"): field "cron": not valid`, 'cron');
+        if (j.cron.split(' ').length !== 5 || Number(j.cron.split(' ')[0]) > 59) return err(res, 400, `recurringJobs[${i}] ("${j.name}"): field "cron": not valid`, 'cron');
       }
       v.recurringJobs.push(...b.jobs);
       changed(v);
@@ -141,8 +141,13 @@ http.createServer(async (req, res) => {
     const b = await body(req);
     if (!b || !/^[a-z0-9][a-z0-9.-]{0,62}$/.test(b.name || '')) return err(res, 400, `volume name ${JSON.stringify(b && b.name)} is not valid`, 'name');
     if (vols.has(b.name)) return err(res, 409, `volume "${b.name}" exists`, 'name');
+    if (b.size !== undefined && !/^\d+(Mi|Gi|G)?$/.test(b.size) || /^\d+$/.test(b.size) && b.size % 4096) return err(res, 400, `size ${b.size}: not a multiple of 4096`, 'size');
     const v = newVolume(b);
     vols.set(v.name, v);
+    if (b.fromBackup) {
+      v.state = 'creating'; v.restoreStatus = [{ progress: 50 }];
+      setTimeout(() => { v.state = 'detached'; v.restoreStatus = []; changed(v); }, 1000);
+    }
     changed(v);
     return send(res, 201, view(v));
   }
@@ -174,6 +179,21 @@ http.createServer(async (req, res) => {
   if ((m = /^\/v1\/secrets\/([^/]+)$/.exec(p))) {
     if (req.method === 'PUT') secrets[m[1]] = (await body(req)).data;
     return send(res, 200, { type: 'secret', id: m[1], keys: Object.keys(secrets[m[1]] || {}) });
+  }
+  if (p === '/mock/kill') {
+    // Degrades a volume, then rebuilds its first replica over 2 s (for the story's dry runs).
+    const v = vols.get(u.searchParams.get('volume'));
+    const r = v.replicas[0];
+    Object.assign(r, { mode: 'ERR', running: false }); v.robustness = 'degraded'; changed(v);
+    let pct = 0;
+    const t = setInterval(() => {
+      pct += 25;
+      Object.assign(r, { mode: pct >= 100 ? 'RW' : 'WO', running: true, rebuildProgress: pct >= 100 ? null : pct });
+      v.rebuildStatus = pct >= 100 ? [] : [{ replica: r.name, progress: pct, state: 'in_progress' }];
+      if (pct >= 100) { v.robustness = 'healthy'; clearInterval(t); }
+      changed(v);
+    }, 500);
+    return send(res, 200, {});
   }
   if (p.startsWith('/v1/')) return err(res, 404, 'no such endpoint');
   const f = path.join(ui, p === '/' ? 'index.html' : path.normalize(p));
