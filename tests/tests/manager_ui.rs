@@ -301,6 +301,7 @@ fn handle(cx: &mut Ctx, step: &str, d: &Value) -> Result<Value, String> {
 }
 
 #[test]
+#[ignore = "needs `longhorn manager serve`: the manager crate (manager/src) is not yet a workspace member (see manager/PENDING.md)"]
 fn web_ui_story_in_a_real_browser() {
     let t0 = Instant::now();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

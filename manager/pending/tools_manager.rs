@@ -1,0 +1,48 @@
+//! `longhorn manager serve`: the host's volume manager (the `longhorn-manager` crate).
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum ManagerCmd {
+    /// Serve the REST API (/v1), the web UI (/), events and /metrics, and own the
+    /// volumes of this host. Prints `listening http://ADDR` once serving.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on. Anything but 127.0.0.1 or [::1] needs --token-file.
+    #[arg(long, default_value = "127.0.0.1:9500")]
+    pub listen: std::net::SocketAddr,
+    /// Where replica directories live: DATA_DIR/VOLUME/replica-N.
+    #[arg(long, default_value = "/var/lib/longhorn")]
+    pub data_dir: PathBuf,
+    #[arg(long, default_value = crate::DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
+    pub run_dir: PathBuf,
+    /// The manager's own state (one JSON per volume, secrets, logs). Default DATA_DIR/manager.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// A file whose first line is the API token (Authorization: Bearer TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+pub fn run(c: ManagerCmd) -> Result<()> {
+    match c {
+        ManagerCmd::Serve(a) => {
+            let token = match &a.token_file {
+                Some(p) => Some(longhorn_manager::read_token(p)?),
+                None => None,
+            };
+            let data_dir = std::path::absolute(&a.data_dir).context("--data-dir")?;
+            let run_dir = std::path::absolute(&a.run_dir).context("--run-dir")?;
+            let state_dir = match a.state_dir {
+                Some(s) => std::path::absolute(&s).context("--state-dir")?,
+                None => data_dir.join("manager"),
+            };
+            longhorn_manager::serve(longhorn_manager::Config { listen: a.listen, data_dir, run_dir, state_dir, token })
+        }
+    }
+}

@@ -1,0 +1,751 @@
+//! The `/v1` routes of manager/API.md.
+
+use crate::error::{ApiError, ApiResult};
+use crate::input;
+use crate::mgr::{blocking, volume_state, Entry, Shared};
+use crate::state::VolumeState;
+use crate::view;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use longhorn_engine::backup::{self, target};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub type Q = Query<HashMap<String, String>>;
+
+/// `http://HOST` for links: the client's Host header when it is a plain host[:port],
+/// else the address the manager listens on.
+pub fn base(m: &Shared, h: &HeaderMap) -> String {
+    let host = h.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ok = !host.is_empty() && host.len() < 256 && host.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
+    if ok {
+        format!("http://{host}")
+    } else {
+        format!("http://{}", m.cfg.listen)
+    }
+}
+
+/// The JSON object of a request body: 413 beyond the limit, 415 when it says it is
+/// not JSON, 400 when it does not parse.
+pub fn body(h: &HeaderMap, b: Result<Bytes, BytesRejection>) -> ApiResult<Map<String, Value>> {
+    let b = b.map_err(|r| ApiError::new(r.status(), format!("body: {}", r.body_text())))?;
+    if !b.is_empty() {
+        if let Some(ct) = h.get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+            if !ct.starts_with("application/json") && !ct.contains("+json") {
+                return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("body: content type {ct:?} is not application/json")));
+            }
+        }
+    }
+    input::object(&b)
+}
+
+fn collection(kind: &str, data: Vec<Value>, self_url: String) -> Value {
+    json!({"type": "collection", "resourceType": kind, "data": data, "links": {"self": self_url}})
+}
+
+fn with_entry<T>(m: &Shared, name: &str, f: impl FnOnce(&Entry) -> T) -> ApiResult<T> {
+    let g = m.lock();
+    g.get(name).map(f).ok_or_else(|| ApiError::not_found(format!("volume {name:?}")).with_field("name"))
+}
+
+fn volume_json(m: &Shared, name: &str, base: &str) -> ApiResult<Value> {
+    with_entry(m, name, |e| view::volume(m, e, base))
+}
+
+pub async fn list_volumes(State(m): State<Shared>, h: HeaderMap) -> ApiResult<Json<Value>> {
+    let b = base(&m, &h);
+    let data: Vec<Value> = m.lock().values().map(|e| view::volume(&m, e, &b)).collect();
+    Ok(Json(collection("volume", data, format!("{b}/v1/volumes"))))
+}
+
+pub async fn get_volume(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    input::name("name", &name)?;
+    let attached = with_entry(&m, &name, |e| e.st.attached && e.transient.is_none())?;
+    // A fresh sample, so what an action just did shows at once.
+    if attached {
+        m.sample(&name).await;
+    }
+    Ok(Json(volume_json(&m, &name, &base(&m, &h))?))
+}
+
+/// StorageClass parameters of a create request, checked by the one spec rule
+/// (`longhorn up --spec` uses the same); the error's first word is the field.
+fn spec_of(b: &Map<String, Value>) -> ApiResult<crate::spec::Spec> {
+    let mut o = Map::new();
+    for k in ["numberOfReplicas", "staleReplicaTimeout", "fromBackup", "recurringJobs", "accessMode"] {
+        if let Some(v) = b.get(k).filter(|v| !v.is_null()) {
+            o.insert(k.to_string(), v.clone());
+        }
+    }
+    crate::spec::from_value(&Value::Object(o)).map_err(|e| {
+        let msg = format!("{e:#}");
+        let field = msg.split(':').next().unwrap_or("body").to_string();
+        ApiError::bad(&field, msg)
+    })
+}
+
+pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let b = body(&h, b)?;
+    input::only(
+        &b,
+        &["name", "size", "numberOfReplicas", "staleReplicaTimeout", "fromBackup", "recurringJobs", "accessMode", "frontend", "disableFrontend"],
+    )?;
+    let name = input::req_str(&b, "name")?.to_string();
+    input::name("name", &name)?;
+    let spec = spec_of(&b)?;
+    let stale = spec.stale_replica_timeout.unwrap_or(20);
+    if !(1..=5_256_000).contains(&stale) {
+        return Err(ApiError::bad("staleReplicaTimeout", format!("staleReplicaTimeout: {stale} minutes: must be 1 to 5256000 (10 years)")));
+    }
+    let rwx = matches!(spec.access_mode.as_deref(), Some("rwx" | "ReadWriteMany"));
+    let disable = input::opt_bool(&b, "disableFrontend")?.unwrap_or(false);
+    let frontend = input::opt_str(&b, "frontend")?.unwrap_or("blockdev").to_string();
+    input::frontend("frontend", &frontend, disable)?;
+    if rwx && disable {
+        return Err(ApiError::bad("accessMode", "accessMode: rwx shares a filesystem on the block device; it needs a frontend (disableFrontend: false)"));
+    }
+    let jobs = spec.recurring_jobs.clone().unwrap_or(json!([]));
+    let from_backup = spec.from_backup.clone().unwrap_or_default();
+    let size_given = b.get("size").filter(|v| !v.is_null());
+    let size = match size_given {
+        Some(v) => Some(input::size("size", v)?),
+        None if from_backup.is_empty() => return Err(ApiError::bad("size", "size: required")),
+        None => None,
+    };
+    let _ops = m.ops.lock().await;
+    if m.lock().contains_key(&name) {
+        return Err(ApiError::conflict(format!("volume {name:?} exists already")).with_field("name"));
+    }
+    let dir = m.cfg.data_dir.join(&name);
+    if dir.exists() {
+        return Err(ApiError::conflict(format!("volume {name:?}: {} exists already (a volume this manager does not own)", dir.display())).with_field("name"));
+    }
+    let n = spec.number_of_replicas.unwrap_or(3);
+    let mut st = VolumeState {
+        name: name.clone(),
+        size: size.unwrap_or(0),
+        number_of_replicas: n,
+        stale_replica_timeout: stale,
+        access_mode: if rwx { "rwx".into() } else { "rwo".into() },
+        from_backup: from_backup.clone(),
+        frontend: if disable { String::new() } else { frontend },
+        disable_frontend: disable,
+        recurring_jobs: jobs,
+        created: longhorn_replica::meta::now_rfc3339(),
+        attached: false,
+        phase: String::new(),
+        message: String::new(),
+        pid: None,
+        start_time: None,
+    };
+    let base = base(&m, &h);
+    if from_backup.is_empty() {
+        let mk = || -> anyhow::Result<()> {
+            for i in 0..n {
+                let d = dir.join(format!("replica-{i}"));
+                std::fs::create_dir_all(&d).map_err(|e| anyhow::anyhow!("creating {}: {e}", d.display()))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = mk() {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(ApiError::internal(e));
+        }
+        if let Err(e) = m.store.save(&st) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(ApiError::internal(e));
+        }
+        m.lock().insert(name.clone(), Entry::new_pub(st));
+        tracing::info!(volume = %name, replicas = n, "volume created");
+        return Ok((StatusCode::CREATED, Json(volume_json(&m, &name, &base)?)).into_response());
+    }
+    // Restore: checked against the store before anything is written.
+    let (turl, bvol, bname) = backup::parse_backup_url(&from_backup)
+        .ok_or_else(|| ApiError::bad("fromBackup", format!("fromBackup: {from_backup:?} is not a backup URL (TARGET?backup=NAME&volume=VOL)")))?;
+    let env = m.backup_env();
+    let (t2, bv2, bn2) = (turl.clone(), bvol.clone(), bname.clone());
+    let env2 = env.clone();
+    let found = blocking(move || -> Result<(Arc<dyn target::BackupTarget>, Option<u64>), String> {
+        let t: Arc<dyn target::BackupTarget> = Arc::from(target::open(&t2, &env2).map_err(|e| e.to_string())?);
+        backup::store::load_backup(t.as_ref(), &bv2, &bn2, backup::store::volume_size(t.as_ref(), &bv2)).map_err(|e| e.to_string())?;
+        let size = backup::store::volume_size(t.as_ref(), &bv2);
+        Ok((t, size))
+    })
+    .await?;
+    let (t, bsize) = found.map_err(|e| ApiError::bad("fromBackup", format!("fromBackup: {e}")))?;
+    let bsize = bsize.ok_or_else(|| ApiError::bad("fromBackup", format!("fromBackup: backup volume {bvol:?} has no readable volume.cfg")))?;
+    if let Some(s) = size {
+        if s != bsize {
+            return Err(ApiError::bad("size", format!("size: {s} differs from the backup's volume size {bsize}")));
+        }
+    }
+    st.size = bsize;
+    st.phase = "creating".into();
+    m.store.save(&st).map_err(ApiError::internal)?;
+    let mut e = Entry::new_pub(st.clone());
+    e.restore = Some((0, 0));
+    m.lock().insert(name.clone(), e);
+    let resp = volume_json(&m, &name, &base)?;
+    let m2 = m.clone();
+    let data_dir = m.cfg.data_dir.clone();
+    tokio::spawn(async move {
+        let m3 = m2.clone();
+        let n2 = name.clone();
+        let r = blocking(move || {
+            let n3 = n2.clone();
+            let progress = move |done: u64, total: u64| {
+                if let Some(e) = m3.lock().get_mut(&n3) {
+                    e.restore = Some((done, total));
+                }
+            };
+            backup::restore(t, &bvol, &bname, &data_dir, &n2, n, &progress).map_err(|e| e.to_string())
+        })
+        .await;
+        let mut st = st;
+        match r {
+            Ok(Ok(res)) => {
+                tracing::info!(volume = %name, blocks = res.blocks, "restored from {}", res.from);
+                st.phase.clear();
+            }
+            Ok(Err(e)) | Err(ApiError { message: e, .. }) => {
+                tracing::error!(volume = %name, "restore failed: {e}");
+                st.phase = "error".into();
+                st.message = format!("restore from {} failed: {e}", st.from_backup);
+            }
+        }
+        if let Err(e) = m2.store.save(&st) {
+            tracing::error!(volume = %name, "{e:#}");
+        }
+        if let Some(e) = m2.lock().get_mut(&name) {
+            e.st = st;
+            e.restore = None;
+        }
+    });
+    Ok((StatusCode::CREATED, Json(resp)).into_response())
+}
+
+pub async fn delete_volume(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    input::name("name", &name)?;
+    let _ops = m.ops.lock().await;
+    let last = volume_json(&m, &name, &base(&m, &h))?;
+    let st = m.state(&name)?;
+    if st.phase == "creating" {
+        return Err(ApiError::conflict(format!("volume {name:?} is being restored; delete it when the restore ends")));
+    }
+    m.set_transient(&name, Some("deleting"));
+    let r = async {
+        m.stop_up(&name).await?;
+        let dir = m.cfg.data_dir.join(&name);
+        let log = m.log_path(&name);
+        blocking(move || -> anyhow::Result<()> {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(anyhow::anyhow!("removing {}: {e}", dir.display())),
+            }
+            let _ = std::fs::remove_file(&log);
+            Ok(())
+        })
+        .await?
+        .map_err(ApiError::internal)?;
+        m.store.remove(&name).map_err(ApiError::internal)
+    }
+    .await;
+    match r {
+        Ok(()) => {
+            m.lock().remove(&name);
+            tracing::info!(volume = %name, "volume deleted");
+            Ok(Json(last))
+        }
+        Err(e) => {
+            m.set_transient(&name, None);
+            Err(e)
+        }
+    }
+}
+
+/// `POST /v1/volumes/{name}?action=X`.
+pub async fn volume_action(
+    State(m): State<Shared>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Q,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    input::name("name", &name)?;
+    let action = q.get("action").cloned().ok_or_else(|| ApiError::bad("action", "action: required (?action=...)"))?;
+    let b = body(&h, b)?;
+    let base = base(&m, &h);
+    m.state(&name)?;
+    let vol_url = view::volume_url(&base, &name);
+    let out = match action.as_str() {
+        "attach" => attach(&m, &name, &b).await?,
+        "detach" => {
+            input::only(&b, &[])?;
+            let _ops = m.ops.lock().await;
+            let st = m.state(&name)?;
+            if st.phase == "creating" {
+                return Err(ApiError::conflict(format!("volume {name:?} is being restored")));
+            }
+            m.set_transient(&name, Some("detaching"));
+            let r = m.stop_up(&name).await;
+            m.set_transient(&name, None);
+            r?;
+            Value::Null
+        }
+        "snapshotCreate" => {
+            input::only(&b, &["name", "labels"])?;
+            let sname = input::opt_str(&b, "name")?.filter(|s| !s.is_empty());
+            if let Some(s) = sname {
+                input::name("name", s)?;
+            }
+            let labels = input::labels(&b, "labels")?;
+            m.require_attached(&name, "snapshotCreate")?;
+            let r = m.engine(&name, json!({"cmd": "snapshot-create", "name": sname, "labels": labels})).await?;
+            let created = r["name"].as_str().unwrap_or("").to_string();
+            let ls = m.engine(&name, json!({"cmd": "snapshot-ls"})).await?;
+            view::snapshot_list(&ls, &vol_url)
+                .into_iter()
+                .find(|s| s["name"] == created.as_str())
+                .unwrap_or_else(|| json!({"type": "snapshot", "id": created, "name": created}))
+        }
+        "snapshotList" => {
+            m.require_attached(&name, "snapshotList")?;
+            let ls = m.engine(&name, json!({"cmd": "snapshot-ls"})).await?;
+            return Ok(Json(collection("snapshot", view::snapshot_list(&ls, &vol_url), format!("{vol_url}?action=snapshotList"))).into_response());
+        }
+        "snapshotGet" => {
+            let sname = q.get("name").map(|s| s.as_str()).or(input::opt_str(&b, "name")?).unwrap_or("").to_string();
+            input::name("name", &sname)?;
+            m.require_attached(&name, "snapshotGet")?;
+            let ls = m.engine(&name, json!({"cmd": "snapshot-ls"})).await?;
+            view::snapshot_list(&ls, &vol_url)
+                .into_iter()
+                .find(|s| s["name"] == sname.as_str())
+                .ok_or_else(|| ApiError::not_found(format!("snapshot {sname:?} of volume {name:?}")).with_field("name"))?
+        }
+        "snapshotDelete" | "snapshotRevert" => {
+            input::only(&b, &["name"])?;
+            let sname = input::req_str(&b, "name")?;
+            input::name("name", sname)?;
+            m.require_attached(&name, &action)?;
+            let cmd = if action == "snapshotDelete" { "snapshot-rm" } else { "snapshot-revert" };
+            m.engine(&name, json!({"cmd": cmd, "name": sname})).await?;
+            Value::Null
+        }
+        "snapshotPurge" => {
+            input::only(&b, &[])?;
+            m.require_attached(&name, "snapshotPurge")?;
+            m.engine(&name, json!({"cmd": "snapshot-purge"})).await?;
+            Value::Null
+        }
+        "snapshotBackup" => {
+            input::only(&b, &["name", "labels"])?;
+            let sname = input::opt_str(&b, "name")?.filter(|s| !s.is_empty());
+            if let Some(s) = sname {
+                input::name("name", s)?;
+            }
+            let labels = input::labels(&b, "labels")?;
+            m.require_attached(&name, "snapshotBackup")?;
+            let url = crate::settings::get(&m, crate::settings::TARGET)?;
+            if url.is_empty() {
+                return Err(ApiError::conflict("no backup target is set (PUT /v1/settings/backup-target)"));
+            }
+            let req = json!({"cmd": "backup-create", "target": url, "env": m.backup_env(), "snapshot": sname, "labels": labels});
+            let p = m.engine(&name, req).await?;
+            json!({"type": "backupStatus", "backup": p["backup"], "snapshot": p["snapshot"], "url": p["url"], "state": p["state"]})
+        }
+        "updateReplicaCount" => update_replica_count(&m, &name, &b).await?,
+        "replicaRemove" => replica_remove(&m, &name, &b).await?,
+        "recurringJobAdd" => jobs_add(&m, &name, &b).await?,
+        "recurringJobDelete" => {
+            input::only(&b, &["name"])?;
+            let jname = input::req_str(&b, "name")?.to_string();
+            let _ops = m.ops.lock().await;
+            let mut st = m.state(&name)?;
+            let mut list = st.recurring_jobs.as_array().cloned().unwrap_or_default();
+            let before = list.len();
+            list.retain(|j| j["name"] != jname.as_str());
+            if list.len() == before {
+                return Err(ApiError::not_found(format!("recurring job {jname:?} of volume {name:?}")).with_field("name"));
+            }
+            if st.attached && volume_state_of(&m, &name) == "attached" {
+                m.engine(&name, json!({"cmd": "job-rm", "name": jname})).await?;
+            }
+            st.recurring_jobs = Value::Array(list);
+            m.save(&st)?;
+            Value::Null
+        }
+        "recurringJobList" => {
+            let st = m.state(&name)?;
+            let live = if st.attached && volume_state_of(&m, &name) == "attached" {
+                m.engine(&name, json!({"cmd": "job-ls"})).await.ok()
+            } else {
+                None
+            };
+            let data: Vec<Value> = st
+                .recurring_jobs
+                .as_array()
+                .map(|a| a.as_slice())
+                .unwrap_or(&[])
+                .iter()
+                .map(|j| {
+                    let jn = j["name"].as_str().unwrap_or("");
+                    let l = live.as_ref().and_then(|l| l.as_array()).and_then(|l| l.iter().find(|x| x["name"] == jn)).cloned().unwrap_or(Value::Null);
+                    let s = |k: &str| l[k].as_str().unwrap_or("").to_string();
+                    json!({"type": "recurringJob", "id": jn, "name": jn, "task": j["task"], "cron": j["cron"], "retain": j["retain"],
+                           "labels": j.get("labels").cloned().unwrap_or(json!({})),
+                           "nextRun": s("next_run"), "lastRun": s("last_run"), "lastResult": s("last_result"),
+                           "links": {"self": format!("{vol_url}?action=recurringJobList")},
+                           "actions": {"recurringJobDelete": format!("{vol_url}?action=recurringJobDelete")}})
+                })
+                .collect();
+            return Ok(Json(collection("recurringJob", data, format!("{vol_url}?action=recurringJobList"))).into_response());
+        }
+        other => return Err(ApiError::bad("action", format!("action: unknown volume action {other:?}"))),
+    };
+    // Actions answer what they made, else the volume as it is now.
+    if out.is_null() {
+        if with_entry(&m, &name, |e| e.st.attached && e.transient.is_none()).unwrap_or(false) {
+            m.sample(&name).await;
+        }
+        return Ok(Json(volume_json(&m, &name, &base)?).into_response());
+    }
+    Ok(Json(out).into_response())
+}
+
+fn volume_state_of(m: &Shared, name: &str) -> &'static str {
+    m.lock().get(name).map(volume_state).unwrap_or("detached")
+}
+
+async fn attach(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Value> {
+    input::only(b, &["frontend", "disableFrontend", "hostId", "attachedBy", "attacherType"])?;
+    let _ops = m.ops.lock().await;
+    let mut st = m.state(name)?;
+    let state = volume_state_of(m, name);
+    if state != "detached" {
+        return Err(ApiError::conflict(format!("volume {name:?} is {state}: attach needs it detached")));
+    }
+    let disable = input::opt_bool(b, "disableFrontend")?.unwrap_or(st.disable_frontend);
+    let f = input::opt_str(b, "frontend")?.map(|s| s.to_string()).unwrap_or_else(|| st.frontend.clone());
+    input::frontend("frontend", &f, disable)?;
+    if st.access_mode == "rwx" && disable {
+        return Err(ApiError::bad("disableFrontend", "disableFrontend: an rwx volume needs a frontend"));
+    }
+    st.frontend = if disable { String::new() } else { f };
+    st.disable_frontend = disable;
+    m.save(&st)?;
+    m.set_transient(name, Some("attaching"));
+    let r = m.start_up(name).await;
+    m.set_transient(name, None);
+    if let Err(e) = r {
+        // A failed attach leaves the volume detached, not half running.
+        if let Err(e2) = m.stop_up(name).await {
+            tracing::error!(volume = name, "stopping after a failed attach: {}", e2.message);
+        }
+        return Err(e);
+    }
+    m.sample(name).await;
+    Ok(Value::Null)
+}
+
+/// The address of replica `replica-IDX` in the last sample.
+fn replica_address(m: &Shared, name: &str, idx: &str) -> Option<String> {
+    with_entry(m, name, |e| view::replicas(m, e))
+        .ok()?
+        .into_iter()
+        .find(|r| r["name"] == format!("{name}-r-{idx}").as_str())
+        .and_then(|r| r["address"].as_str().map(|s| s.to_string()))
+        .filter(|a| !a.is_empty())
+}
+
+/// Removes a replica's directory once no replica process serves it any more (`up`
+/// stops a replica the operator removed).
+fn remove_replica_dir_when_free(dir: std::path::PathBuf) {
+    std::thread::spawn(move || {
+        let needle = dir.display().to_string();
+        for _ in 0..600 {
+            if !dir_in_use(&needle) {
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => tracing::info!(dir = %needle, "removed the replica's directory"),
+                    Err(e) => tracing::error!(dir = %needle, "removing the replica's directory: {e}"),
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        tracing::error!(dir = %needle, "a replica still serves it after 60 s; directory left in place");
+    });
+}
+
+fn dir_in_use(dir: &str) -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return false };
+    rd.flatten().any(|e| {
+        let Ok(c) = std::fs::read(e.path().join("cmdline")) else { return false };
+        let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+        args.windows(2).any(|w| w[0] == b"--dir" && w[1] == dir.as_bytes())
+    })
+}
+
+async fn replica_remove(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Value> {
+    input::only(b, &["name"])?;
+    let rname = input::req_str(b, "name")?;
+    let idx = rname
+        .strip_prefix(&format!("{name}-r-"))
+        .filter(|i| !i.is_empty() && i.len() < 4 && i.chars().all(|c| c.is_ascii_digit()))
+        .ok_or_else(|| ApiError::bad("name", format!("name: {rname:?} is not a replica of {name:?} ({name}-r-N)")))?
+        .to_string();
+    let _ops = m.ops.lock().await;
+    let st = m.state(name)?;
+    let dir = m.cfg.data_dir.join(name).join(format!("replica-{idx}"));
+    match volume_state_of(m, name) {
+        "attached" => {
+            m.sample(name).await;
+            let addr = replica_address(m, name, &idx)
+                .ok_or_else(|| ApiError::not_found(format!("replica {rname:?} of volume {name:?}")).with_field("name"))?;
+            m.engine(name, json!({"cmd": "replica-rm", "address": addr})).await?;
+            remove_replica_dir_when_free(dir);
+        }
+        "detached" => {
+            if !dir.exists() {
+                return Err(ApiError::not_found(format!("replica {rname:?} of volume {name:?}")).with_field("name"));
+            }
+            std::fs::remove_dir_all(&dir).map_err(|e| ApiError::internal(anyhow::anyhow!("removing {}: {e}", dir.display())))?;
+        }
+        s => return Err(ApiError::conflict(format!("volume {name:?} is {s}"))),
+    }
+    let _ = st;
+    Ok(Value::Null)
+}
+
+async fn update_replica_count(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Value> {
+    input::only(b, &["replicaCount"])?;
+    let n = match b.get("replicaCount") {
+        Some(Value::Number(n)) => n.as_u64().filter(|n| (1..=32).contains(n)),
+        _ => None,
+    }
+    .ok_or_else(|| ApiError::bad("replicaCount", "replicaCount: required, a whole number from 1 to 32"))? as usize;
+    let _ops = m.ops.lock().await;
+    let mut st = m.state(name)?;
+    let state = volume_state_of(m, name);
+    if state == "attached" && n < st.number_of_replicas {
+        // Live: the highest-numbered replicas leave the volume (`up` stops them).
+        m.sample(name).await;
+        for i in (n..st.number_of_replicas).rev() {
+            if let Some(addr) = replica_address(m, name, &i.to_string()) {
+                m.engine(name, json!({"cmd": "replica-rm", "address": addr})).await?;
+            }
+            remove_replica_dir_when_free(m.cfg.data_dir.join(name).join(format!("replica-{i}")));
+        }
+    } else if state != "attached" && state != "detached" {
+        return Err(ApiError::conflict(format!("volume {name:?} is {state}")));
+    }
+    // More replicas on an attached volume take effect at its next attach (API.md,
+    // Backend notes): `longhorn up` owns its replica set while it runs.
+    st.number_of_replicas = n;
+    m.save(&st)?;
+    if state == "detached" {
+        for i in 0..n {
+            let d = m.cfg.data_dir.join(name).join(format!("replica-{i}"));
+            std::fs::create_dir_all(&d).map_err(|e| ApiError::internal(anyhow::anyhow!("creating {}: {e}", d.display())))?;
+        }
+    }
+    Ok(Value::Null)
+}
+
+async fn jobs_add(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Value> {
+    input::only(b, &["jobs"])?;
+    let new = b.get("jobs").filter(|j| j.is_array()).ok_or_else(|| ApiError::bad("jobs", "jobs: required, a list of recurring jobs"))?;
+    // Validated alone first (errors then index the request's own list), then merged.
+    longhorn_engine::jobs::parse_jobs(new).map_err(|e| ApiError::bad("jobs", format!("jobs: {e}")))?;
+    let _ops = m.ops.lock().await;
+    let mut st = m.state(name)?;
+    let new_list = new.as_array().cloned().unwrap_or_default();
+    let mut list: Vec<Value> = st.recurring_jobs.as_array().cloned().unwrap_or_default();
+    list.retain(|j| !new_list.iter().any(|n| n["name"] == j["name"]));
+    list.extend(new_list);
+    let merged = Value::Array(list);
+    longhorn_engine::jobs::parse_jobs(&merged).map_err(|e| ApiError::bad("jobs", format!("jobs: {e}")))?;
+    if st.attached && volume_state_of(m, name) == "attached" {
+        m.engine(name, json!({"cmd": "job-add", "jobs": new})).await?;
+    }
+    st.recurring_jobs = merged;
+    m.save(&st)?;
+    Ok(Value::Null)
+}
+
+// --- backups ---
+
+fn open_target(m: &Shared) -> ApiResult<Option<(String, Arc<dyn target::BackupTarget>)>> {
+    let url = crate::settings::get(m, crate::settings::TARGET)?;
+    if url.is_empty() {
+        return Ok(None);
+    }
+    let t = target::open(&url, &m.backup_env()).map_err(|e| ApiError::conflict(format!("backup target: {e}")))?;
+    Ok(Some((url, Arc::from(t))))
+}
+
+fn bv_json(base: &str, v: &backup::VolumeInfo) -> Value {
+    let url = format!("{base}/v1/backupvolumes/{}", v.name);
+    json!({"type": "backupVolume", "id": v.name, "name": v.name, "size": v.size.to_string(), "created": v.created_at,
+           "lastBackupName": v.last_backup_name, "lastBackupAt": v.last_backup_at, "lastSyncedAt": v.last_synced_at,
+           "dataStored": (v.block_count * 2 * 1024 * 1024).to_string(),
+           "links": {"self": url},
+           "actions": {"backupList": format!("{url}?action=backupList"), "backupGet": format!("{url}?action=backupGet"),
+                       "backupDelete": format!("{url}?action=backupDelete")}})
+}
+
+fn backup_json(base: &str, b: &backup::BackupInfo) -> Value {
+    let url = format!("{base}/v1/backupvolumes/{}", b.volume);
+    let state = if b.state == "complete" { "Completed" } else { "InProgress" };
+    json!({"type": "backup", "id": b.name, "name": b.name, "volumeName": b.volume, "snapshotName": b.snapshot,
+           "snapshotCreated": b.snapshot_created_at, "created": b.created, "size": b.size.to_string(), "state": state,
+           "url": b.url, "labels": b.labels, "progress": if state == "Completed" { 100 } else { 0 },
+           "links": {"self": format!("{url}?action=backupGet")},
+           "actions": {"backupDelete": format!("{url}?action=backupDelete")}})
+}
+
+fn be(e: backup::BackupError) -> ApiError {
+    match e {
+        backup::BackupError::NotFound { .. } => ApiError::not_found(e.to_string()),
+        backup::BackupError::Invalid(_) => ApiError::bad("name", e.to_string()),
+        backup::BackupError::Busy(_) => ApiError::conflict(e.to_string()),
+        other => ApiError::engine("backup target", other),
+    }
+}
+
+pub async fn list_backup_volumes(State(m): State<Shared>, h: HeaderMap) -> ApiResult<Json<Value>> {
+    let b = base(&m, &h);
+    let data = match open_target(&m)? {
+        None => Vec::new(),
+        Some((_, t)) => blocking(move || backup::list_volumes(t.as_ref())).await?.map_err(be)?.iter().map(|v| bv_json(&b, v)).collect(),
+    };
+    Ok(Json(collection("backupVolume", data, format!("{b}/v1/backupvolumes"))))
+}
+
+async fn backup_volume_info(m: &Shared, name: &str) -> ApiResult<(Arc<dyn target::BackupTarget>, backup::VolumeInfo)> {
+    input::name("name", name)?;
+    let (_, t) = open_target(m)?.ok_or_else(|| ApiError::not_found(format!("backup volume {name:?} (no backup target is set)")).with_field("name"))?;
+    let t2 = t.clone();
+    let all = blocking(move || backup::list_volumes(t2.as_ref())).await?.map_err(be)?;
+    let v = all.into_iter().find(|v| v.name == name).ok_or_else(|| ApiError::not_found(format!("backup volume {name:?}")).with_field("name"))?;
+    Ok((t, v))
+}
+
+pub async fn get_backup_volume(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let (_, v) = backup_volume_info(&m, &name).await?;
+    Ok(Json(bv_json(&base(&m, &h), &v)))
+}
+
+pub async fn delete_backup_volume(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let (t, v) = backup_volume_info(&m, &name).await?;
+    let out = bv_json(&base(&m, &h), &v);
+    let n = name.clone();
+    blocking(move || -> Result<(), backup::BackupError> {
+        for b in backup::list_backups(t.as_ref(), Some(&n))? {
+            backup::delete_backup(t.clone(), &n, &b.name)?;
+        }
+        Ok(())
+    })
+    .await?
+    .map_err(be)?;
+    Ok(Json(out))
+}
+
+pub async fn backup_volume_action(
+    State(m): State<Shared>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Q,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let action = q.get("action").cloned().ok_or_else(|| ApiError::bad("action", "action: required (?action=...)"))?;
+    let b = body(&h, b)?;
+    let base = base(&m, &h);
+    if !matches!(action.as_str(), "backupList" | "backupGet" | "backupDelete") {
+        return Err(ApiError::bad("action", format!("action: unknown backup volume action {action:?}")));
+    }
+    let (t, _) = backup_volume_info(&m, &name).await?;
+    let n = name.clone();
+    let t2 = t.clone();
+    let list = blocking(move || backup::list_backups(t2.as_ref(), Some(&n))).await?.map_err(be)?;
+    match action.as_str() {
+        "backupList" => {
+            input::only(&b, &[])?;
+            let data = list.iter().map(|x| backup_json(&base, x)).collect();
+            Ok(Json(collection("backup", data, format!("{base}/v1/backupvolumes/{name}?action=backupList"))))
+        }
+        _ => {
+            input::only(&b, &["name"])?;
+            let bname = input::req_str(&b, "name")?.to_string();
+            input::name("name", &bname)?;
+            let found = list
+                .iter()
+                .find(|x| x.name == bname)
+                .ok_or_else(|| ApiError::not_found(format!("backup {bname:?} of {name:?}")).with_field("name"))?;
+            let out = backup_json(&base, found);
+            if action == "backupDelete" {
+                let n = name.clone();
+                blocking(move || backup::delete_backup(t, &n, &bname)).await?.map_err(be)?;
+            }
+            Ok(Json(out))
+        }
+    }
+}
+
+// --- settings and secrets ---
+
+pub async fn list_settings(State(m): State<Shared>, h: HeaderMap) -> ApiResult<Json<Value>> {
+    let b = base(&m, &h);
+    let mut data = Vec::new();
+    for n in crate::settings::NAMES {
+        data.push(crate::settings::setting_json(&b, n, &crate::settings::get(&m, n)?));
+    }
+    Ok(Json(collection("setting", data, format!("{b}/v1/settings"))))
+}
+
+pub async fn get_setting(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let v = crate::settings::get(&m, &name)?;
+    Ok(Json(crate::settings::setting_json(&base(&m, &h), &name, &v)))
+}
+
+pub async fn put_setting(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>, b: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>> {
+    let b = body(&h, b)?;
+    input::only(&b, &["value", "name", "id", "type"])?;
+    let v = input::req_str(&b, "value")?.to_string();
+    let m2 = m.clone();
+    let (n2, v2) = (name.clone(), v.clone());
+    // Opening an nfs:// or s3:// target may touch the network.
+    blocking(move || crate::settings::put(&m2, &n2, &v2)).await??;
+    Ok(Json(crate::settings::setting_json(&base(&m, &h), &name, &v)))
+}
+
+pub async fn list_secrets(State(m): State<Shared>, h: HeaderMap) -> ApiResult<Json<Value>> {
+    let b = base(&m, &h);
+    let data = crate::settings::list_secrets(&m)?.iter().map(|(n, d)| crate::settings::secret_json(&b, n, d)).collect();
+    Ok(Json(collection("secret", data, format!("{b}/v1/secrets"))))
+}
+
+pub async fn get_secret(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let d = crate::settings::secret_data(&m, &name)?.ok_or_else(|| ApiError::not_found(format!("secret {name:?}")).with_field("name"))?;
+    Ok(Json(crate::settings::secret_json(&base(&m, &h), &name, &d)))
+}
+
+pub async fn put_secret(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>, b: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>> {
+    let b = body(&h, b)?;
+    let d = crate::settings::put_secret(&m, &name, &b)?;
+    Ok(Json(crate::settings::secret_json(&base(&m, &h), &name, &d)))
+}
+
+pub async fn delete_secret(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let d = crate::settings::secret_data(&m, &name)?.ok_or_else(|| ApiError::not_found(format!("secret {name:?}")).with_field("name"))?;
+    crate::settings::delete_secret(&m, &name)?;
+    Ok(Json(crate::settings::secret_json(&base(&m, &h), &name, &d)))
+}

@@ -1,0 +1,210 @@
+//! `longhorn manager serve`: one daemon per host that owns the volumes of that host.
+//!
+//! It keeps one JSON state file per volume (`state.rs`), runs one `longhorn up`
+//! process per attached volume (`procs.rs`; `up` supervises the replicas and the
+//! engine and rebuilds failed replicas), talks to the engines through their control
+//! sockets, and serves the REST API of manager/API.md (`api.rs`), the event stream,
+//! Prometheus metrics and the embedded web UI. The HTTP stack (axum on tokio) is the
+//! control plane only: no byte of volume data passes through this process.
+
+pub mod api;
+pub mod error;
+pub mod events;
+pub mod input;
+pub mod metrics;
+pub mod mgr;
+pub mod openapi;
+pub mod procs;
+pub mod settings;
+pub mod spec;
+pub mod state;
+pub mod ui;
+pub mod view;
+
+use anyhow::{anyhow, Context, Result};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use error::ApiError;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest request body (API.md: 413 beyond it).
+pub const BODY_LIMIT: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// Required of every request (but /healthz) when set.
+    pub token: Option<String>,
+}
+
+/// Whether binding `addr` needs a token: anything but 127.0.0.1 and ::1 (API.md,
+/// Backend notes: other 127.x addresses count as "elsewhere", so the rule is testable
+/// on one host, and a wildcard bind is never open).
+pub fn needs_token(addr: &SocketAddr) -> bool {
+    let ip = addr.ip();
+    !(ip == std::net::IpAddr::from([127, 0, 0, 1]) || ip == std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST))
+}
+
+/// Reads a token file: its first line, at least 16 characters.
+pub fn read_token(path: &std::path::Path) -> Result<String> {
+    let t = std::fs::read_to_string(path).with_context(|| format!("reading the token file {}", path.display()))?;
+    let t = t.lines().next().unwrap_or("").trim().to_string();
+    if t.len() < 16 {
+        return Err(anyhow!("{}: the token must be at least 16 characters", path.display()));
+    }
+    Ok(t)
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(m): State<mgr::Shared>, req: Request, next: Next) -> Response {
+    if let Some(tok) = &m.cfg.token {
+        let path = req.uri().path();
+        // The UI's static files hold no data; the API they call does need the token.
+        let open = path == "/healthz" || !(path.starts_with("/v1") || path == "/metrics");
+        if !open {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !ct_eq(given.as_bytes(), tok.as_bytes()) {
+                return ApiError::new(StatusCode::UNAUTHORIZED, "a valid Authorization: Bearer TOKEN is required").into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+async fn not_found(req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    if req.method() == axum::http::Method::GET && !path.starts_with("/v1") {
+        if let Some(r) = ui::serve(&path) {
+            return r;
+        }
+    }
+    ApiError::not_found(format!("{path:?}")).into_response()
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {}", req.method(), req.uri().path())).into_response()
+}
+
+pub fn router(m: mgr::Shared, shutdown: tokio::sync::watch::Receiver<bool>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/volumes", get(api::list_volumes).post(api::create_volume))
+        .route("/v1/volumes/{name}", get(api::get_volume).post(api::volume_action).delete(api::delete_volume))
+        .route("/v1/backupvolumes", get(api::list_backup_volumes))
+        .route(
+            "/v1/backupvolumes/{name}",
+            get(api::get_backup_volume).post(api::backup_volume_action).delete(api::delete_backup_volume),
+        )
+        .route("/v1/settings", get(api::list_settings))
+        .route("/v1/settings/{name}", get(api::get_setting).put(api::put_setting))
+        .route("/v1/secrets", get(api::list_secrets))
+        .route("/v1/secrets/{name}", get(api::get_secret).put(api::put_secret).delete(api::delete_secret))
+        .route("/v1/openapi.json", get(openapi::document))
+        .route("/metrics", get(metrics::metrics))
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"ok": true})) }));
+    let ev = Router::new().route("/v1/events", get(events::events)).with_state((m.clone(), shutdown));
+    v1.with_state(m.clone())
+        .merge(ev)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(m, auth))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+}
+
+/// Runs the manager until SIGTERM or SIGINT. Volumes keep running when it stops: a
+/// later manager adopts them.
+pub fn serve(cfg: Config) -> Result<()> {
+    if needs_token(&cfg.listen) && cfg.token.is_none() {
+        return Err(anyhow!("--listen {}: beyond 127.0.0.1 and ::1 the API needs --token-file", cfg.listen));
+    }
+    for d in [&cfg.data_dir, &cfg.run_dir, &cfg.state_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("manager")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run(cfg))?;
+    // Worker threads blocked on an engine must not hold the exit.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+async fn run(cfg: Config) -> Result<()> {
+    let m: mgr::Shared = Arc::new(mgr::Mgr::new(cfg.clone())?);
+    m.adopt();
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr = listener.local_addr().context("local address")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The supervisor: restarts, samples, events; once a second.
+    let m2 = m.clone();
+    let mut stop2 = stop_rx.clone();
+    let base = format!("http://{addr}");
+    tokio::spawn(async move {
+        let mut last = std::collections::HashMap::new();
+        loop {
+            m2.tick(&mut last, &base).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop2.changed() => return,
+            }
+        }
+    });
+    let app = router(m.clone(), stop_rx.clone());
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), state_dir = %cfg.state_dir.display(), "manager serving");
+    println!("listening http://{addr}");
+    let _ = std::io::stdout().flush();
+    let mut stop3 = stop_rx.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop3.changed().await;
+    });
+    let signals = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut t, mut i) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(t), Ok(i)) => (t, i),
+            _ => {
+                tracing::error!("cannot install signal handlers");
+                return std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+    };
+    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    tokio::select! {
+        r = &mut server => return r.context("serving HTTP"),
+        _ = signals => {}
+    }
+    tracing::info!("stopping the manager (volumes keep running)");
+    let _ = stop_tx.send(true);
+    // Streams end on the stop signal; a client that holds a connection open anyway
+    // does not hold the exit past a few seconds.
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(r) => r.context("serving HTTP")?,
+        Err(_) => tracing::warn!("connections still open after 5 s; exiting anyway"),
+    }
+    tracing::info!("manager stopped");
+    Ok(())
+}

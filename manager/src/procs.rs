@@ -1,0 +1,147 @@
+//! The `longhorn up` processes the manager starts: one per attached volume, each in
+//! its own session (setsid) with its output in a log file, so it outlives the manager
+//! (a `kill -9` of the manager, or its stop, leaves the volumes serving). A process is
+//! known by pid plus start time, so a pid reused after a reboot or a long time is
+//! never mistaken for ours.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The start time (field 22 of /proc/PID/stat, clock ticks since boot) of a live,
+/// non-zombie process.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: split after
+    // its last ')'.
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // f[0] is field 3 (state), so field 22 is f[19].
+    if matches!(f.first(), Some(&"Z") | Some(&"X") | None) {
+        return None;
+    }
+    f.get(19)?.parse().ok()
+}
+
+pub fn alive(pid: i32, start: u64) -> bool {
+    start_time(pid) == Some(start)
+}
+
+pub struct UpArgs<'a> {
+    pub exe: &'a Path,
+    pub volume: &'a str,
+    pub size: u64,
+    pub replicas: usize,
+    pub data_dir: &'a Path,
+    pub run_dir: &'a Path,
+    pub frontend: &'a str,
+    pub stale_minutes: u64,
+    pub recurring_jobs: &'a serde_json::Value,
+    pub rwx: bool,
+    pub log: &'a Path,
+    pub settings: &'a Path,
+    pub env: &'a HashMap<String, String>,
+}
+
+/// Starts `longhorn up` for a volume; returns (pid, start time). A thread reaps it
+/// when it exits, so a dead `up` is seen as dead (not a zombie) by [`alive`].
+pub fn spawn_up(a: &UpArgs) -> Result<(i32, u64)> {
+    if let Some(d) = a.log.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(a.log)
+        .with_context(|| format!("opening {}", a.log.display()))?;
+    let log2 = log.try_clone().with_context(|| format!("opening {}", a.log.display()))?;
+    let jobs = serde_json::to_string(a.recurring_jobs).context("encoding the recurring jobs")?;
+    let mut c = Command::new(a.exe);
+    c.arg("up")
+        .arg(a.volume)
+        .args(["--size", &a.size.to_string(), "--replicas", &a.replicas.to_string()])
+        .arg("--data-dir")
+        .arg(a.data_dir)
+        .arg("--run-dir")
+        .arg(a.run_dir)
+        .args(["--frontend", a.frontend])
+        .args(["--stale-replica-timeout", &a.stale_minutes.to_string()])
+        .args(["--recurring-jobs", &jobs]);
+    if a.rwx {
+        c.args(["--access-mode", "rwx"]);
+    }
+    // The engine's recurring backups read the backup target from the same settings
+    // file the manager writes, and S3 credentials from their environment.
+    c.env("LONGHORN_SETTINGS", a.settings);
+    // Plain logs: the manager reads the replicas' "replica serving ... addr=" lines.
+    c.env("NO_COLOR", "1");
+    for (k, v) in a.env {
+        c.env(k, v);
+    }
+    c.stdin(Stdio::null()).stdout(log).stderr(log2);
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().with_context(|| format!("starting {} up {}", a.exe.display(), a.volume))?;
+    let pid = child.id() as i32;
+    let name = a.volume.to_string();
+    std::thread::Builder::new()
+        .name(format!("reap-{pid}"))
+        .spawn(move || match child.wait() {
+            Ok(st) => tracing::info!(volume = %name, pid, "longhorn up exited: {st}"),
+            Err(e) => tracing::warn!(volume = %name, pid, "waiting for longhorn up: {e}"),
+        })
+        .context("starting the reaper thread")?;
+    // The start time is read right away: the process exists until reaped.
+    let t = Instant::now();
+    loop {
+        if let Some(st) = start_time(pid) {
+            return Ok((pid, st));
+        }
+        if t.elapsed() > Duration::from_secs(2) {
+            bail!("longhorn up {} exited at once (see {})", a.volume, a.log.display());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// SIGTERM, and wait until it is gone (up to `wait`; `up` stops its engine and then
+/// its replicas, each cleanly). Then SIGKILL as a last resort.
+pub fn stop(pid: i32, start: u64, wait: Duration) -> Result<()> {
+    if !alive(pid, start) {
+        return Ok(());
+    }
+    // SAFETY: kill(2) on a pid we checked is our process (start time matches).
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(anyhow!(e).context(format!("signalling longhorn up (pid {pid})")));
+        }
+    }
+    let t = Instant::now();
+    while t.elapsed() < wait {
+        if !alive(pid, start) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::warn!(pid, "longhorn up did not stop in {wait:?}; killing it");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    bail!("longhorn up (pid {pid}) did not stop in {wait:?} and was killed")
+}
+
+/// The last non-empty line of a log: what a failed `up` said last.
+pub fn last_log_line(log: &PathBuf) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
+}
