@@ -427,12 +427,13 @@ impl Inner {
                         None => return Some("malformed block-status reply".into()),
                     }
                 };
-                let tag = p.tag;
-                if p.kind == Kind::Read {
-                    self.volume.stats.read(p.len as u64, p.started);
-                }
+                let (tag, counted) = (p.tag, (p.kind == Kind::Read).then_some((p.len, p.started)));
                 ops.remove(&h.id);
                 drop(ops);
+                // Counted after the lock is released: other replies need it, the stats do not.
+                if let Some((len, started)) = counted {
+                    self.volume.stats.read(len as u64, started);
+                }
                 self.finish(tag, result);
             }
             Kind::Mutate | Kind::Flush => {
@@ -441,12 +442,13 @@ impl Inner {
                     p.acked_rw |= bit(idx);
                 }
                 if p.waiting == 0 {
-                    if p.data && p.acked_rw != 0 {
-                        self.volume.stats.write(p.len as u64, p.started);
-                    }
+                    let counted = (p.data && p.acked_rw != 0).then_some((p.len, p.started));
                     let (tag, group, r) = (p.tag, p.group, mutate_result(p));
                     ops.remove(&h.id);
                     drop(ops);
+                    if let Some((len, started)) = counted {
+                        self.volume.stats.write(len as u64, started);
+                    }
                     self.settle(tag, group, r);
                 }
             }

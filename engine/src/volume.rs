@@ -145,25 +145,37 @@ pub struct Volume {
 /// three uncontended atomic adds per request.
 #[derive(Default)]
 pub(crate) struct IoStats {
-    read_ops: AtomicU64,
-    read_bytes: AtomicU64,
-    read_latency_ns: AtomicU64,
-    write_ops: AtomicU64,
-    write_bytes: AtomicU64,
-    write_latency_ns: AtomicU64,
+    read: Counters,
+    write: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    ops: AtomicU64,
+    bytes: AtomicU64,
+    latency_ns: AtomicU64,
+}
+
+impl Counters {
+    fn add(&self, bytes: u64, started: Instant) {
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.latency_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn load(&self) -> (u64, u64, u64) {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (l(&self.ops), l(&self.bytes), l(&self.latency_ns))
+    }
 }
 
 impl IoStats {
     pub(crate) fn read(&self, bytes: u64, started: Instant) {
-        self.read_ops.fetch_add(1, Ordering::Relaxed);
-        self.read_bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.read_latency_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.read.add(bytes, started);
     }
 
     pub(crate) fn write(&self, bytes: u64, started: Instant) {
-        self.write_ops.fetch_add(1, Ordering::Relaxed);
-        self.write_bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.write_latency_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.write.add(bytes, started);
     }
 }
 
@@ -320,16 +332,9 @@ impl Volume {
     }
 
     pub fn stats(&self) -> VolumeStats {
-        let s = &self.stats;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        VolumeStats {
-            read_ops: l(&s.read_ops),
-            read_bytes: l(&s.read_bytes),
-            read_latency_ns: l(&s.read_latency_ns),
-            write_ops: l(&s.write_ops),
-            write_bytes: l(&s.write_bytes),
-            write_latency_ns: l(&s.write_latency_ns),
-        }
+        let (read_ops, read_bytes, read_latency_ns) = self.stats.read.load();
+        let (write_ops, write_bytes, write_latency_ns) = self.stats.write.load();
+        VolumeStats { read_ops, read_bytes, read_latency_ns, write_ops, write_bytes, write_latency_ns }
     }
 
     pub(crate) fn leave_io(&self) {
