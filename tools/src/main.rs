@@ -2,6 +2,7 @@
 
 mod autorebuild;
 mod job;
+mod manager;
 mod share;
 mod backup;
 mod snapshot;
@@ -56,6 +57,9 @@ enum Cmd {
     /// Recurring snapshot and backup jobs of a running volume.
     #[command(subcommand)]
     Job(job::JobCmd),
+    /// The host's volume manager: REST API, web UI and metrics.
+    #[command(subcommand)]
+    Manager(manager::ManagerCmd),
 }
 
 #[derive(Subcommand)]
@@ -239,6 +243,7 @@ fn main() {
         Cmd::Backup(c) => backup::run(c),
         Cmd::Share(a) => share::run(a),
         Cmd::Job(c) => job::run(c),
+        Cmd::Manager(c) => manager::run(c),
     };
     if let Err(e) = r {
         eprintln!("longhorn: {e:#}");

@@ -5,9 +5,10 @@ use chrono::{DateTime, Utc};
 use longhorn_engine::jobs::{parse_cron, parse_jobs};
 use serde_json::Value;
 
-/// tools/src/spec.rs lives in the `longhorn` binary crate, which has no library; it
-/// is compiled here as it is there (it only uses serde_json, anyhow and the engine).
-#[path = "../../../tools/src/spec.rs"]
+/// manager/src/spec.rs is compiled here by itself, as `longhorn up --spec` and the
+/// manager use it (it only needs serde_json, anyhow and the engine; the manager crate
+/// itself pulls in the HTTP stack).
+#[path = "../../../manager/src/spec.rs"]
 #[allow(dead_code)]
 mod spec;
 
