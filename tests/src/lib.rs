@@ -5,6 +5,7 @@
 //! `target/debug/longhorn`; `tests/run` builds it before running the suite.
 
 pub mod crash;
+pub mod manager;
 pub mod vm;
 
 use std::io::{BufRead, BufReader};

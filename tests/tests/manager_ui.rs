@@ -7,6 +7,7 @@
 //! replica directories gone after Delete, a replica process killed. Screenshots of
 //! each page go to target/ui-screenshots/.
 
+use longhorn_tests::manager::{free_port, Manager};
 use longhorn_tests::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -14,10 +15,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
 
 fn wait_port(port: u16, what: &str, log: &Path) {
     let t = Instant::now();
@@ -92,76 +89,6 @@ fn moto(run: &Path) -> (Server, String) {
     let ep = format!("http://127.0.0.1:{port}");
     sh(&format!("curl -sf -X PUT '{ep}/backups'"));
     (s, ep)
-}
-
-/// The manager: `longhorn manager serve`, and a few HTTP calls to it (curl).
-struct Manager {
-    proc: Proc,
-    url: String,
-    data: PathBuf,
-}
-
-impl Manager {
-    fn start(dir: &Path) -> Manager {
-        let data = dir.join("data");
-        let run = dir.join("run");
-        let listen = format!("127.0.0.1:{}", free_port());
-        let (proc, url) = spawn(
-            &["manager", "serve", "--listen", &listen, "--data-dir", data.to_str().expect("utf8"), "--run-dir", run.to_str().expect("utf8")],
-            &dir.join("manager.log"),
-            "listening",
-        )
-        .expect("manager starts");
-        Manager { proc, url: url.trim_end_matches('/').to_string(), data }
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-        let mut c = Command::new("curl");
-        c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method, &format!("{}{path}", self.url)]);
-        if let Some(b) = body {
-            c.args(["-H", "Content-Type: application/json", "--data-binary", &b.to_string()]);
-        }
-        let o = c.output().expect("curl");
-        let out = String::from_utf8_lossy(&o.stdout).to_string();
-        let (text, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), serde_json::from_str(text).unwrap_or(Value::Null))
-    }
-
-    fn get(&self, path: &str) -> Value {
-        let (st, v) = self.call("GET", path, None);
-        assert_eq!(st, 200, "GET {path}: {v}");
-        v
-    }
-
-    fn volume(&self, name: &str) -> Value {
-        self.get(&format!("/v1/volumes/{name}"))
-    }
-
-    fn nbd(&self, name: &str) -> String {
-        let v = self.volume(name);
-        let e = v["nbdEndpoint"].as_str().unwrap_or_default().to_string();
-        assert!(e.starts_with("nbd"), "{name} has no nbdEndpoint: {v}");
-        e
-    }
-
-    fn data_paths(&self, name: &str) -> Vec<PathBuf> {
-        let v = self.volume(name);
-        let rs: Vec<PathBuf> = v["replicas"].as_array().into_iter().flatten().filter_map(|r| r["dataPath"].as_str()).map(PathBuf::from).collect();
-        assert!(!rs.is_empty(), "{name} lists no replicas: {v}");
-        rs
-    }
-}
-
-impl Drop for Manager {
-    /// Deletes every volume (stops their processes, which outlive the manager), then stops it.
-    fn drop(&mut self) {
-        if let (200, v) = self.call("GET", "/v1/volumes", None) {
-            for n in v["data"].as_array().into_iter().flatten().filter_map(|x| x["name"].as_str()) {
-                let _ = self.call("DELETE", &format!("/v1/volumes/{n}"), None);
-            }
-        }
-        self.proc.term();
-    }
 }
 
 fn files_under(dir: &Path) -> Vec<String> {
@@ -301,7 +228,6 @@ fn handle(cx: &mut Ctx, step: &str, d: &Value) -> Result<Value, String> {
 }
 
 #[test]
-#[ignore = "needs `longhorn manager serve`: the manager crate (manager/src) is not yet a workspace member (see manager/PENDING.md)"]
 fn web_ui_story_in_a_real_browser() {
     let t0 = Instant::now();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -93,7 +93,7 @@ fn engine_b(c: &Cluster) -> std::process::Command {
 /// wakes, can no longer write.
 #[test]
 fn a_second_engine_is_refused_and_a_stale_one_is_fenced() {
-    let mut c = Cluster::new("vol1", 16 * MB, 2);
+    let c = Cluster::new("vol1", 16 * MB, 2);
     sh(&format!("{NBDSH} -u '{}' -c 'h.pwrite(b\"A\" * 4096, 0); h.flush()'", c.uri()));
     let o = engine_b(&c).stdout(std::process::Stdio::null()).output().expect("run engine B");
     let err = String::from_utf8_lossy(&o.stderr);

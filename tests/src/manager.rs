@@ -1,0 +1,129 @@
+//! A real `longhorn manager serve` on a free loopback port, and HTTP calls to it with
+//! curl (a client no one here wrote). Dropping it deletes every volume it owns (their
+//! processes outlive the manager by design) and then stops it.
+
+use crate::{spawn, Proc};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+pub struct Manager {
+    pub proc: Proc,
+    pub url: String,
+    pub listen: String,
+    pub data: PathBuf,
+    pub run: PathBuf,
+    pub log: PathBuf,
+    /// Whether Drop deletes the volumes (a test that hands them to a second manager
+    /// turns it off on the first).
+    pub cleanup: bool,
+}
+
+impl Manager {
+    /// Starts a manager with its data under `dir/data` and sockets under `dir/run`.
+    pub fn start(dir: &Path) -> Manager {
+        Manager::start_on(dir, &format!("127.0.0.1:{}", free_port()), "manager.log")
+    }
+
+    /// As [`Manager::start`] on a given address, logging to `dir/LOG_NAME`: a second
+    /// manager on the same directories finds the first one's volumes.
+    pub fn start_on(dir: &Path, listen: &str, log_name: &str) -> Manager {
+        let data = dir.join("data");
+        let run = dir.join("run");
+        let log = dir.join(log_name);
+        let (proc, url) = spawn(
+            &["manager", "serve", "--listen", listen, "--data-dir", data.to_str().expect("utf8"), "--run-dir", run.to_str().expect("utf8")],
+            &log,
+            "listening",
+        )
+        .expect("the manager starts");
+        Manager { proc, url: url.trim_end_matches('/').to_string(), listen: listen.to_string(), data, run, log, cleanup: true }
+    }
+
+    /// One request; (HTTP status, JSON body or Null).
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let (st, text) = self.call_raw(method, path, body.map(|b| b.to_string()).as_deref(), &[]);
+        (st, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// One request with a raw body and extra curl arguments (headers); (status, body text).
+    pub fn call_raw(&self, method: &str, path: &str, body: Option<&str>, extra: &[&str]) -> (u16, String) {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-m", "180", "-o", "-", "-w", "\n%{http_code}", "-X", method]).args(extra).arg(format!("{}{path}", self.url));
+        if let Some(b) = body {
+            c.args(["-H", "Content-Type: application/json", "--data-binary", b]);
+        }
+        let o = c.output().expect("curl");
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        let (text, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), text.to_string())
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        let (st, v) = self.call("GET", path, None);
+        assert_eq!(st, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// POST that must succeed (200 or 201); its body.
+    pub fn post(&self, path: &str, body: &Value) -> Value {
+        let (st, v) = self.call("POST", path, Some(body));
+        assert!(st == 200 || st == 201, "POST {path} {body}: {st} {v}");
+        v
+    }
+
+    pub fn volume(&self, name: &str) -> Value {
+        self.get(&format!("/v1/volumes/{name}"))
+    }
+
+    /// The volume's NBD export (nbd+unix URI).
+    pub fn nbd(&self, name: &str) -> String {
+        let v = self.volume(name);
+        let e = v["nbdEndpoint"].as_str().unwrap_or_default().to_string();
+        assert!(e.starts_with("nbd"), "{name} has no nbdEndpoint: {v}");
+        e
+    }
+
+    pub fn data_paths(&self, name: &str) -> Vec<PathBuf> {
+        let v = self.volume(name);
+        let rs: Vec<PathBuf> = v["replicas"].as_array().into_iter().flatten().filter_map(|r| r["dataPath"].as_str()).map(PathBuf::from).collect();
+        assert!(!rs.is_empty(), "{name} lists no replicas: {v}");
+        rs
+    }
+
+    /// Polls the volume until `ok` holds of its JSON, up to `secs`; the last JSON.
+    pub fn wait_volume(&self, name: &str, secs: u64, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let t = std::time::Instant::now();
+        loop {
+            let (st, v) = self.call("GET", &format!("/v1/volumes/{name}"), None);
+            if st == 200 && ok(&v) {
+                return v;
+            }
+            assert!(t.elapsed().as_secs() < secs, "volume {name}: not {what} within {secs} s: {st} {v}\nmanager log:\n{}", self.log_tail());
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        if self.cleanup {
+            if let (200, v) = self.call("GET", "/v1/volumes", None) {
+                for n in v["data"].as_array().into_iter().flatten().filter_map(|x| x["name"].as_str()) {
+                    let _ = self.call("DELETE", &format!("/v1/volumes/{n}"), None);
+                }
+            }
+        }
+        self.proc.term();
+    }
+}
