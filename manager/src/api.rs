@@ -86,9 +86,31 @@ fn spec_of(b: &Map<String, Value>) -> ApiResult<crate::spec::Spec> {
     }
     crate::spec::from_value(&Value::Object(o)).map_err(|e| {
         let msg = format!("{e:#}");
-        let field = msg.split(':').next().unwrap_or("body").to_string();
+        let top = msg.split(':').next().unwrap_or("body").to_string();
+        let field = if top == "recurringJobs" { job_field("recurringJobs", &msg) } else { top };
         ApiError::bad(&field, msg)
     })
+}
+
+/// The field a job validation error is about, as `LIST[N].FIELD` when the engine's
+/// message names them (`recurringJobs[N] ("x"): field "cron" ...`), so a form can put
+/// the message next to the right input.
+fn job_field(list: &str, msg: &str) -> String {
+    let idx = msg
+        .find("recurringJobs[")
+        .map(|i| &msg[i + "recurringJobs[".len()..])
+        .and_then(|r| r.split(']').next())
+        .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+    let field = msg
+        .find("field \"")
+        .map(|i| &msg[i + "field \"".len()..])
+        .and_then(|r| r.split('"').next())
+        .filter(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_alphanumeric()));
+    match (idx, field) {
+        (Some(i), Some(f)) => format!("{list}[{i}].{f}"),
+        (Some(i), None) => format!("{list}[{i}]"),
+        _ => list.to_string(),
+    }
 }
 
 pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
@@ -172,11 +194,11 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
     let env = m.backup_env();
     let (t2, bv2, bn2) = (turl.clone(), bvol.clone(), bname.clone());
     let env2 = env.clone();
-    let found = blocking(move || -> Result<(Arc<dyn target::BackupTarget>, Option<u64>), String> {
+    let found = blocking(move || -> Result<(OffRuntime, Option<u64>), String> {
         let t: Arc<dyn target::BackupTarget> = Arc::from(target::open(&t2, &env2).map_err(|e| e.to_string())?);
         backup::store::load_backup(t.as_ref(), &bv2, &bn2, backup::store::volume_size(t.as_ref(), &bv2)).map_err(|e| e.to_string())?;
         let size = backup::store::volume_size(t.as_ref(), &bv2);
-        Ok((t, size))
+        Ok((OffRuntime(Some(t)), size))
     })
     .await?;
     let (t, bsize) = found.map_err(|e| ApiError::bad("fromBackup", format!("fromBackup: {e}")))?;
@@ -205,6 +227,8 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
                     e.restore = Some((done, total));
                 }
             };
+            let mut t = t;
+            let t = t.0.take().ok_or_else(|| "the backup target was already closed".to_string())?;
             backup::restore(t, &bvol, &bname, &data_dir, &n2, n, &progress).map_err(|e| e.to_string())
         })
         .await;
@@ -564,7 +588,10 @@ async fn jobs_add(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<V
     input::only(b, &["jobs"])?;
     let new = b.get("jobs").filter(|j| j.is_array()).ok_or_else(|| ApiError::bad("jobs", "jobs: required, a list of recurring jobs"))?;
     // Validated alone first (errors then index the request's own list), then merged.
-    longhorn_engine::jobs::parse_jobs(new).map_err(|e| ApiError::bad("jobs", format!("jobs: {e}")))?;
+    longhorn_engine::jobs::parse_jobs(new).map_err(|e| {
+        let msg = format!("jobs: {e}");
+        ApiError::bad(&job_field("jobs", &msg), msg)
+    })?;
     let _ops = m.ops.lock().await;
     let mut st = m.state(name)?;
     let new_list = new.as_array().cloned().unwrap_or_default();
@@ -583,13 +610,35 @@ async fn jobs_add(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<V
 
 // --- backups ---
 
-fn open_target(m: &Shared) -> ApiResult<Option<(String, Arc<dyn target::BackupTarget>)>> {
+/// Opens the backup target and runs `f` on it, all on a worker thread: the NFS target
+/// drives a tokio runtime of its own (to connect, per operation and on drop), which
+/// must never run on one of the manager's async threads. None when no target is set.
+async fn with_target<T: Send + 'static>(
+    m: &Shared,
+    f: impl FnOnce(&Arc<dyn target::BackupTarget>) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<Option<T>> {
     let url = crate::settings::get(m, crate::settings::TARGET)?;
     if url.is_empty() {
         return Ok(None);
     }
-    let t = target::open(&url, &m.backup_env()).map_err(|e| ApiError::conflict(format!("backup target: {e}")))?;
-    Ok(Some((url, Arc::from(t))))
+    let env = m.backup_env();
+    blocking(move || {
+        let t: Arc<dyn target::BackupTarget> = Arc::from(target::open(&url, &env).map_err(|e| ApiError::conflict(format!("backup target: {e}")))?);
+        f(&t).map(Some)
+    })
+    .await?
+}
+
+/// A backup target handed from a worker thread to async code: dropped, it is dropped
+/// on a thread of its own (see [`with_target`]).
+struct OffRuntime(Option<Arc<dyn target::BackupTarget>>);
+
+impl Drop for OffRuntime {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            let _ = std::thread::Builder::new().name("target-drop".into()).spawn(move || drop(t));
+        }
+    }
 }
 
 fn bv_json(base: &str, v: &backup::VolumeInfo) -> Value {
@@ -623,40 +672,43 @@ fn be(e: backup::BackupError) -> ApiError {
 
 pub async fn list_backup_volumes(State(m): State<Shared>, h: HeaderMap) -> ApiResult<Json<Value>> {
     let b = base(&m, &h);
-    let data = match open_target(&m)? {
-        None => Vec::new(),
-        Some((_, t)) => blocking(move || backup::list_volumes(t.as_ref())).await?.map_err(be)?.iter().map(|v| bv_json(&b, v)).collect(),
-    };
+    let b2 = b.clone();
+    let data = with_target(&m, move |t| Ok(backup::list_volumes(t.as_ref()).map_err(be)?.iter().map(|v| bv_json(&b2, v)).collect::<Vec<_>>()))
+        .await?
+        .unwrap_or_default();
     Ok(Json(collection("backupVolume", data, format!("{b}/v1/backupvolumes"))))
 }
 
-async fn backup_volume_info(m: &Shared, name: &str) -> ApiResult<(Arc<dyn target::BackupTarget>, backup::VolumeInfo)> {
-    input::name("name", name)?;
-    let (_, t) = open_target(m)?.ok_or_else(|| ApiError::not_found(format!("backup volume {name:?} (no backup target is set)")).with_field("name"))?;
-    let t2 = t.clone();
-    let all = blocking(move || backup::list_volumes(t2.as_ref())).await?.map_err(be)?;
-    let v = all.into_iter().find(|v| v.name == name).ok_or_else(|| ApiError::not_found(format!("backup volume {name:?}")).with_field("name"))?;
-    Ok((t, v))
+/// The backup volume `name` of the target, or 404.
+fn find_backup_volume(t: &dyn target::BackupTarget, name: &str) -> ApiResult<backup::VolumeInfo> {
+    let all = backup::list_volumes(t).map_err(be)?;
+    all.into_iter().find(|v| v.name == name).ok_or_else(|| ApiError::not_found(format!("backup volume {name:?}")).with_field("name"))
+}
+
+fn no_target(name: &str) -> ApiError {
+    ApiError::not_found(format!("backup volume {name:?} (no backup target is set)")).with_field("name")
 }
 
 pub async fn get_backup_volume(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
-    let (_, v) = backup_volume_info(&m, &name).await?;
+    input::name("name", &name)?;
+    let n = name.clone();
+    let v = with_target(&m, move |t| find_backup_volume(t.as_ref(), &n)).await?.ok_or_else(|| no_target(&name))?;
     Ok(Json(bv_json(&base(&m, &h), &v)))
 }
 
 pub async fn delete_backup_volume(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
-    let (t, v) = backup_volume_info(&m, &name).await?;
-    let out = bv_json(&base(&m, &h), &v);
+    input::name("name", &name)?;
     let n = name.clone();
-    blocking(move || -> Result<(), backup::BackupError> {
-        for b in backup::list_backups(t.as_ref(), Some(&n))? {
-            backup::delete_backup(t.clone(), &n, &b.name)?;
+    let v = with_target(&m, move |t| {
+        let v = find_backup_volume(t.as_ref(), &n)?;
+        for b in backup::list_backups(t.as_ref(), Some(&n)).map_err(be)? {
+            backup::delete_backup(t.clone(), &n, &b.name).map_err(be)?;
         }
-        Ok(())
+        Ok(v)
     })
     .await?
-    .map_err(be)?;
-    Ok(Json(out))
+    .ok_or_else(|| no_target(&name))?;
+    Ok(Json(bv_json(&base(&m, &h), &v)))
 }
 
 pub async fn backup_volume_action(
@@ -666,38 +718,40 @@ pub async fn backup_volume_action(
     Query(q): Q,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
+    input::name("name", &name)?;
     let action = q.get("action").cloned().ok_or_else(|| ApiError::bad("action", "action: required (?action=...)"))?;
     let b = body(&h, b)?;
     let base = base(&m, &h);
     if !matches!(action.as_str(), "backupList" | "backupGet" | "backupDelete") {
         return Err(ApiError::bad("action", format!("action: unknown backup volume action {action:?}")));
     }
-    let (t, _) = backup_volume_info(&m, &name).await?;
-    let n = name.clone();
-    let t2 = t.clone();
-    let list = blocking(move || backup::list_backups(t2.as_ref(), Some(&n))).await?.map_err(be)?;
-    match action.as_str() {
-        "backupList" => {
-            input::only(&b, &[])?;
-            let data = list.iter().map(|x| backup_json(&base, x)).collect();
-            Ok(Json(collection("backup", data, format!("{base}/v1/backupvolumes/{name}?action=backupList"))))
+    let bname = if action == "backupList" {
+        input::only(&b, &[])?;
+        None
+    } else {
+        input::only(&b, &["name"])?;
+        let bname = input::req_str(&b, "name")?.to_string();
+        input::name("name", &bname)?;
+        Some(bname)
+    };
+    let (n, base2) = (name.clone(), base.clone());
+    let out = with_target(&m, move |t| {
+        find_backup_volume(t.as_ref(), &n)?;
+        let list = backup::list_backups(t.as_ref(), Some(&n)).map_err(be)?;
+        let Some(bname) = bname else {
+            let data = list.iter().map(|x| backup_json(&base2, x)).collect();
+            return Ok(collection("backup", data, format!("{base2}/v1/backupvolumes/{n}?action=backupList")));
+        };
+        let found = list.iter().find(|x| x.name == bname).ok_or_else(|| ApiError::not_found(format!("backup {bname:?} of {n:?}")).with_field("name"))?;
+        let out = backup_json(&base2, found);
+        if action == "backupDelete" {
+            backup::delete_backup(t.clone(), &n, &bname).map_err(be)?;
         }
-        _ => {
-            input::only(&b, &["name"])?;
-            let bname = input::req_str(&b, "name")?.to_string();
-            input::name("name", &bname)?;
-            let found = list
-                .iter()
-                .find(|x| x.name == bname)
-                .ok_or_else(|| ApiError::not_found(format!("backup {bname:?} of {name:?}")).with_field("name"))?;
-            let out = backup_json(&base, found);
-            if action == "backupDelete" {
-                let n = name.clone();
-                blocking(move || backup::delete_backup(t, &n, &bname)).await?.map_err(be)?;
-            }
-            Ok(Json(out))
-        }
-    }
+        Ok(out)
+    })
+    .await?
+    .ok_or_else(|| no_target(&name))?;
+    Ok(Json(out))
 }
 
 // --- settings and secrets ---

@@ -20,8 +20,9 @@ export function render(main) {
         throw e;
       }
     };
-    await put('backup-target', f['backup-target'].trim());
+    // The secret first: the manager checks the target with the credentials it names.
     await put('backup-target-credential-secret', f['backup-target-credential-secret'].trim());
+    await put('backup-target', f['backup-target'].trim());
     toast('settings saved');
     load();
   });

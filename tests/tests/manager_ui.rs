@@ -303,11 +303,11 @@ fn web_ui_story_in_a_real_browser() {
     }
     let st = story.wait().expect("wait story");
     let stderr = errs.join().unwrap_or_default();
-    let mlog = || std::fs::read_to_string(tmp.path().join("manager.log")).unwrap_or_default();
+    let mlog = || m.log_tail();
     if let Some(f) = failed {
-        panic!("step {f}\nstory stderr:\n{stderr}\nmanager log (tail):\n{}", tail(&mlog()));
+        panic!("step {f}\nstory stderr:\n{stderr}\nmanager log (tail):\n{}", mlog());
     }
-    assert!(st.success(), "the UI story failed ({st}):\n{stderr}\nmanager log (tail):\n{}", tail(&mlog()));
+    assert!(st.success(), "the UI story failed ({st}):\n{stderr}\nmanager log (tail):\n{}", mlog());
     for want in ["attached", "snapshot", "job", "restored", "deleted", "kill-replica", "healed"] {
         assert!(steps.iter().any(|s| s == want), "the story skipped {want}: {steps:?}");
     }
@@ -318,9 +318,4 @@ fn web_ui_story_in_a_real_browser() {
     drop(cx);
     drop(m);
     println!("UI story: {:.1} s; screenshots in {}", t0.elapsed().as_secs_f64(), shots.display());
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }
