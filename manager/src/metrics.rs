@@ -97,8 +97,13 @@ pub fn render(m: &Shared) -> String {
     o.head("longhorn_snapshot_actual_size_bytes", "Bytes each snapshot uses on one replica");
     for e in g.values() {
         let Some(s) = &e.sample else { continue };
+        // Snapshots only: the head is the volume's live layer, not a snapshot (its
+        // bytes count in longhorn_volume_actual_size_bytes).
         for sn in s.snapshots.as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
             let n = sn["name"].as_str().unwrap_or("");
+            if n == "volume-head" {
+                continue;
+            }
             o.line("longhorn_snapshot_actual_size_bytes", &[("volume", &e.st.name), ("snapshot", n)], sn["size"].as_f64().unwrap_or(0.0));
         }
     }

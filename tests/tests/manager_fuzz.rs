@@ -47,7 +47,6 @@ FIELDS = {
     "replicaRemove": ["name"],
     "recurringJobDelete": ["name"],
     "updateReplicaCount": ["replicaCount"],
-    "expand": ["size"],
     "recurringJobAdd": ["jobs"],
     "detach": [],
     "snapshotList": [],
