@@ -386,7 +386,7 @@ fn classify(name: &str, e: String) -> ApiError {
         return ApiError::engine(name, e);
     }
     let low = e.to_ascii_lowercase();
-    let status = if low.contains("not found") || low.contains("no such") || low.contains("does not exist") || low.contains("unknown snapshot") {
+    let status = if low.contains("not found") || low.contains("no such") || low.contains("does not exist") || low.contains("unknown snapshot") || low.contains("no snapshot named") {
         StatusCode::NOT_FOUND
     } else if low.contains("busy") || low.contains("already") || low.contains("connected") || low.contains("running") {
         StatusCode::CONFLICT

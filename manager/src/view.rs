@@ -105,8 +105,21 @@ pub fn snapshot_list(raw: &Value, vol_url: &str) -> Vec<Value> {
     let list = raw.as_array().map(|a| a.as_slice()).unwrap_or(&[]);
     let mut out = Vec::new();
     let mut head_parent = String::new();
+    let mut head_seen = false;
     for s in list {
         let name = s["name"].as_str().unwrap_or("").to_string();
+        // The engine lists the head itself (as its last entry); it is no snapshot and
+        // takes no snapshot actions.
+        if name == "volume-head" {
+            head_seen = true;
+            out.push(json!({
+                "type": "snapshot", "id": name, "name": name, "parent": s["parent"].as_str().unwrap_or(""), "children": [],
+                "created": s["created"].as_str().unwrap_or(""), "size": s["size"].as_u64().unwrap_or(0).to_string(),
+                "usercreated": false, "removed": false, "labels": {},
+                "links": {"self": format!("{vol_url}?action=snapshotList")}, "actions": {},
+            }));
+            continue;
+        }
         let children: Vec<Value> = s["children"].as_array().cloned().unwrap_or_default();
         if children.iter().any(|c| c == "volume-head") || (s["in_chain"] == true && children.is_empty()) {
             head_parent = name.clone();
@@ -123,6 +136,9 @@ pub fn snapshot_list(raw: &Value, vol_url: &str) -> Vec<Value> {
                 "snapshotBackup": format!("{vol_url}?action=snapshotBackup"),
             },
         }));
+    }
+    if head_seen {
+        return out;
     }
     out.push(json!({
         "type": "snapshot", "id": "volume-head", "name": "volume-head", "parent": head_parent, "children": [],
@@ -181,7 +197,7 @@ pub fn volume(m: &Mgr, e: &Entry, base: &str) -> Value {
             "detach", "snapshotCreate", "snapshotList", "snapshotDelete", "snapshotRevert", "snapshotPurge", "snapshotBackup",
             "updateReplicaCount", "replicaRemove", "recurringJobAdd", "recurringJobDelete", "recurringJobList",
         ],
-        "detached" => vec!["attach", "updateReplicaCount", "recurringJobAdd", "recurringJobDelete", "recurringJobList", "expand"],
+        "detached" => vec!["attach", "updateReplicaCount", "recurringJobAdd", "recurringJobDelete", "recurringJobList"],
         "error" => vec!["detach", "recurringJobList"],
         _ => vec![],
     };

@@ -25,7 +25,7 @@ pub struct Conn {
 
 #[derive(Subcommand)]
 pub enum ApiCmd {
-    /// Volumes: ls, get, create, attach, detach, delete, replicas, expand.
+    /// Volumes: ls, get, create, attach, detach, delete, replicas.
     #[command(subcommand)]
     Volume(VolumeSub),
     /// Snapshots of a volume: ls, create, rm, revert, purge, backup.
@@ -83,11 +83,6 @@ pub enum VolumeSub {
     Replicas {
         name: String,
         count: u64,
-    },
-    /// Grow a detached volume.
-    Expand {
-        name: String,
-        size: String,
     },
 }
 
@@ -284,7 +279,6 @@ pub fn run(conn: &Conn, cmd: ApiCmd) -> Result<()> {
             VolumeSub::Replicas { name, count } => {
                 (c.action(&name, "updateReplicaCount", json!({"replicaCount": count}))?, volume)
             }
-            VolumeSub::Expand { name, size } => (c.action(&name, "expand", json!({"size": size}))?, volume),
         },
         ApiCmd::Snapshot(s) => match s {
             SnapshotSub::Ls { volume } => (c.action(&volume, "snapshotList", json!({}))?, snapshots),
