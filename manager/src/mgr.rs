@@ -183,6 +183,8 @@ impl Mgr {
         let env = self.backup_env();
         let st2 = st.clone();
         let (pid, start) = blocking(move || {
+            // What a killed `up` left running would stop the new one from starting.
+            procs::stop_leftovers(&st2.name, &data_dir, &run_dir)?;
             procs::spawn_up(&procs::UpArgs {
                 exe: &exe,
                 volume: &st2.name,
@@ -227,9 +229,20 @@ impl Mgr {
     /// Stops the volume's `longhorn up`. Called with `ops` held.
     pub async fn stop_up(&self, name: &str) -> ApiResult<()> {
         let mut st = self.state(name)?;
-        if let (Some(pid), Some(start)) = (st.pid, st.start_time) {
-            blocking(move || procs::stop(pid, start, Duration::from_secs(120))).await?.map_err(ApiError::internal)?;
-        }
+        let (v, data_dir, run_dir) = (st.name.clone(), self.cfg.data_dir.clone(), self.cfg.run_dir.clone());
+        let (pid, start) = (st.pid, st.start_time);
+        blocking(move || -> anyhow::Result<()> {
+            let up = match (pid, start) {
+                (Some(pid), Some(start)) => procs::stop(pid, start, Duration::from_secs(120)),
+                _ => Ok(()),
+            };
+            // An `up` that was killed (by someone, or by the line above) leaves its
+            // engine and replicas behind.
+            let rest = procs::stop_leftovers(&v, &data_dir, &run_dir);
+            up.and(rest)
+        })
+        .await?
+        .map_err(|e| ApiError::conflict(format!("volume {name:?}: {e:#}")))?;
         st.attached = false;
         st.pid = None;
         st.start_time = None;

@@ -145,3 +145,80 @@ pub fn last_log_line(log: &PathBuf) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
 }
+
+/// The engine and replica processes of `volume` that no live `longhorn up` owns any
+/// more: `up` puts its children in process groups of their own, so when `up` itself is
+/// killed they keep serving (the volume's I/O goes on). A new `up` on the same
+/// directories cannot start beside them (the NBD socket and the replicas' files are
+/// theirs), and a detach or delete must not leave them running. (pid, start time,
+/// "engine" | "replica").
+pub fn leftovers(volume: &str, data_dir: &Path, run_dir: &Path) -> Vec<(i32, u64, &'static str)> {
+    let replica_prefix = format!("{}/", data_dir.join(volume).display());
+    let run = run_dir.display().to_string();
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let after = |flag: &str| args.windows(2).find(|w| w[0] == flag).map(|w| w[1].as_str());
+        let serves = |what: &str| args.windows(2).any(|w| w[0] == what && w[1] == "serve");
+        if after("--volume") != Some(volume) {
+            continue;
+        }
+        let kind = if serves("engine") && after("--run-dir") == Some(run.as_str()) {
+            "engine"
+        } else if serves("replica") && after("--dir").is_some_and(|d| d.starts_with(&replica_prefix)) {
+            "replica"
+        } else {
+            continue;
+        };
+        if let Some(st) = start_time(pid) {
+            out.push((pid, st, kind));
+        }
+    }
+    out
+}
+
+/// Stops the leftovers of [`leftovers`] cleanly: the engine first (SIGTERM: it flushes
+/// the replicas and closes its exports), then the replicas. An engine that will not
+/// stop (it refuses while its device is mounted) is an error naming it, and the
+/// replicas under it are left alone.
+pub fn stop_leftovers(volume: &str, data_dir: &Path, run_dir: &Path) -> Result<()> {
+    let left = leftovers(volume, data_dir, run_dir);
+    if left.is_empty() {
+        return Ok(());
+    }
+    for kind in ["engine", "replica"] {
+        let these: Vec<(i32, u64)> = left.iter().filter(|l| l.2 == kind).map(|l| (l.0, l.1)).collect();
+        for &(pid, _) in &these {
+            tracing::warn!(volume, pid, kind, "stopping a process that no longhorn up owns any more");
+            // SAFETY: kill(2) on a pid whose command line we just read.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let t = Instant::now();
+        while these.iter().any(|&(p, s)| alive(p, s)) && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stuck: Vec<i32> = these.iter().filter(|&&(p, s)| alive(p, s)).map(|&(p, _)| p).collect();
+        if stuck.is_empty() {
+            continue;
+        }
+        if kind == "engine" {
+            bail!(
+                "the engine of volume {volume} (pid {}) outlived its longhorn up and does not stop (is its device mounted? unmount it)",
+                stuck.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        for p in stuck {
+            tracing::warn!(volume, pid = p, "the replica did not stop in 20 s; killing it");
+            // SAFETY: as above.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+    }
+    Ok(())
+}

@@ -250,8 +250,9 @@ fn every_volume_snapshot_backup_and_job_action_over_http() {
 
 /// The manager is only the control plane: killed with -9 while fio writes and
 /// verifies over NBD, the volume keeps serving; a new manager adopts the running
-/// `longhorn up` (same pid) and answers for it. With every process of the volume gone
-/// too (a host crash), the next manager starts it again on its data.
+/// `longhorn up` (same pid) and answers for it. `up` killed alone is replaced (what it
+/// left running stopped first); with every process of the volume gone too (a host
+/// crash), the next manager starts it again on its data.
 #[test]
 fn a_manager_killed_under_fio_adopts_its_volumes_and_restarts_dead_ones() {
     assert!(have("fio"), "fio is not installed (tests/run installs it)");
@@ -281,6 +282,23 @@ fn a_manager_killed_under_fio_adopts_its_volumes_and_restarts_dead_ones() {
     let img = t.path().join("before.bin");
     sh(&format!("nbdcopy '{uri}' '{}'", img.display()));
 
+    // `up` alone killed: its engine and replicas outlive it; the manager stops them
+    // cleanly and starts a new `up` on the same data.
+    sh(&format!("kill -9 {pid0}"));
+    let t0 = Instant::now();
+    let pid1 = loop {
+        let p = read_state(&m2, "fv")["pid"].as_i64();
+        let v = m2.volume("fv");
+        if p.is_some() && p != Some(pid0) && attached_healthy(&v) && std::path::Path::new(&format!("/proc/{}", p.unwrap_or(0))).exists() {
+            break p.unwrap_or(0);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no new longhorn up after kill -9 of {pid0}: {v}\n{}", m2.log_tail());
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let again = t.path().join("again.bin");
+    sh(&format!("nbdcopy '{uri}' '{}'", again.display()));
+    sh(&format!("cmp '{}' '{}'", img.display(), again.display()));
+
     // A host crash: the manager and every process of the volume die at once.
     let mut m2 = m2;
     m2.cleanup = false;
@@ -295,7 +313,7 @@ fn a_manager_killed_under_fio_adopts_its_volumes_and_restarts_dead_ones() {
     let m3 = Manager::start_on(t.path(), &listen, "manager-3.log");
     m3.wait_volume("fv", 90, "restarted and healthy", attached_healthy);
     let pid3 = read_state(&m3, "fv")["pid"].as_i64();
-    assert!(pid3.is_some() && pid3 != Some(pid0), "a new longhorn up serves the volume");
+    assert!(pid3.is_some() && pid3 != Some(pid1), "a new longhorn up serves the volume");
     let after = t.path().join("after.bin");
     sh(&format!("nbdcopy '{}' '{}'", m3.nbd("fv"), after.display()));
     sh(&format!("cmp '{}' '{}'", img.display(), after.display()));
