@@ -1,7 +1,7 @@
 //! The manager's API against its own OpenAPI document: schemathesis (from PyPI, see
 //! tests/run) generates requests from `GET /v1/openapi.json` and checks that no answer
-//! is a server error and that every answer's status, content type and body are the
-//! ones the document names. The manager is real and so is its volume: one replica,
+//! is a server error, that every answer's status, content type and body are the ones
+//! the document names, and that what the document calls invalid is refused. The manager is real and so is its volume: one replica,
 //! attached with the NBD export only, so the snapshot, backup and job actions reach a
 //! real engine; a file:// backup target in the test directory holds one real backup.
 //!
@@ -56,6 +56,11 @@ FIELDS = {
 SCHEMES = ("nfs://", "s3://", "file://", "vfs://")
 
 
+def negative(case):
+    meta = getattr(case, "meta", None)
+    return meta is not None and str(meta.generation.mode) == "negative"
+
+
 @schemathesis.hook
 def map_case(context, case):
     path = case.operation.path
@@ -66,29 +71,33 @@ def map_case(context, case):
     action = query.get("action")
     if not isinstance(action, str):
         action = None
+    # Steering for cases meant valid only: a case meant invalid stays as generated
+    # (negative_data_rejection checks the server refuses it).
+    steer = not negative(case)
     if path == "/v1/volumes/{name}":
         if method == "DELETE":
             # DELETE is fuzzed on other names only: the attached volume stays.
             if params.get("name") == VOL:
                 params["name"] = VOL + "-gone"
-        elif random.random() < 0.85:
+        elif steer and random.random() < 0.85:
             params["name"] = VOL
-        if body is not None and action in FIELDS and random.random() < 0.8:
+        if steer and body is not None and action in FIELDS and random.random() < 0.8:
             body = {k: v for k, v in body.items() if k in FIELDS[action]}
-        if body is not None and action in ("snapshotGet", "snapshotDelete", "snapshotRevert") and random.random() < 0.3:
+        if steer and body is not None and action in ("snapshotGet", "snapshotDelete", "snapshotRevert") and random.random() < 0.3:
             body["name"] = SNAP
-        if body is not None and action == "attach":
+        if body is not None and action == "attach" and steer:
             # No block device on the test host: the NBD export only.
             body["disableFrontend"] = True
-    if path == "/v1/backupvolumes/{name}" and random.random() < 0.7:
+    if steer and path == "/v1/backupvolumes/{name}" and random.random() < 0.7:
         params["name"] = VOL
         if body is not None and random.random() < 0.3:
             body["name"] = BACKUP
     if body is not None:
-        # Few replica processes on a 2-core machine.
+        # Few replica processes on a 2-core machine (what the server refuses anyway,
+        # above 32, stays).
         for k in ("replicaCount", "numberOfReplicas"):
             n = body.get(k)
-            if isinstance(n, int) and not isinstance(n, bool) and n > 2:
+            if isinstance(n, int) and not isinstance(n, bool) and 2 < n <= 32:
                 body[k] = 2
         # Backup targets stay on this machine: any URL becomes the test's directory.
         for k in ("value", "fromBackup"):
@@ -148,7 +157,7 @@ fn the_api_matches_its_openapi_document_under_fuzzing() {
         .args(["-k", "5", &(FUZZ_SECS + 60).to_string(), "schemathesis", "--no-color", "run"])
         .arg(format!("{url}/v1/openapi.json"))
         .args(["--url", &url, "--workers", "1", "--max-examples", "25", "--max-time", &FUZZ_SECS.to_string()])
-        .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"])
+        .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,negative_data_rejection"])
         // An endless stream by design: not a request/response operation.
         .args(["--exclude-path", "/v1/events"])
         .args(["--request-timeout", "30", "--suppress-health-check", "all", "--generation-database", "none"])
