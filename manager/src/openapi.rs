@@ -16,9 +16,64 @@ pub async fn document() -> Json<Value> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     #[test]
     fn the_document_parses() {
         let d = super::doc();
         assert_eq!(d["openapi"].as_str().map(|s| s.starts_with("3.")), Some(true));
+    }
+
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r);
+                }
+                m.values().for_each(|x| refs(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+
+    /// Every `$ref` names a component that is there.
+    #[test]
+    fn every_reference_resolves() {
+        let d = super::doc();
+        let mut all = Vec::new();
+        refs(&d, &mut all);
+        assert!(all.len() > 20, "{} references", all.len());
+        for r in all {
+            let ptr = r.strip_prefix('#').unwrap_or_else(|| panic!("{r}: not a local reference"));
+            assert!(d.pointer(ptr).is_some_and(|t| t.is_object()), "{r} does not resolve");
+        }
+    }
+
+    /// The routes of `crate::router`, each with its methods.
+    #[test]
+    fn every_route_is_documented() {
+        let d = super::doc();
+        let routes: [(&str, &[&str]); 12] = [
+            ("/v1/volumes", &["get", "post"]),
+            ("/v1/volumes/{name}", &["get", "post", "delete"]),
+            ("/v1/backupvolumes", &["get"]),
+            ("/v1/backupvolumes/{name}", &["get", "post", "delete"]),
+            ("/v1/settings", &["get"]),
+            ("/v1/settings/{name}", &["get", "put"]),
+            ("/v1/secrets", &["get"]),
+            ("/v1/secrets/{name}", &["get", "put", "delete"]),
+            ("/v1/events", &["get"]),
+            ("/v1/openapi.json", &["get"]),
+            ("/metrics", &["get"]),
+            ("/healthz", &["get"]),
+        ];
+        for (path, methods) in routes {
+            for m in methods {
+                let op = &d["paths"][path][m];
+                assert!(op.is_object(), "{} {path} is not documented", m.to_uppercase());
+                assert!(op["responses"]["200"].is_object() || op["responses"]["201"].is_object(), "{m} {path}: no success response");
+            }
+        }
     }
 }
