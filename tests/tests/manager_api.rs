@@ -423,3 +423,54 @@ fn beyond_loopback_the_api_needs_a_token() {
     assert_eq!(code("", "/healthz"), "200");
     assert_eq!(code("", "/"), "200");
 }
+
+/// `longhorn manager volume|snapshot|job|setting|backup ...`: the operator CLI does over
+/// the API what the UI does, and says what is wrong when the API refuses.
+#[test]
+fn the_operator_cli_drives_the_same_api() {
+    let t = tmp("lh-cli-");
+    let m = Manager::start(t.path());
+    let cli = |args: &[&str]| -> (bool, String) {
+        let o = Command::new(bin()).arg("manager").args(args).env("LONGHORN_MANAGER_URL", &m.url).output().expect("run longhorn manager");
+        let mut s = String::from_utf8_lossy(&o.stdout).to_string();
+        s.push_str(&String::from_utf8_lossy(&o.stderr));
+        (o.status.success(), s)
+    };
+    let ok = |args: &[&str]| -> String {
+        let (good, out) = cli(args);
+        assert!(good, "longhorn manager {args:?} failed:\n{out}");
+        out
+    };
+    ok(&["volume", "create", "c1", "--size", "32Mi", "--replicas", "2"]);
+    let (good, out) = cli(&["volume", "create", "c2", "--size", "12345"]);
+    assert!(!good && out.contains("size") && out.contains("HTTP 400"), "a bad size: {out}");
+    ok(&["volume", "attach", "c1", "--frontend", "none"]);
+    m.wait_volume("c1", 60, "attached and healthy", attached_healthy);
+    sh(&format!("qemu-io -f raw -c 'write -P 0x3c 0 1M' '{}'", m.nbd("c1")));
+    ok(&["snapshot", "create", "c1", "cs1", "--label", "by=cli"]);
+    let ls = ok(&["snapshot", "ls", "c1"]);
+    assert!(ls.contains("cs1") && ls.contains("volume-head"), "{ls}");
+    let (good, out) = cli(&["job", "add", "c1", r#"[{"name":"ninechars","task":"snapshot","cron":"* * * * *","retain":1}]"#]);
+    assert!(!good && out.contains("name") && out.contains("HTTP 400"), "a 9-character job name: {out}");
+    ok(&["job", "add", "c1", r#"[{"name":"snap","task":"snapshot","cron":"*/5 * * * *","retain":2}]"#]);
+    assert!(ok(&["job", "ls", "c1"]).contains("*/5 * * * *"));
+    let store = t.path().join("store");
+    std::fs::create_dir_all(&store).expect("mkdir");
+    ok(&["setting", "set", "backup-target", &format!("file://{}", store.display())]);
+    ok(&["snapshot", "backup", "c1", "cs1"]);
+    m.wait_volume("c1", 60, "backed up", |v| v["backupStatus"].as_array().into_iter().flatten().any(|b| b["state"] == "Completed"));
+    assert!(ok(&["backup", "volumes"]).contains("c1"));
+    let list: Value = serde_json::from_str(&ok(&["--json", "backup", "ls", "c1"])).expect("backup ls --json");
+    let url = list["data"][0]["url"].as_str().expect("a backup URL").to_string();
+    ok(&["backup", "restore", &url, "c1r", "--replicas", "1"]);
+    m.wait_volume("c1r", 60, "restored", |v| v["state"] == "detached");
+    ok(&["volume", "attach", "c1r", "--frontend", "none"]);
+    m.wait_volume("c1r", 60, "attached", attached_healthy);
+    sh(&format!("qemu-io -f raw -c 'read -P 0x3c 0 1M' '{}'", m.nbd("c1r")));
+    let vols: Value = serde_json::from_str(&ok(&["--json", "volume", "ls"])).expect("volume ls --json");
+    assert_eq!(names(&vols), vec!["c1", "c1r"], "{vols}");
+    ok(&["volume", "detach", "c1r"]);
+    ok(&["volume", "delete", "c1r"]);
+    let (good, out) = cli(&["volume", "get", "c1r"]);
+    assert!(!good && out.contains("HTTP 404"), "{out}");
+}

@@ -3,14 +3,10 @@
 //! device and the NBD export are. (The test gives it the freshly built binary through
 //! LONGHORN_BIN instead of letting it run cargo inside `cargo test`.)
 
+use longhorn_tests::manager::free_port;
 use longhorn_tests::*;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
 
 fn start(args: &[&str]) -> (bool, String) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/start");

@@ -131,7 +131,10 @@ pub enum BackupSub {
     },
     /// Restore a backup (its URL) into a new volume.
     Restore {
-        url: String,
+        /// The backup's URL (`backup ls --json` shows it). Not `url`: that is the
+        /// manager's address (--url).
+        #[arg(value_name = "BACKUP_URL")]
+        backup_url: String,
         volume: String,
         #[arg(long)]
         replicas: Option<u64>,
@@ -314,9 +317,9 @@ pub fn run(conn: &Conn, cmd: ApiCmd) -> Result<()> {
                 )?,
                 plain,
             ),
-            BackupSub::Restore { url, volume: name, replicas } => {
+            BackupSub::Restore { backup_url, volume: name, replicas } => {
                 // The new volume takes the backup's size.
-                let mut b = json!({"name": name, "fromBackup": url});
+                let mut b = json!({"name": name, "fromBackup": backup_url});
                 if let Some(n) = replicas {
                     b["numberOfReplicas"] = json!(n);
                 }

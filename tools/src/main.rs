@@ -2,6 +2,7 @@
 
 mod autorebuild;
 mod job;
+mod api_cli;
 mod manager;
 mod share;
 mod backup;
@@ -57,9 +58,9 @@ enum Cmd {
     /// Recurring snapshot and backup jobs of a running volume.
     #[command(subcommand)]
     Job(job::JobCmd),
-    /// The host's volume manager: REST API, web UI and metrics.
-    #[command(subcommand)]
-    Manager(manager::ManagerCmd),
+    /// The host's volume manager (REST API, web UI, metrics), and the operator CLI
+    /// over its API.
+    Manager(manager::ManagerArgs),
 }
 
 #[derive(Subcommand)]

@@ -1,14 +1,27 @@
-//! `longhorn manager serve`: the host's volume manager (the `longhorn-manager` crate).
+//! `longhorn manager serve`: the host's volume manager (the `longhorn-manager` crate);
+//! `longhorn manager volume|snapshot|backup|job|setting ...`: the operator CLI over its
+//! API (api_cli.rs).
 
+use crate::api_cli::{ApiCmd, Conn};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct ManagerArgs {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    cmd: ManagerCmd,
+}
 
 #[derive(Subcommand)]
 pub enum ManagerCmd {
     /// Serve the REST API (/v1), the web UI (/), events and /metrics, and own the
     /// volumes of this host. Prints `listening http://ADDR` once serving.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Api(ApiCmd),
 }
 
 #[derive(Args)]
@@ -29,8 +42,9 @@ pub struct ServeArgs {
     pub token_file: Option<PathBuf>,
 }
 
-pub fn run(c: ManagerCmd) -> Result<()> {
-    match c {
+pub fn run(a: ManagerArgs) -> Result<()> {
+    match a.cmd {
+        ManagerCmd::Api(c) => crate::api_cli::run(&a.conn, c),
         ManagerCmd::Serve(a) => {
             let token = match &a.token_file {
                 Some(p) => Some(longhorn_manager::read_token(p)?),
