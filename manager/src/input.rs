@@ -122,18 +122,17 @@ pub fn labels(m: &Map<String, Value>, field: &str) -> ApiResult<HashMap<String, 
     Ok(out)
 }
 
-/// The engine's frontend for the API's value.
+/// The engine's frontend for the API's value. The value is checked with
+/// `disableFrontend` too (then it is not used): a typo is refused, not ignored.
 pub fn frontend(field: &str, f: &str, disable: bool) -> ApiResult<&'static str> {
-    if disable {
-        return Ok("none");
-    }
-    Ok(match f {
+    let kind = match f {
         "" | "blockdev" => "auto",
         "ublk" => "ublk",
         "nbd" => "nbd",
         "fuse" => "fuse",
         other => return Err(ApiError::bad(field, format!("{field}: {other:?} is not one of blockdev, ublk, nbd, fuse"))),
-    })
+    };
+    Ok(if disable { "none" } else { kind })
 }
 
 #[cfg(test)]
@@ -149,6 +148,18 @@ mod tests {
         for bad in ["", "Vol", "a/b", "..", "a..b", "-a", ".a", "a b", &"x".repeat(64)] {
             let e = name("name", bad).expect_err(bad);
             assert_eq!(e.field.as_deref(), Some("name"));
+        }
+    }
+
+    #[test]
+    fn frontends() {
+        assert_eq!(frontend("frontend", "", false).ok(), Some("auto"));
+        assert_eq!(frontend("frontend", "ublk", false).ok(), Some("ublk"));
+        assert_eq!(frontend("frontend", "nbd", true).ok(), Some("none"));
+        assert_eq!(frontend("frontend", "", true).ok(), Some("none"));
+        for disable in [false, true] {
+            let e = frontend("frontend", "iscsi", disable).expect_err("not a frontend");
+            assert_eq!(e.field.as_deref(), Some("frontend"));
         }
     }
 
