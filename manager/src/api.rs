@@ -35,12 +35,12 @@ pub fn base(m: &Shared, h: &HeaderMap) -> String {
 /// not JSON, 400 when it does not parse.
 pub fn body(h: &HeaderMap, b: Result<Bytes, BytesRejection>) -> ApiResult<Map<String, Value>> {
     let b = b.map_err(|r| ApiError::new(r.status(), format!("body: {}", r.body_text())))?;
-    if !b.is_empty() {
-        if let Some(ct) = h.get(header::CONTENT_TYPE) {
-            let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-            if !ct.starts_with("application/json") && !ct.contains("+json") {
-                return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("body: content type {ct:?} is not application/json")));
-            }
+    // Checked even for an empty body: an HTML form on another site posts
+    // application/x-www-form-urlencoded with no fields, and must not detach a volume.
+    if let Some(ct) = h.get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        if !ct.starts_with("application/json") && !ct.contains("+json") {
+            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("body: content type {ct:?} is not application/json")));
         }
     }
     input::object(&b)

@@ -47,6 +47,7 @@ pub fn code(s: StatusCode) -> &'static str {
     match s.as_u16() {
         400 => "InvalidInput",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "NotFound",
         405 => "MethodNotAllowed",
         409 => "Conflict",

@@ -73,7 +73,42 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The host part of a `Host` header or an origin's authority (`[::1]:9500` -> `[::1]`).
+fn host_only(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.split_inclusive(']').next().unwrap_or(authority);
+    }
+    authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority)
+}
+
+/// Requests a browser could be made to send on a page of another site: a change
+/// (anything but GET/HEAD) whose `Origin` is not this server, or, on a manager without
+/// a token (loopback only), any request whose `Host` is not a loopback name (a DNS
+/// rebinding page reaching 127.0.0.1 under its own name). Why it is refused, or None.
+fn foreign(m: &mgr::Mgr, req: &Request) -> Option<String> {
+    let h = req.headers();
+    let host = h.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if m.cfg.token.is_none() && !host.is_empty() {
+        let name = host_only(host);
+        if !matches!(name, "127.0.0.1" | "localhost" | "[::1]") {
+            return Some(format!("Host {host:?} is not this loopback-only manager's address"));
+        }
+    }
+    if req.method() != axum::http::Method::GET && req.method() != axum::http::Method::HEAD {
+        if let Some(origin) = h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+            let authority = origin.split_once("://").map(|(_, a)| a).unwrap_or(origin);
+            if authority != host {
+                return Some(format!("a {} from origin {origin:?} (not this server) is refused", req.method()));
+            }
+        }
+    }
+    None
+}
+
 async fn auth(State(m): State<mgr::Shared>, req: Request, next: Next) -> Response {
+    if let Some(why) = foreign(&m, &req) {
+        return ApiError::new(StatusCode::FORBIDDEN, why).into_response();
+    }
     if let Some(tok) = &m.cfg.token {
         let path = req.uri().path();
         // The UI's static files hold no data; the API they call does need the token.

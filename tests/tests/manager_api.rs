@@ -128,6 +128,16 @@ fn every_volume_snapshot_backup_and_job_action_over_http() {
     assert!(v["actions"]["detach"].is_string() && v["actions"]["attach"].is_null(), "an attached volume's actions: {v}");
     assert_eq!(v["replicas"].as_array().map(|a| a.len()), Some(2), "{v}");
     refused(&m, "POST", "/v1/volumes/v1?action=attach", Some(&json!({})), 409, None);
+    // What a page of another site could make a browser send: an empty form post, a
+    // cross-origin request, a DNS-rebound host name. Refused; the volume stays attached.
+    let detach = "/v1/volumes/v1?action=detach";
+    let (st, text) = m.call_raw("POST", detach, None, &["-H", "Content-Type: application/x-www-form-urlencoded", "--data-binary", ""]);
+    assert_eq!(st, 415, "an empty form post: {text}");
+    let (st, text) = m.call_raw("POST", detach, Some("{}"), &["-H", "Origin: http://evil.example"]);
+    assert_eq!(st, 403, "a cross-origin post: {text}");
+    let (st, text) = m.call_raw("GET", "/v1/volumes", None, &["-H", "Host: evil.example"]);
+    assert_eq!(st, 403, "a foreign Host: {text}");
+    assert_eq!(m.volume("v1")["state"], "attached");
     let nbd = m.nbd("v1");
     sh(&format!("nbdcopy '{}' '{nbd}'", src.display()));
 

@@ -112,6 +112,13 @@ fn replica_pid(dir: &Path) -> Option<i32> {
     out.lines().next().and_then(|l| l.trim().parse().ok())
 }
 
+/// The pid of the volume's `longhorn up`, from the manager's state file.
+fn up_pid(m: &Manager, vol: &str) -> Result<i64, String> {
+    let p = m.data.join("manager").join("volumes").join(format!("{vol}.json"));
+    let st: Value = serde_json::from_str(&std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?).map_err(|e| format!("{}: {e}", p.display()))?;
+    st["pid"].as_i64().ok_or(format!("no pid in {}: {st}", p.display()))
+}
+
 struct Ctx<'a> {
     m: &'a Manager,
     src_data: PathBuf,
@@ -203,11 +210,21 @@ fn handle(cx: &mut Ctx, step: &str, d: &Value) -> Result<Value, String> {
             Ok(json!({}))
         }
         "kill-replica" => {
+            // `longhorn up` would restart and rebuild the replica within a second,
+            // between two of the manager's samples: it is stopped (SIGSTOP) until the
+            // UI has shown the volume degraded, then let go ("resume-rebuild").
+            let up = up_pid(m, &vol)?;
+            sh(&format!("kill -STOP {up}"));
             let dir = m.data_paths(&vol).into_iter().next().expect("a replica");
             let pid = replica_pid(&dir).ok_or(format!("no replica process serves {}", dir.display()))?;
             sh(&format!("kill -9 {pid}"));
             cx.killed = Some((dir, pid));
             Ok(json!({"pid": pid}))
+        }
+        "resume-rebuild" => {
+            let up = up_pid(m, &vol)?;
+            sh(&format!("kill -CONT {up}"));
+            Ok(json!({}))
         }
         "healed" => {
             let v = m.volume(&vol);
@@ -308,7 +325,7 @@ fn web_ui_story_in_a_real_browser() {
         panic!("step {f}\nstory stderr:\n{stderr}\nmanager log (tail):\n{}", mlog());
     }
     assert!(st.success(), "the UI story failed ({st}):\n{stderr}\nmanager log (tail):\n{}", mlog());
-    for want in ["attached", "snapshot", "job", "restored", "deleted", "kill-replica", "healed"] {
+    for want in ["attached", "snapshot", "job", "restored", "deleted", "kill-replica", "resume-rebuild", "healed"] {
         assert!(steps.iter().any(|s| s == want), "the story skipped {want}: {steps:?}");
     }
     assert_eq!(steps.iter().filter(|s| *s == "restored").count(), 3, "a restore per backup target: {steps:?}");

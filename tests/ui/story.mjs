@@ -237,6 +237,10 @@ try {
   await step('kill-replica', { volume: VOL });
   await expectText(headPill('robustness'), /degraded/i, 30_000);
   log('degraded');
+  await shot('volume-degraded');
+  // The Rust side held the rebuild back (it stopped `longhorn up`) until the UI had
+  // shown the degraded state; now it lets the rebuild run.
+  await step('resume-rebuild', { volume: VOL });
   const modes = new Set();
   const deadline = Date.now() + 90_000;
   let shotDegraded = false;
