@@ -130,12 +130,33 @@ async fn auth(State(m): State<mgr::Shared>, req: Request, next: Next) -> Respons
 
 async fn not_found(req: Request) -> Response {
     let path = req.uri().path().to_string();
-    if req.method() == axum::http::Method::GET && !path.starts_with("/v1") {
+    if !path.starts_with("/v1") {
         if let Some(r) = ui::serve(&path) {
-            return r;
+            if req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD {
+                return r;
+            }
+            return method_not_allowed(req).await;
         }
     }
     ApiError::not_found(format!("{path:?}")).into_response()
+}
+
+/// axum's own rejections (a path segment that is not UTF-8, say) are plain text; the
+/// API answers every error in its JSON form.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let msg = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
+    ApiError::new(status, msg).into_response()
 }
 
 async fn method_not_allowed(req: Request) -> Response {
@@ -165,6 +186,7 @@ pub fn router(m: mgr::Shared, shutdown: tokio::sync::watch::Receiver<bool>) -> R
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(m, auth))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::map_response(json_errors))
 }
 
 /// Runs the manager until SIGTERM or SIGINT. Volumes keep running when it stops: a

@@ -105,14 +105,13 @@ pub fn snapshot_list(raw: &Value, vol_url: &str) -> Vec<Value> {
     let list = raw.as_array().map(|a| a.as_slice()).unwrap_or(&[]);
     let mut out = Vec::new();
     let mut head_parent = String::new();
-    let mut head_seen = false;
+    let mut head = None;
     for s in list {
         let name = s["name"].as_str().unwrap_or("").to_string();
         // The engine lists the head itself (as its last entry); it is no snapshot and
         // takes no snapshot actions.
         if name == "volume-head" {
-            head_seen = true;
-            out.push(json!({
+            head = Some(json!({
                 "type": "snapshot", "id": name, "name": name, "parent": s["parent"].as_str().unwrap_or(""), "children": [],
                 "created": s["created"].as_str().unwrap_or(""), "size": s["size"].as_u64().unwrap_or(0).to_string(),
                 "usercreated": false, "removed": false, "labels": {},
@@ -137,7 +136,10 @@ pub fn snapshot_list(raw: &Value, vol_url: &str) -> Vec<Value> {
             },
         }));
     }
-    if head_seen {
+    // The head last, whatever order the engine listed it in (after a revert it is
+    // not), so the chain is drawn ending in it.
+    if let Some(h) = head {
+        out.push(h);
         return out;
     }
     out.push(json!({
@@ -166,7 +168,7 @@ fn backup_status(e: &Entry) -> Vec<Value> {
             };
             let progress = if state == "Completed" { 100 } else if total == 0 { 0 } else { (done * 100 / total).min(100) };
             json!({"id": b["backup"], "snapshot": b["snapshot"], "progress": progress, "state": state,
-                   "error": b["error"], "url": b["url"]})
+                   "error": b["error"], "url": b["url"], "finishedAt": b["finished_at"].as_str().unwrap_or("")})
         })
         .collect()
 }
@@ -216,7 +218,7 @@ pub fn volume(m: &Mgr, e: &Entry, base: &str) -> Value {
         "nbdEndpoint": if e.sample.is_some() { m.nbd_uri(&st.name) } else { String::new() },
         "currentImage": "longhorn-rs",
         "lastBackup": last_backup.map(|b| b["id"].clone()).unwrap_or(json!("")),
-        "lastBackupAt": "",
+        "lastBackupAt": last_backup.map(|b| b["finishedAt"].clone()).unwrap_or(json!("")),
         "message": if !st.message.is_empty() { st.message.clone() } else { e.sample_error.clone() },
         "replicas": reps,
         "rebuildStatus": rebuild,

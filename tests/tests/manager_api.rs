@@ -107,6 +107,8 @@ fn every_volume_snapshot_backup_and_job_action_over_http() {
     refused(&m, "GET", "/v1/volumes/..%2Fetc", None, 400, Some("name"));
     refused(&m, "GET", "/v1/nothing", None, 404, None);
     refused(&m, "PATCH", "/v1/volumes", Some(&json!({})), 405, None);
+    refused(&m, "POST", "/", Some(&json!({})), 405, None);
+    refused(&m, "GET", "/v1/volumes/%FF", None, 400, None);
     refused(&m, "PUT", "/v1/settings/backup-target", Some(&json!({"value": "ftp://x"})), 400, Some("value"));
     refused(&m, "PUT", "/v1/settings/no-such-setting", Some(&json!({"value": ""})), 404, Some("name"));
     refused(&m, "PUT", "/v1/secrets/s3", Some(&json!({"data": {"PASSWORD": "x"}})), 400, Some("data"));
@@ -205,6 +207,9 @@ fn every_volume_snapshot_backup_and_job_action_over_http() {
     m.wait_volume("v1", 60, "done backing up", |v| {
         v["backupStatus"].as_array().into_iter().flatten().any(|x| x["id"] == bname.as_str() && x["state"] == "Completed")
     });
+    let v = m.volume("v1");
+    assert_eq!(v["lastBackup"], bname.as_str(), "{v}");
+    assert!(v["lastBackupAt"].as_str().is_some_and(|s| s.ends_with('Z')), "lastBackupAt: {v}");
     let bvs = m.get("/v1/backupvolumes");
     assert_eq!(names(&bvs), vec!["v1"], "{bvs}");
     assert_eq!(bvs["data"][0]["lastBackupName"], bname.as_str(), "{bvs}");

@@ -104,6 +104,9 @@ pub struct Progress {
     pub bytes_read: u64,
     pub bytes_uploaded: u64,
     pub elapsed_ms: u64,
+    /// When the backup completed (RFC 3339), "" before.
+    #[serde(default)]
+    pub finished_at: String,
 }
 
 struct Job {
@@ -287,6 +290,7 @@ pub fn start(v: &Arc<Volume>, req: CreateRequest) -> Result<Progress, BackupErro
         match r {
             Ok(()) => {
                 p.state = "complete".into();
+                p.finished_at = now_rfc3339();
                 info!(volume = %p.volume, backup = %p.backup, blocks = p.blocks_total, uploaded = p.blocks_uploaded,
                       existing = p.blocks_existing, ms = p.elapsed_ms, "backup complete");
             }
