@@ -279,6 +279,7 @@ fn a_manager_killed_under_fio_adopts_its_volumes_and_restarts_dead_ones() {
     m.wait_volume("fv", 60, "attached and healthy", attached_healthy);
     let uri = m.nbd("fv");
     let pid0 = read_state(&m, "fv")["pid"].as_i64().expect("a pid in the state file");
+    action(&m, "fv", "snapshotCreate", json!({"name": "before"}));
 
     let job = format!(
         "--name=w --ioengine=nbd --uri='{uri}' --rw=randwrite --bs=4k --iodepth=8 --size=64M --verify=crc32c --verify_fatal=1 --rate_iops=3000"
@@ -291,6 +292,8 @@ fn a_manager_killed_under_fio_adopts_its_volumes_and_restarts_dead_ones() {
     let m2 = Manager::start_on(t.path(), &listen, "manager-2.log");
     let v = m2.wait_volume("fv", 30, "attached and healthy under the new manager", attached_healthy);
     assert_eq!(read_state(&m2, "fv")["pid"].as_i64(), Some(pid0), "the running longhorn up was not adopted: {v}");
+    let snaps = names(&action(&m2, "fv", "snapshotList", json!({})));
+    assert!(snaps.contains(&"before".to_string()), "the new manager does not show the snapshot: {snaps:?}");
     let (ok, errs, out) = load.join().expect("fio thread");
     assert!(ok && errs == 0, "fio across the manager's kill -9: {out}");
     // What fio wrote, for the restart below.

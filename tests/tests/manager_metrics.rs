@@ -103,7 +103,7 @@ fn metrics_parse_as_prometheus_and_follow_the_volume() {
     std::fs::create_dir_all(&backups).expect("backups dir");
     let (st, v) = m.call("PUT", "/v1/settings/backup-target", Some(&json!({"value": format!("file://{}", backups.display())})));
     assert_eq!(st, 200, "{v}");
-    m.post("/v1/volumes", &json!({"name": VOLUME, "size": SIZE, "numberOfReplicas": 1, "disableFrontend": true}));
+    m.post("/v1/volumes", &json!({"name": VOLUME, "size": SIZE, "numberOfReplicas": 2, "disableFrontend": true}));
     let v = m.post(&format!("/v1/volumes/{VOLUME}?action=attach"), &json!({}));
     assert_eq!(v["state"], "attached", "{v}");
     let uri = m.nbd(VOLUME);
@@ -192,5 +192,44 @@ fn metrics_parse_as_prometheus_and_follow_the_volume() {
     // No load: the rates of the last interval are zero again.
     for name in ["longhorn_volume_write_iops", "longhorn_volume_write_throughput", "longhorn_volume_read_iops", "longhorn_volume_read_throughput"] {
         assert_eq!(s.one(name, &l), 0.0, "{name} while idle");
+    }
+
+    // A replica killed: robustness turns degraded, then healthy after the rebuild.
+    // `longhorn up` would rebuild it within a second, between two samples, so it is
+    // held (SIGSTOP) until the scrape has seen the change.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(m.data.join("manager").join("volumes").join(format!("{VOLUME}.json"))).expect("state file"),
+    )
+    .expect("state JSON");
+    let up = state["pid"].as_i64().expect("the up pid");
+    let _held = Held(up);
+    sh(&format!("kill -STOP {up}"));
+    let dir = m.data.join(VOLUME).join("replica-1");
+    let pid = sh(&format!("pgrep -f -- 'replica serve .*--dir {}( |$)' || true", dir.display()));
+    let pid = pid.lines().next().map(str::trim).filter(|p| !p.is_empty()).expect("the replica-1 process");
+    sh(&format!("kill -9 {pid}"));
+    let until = |want: &str, secs: u64| {
+        let t = Instant::now();
+        loop {
+            let s = Scrape::take(&m);
+            if s.one("longhorn_volume_robustness", &[("volume", VOLUME), ("state", want)]) == 1.0 {
+                assert_one_hot(&s, "longhorn_volume_robustness", want);
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(secs), "robustness not {want} within {secs} s: {:?}", s.one_hot("longhorn_volume_robustness"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    until("degraded", 30);
+    sh(&format!("kill -CONT {up}"));
+    until("healthy", 90);
+}
+
+/// Sends SIGCONT to a process the test stopped, whatever the test's outcome.
+struct Held(i64);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = sh_try(&format!("kill -CONT {}", self.0));
     }
 }
