@@ -39,7 +39,11 @@ pub fn body(h: &HeaderMap, b: Result<Bytes, BytesRejection>) -> ApiResult<Map<St
     // application/x-www-form-urlencoded with no fields, and must not detach a volume.
     if let Some(ct) = h.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-        if !ct.starts_with("application/json") && !ct.contains("+json") {
+        // The media type itself, parameters aside: `text/plain; x=+json` is a form a
+        // browser sends cross-site without asking first.
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        let (kind, sub) = essence.split_once('/').unwrap_or(("", ""));
+        if !(essence == "application/json" || (kind == "application" && sub.ends_with("+json"))) {
             return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("body: content type {ct:?} is not application/json")));
         }
     }
@@ -394,6 +398,9 @@ pub async fn volume_action(
             let jname = input::req_str(&b, "name")?.to_string();
             let _ops = m.ops.lock().await;
             let mut st = m.state(&name)?;
+            if !st.phase.is_empty() {
+                return Err(ApiError::conflict(format!("volume {name:?} is {}: its jobs can change once it is restored", st.phase)));
+            }
             let mut list = st.recurring_jobs.as_array().cloned().unwrap_or_default();
             let before = list.len();
             list.retain(|j| j["name"] != jname.as_str());
@@ -497,9 +504,18 @@ fn remove_replica_dir_when_free(dir: std::path::PathBuf) {
         let needle = dir.display().to_string();
         for _ in 0..600 {
             if !dir_in_use(&needle) {
-                match std::fs::remove_dir_all(&dir) {
+                // Renamed first, in one step: a replica started on the path from now
+                // on gets a new, empty directory (and a rebuild), never one half deleted.
+                let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+                let leaf = dir.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                let tomb = dir.with_file_name(format!(".{leaf}.removed-{stamp}"));
+                if let Err(e) = std::fs::rename(&dir, &tomb) {
+                    tracing::error!(dir = %needle, "setting the replica's directory aside: {e}; left in place");
+                    return;
+                }
+                match std::fs::remove_dir_all(&tomb) {
                     Ok(()) => tracing::info!(dir = %needle, "removed the replica's directory"),
-                    Err(e) => tracing::error!(dir = %needle, "removing the replica's directory: {e}"),
+                    Err(e) => tracing::error!(dir = %tomb.display(), "removing the replica's directory: {e}"),
                 }
                 return;
             }
@@ -537,13 +553,9 @@ async fn replica_remove(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiRe
             m.engine(name, json!({"cmd": "replica-rm", "address": addr})).await?;
             remove_replica_dir_when_free(dir);
         }
-        "detached" => {
-            if !dir.exists() {
-                return Err(ApiError::not_found(format!("replica {rname:?} of volume {name:?}")).with_field("name"));
-            }
-            std::fs::remove_dir_all(&dir).map_err(|e| ApiError::internal(anyhow::anyhow!("removing {}: {e}", dir.display())))?;
-        }
-        s => return Err(ApiError::conflict(format!("volume {name:?} is {s}"))),
+        // Detached, nothing says which replica holds the newest data: removing one
+        // could leave only a stale copy, or none (as Longhorn, only while attached).
+        s => return Err(ApiError::conflict(format!("volume {name:?} is {s}: replicaRemove needs it attached"))),
     }
     let _ = st;
     Ok(Value::Null)
@@ -563,10 +575,12 @@ async fn update_replica_count(m: &Shared, name: &str, b: &Map<String, Value>) ->
         // Live: the highest-numbered replicas leave the volume (`up` stops them).
         m.sample(name).await;
         for i in (n..st.number_of_replicas).rev() {
+            // Only a replica the engine let go of is removed: one without an address
+            // (failed, in up's restart backoff) may be started again on its directory.
             if let Some(addr) = replica_address(m, name, &i.to_string()) {
                 m.engine(name, json!({"cmd": "replica-rm", "address": addr})).await?;
+                remove_replica_dir_when_free(m.cfg.data_dir.join(name).join(format!("replica-{i}")));
             }
-            remove_replica_dir_when_free(m.cfg.data_dir.join(name).join(format!("replica-{i}")));
         }
     } else if state != "attached" && state != "detached" {
         return Err(ApiError::conflict(format!("volume {name:?} is {state}")));
@@ -594,6 +608,9 @@ async fn jobs_add(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<V
     })?;
     let _ops = m.ops.lock().await;
     let mut st = m.state(name)?;
+    if !st.phase.is_empty() {
+        return Err(ApiError::conflict(format!("volume {name:?} is {}: its jobs can change once it is restored", st.phase)));
+    }
     let new_list = new.as_array().cloned().unwrap_or_default();
     let mut list: Vec<Value> = st.recurring_jobs.as_array().cloned().unwrap_or_default();
     list.retain(|j| !new_list.iter().any(|n| n["name"] == j["name"]));

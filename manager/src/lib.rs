@@ -189,6 +189,24 @@ pub fn router(m: mgr::Shared, shutdown: tokio::sync::watch::Receiver<bool>) -> R
         .layer(axum::middleware::map_response(json_errors))
 }
 
+/// One manager per state directory: a second one would restart the same dead volumes
+/// and take the first one's new engines and replicas for leftovers to stop. The lock
+/// (flock, released when the process dies however it dies) is held while serving.
+fn lock_state_dir(state_dir: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let p = state_dir.join("manager.lock");
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).with_context(|| format!("opening {}", p.display()))?;
+    // SAFETY: flock(2) on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(anyhow!("another manager already serves {} (it holds {})", state_dir.display(), p.display()));
+        }
+        return Err(anyhow!(e).context(format!("locking {}", p.display())));
+    }
+    Ok(f)
+}
+
 /// Runs the manager until SIGTERM or SIGINT. Volumes keep running when it stops: a
 /// later manager adopts them.
 pub fn serve(cfg: Config) -> Result<()> {
@@ -198,6 +216,7 @@ pub fn serve(cfg: Config) -> Result<()> {
     for d in [&cfg.data_dir, &cfg.run_dir, &cfg.state_dir] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
+    let _lock = lock_state_dir(&cfg.state_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

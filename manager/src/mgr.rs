@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 /// How long one request to an engine's control socket may take before the API answers
-/// 502 (the engine's own timeout is longer: a snapshot waits for in-flight I/O).
-const ENGINE_TIMEOUT: Duration = Duration::from_secs(60);
+/// 502: longer than the control call's own 120 s, so a client is never told "failed"
+/// of a snapshot or backup the engine is still making (and retries into a duplicate).
+const ENGINE_TIMEOUT: Duration = Duration::from_secs(130);
 /// How long `longhorn up` may take to bring an engine up (replicas first, and a
 /// rebuild-free start of each).
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(90);
@@ -202,7 +203,9 @@ impl Mgr {
             })
         })
         .await?
-        .map_err(ApiError::internal)?;
+        // `up` refusing to start (or leftovers that will not stop) is the volume's
+        // state, not a failure of the host.
+        .map_err(|e| ApiError::conflict(format!("volume {name:?}: {e:#}")))?;
         st.attached = true;
         st.pid = Some(pid);
         st.start_time = Some(start);

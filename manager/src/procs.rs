@@ -26,8 +26,15 @@ pub fn start_time(pid: i32) -> Option<u64> {
     f.get(19)?.parse().ok()
 }
 
+/// Whether `pid` is still our `longhorn up`: the same start time, and its command line
+/// is `... up VOLUME ...` (after a reboot another process may have both the pid and the
+/// start tick; it must never be adopted, nor signalled).
 pub fn alive(pid: i32, start: u64) -> bool {
-    start_time(pid) == Some(start)
+    if start_time(pid) != Some(start) {
+        return false;
+    }
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    raw.split(|b| *b == 0).nth(1) == Some(b"up".as_slice())
 }
 
 pub struct UpArgs<'a> {

@@ -246,6 +246,9 @@ fn every_volume_snapshot_backup_and_job_action_over_http() {
     refused(&m, "POST", "/v1/volumes/v1?action=replicaRemove", Some(&json!({"name": "other-r-0"})), 400, Some("name"));
     action(&m, "v1", "detach", json!({}));
     m.wait_volume("v1", 60, "detached", |v| v["state"] == "detached");
+    // Detached, nothing says which replica is current: removing one is refused.
+    refused(&m, "POST", "/v1/volumes/v1?action=replicaRemove", Some(&json!({"name": "v1-r-0"})), 409, None);
+    assert!(dirs[0].exists(), "{} was removed", dirs[0].display());
     action(&m, "v1", "updateReplicaCount", json!({"replicaCount": 2}));
     action(&m, "v1", "attach", json!({}));
     m.wait_volume("v1", 120, "healthy with two replicas again", |v| {
@@ -292,6 +295,18 @@ fn a_manager_killed_under_fio_adopts_its_volumes_and_restarts_dead_ones() {
     let m2 = Manager::start_on(t.path(), &listen, "manager-2.log");
     let v = m2.wait_volume("fv", 30, "attached and healthy under the new manager", attached_healthy);
     assert_eq!(read_state(&m2, "fv")["pid"].as_i64(), Some(pid0), "the running longhorn up was not adopted: {v}");
+    // A second manager on the same directories is refused (it would restart the same
+    // volumes and stop the first one's processes).
+    let other = Command::new(bin())
+        .args(["manager", "serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(&m2.data)
+        .arg("--run-dir")
+        .arg(&m2.run)
+        .output()
+        .expect("run a second manager");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success() && err.contains("another manager"), "a second manager on the same state: {err}");
     let snaps = names(&action(&m2, "fv", "snapshotList", json!({})));
     assert!(snaps.contains(&"before".to_string()), "the new manager does not show the snapshot: {snaps:?}");
     let (ok, errs, out) = load.join().expect("fio thread");
