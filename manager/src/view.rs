@@ -26,18 +26,52 @@ fn replica_dirs(data_dir: &Path, vol: &str, n: usize) -> Vec<(String, String)> {
     let logs = data_dir.join(vol).join("logs");
     for i in 0..n.max(1).min(64) {
         let log = logs.join(format!("replica-{i}.log"));
-        let Ok(text) = std::fs::read_to_string(&log) else { continue };
-        let addr = text
-            .lines()
-            .rev()
-            .find(|l| l.contains("replica serving"))
-            .map(strip_ansi)
-            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")).map(|a| a.trim_matches('"').to_string()));
-        if let Some(a) = addr {
+        if let Some(a) = last_serving_addr(&log) {
             out.push((a, format!("replica-{i}")));
         }
     }
     out
+}
+
+/// The address in the last "replica serving ... addr=" line of a replica's log. Logs
+/// only grow (and run long under RUST_LOG=debug) and this is asked under the volumes'
+/// lock several times a second, so each log is read once: later calls read only what
+/// was appended since.
+fn last_serving_addr(log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    static SEEN: std::sync::Mutex<Option<std::collections::HashMap<std::path::PathBuf, (u64, u64, Option<String>)>>> = std::sync::Mutex::new(None);
+    let mut g = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let seen = g.get_or_insert_with(Default::default);
+    let Ok(mut f) = std::fs::File::open(log) else {
+        seen.remove(log);
+        return None;
+    };
+    let (len, ino) = f.metadata().map(|m| (m.len(), std::os::unix::fs::MetadataExt::ino(&m))).unwrap_or((0, 0));
+    let (seen_ino, mut from, mut addr) = seen.get(log).cloned().unwrap_or((ino, 0, None));
+    if len < from || seen_ino != ino {
+        // Truncated, or another file (the volume deleted and made again): from the start.
+        (from, addr) = (0, None);
+    }
+    // A first look at a huge log reads its last 8 MiB.
+    from = from.max(len.saturating_sub(8 << 20));
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(from)).is_ok() && f.take(len - from).read_to_end(&mut buf).is_ok() {
+        // Up to the last whole line; a line being written is read next time.
+        let whole = buf.iter().rposition(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..whole]);
+        if let Some(a) = text
+            .lines()
+            .rev()
+            .find(|l| l.contains("replica serving"))
+            .map(strip_ansi)
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")).map(|a| a.trim_matches('"').to_string()))
+        {
+            addr = Some(a);
+        }
+        from += whole as u64;
+    }
+    seen.insert(log.to_path_buf(), (ino, from, addr.clone()));
+    addr
 }
 
 /// A log line without its terminal colour codes (ESC [ ... m).
