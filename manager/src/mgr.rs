@@ -17,6 +17,8 @@ use tokio::sync::broadcast;
 /// 502: longer than the control call's own 120 s, so a client is never told "failed"
 /// of a snapshot or backup the engine is still making (and retries into a duplicate).
 const ENGINE_TIMEOUT: Duration = Duration::from_secs(130);
+/// How long one status question of the sampler may take.
+const SAMPLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `longhorn up` may take to bring an engine up (replicas first, and a
 /// rebuild-free start of each).
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(90);
@@ -149,11 +151,15 @@ impl Mgr {
 
     /// One control request to the volume's engine.
     pub async fn engine(&self, name: &str, req: Value) -> ApiResult<Value> {
+        self.engine_within(name, req, ENGINE_TIMEOUT).await
+    }
+
+    async fn engine_within(&self, name: &str, req: Value, limit: Duration) -> ApiResult<Value> {
         let run_dir = self.cfg.run_dir.clone();
         let n = name.to_string();
         let call = blocking(move || longhorn_engine::control::call(&run_dir, &n, &req));
-        match tokio::time::timeout(ENGINE_TIMEOUT, call).await {
-            Err(_) => Err(ApiError::engine(name, format!("no answer in {ENGINE_TIMEOUT:?}"))),
+        match tokio::time::timeout(limit, call).await {
+            Err(_) => Err(ApiError::engine(name, format!("no answer in {limit:?}"))),
             Ok(r) => r?.map_err(|e| classify(name, e)),
         }
     }
@@ -329,9 +335,8 @@ impl Mgr {
             let g = self.lock();
             g.values().filter(|e| e.st.attached && e.transient.is_none()).map(|e| e.st.name.clone()).collect()
         };
-        for name in names {
-            self.sample(&name).await;
-        }
+        // All at once: one engine that does not answer must not hold up the others.
+        futures::future::join_all(names.iter().map(|n| self.sample(n))).await;
         // Events: every volume whose JSON changed, and the removed ones.
         let vols: Vec<(String, Value)> = {
             let g = self.lock();
@@ -355,7 +360,11 @@ impl Mgr {
 
     /// Asks the volume's engine for its state now, and keeps the answer.
     pub async fn sample(&self, name: &str) {
-        let info = self.engine(name, json!({"cmd": "volume-info"})).await;
+        // Status questions answer at once from a live engine (no I/O behind them); a
+        // hung one is reported after a few seconds rather than after the long timeout
+        // of actions like snapshot-create.
+        let q = |cmd: &'static str| self.engine_within(name, json!({"cmd": cmd}), SAMPLE_TIMEOUT);
+        let info = q("volume-info").await;
         let info = match info {
             Ok(v) => v,
             Err(e) => {
@@ -366,11 +375,11 @@ impl Mgr {
                 return;
             }
         };
-        let replicas = self.engine(name, json!({"cmd": "replica-ls"})).await.unwrap_or(Value::Null);
-        let backups = self.engine(name, json!({"cmd": "backup-status"})).await.unwrap_or(Value::Null);
-        let snapshots = self.engine(name, json!({"cmd": "snapshot-ls"})).await.unwrap_or(Value::Null);
+        let replicas = q("replica-ls").await.unwrap_or(Value::Null);
+        let backups = q("backup-status").await.unwrap_or(Value::Null);
+        let snapshots = q("snapshot-ls").await.unwrap_or(Value::Null);
         // Until an engine has volume-stats, its figures are zeros.
-        let stats = self.engine(name, json!({"cmd": "volume-stats"})).await.ok();
+        let stats = q("volume-stats").await.ok();
         let now = Instant::now();
         let mut g = self.lock();
         let Some(e) = g.get_mut(name) else { return };
