@@ -238,6 +238,12 @@ impl Mgr {
     /// Stops the volume's `longhorn up`. Called with `ops` held.
     pub async fn stop_up(&self, name: &str) -> ApiResult<()> {
         let mut st = self.state(name)?;
+        // `up` and its engine refuse to stop while the volume's device is mounted; asking
+        // anyway would hold this (and every other lifecycle change) for minutes.
+        let endpoint = self.lock().get(name).and_then(|e| e.sample.as_ref()).and_then(|s| s.info["endpoint"].as_str().map(String::from));
+        if let Some(mp) = endpoint.as_deref().filter(|e| e.starts_with('/')).and_then(procs::mounted_at) {
+            return Err(ApiError::conflict(format!("volume {name:?}: its device is mounted on {mp}; unmount it first")));
+        }
         let (v, data_dir, run_dir) = (st.name.clone(), self.cfg.data_dir.clone(), self.cfg.run_dir.clone());
         let (pid, start) = (st.pid, st.start_time);
         blocking(move || -> anyhow::Result<()> {

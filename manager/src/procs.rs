@@ -229,3 +229,18 @@ pub fn stop_leftovers(volume: &str, data_dir: &Path, run_dir: &Path) -> Result<(
     }
     Ok(())
 }
+
+/// Where the block device at `dev` is mounted, if it is. Compared by device number:
+/// `/dev/longhorn/VOL` is a node of its own (or a link) and the mount table names the
+/// kernel's device (`/dev/loop1`, `/dev/nbd0`, `/dev/ublkb0`).
+pub fn mounted_at(dev: &str) -> Option<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let rdev = |p: &str| std::fs::metadata(p).ok().filter(|m| m.file_type().is_block_device()).map(|m| m.rdev());
+    let want = rdev(dev)?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (src, mp) = (f.next()?, f.next()?);
+        (src.starts_with("/dev/") && rdev(src)? == want).then(|| mp.replace("\\040", " "))
+    })
+}

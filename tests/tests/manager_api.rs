@@ -507,3 +507,38 @@ fn the_operator_cli_drives_the_same_api() {
     let (good, out) = cli(&["volume", "get", "c1r"]);
     assert!(!good && out.contains("HTTP 404"), "{out}");
 }
+
+/// A volume with a filesystem mounted on its device (FUSE + loop here; the host has
+/// no NBD or ublk driver): detach and delete are refused at once, naming the mount,
+/// and work once it is unmounted; the filesystem checks clean.
+#[test]
+fn detach_of_a_mounted_volume_is_refused_at_once() {
+    for tool in ["mkfs.ext4", "e2fsck", "mount", "umount"] {
+        assert!(have(tool), "{tool} is not installed (tests/run installs it)");
+    }
+    let t = tmp("lh-mnt-");
+    let m = Manager::start(t.path());
+    m.post("/v1/volumes", &json!({"name": "mv", "size": "64Mi", "numberOfReplicas": 1, "frontend": "fuse"}));
+    let v = action(&m, "mv", "attach", json!({}));
+    let dev = v["endpoint"].as_str().unwrap_or_default().to_string();
+    assert!(dev.starts_with("/dev/longhorn/"), "no device: {v}");
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    sh(&format!("mkfs.ext4 -q '{dev}' && mount '{dev}' '{}' && echo hello > '{}/f' && sync", mnt.display(), mnt.display()));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = sh_try(&format!("umount '{}'", self.0.display()));
+        }
+    }
+    let um = Unmount(mnt.clone());
+    let e = refused(&m, "POST", "/v1/volumes/mv?action=detach", Some(&json!({})), 409, None);
+    assert!(e["message"].as_str().is_some_and(|s| s.contains("mounted")), "{e}");
+    refused(&m, "DELETE", "/v1/volumes/mv", None, 409, None);
+    assert_eq!(m.volume("mv")["state"], "attached");
+    drop(um);
+    let (clean, out) = sh_try(&format!("e2fsck -fn '{dev}'"));
+    assert!(clean, "e2fsck: {out}");
+    action(&m, "mv", "detach", json!({}));
+    assert_eq!(m.volume("mv")["state"], "detached");
+}
