@@ -119,6 +119,27 @@ fn replica_refuses_a_corrupt_volume_meta_without_touching_it() {
     assert!(!other.status.success());
 }
 
+/// Two replica processes on one directory would each keep their own head and
+/// revision counter over the same files: the second is refused while the first runs,
+/// and starts once it is gone (killed -9: the lock goes with the process).
+#[test]
+fn a_second_replica_on_the_same_directory_is_refused() {
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let dir = t.path().join("r");
+    let size = (4 * MB).to_string();
+    let args = ["replica", "serve", "--dir", dir.to_str().expect("utf8"), "--volume", "vol1", "--size", &size, "--listen", "127.0.0.1:0"];
+    let (mut first, _) = spawn(&args, &t.path().join("1.log"), "listening").expect("starts");
+    let before = files(&dir);
+    let out = std::process::Command::new(bin()).args(args).output().expect("run");
+    assert!(!out.status.success(), "a second replica on the same directory started");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another replica process serves"), "{err}");
+    assert_eq!(files(&dir), before, "the refused replica touched the files");
+    first.kill9();
+    let (mut again, _) = spawn(&args, &t.path().join("2.log"), "listening").expect("starts after the first is gone");
+    assert!(again.term());
+}
+
 /// A peer that answers like a source replica of `volume` would: a Hello reply with its
 /// info, one 4 KiB extent for any file, and 0xEE bytes for any read. It serves whatever
 /// file names it is asked about, as a hostile one would.

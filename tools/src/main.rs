@@ -263,8 +263,27 @@ fn wait_for_signal(mut sigs: signal_hook::iterator::Signals) -> Result<i32> {
     Ok(sigs.forever().next().unwrap_or(SIGTERM))
 }
 
+/// One process serves a replica directory: two would each keep their own head and
+/// revision counter over the same files. An exclusive flock on the directory itself
+/// (no file added to it), held until the process ends however it ends.
+fn lock_replica_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    // SAFETY: flock(2) on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!("{}: another replica process serves this directory", dir.display());
+        }
+        return Err(anyhow!(e).context(format!("locking {}", dir.display())));
+    }
+    Ok(f)
+}
+
 fn replica_serve(a: ReplicaServeArgs) -> Result<()> {
     let sigs = stop_signals()?;
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    let _lock = lock_replica_dir(&a.dir)?;
     let meta = a.dir.join(longhorn_replica::meta::VOLUME_META);
     if !meta.exists() {
         let busy = std::fs::read_dir(&a.dir).map(|mut d| d.next().is_some()).unwrap_or(false);
