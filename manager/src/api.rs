@@ -270,6 +270,12 @@ pub async fn delete_volume(State(m): State<Shared>, h: HeaderMap, Path(name): Pa
     m.set_transient(&name, Some("deleting"));
     let r = async {
         m.stop_up(&name).await?;
+        // Recorded before anything is removed: a manager that dies half-way leaves a
+        // volume that says "deleting" (and is never started again), which a second
+        // DELETE finishes, not one that looks whole over half its replicas.
+        let mut st = m.state(&name)?;
+        st.phase = "deleting".into();
+        m.save(&st)?;
         let dir = m.cfg.data_dir.join(&name);
         let log = m.log_path(&name);
         blocking(move || -> anyhow::Result<()> {

@@ -434,6 +434,7 @@ pub fn volume_state(e: &Entry) -> &'static str {
     }
     match e.st.phase.as_str() {
         "creating" => return "creating",
+        "deleting" => return "deleting",
         "error" => return "error",
         _ => {}
     }

@@ -158,7 +158,7 @@ pub fn last_log_line(log: &PathBuf) -> String {
 /// killed they keep serving (the volume's I/O goes on). A new `up` on the same
 /// directories cannot start beside them (the NBD socket and the replicas' files are
 /// theirs), and a detach or delete must not leave them running. (pid, start time,
-/// "engine" | "replica").
+/// "up" | "engine" | "replica").
 pub fn leftovers(volume: &str, data_dir: &Path, run_dir: &Path) -> Vec<(i32, u64, &'static str)> {
     let replica_prefix = format!("{}/", data_dir.join(volume).display());
     let run = run_dir.display().to_string();
@@ -174,6 +174,15 @@ pub fn leftovers(volume: &str, data_dir: &Path, run_dir: &Path) -> Vec<(i32, u64
         let args: Vec<String> = raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
         let after = |flag: &str| args.windows(2).find(|w| w[0] == flag).map(|w| w[1].as_str());
         let serves = |what: &str| args.windows(2).any(|w| w[0] == what && w[1] == "serve");
+        // An `up` of this volume the state does not name (started just before a crash
+        // of the manager that could not record it) would restart what is stopped here.
+        let data = data_dir.display().to_string();
+        if args.get(1).map(String::as_str) == Some("up") && args.get(2).map(String::as_str) == Some(volume) && after("--data-dir") == Some(data.as_str()) {
+            if let Some(st) = start_time(pid) {
+                out.push((pid, st, "up"));
+            }
+            continue;
+        }
         if after("--volume") != Some(volume) {
             continue;
         }
@@ -200,7 +209,8 @@ pub fn stop_leftovers(volume: &str, data_dir: &Path, run_dir: &Path) -> Result<(
     if left.is_empty() {
         return Ok(());
     }
-    for kind in ["engine", "replica"] {
+    // `up` first: it stops its engine and replicas itself, cleanly.
+    for kind in ["up", "engine", "replica"] {
         let these: Vec<(i32, u64)> = left.iter().filter(|l| l.2 == kind).map(|l| (l.0, l.1)).collect();
         for &(pid, _) in &these {
             tracing::warn!(volume, pid, kind, "stopping a process that no longhorn up owns any more");
@@ -208,16 +218,18 @@ pub fn stop_leftovers(volume: &str, data_dir: &Path, run_dir: &Path) -> Result<(
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
         let t = Instant::now();
-        while these.iter().any(|&(p, s)| alive(p, s)) && t.elapsed() < Duration::from_secs(20) {
+        // Start times only (`alive` is for our `up`): these were found by command line.
+        let running = |p: i32, s: u64| start_time(p) == Some(s);
+        while these.iter().any(|&(p, s)| running(p, s)) && t.elapsed() < Duration::from_secs(20) {
             std::thread::sleep(Duration::from_millis(50));
         }
-        let stuck: Vec<i32> = these.iter().filter(|&&(p, s)| alive(p, s)).map(|&(p, _)| p).collect();
+        let stuck: Vec<i32> = these.iter().filter(|&&(p, s)| running(p, s)).map(|&(p, _)| p).collect();
         if stuck.is_empty() {
             continue;
         }
-        if kind == "engine" {
+        if kind == "up" || kind == "engine" {
             bail!(
-                "the engine of volume {volume} (pid {}) outlived its longhorn up and does not stop (is its device mounted? unmount it)",
+                "the {kind} of volume {volume} (pid {}) that no manager owns does not stop (is its device mounted? unmount it)",
                 stuck.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
             );
         }
