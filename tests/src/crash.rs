@@ -445,6 +445,9 @@ impl Rig {
 
     /// Replica `i` started again on its directory (a new port), with `env`.
     pub fn restart_replica(&mut self, i: usize, env: &[(String, String)]) {
+        // The old process first: a replica directory serves one process at a time (it
+        // is locked), as `longhorn up` stops a replica before it starts it again.
+        self.c.replicas[i].proc.kill9();
         let dir = self.c.replicas[i].dir.clone();
         let log = self.next_log(&format!("r{i}"));
         let mut env = env.to_vec();

@@ -209,6 +209,9 @@ impl Cluster {
 
     /// Restarts replica `i` on its directory (new port).
     pub fn restart_replica(&mut self, i: usize) {
+        // The old process first, if it still runs: a replica directory is locked by
+        // the process serving it.
+        self.replicas[i].proc.kill9();
         let dir = self.replicas[i].dir.clone();
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("r").to_string();
         self.replicas[i] = self.spawn_replica(&dir, &format!("{name}-again.log"), &[]);
