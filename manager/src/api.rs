@@ -826,3 +826,28 @@ pub async fn delete_secret(State(m): State<Shared>, h: HeaderMap, Path(name): Pa
     crate::settings::delete_secret(&m, &name)?;
     Ok(Json(crate::settings::secret_json(&base(&m, &h), &name, &d)))
 }
+
+/// This host's storage: what the CSI driver's GetCapacity and placement read.
+pub async fn get_node(State(m): State<Shared>, h: HeaderMap) -> ApiResult<Json<Value>> {
+    let dir = m.cfg.data_dir.clone();
+    let (avail, total) = storage_of(&dir).map_err(|e| ApiError::internal(anyhow::anyhow!("statvfs {}: {e}", dir.display())))?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
+    let b = base(&m, &h);
+    Ok(Json(json!({
+        "type": "node", "id": host, "name": host, "dataDir": dir.display().to_string(),
+        "storageAvailable": avail, "storageMaximum": total,
+        "links": {"self": format!("{b}/v1/node")}, "actions": {},
+    })))
+}
+
+/// Bytes free to an unprivileged writer and the filesystem's size, at `dir`.
+fn storage_of(dir: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and s a statvfs the call fills in.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((s.f_bavail as u64 * s.f_frsize as u64, s.f_blocks as u64 * s.f_frsize as u64))
+}

@@ -172,6 +172,7 @@ pub fn router(m: mgr::Shared, shutdown: tokio::sync::watch::Receiver<bool>) -> R
             "/v1/backupvolumes/{name}",
             get(api::get_backup_volume).post(api::backup_volume_action).delete(api::delete_backup_volume),
         )
+        .route("/v1/node", get(api::get_node))
         .route("/v1/settings", get(api::list_settings))
         .route("/v1/settings/{name}", get(api::get_setting).put(api::put_setting))
         .route("/v1/secrets", get(api::list_secrets))

@@ -54,7 +54,8 @@ mod tests {
     #[test]
     fn every_route_is_documented() {
         let d = super::doc();
-        let routes: [(&str, &[&str]); 12] = [
+        let routes: [(&str, &[&str]); 13] = [
+            ("/v1/node", &["get"]),
             ("/v1/volumes", &["get", "post"]),
             ("/v1/volumes/{name}", &["get", "post", "delete"]),
             ("/v1/backupvolumes", &["get"]),

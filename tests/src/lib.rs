@@ -5,6 +5,7 @@
 //! `target/debug/longhorn`; `tests/run` builds it before running the suite.
 
 pub mod crash;
+pub mod csi;
 pub mod manager;
 pub mod vm;
 
@@ -294,6 +295,18 @@ pub fn test_root() -> PathBuf {
     std::fs::create_dir_all(&p).expect("test root");
     p
 }
+
+/// Recurring-job specs every front door refuses (`longhorn job add`, the CSI driver's
+/// StorageClass parameters), each with the field its error must name.
+pub const BAD_JOB_SPECS: [(&str, &str); 7] = [
+    (r#"[{"name":"ninechars","task":"snapshot","cron":"* * * * *","retain":1}]"#, "name"),
+    (r#"[{"name":"a","task":"snapshot","cron":"* * * * *","retain":1},{"name":"a","task":"backup","cron":"* * * * *","retain":1}]"#, "name"),
+    (r#"[{"name":"c","task":"clone","cron":"* * * * *","retain":1}]"#, "task"),
+    (r#"[{"name":"c","task":"snapshot","cron":"61 * * * *","retain":1}]"#, "cron"),
+    (r#"[{"name":"c","task":"snapshot","cron":"* * * *","retain":1}]"#, "cron"),
+    (r#"[{"name":"c","task":"snapshot","cron":"* * * * *","retain":0}]"#, "retain"),
+    (r#"[{"name":"c","task":"snapshot","cron":"* * * * *","retain":1,"color":"red"}]"#, "color"),
+];
 
 pub fn have(tool: &str) -> bool {
     Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false)

@@ -48,18 +48,11 @@ fn bad_specs_are_rejected_naming_the_field_and_nothing_is_applied() {
     let (ok, out) = cli(&c, &["job", "add", SEED, "-v", "vol1"]);
     assert!(ok, "the seed's example spec is accepted: {out}");
     let before = cli(&c, &["job", "ls", "-v", "vol1", "--json"]).1;
-    for (spec, want) in [
-        (r#"[{"name":"ninechars","task":"snapshot","cron":"* * * * *","retain":1}]"#, "\"name\""),
-        (r#"[{"name":"a","task":"snapshot","cron":"* * * * *","retain":1},{"name":"a","task":"backup","cron":"* * * * *","retain":1}]"#, "\"name\""),
-        (r#"[{"name":"c","task":"clone","cron":"* * * * *","retain":1}]"#, "\"task\""),
-        (r#"[{"name":"c","task":"snapshot","cron":"61 * * * *","retain":1}]"#, "\"cron\""),
-        (r#"[{"name":"c","task":"snapshot","cron":"* * * *","retain":1}]"#, "\"cron\""),
-        (r#"[{"name":"c","task":"snapshot","cron":"* * * * *","retain":0}]"#, "\"retain\""),
-        (r#"[{"name":"c","task":"snapshot","cron":"* * * * *","retain":1,"color":"red"}]"#, "\"color\""),
-    ] {
+    for (spec, field) in BAD_JOB_SPECS {
+        let want = format!("\"{field}\"");
         let (ok, out) = cli(&c, &["job", "add", spec, "-v", "vol1"]);
         assert!(!ok, "accepted a bad spec: {spec}");
-        assert!(out.contains(want), "error for {spec} does not name {want}: {out}");
+        assert!(out.contains(&want), "error for {spec} does not name {want}: {out}");
     }
     assert_eq!(cli(&c, &["job", "ls", "-v", "vol1", "--json"]).1, before, "a rejected spec changed the jobs");
 }

@@ -1,6 +1,7 @@
 //! `longhorn`: one program for replicas, engines and the operator's commands.
 
 mod autorebuild;
+mod csi;
 mod job;
 mod api_cli;
 mod manager;
@@ -61,6 +62,9 @@ enum Cmd {
     /// The host's volume manager (REST API, web UI, metrics), and the operator CLI
     /// over its API.
     Manager(manager::ManagerArgs),
+    /// The Kubernetes CSI driver driver.longhorn.io (gRPC on a unix socket): volumes,
+    /// snapshots, staging and publishing, over the hosts' managers.
+    Csi(csi::CsiArgs),
 }
 
 #[derive(Subcommand)]
@@ -245,6 +249,7 @@ fn main() {
         Cmd::Share(a) => share::run(a),
         Cmd::Job(c) => job::run(c),
         Cmd::Manager(c) => manager::run(c),
+        Cmd::Csi(c) => csi::run(c),
     };
     if let Err(e) = r {
         eprintln!("longhorn: {e:#}");

@@ -1,0 +1,114 @@
+//! The driver's client of one host's manager (`manager/API.md`). Blocking (ureq): the
+//! gRPC handlers call it from tokio's blocking pool. Every answer that is not 2xx comes
+//! back as an [`ApiError`] with the manager's status and message, so the driver can map
+//! it to the gRPC code the CSI spec asks for.
+
+use serde_json::{json, Value};
+use std::time::Duration;
+use tonic::Status;
+
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status; 0 when the manager could not be reached.
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    /// The gRPC code of a manager's answer: its 400s name the bad field (as CSI's
+    /// INVALID_ARGUMENT should), 404 is NOT_FOUND, 409 a state that forbids the call
+    /// now (FAILED_PRECONDITION); a manager that cannot be reached is UNAVAILABLE, so
+    /// the sidecars retry.
+    pub fn status(&self) -> Status {
+        let m = self.message.clone();
+        match self.status {
+            400 | 413 | 415 => Status::invalid_argument(m),
+            401 | 403 => Status::permission_denied(m),
+            404 => Status::not_found(m),
+            409 => Status::failed_precondition(m),
+            0 | 502 | 503 | 504 => Status::unavailable(m),
+            _ => Status::internal(m),
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+pub struct Manager {
+    /// The host's name: the CSI node id of the node plugin beside this manager.
+    pub host: String,
+    pub base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Manager {
+    pub fn new(host: &str, base: &str, token: Option<String>) -> Manager {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            // Longer than the manager's own longest call (an engine's control call, 130 s).
+            .timeout_global(Some(Duration::from_secs(180)))
+            .build()
+            .into();
+        Manager { host: host.to_string(), base: base.trim_end_matches('/').to_string(), token, agent }
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> ApiResult<Value> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let resp = match method {
+            "GET" | "DELETE" => {
+                let mut r = if method == "GET" { self.agent.get(&url) } else { self.agent.delete(&url) };
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            _ => {
+                let mut r = if method == "PUT" { self.agent.put(&url) } else { self.agent.post(&url) };
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.header("Content-Type", "application/json").send(body.unwrap_or(json!({})).to_string())
+            }
+        };
+        let mut resp = resp.map_err(|e| ApiError {
+            status: 0,
+            message: format!("the manager of host {:?} at {} does not answer: {e}", self.host, self.base),
+        })?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().map_err(|e| ApiError {
+            status: 0,
+            message: format!("{method} {url}: reading the answer: {e}"),
+        })?;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !(200..300).contains(&status) {
+            let message = v.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| v.to_string());
+            return Err(ApiError { status, message: format!("host {:?}: {message}", self.host) });
+        }
+        Ok(v)
+    }
+
+    /// A volume, or None when this host does not have it.
+    pub fn volume(&self, name: &str) -> ApiResult<Option<Value>> {
+        match self.call("GET", &format!("/v1/volumes/{name}"), None) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.status == 404 => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn volumes(&self) -> ApiResult<Vec<Value>> {
+        let v = self.call("GET", "/v1/volumes", None)?;
+        Ok(v["data"].as_array().cloned().unwrap_or_default())
+    }
+
+    pub fn action(&self, volume: &str, action: &str, body: Value) -> ApiResult<Value> {
+        self.call("POST", &format!("/v1/volumes/{volume}?action={action}"), Some(body))
+    }
+
+    /// The host's storage (`GET /v1/node`).
+    pub fn node(&self) -> ApiResult<Value> {
+        self.call("GET", "/v1/node", None)
+    }
+}
