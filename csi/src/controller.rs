@@ -262,8 +262,23 @@ impl Driver {
             return Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(m, &v, r.volume_content_source, params.fs_type)) });
         }
         let hosts = self.placement(r.accessibility_requirements.as_ref())?;
-        let m = hosts[0];
-        let v = m.call("POST", "/v1/volumes", Some(body)).map_err(|e| e.status())?;
+        // One host: its replicas are that host's own. Several: a replica per host, and
+        // the engine wherever the volume is published. A restore is written to the
+        // replicas of the host that restores it, so it stays there.
+        let (m, v) = if self.managers.len() > 1 && body.get("fromBackup").is_none() {
+            let n = match &body["numberOfReplicas"] {
+                Value::String(s) => s.parse::<usize>().map_err(|_| Status::invalid_argument(format!("numberOfReplicas: {s:?} is not a number")))?,
+                Value::Null => 3,
+                other => return Err(Status::invalid_argument(format!("numberOfReplicas: {other} is not a number"))),
+            };
+            if !(1..=32).contains(&n) {
+                return Err(Status::invalid_argument(format!("numberOfReplicas: must be between 1 and 32, not {n}")));
+            }
+            self.create_spread(&hosts, body, &name, size, n)?
+        } else {
+            let m = hosts[0];
+            (m, m.call("POST", "/v1/volumes", Some(body)).map_err(|e| e.status())?)
+        };
         tracing::info!(volume = name, host = m.host, size, "created volume");
         Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(m, &v, r.volume_content_source, params.fs_type)) })
     }
@@ -282,6 +297,8 @@ impl Driver {
                 Err(e) => return Err(e.status()),
             }
         }
+        // Its replicas on other hosts, after the record (nothing attaches it meanwhile).
+        self.delete_replicas(&r.volume_id)?;
         Ok(csi::DeleteVolumeResponse {})
     }
 
@@ -300,12 +317,22 @@ impl Driver {
                 r.volume_id
             )));
         }
-        if m.host != r.node_id {
+        let (m, v) = if m.host == r.node_id {
+            (m, v)
+        } else if v["state"] != "detached" {
             return Err(Status::failed_precondition(format!(
-                "volume {:?} lives on host {:?}; it is served on that host only (an engine on another host than its replicas is not built)",
-                r.volume_id, m.host
+                "volume {:?} is {} on node {:?}; unpublish it there first",
+                r.volume_id,
+                v["state"].as_str().unwrap_or("?"),
+                m.host
             )));
-        }
+        } else {
+            // The engine follows the node: the volume's record moves to its manager
+            // (refused, FAILED_PRECONDITION, for a volume whose replicas are its host's own).
+            let to = self.manager_of(&r.node_id).ok_or_else(|| Status::not_found(format!("node {:?}", r.node_id)))?;
+            let moved = self.move_volume(&r.volume_id, m, to)?;
+            (to, moved)
+        };
         let v = match v["state"].as_str().unwrap_or("") {
             "attached" => v,
             "detached" => self.attach(m, &r.volume_id, false)?,

@@ -18,6 +18,7 @@ pub mod ids;
 pub mod manager;
 pub mod mount;
 pub mod node;
+pub mod placement;
 
 use anyhow::{bail, Context, Result};
 /// The CSI v1 messages, clients and service traits (re-exported for the tests' clients).
@@ -46,6 +47,9 @@ pub struct Config {
     /// The block device frontend volumes are attached with (the manager's default
     /// when None: ublk, else nbd, else fuse).
     pub frontend: Option<String>,
+    /// Longhorn's replica-soft-anti-affinity: with fewer hosts than replicas, put
+    /// several on one host instead of refusing the volume.
+    pub soft_anti_affinity: bool,
 }
 
 /// A socket path from the forms the sidecars pass: `unix:///csi/csi.sock`,
@@ -62,6 +66,7 @@ pub struct Driver {
     pub node_id: String,
     pub managers: Vec<Manager>,
     pub frontend: Option<String>,
+    pub soft_anti_affinity: bool,
     busy: Mutex<HashSet<String>>,
 }
 
@@ -82,7 +87,13 @@ impl Drop for Busy<'_> {
 impl Driver {
     pub fn new(c: &Config) -> Driver {
         let managers = c.managers.iter().map(|(h, u)| Manager::new(h, u, c.token.clone())).collect();
-        Driver { node_id: c.node_id.clone(), managers, frontend: c.frontend.clone(), busy: Mutex::new(HashSet::new()) }
+        Driver {
+            node_id: c.node_id.clone(),
+            managers,
+            frontend: c.frontend.clone(),
+            soft_anti_affinity: c.soft_anti_affinity,
+            busy: Mutex::new(HashSet::new()),
+        }
     }
 
     pub fn hold(&self, key: &str) -> Result<Busy<'_>, Status> {

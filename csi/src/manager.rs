@@ -46,6 +46,9 @@ impl Manager {
     pub fn new(host: &str, base: &str, token: Option<String>) -> Manager {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // A host that is down must not hold a call (and the volume's lock) for
+            // minutes: it is UNAVAILABLE, and the sidecars retry.
+            .timeout_connect(Some(Duration::from_secs(3)))
             // Longer than the manager's own longest call (an engine's control call, 130 s).
             .timeout_global(Some(Duration::from_secs(180)))
             .build()

@@ -121,7 +121,10 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
     let b = body(&h, b)?;
     input::only(
         &b,
-        &["name", "size", "numberOfReplicas", "staleReplicaTimeout", "fromBackup", "recurringJobs", "accessMode", "frontend", "disableFrontend"],
+        &[
+            "name", "size", "numberOfReplicas", "staleReplicaTimeout", "fromBackup", "recurringJobs", "accessMode", "frontend", "disableFrontend",
+            "replicaAddresses", "secret",
+        ],
     )?;
     let name = input::req_str(&b, "name")?.to_string();
     input::name("name", &name)?;
@@ -153,7 +156,20 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
     if dir.exists() {
         return Err(ApiError::conflict(format!("volume {name:?}: {} exists already (a volume this manager does not own)", dir.display())).with_field("name"));
     }
-    let n = spec.number_of_replicas.unwrap_or(3);
+    let remote = remote_replicas(&b)?;
+    let secret = match input::opt_str(&b, "secret")? {
+        Some(s) if s.len() == 64 && s.bytes().all(|c| c.is_ascii_hexdigit()) => Some(s.to_string()),
+        Some(_) => return Err(ApiError::bad("secret", "secret: the volume's secret, 64 hex digits")),
+        None if !remote.is_empty() => return Err(ApiError::bad("secret", "secret: required with replicaAddresses (the replicas hold it)")),
+        None => None,
+    };
+    if !remote.is_empty() && !from_backup.is_empty() {
+        return Err(ApiError::bad("fromBackup", "fromBackup: a restore is written to this host's replicas; it cannot be given with replicaAddresses"));
+    }
+    let n = spec.number_of_replicas.unwrap_or(if remote.is_empty() { 3 } else { remote.len() });
+    if n < remote.len() {
+        return Err(ApiError::bad("numberOfReplicas", format!("numberOfReplicas: {n} is fewer than the {} replicaAddresses", remote.len())));
+    }
     let mut st = VolumeState {
         name: name.clone(),
         size: size.unwrap_or(0),
@@ -170,11 +186,17 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
         message: String::new(),
         pid: None,
         start_time: None,
+        remote_replicas: remote,
     };
     let base = base(&m, &h);
     if from_backup.is_empty() {
+        let local = st.local_replicas();
         let mk = || -> anyhow::Result<()> {
-            for i in 0..n {
+            std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+            if let Some(s) = &secret {
+                write_secret(&dir.join("volume.key"), s)?;
+            }
+            for i in 0..local {
                 let d = dir.join(format!("replica-{i}"));
                 std::fs::create_dir_all(&d).map_err(|e| anyhow::anyhow!("creating {}: {e}", d.display()))?;
             }
@@ -257,6 +279,64 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
         }
     });
     Ok((StatusCode::CREATED, Json(resp)).into_response())
+}
+
+/// `replicaAddresses`: replicas other hosts keep for the volume, `IP:PORT` each.
+fn remote_replicas(b: &Map<String, Value>) -> ApiResult<Vec<String>> {
+    let Some(v) = b.get("replicaAddresses").filter(|v| !v.is_null()) else { return Ok(Vec::new()) };
+    let list = v.as_array().ok_or_else(|| ApiError::bad("replicaAddresses", "replicaAddresses: a list of IP:PORT"))?;
+    let mut out: Vec<String> = Vec::new();
+    for (i, a) in list.iter().enumerate() {
+        let ok = a.as_str().and_then(|s| s.parse::<std::net::SocketAddr>().ok()).filter(|sa| !sa.ip().is_unspecified() && sa.port() != 0);
+        let Some(sa) = ok else {
+            return Err(ApiError::bad("replicaAddresses", format!("replicaAddresses[{i}]: {a} is not an address IP:PORT")));
+        };
+        if out.contains(&sa.to_string()) {
+            return Err(ApiError::bad("replicaAddresses", format!("replicaAddresses[{i}]: {sa} is listed twice")));
+        }
+        out.push(sa.to_string());
+    }
+    if out.len() > 32 {
+        return Err(ApiError::bad("replicaAddresses", "replicaAddresses: at most 32"));
+    }
+    Ok(out)
+}
+
+/// The volume's secret file (mode 0600, as `longhorn up` makes it).
+fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    f.write_all(format!("{secret}\n").as_bytes()).and_then(|_| f.sync_all()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// `handOff`: what another host's manager needs to serve this volume (its replicas all
+/// live on other hosts, so nothing here moves): the spec, the replicas' addresses and
+/// the secret. Only while detached. The caller creates the volume there, then deletes
+/// it here (which removes no replica).
+async fn hand_off(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Value> {
+    input::only(b, &[])?;
+    let _ops = m.ops.lock().await;
+    let st = m.state(name)?;
+    let state = volume_state_of(m, name);
+    if state != "detached" {
+        return Err(ApiError::conflict(format!("volume {name:?} is {state}: it is handed to another host only while detached")));
+    }
+    if st.remote_replicas.is_empty() || st.local_replicas() > 0 {
+        return Err(ApiError::conflict(format!("volume {name:?} keeps replicas on this host: it is served here only")));
+    }
+    let key = m.cfg.data_dir.join(name).join("volume.key");
+    let secret = std::fs::read_to_string(&key).map_err(|e| ApiError::internal(anyhow::anyhow!("reading {}: {e}", key.display())))?;
+    Ok(json!({
+        "type": "volumeHandOff", "name": name, "size": st.size.to_string(), "numberOfReplicas": st.number_of_replicas,
+        "staleReplicaTimeout": st.stale_replica_timeout, "accessMode": st.access_mode, "recurringJobs": st.recurring_jobs,
+        "replicaAddresses": st.remote_replicas, "secret": secret.trim(),
+    }))
 }
 
 pub async fn delete_volume(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
@@ -396,8 +476,12 @@ pub async fn volume_action(
             let p = m.engine(&name, req).await?;
             json!({"type": "backupStatus", "backup": p["backup"], "snapshot": p["snapshot"], "url": p["url"], "state": p["state"]})
         }
+        "updateReplicaCount" | "replicaRemove" if !m.state(&name)?.remote_replicas.is_empty() => {
+            return Err(ApiError::conflict(format!("volume {name:?} has replicas on other hosts: their placement is the CSI controller's")));
+        }
         "updateReplicaCount" => update_replica_count(&m, &name, &b).await?,
         "replicaRemove" => replica_remove(&m, &name, &b).await?,
+        "handOff" => hand_off(&m, &name, &b).await?,
         "recurringJobAdd" => jobs_add(&m, &name, &b).await?,
         "recurringJobDelete" => {
             input::only(&b, &["name"])?;

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod mgr;
 pub mod openapi;
 pub mod procs;
+pub mod replicas;
 pub mod settings;
 pub mod spec;
 pub mod state;
@@ -46,6 +47,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Required of every request (but /healthz) when set.
     pub token: Option<String>,
+    /// The address of this host that its replicas for other hosts' engines listen on.
+    pub replica_ip: std::net::IpAddr,
 }
 
 /// Whether binding `addr` needs a token: anything but 127.0.0.1 and ::1 (API.md,
@@ -173,6 +176,8 @@ pub fn router(m: mgr::Shared, shutdown: tokio::sync::watch::Receiver<bool>) -> R
             get(api::get_backup_volume).post(api::backup_volume_action).delete(api::delete_backup_volume),
         )
         .route("/v1/node", get(api::get_node))
+        .route("/v1/replicas", get(replicas::list).post(replicas::create))
+        .route("/v1/replicas/{volume}/{name}", get(replicas::get).delete(replicas::delete))
         .route("/v1/settings", get(api::list_settings))
         .route("/v1/settings/{name}", get(api::get_setting).put(api::put_setting))
         .route("/v1/secrets", get(api::list_secrets))

@@ -84,6 +84,8 @@ pub struct Mgr {
     /// start and stop processes and rewrite state files.
     pub ops: tokio::sync::Mutex<()>,
     pub events: broadcast::Sender<String>,
+    /// Replicas this host keeps for engines on any host (`replicas.rs`).
+    pub reps: Mutex<BTreeMap<String, crate::replicas::Entry>>,
 }
 
 pub type Shared = Arc<Mgr>;
@@ -111,11 +113,16 @@ impl Mgr {
             vols.insert(st.name.clone(), Entry::new_pub(st));
         }
         let (events, _) = broadcast::channel(1024);
-        Ok(Mgr { cfg, exe, store, vols: Mutex::new(vols), ops: tokio::sync::Mutex::new(()), events })
+        let reps = crate::replicas::entries(crate::replicas::load_all(&cfg.state_dir)?);
+        Ok(Mgr { cfg, exe, store, vols: Mutex::new(vols), ops: tokio::sync::Mutex::new(()), events, reps: Mutex::new(reps) })
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
         self.vols.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn replicas(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, crate::replicas::Entry>> {
+        self.reps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn settings_path(&self) -> PathBuf {
@@ -196,7 +203,8 @@ impl Mgr {
                 exe: &exe,
                 volume: &st2.name,
                 size: st2.size,
-                replicas: st2.number_of_replicas,
+                replicas: st2.local_replicas(),
+                remote_replicas: &st2.remote_replicas,
                 data_dir: &data_dir,
                 run_dir: &run_dir,
                 frontend: &frontend,
@@ -297,6 +305,7 @@ impl Mgr {
     /// Once a second: restart dead volumes meant attached, sample every engine, and
     /// send what changed to the event stream.
     pub async fn tick(self: &Arc<Self>, last_sent: &mut HashMap<String, String>, base: &str) {
+        crate::replicas::supervise(self).await;
         // Restarts: a dead `up` of a volume meant attached, backing off 1 s .. 60 s.
         let dead: Vec<String> = {
             let g = self.lock();

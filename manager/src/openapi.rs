@@ -54,8 +54,10 @@ mod tests {
     #[test]
     fn every_route_is_documented() {
         let d = super::doc();
-        let routes: [(&str, &[&str]); 13] = [
+        let routes: [(&str, &[&str]); 15] = [
             ("/v1/node", &["get"]),
+            ("/v1/replicas", &["get", "post"]),
+            ("/v1/replicas/{volume}/{name}", &["get", "delete"]),
             ("/v1/volumes", &["get", "post"]),
             ("/v1/volumes/{name}", &["get", "post", "delete"]),
             ("/v1/backupvolumes", &["get"]),

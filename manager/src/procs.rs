@@ -42,6 +42,7 @@ pub struct UpArgs<'a> {
     pub volume: &'a str,
     pub size: u64,
     pub replicas: usize,
+    pub remote_replicas: &'a [String],
     pub data_dir: &'a Path,
     pub run_dir: &'a Path,
     pub frontend: &'a str,
@@ -77,6 +78,9 @@ pub fn spawn_up(a: &UpArgs) -> Result<(i32, u64)> {
         .args(["--frontend", a.frontend])
         .args(["--stale-replica-timeout", &a.stale_minutes.to_string()])
         .args(["--recurring-jobs", &jobs]);
+    for r in a.remote_replicas {
+        c.args(["--remote-replica", r]);
+    }
     if a.rwx {
         c.args(["--access-mode", "rwx"]);
     }

@@ -42,6 +42,17 @@ pub struct VolumeState {
     pub pid: Option<i32>,
     #[serde(default)]
     pub start_time: Option<u64>,
+    /// Replicas other hosts keep for this volume (`IP:PORT`, see `replicas.rs`); they
+    /// count in `number_of_replicas`, the rest are this host's `replica-N`.
+    #[serde(default)]
+    pub remote_replicas: Vec<String>,
+}
+
+impl VolumeState {
+    /// How many replicas run on this host, under `longhorn up`.
+    pub fn local_replicas(&self) -> usize {
+        self.number_of_replicas.saturating_sub(self.remote_replicas.len())
+    }
 }
 
 pub struct StateDir {

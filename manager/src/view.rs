@@ -95,15 +95,21 @@ fn strip_ansi(l: &str) -> String {
 pub fn replicas(m: &Mgr, e: &Entry) -> Vec<Value> {
     let name = &e.st.name;
     let vol_dir = m.cfg.data_dir.join(name);
+    let remote = |k: usize, addr: &str| format!("{name}-r-remote-{k}-{}", addr.replace([':', '.', '[', ']'], "-"));
     let Some(s) = &e.sample else {
-        // Detached: the directories that exist.
-        return (0..e.st.number_of_replicas)
+        // Detached: the directories that exist, and the replicas other hosts keep.
+        let mut out: Vec<Value> = (0..e.st.local_replicas())
             .map(|i| {
                 let dir = vol_dir.join(format!("replica-{i}"));
                 json!({"name": format!("{name}-r-{i}"), "address": "", "mode": "", "running": false,
                        "dataPath": dir.display().to_string(), "rebuildProgress": null, "failedAt": ""})
             })
             .collect();
+        for (k, a) in e.st.remote_replicas.iter().enumerate() {
+            out.push(json!({"name": remote(k, a), "address": a, "mode": "", "running": false,
+                            "dataPath": "", "rebuildProgress": null, "failedAt": ""}));
+        }
+        return out;
     };
     let dirs = replica_dirs(&m.cfg.data_dir, name, e.st.number_of_replicas + 4);
     let mut out = Vec::new();
@@ -111,6 +117,11 @@ pub fn replicas(m: &Mgr, e: &Entry) -> Vec<Value> {
         let addr = r["address"].as_str().unwrap_or("");
         let dir = dirs.iter().find(|(a, _)| a == addr).map(|(_, d)| d.clone()).unwrap_or_else(|| format!("replica-{i}"));
         let idx = dir.strip_prefix("replica-").unwrap_or("0");
+        // Another host keeps it: no directory here.
+        let (rname, data_path) = match e.st.remote_replicas.iter().position(|a| a == addr) {
+            Some(k) => (remote(k, addr), String::new()),
+            None => (format!("{name}-r-{idx}"), vol_dir.join(&dir).display().to_string()),
+        };
         let p = &r["progress"];
         let progress = if p.is_object() && p["active"] == true {
             let total = p["bytes_total"].as_u64().unwrap_or(0);
@@ -120,8 +131,8 @@ pub fn replicas(m: &Mgr, e: &Entry) -> Vec<Value> {
             Value::Null
         };
         out.push(json!({
-            "name": format!("{name}-r-{idx}"), "address": addr, "mode": r["mode"], "running": r["mode"] != "ERR",
-            "dataPath": vol_dir.join(&dir).display().to_string(), "rebuildProgress": progress,
+            "name": rname, "address": addr, "mode": r["mode"], "running": r["mode"] != "ERR",
+            "dataPath": data_path, "rebuildProgress": progress,
             "failedAt": if r["mode"] == "ERR" { r["error"].as_str().unwrap_or("").to_string() } else { String::new() },
             "revision": r["revision"],
         }));

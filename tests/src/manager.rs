@@ -123,6 +123,14 @@ impl Drop for Manager {
                     let _ = self.call("DELETE", &format!("/v1/volumes/{n}"), None);
                 }
             }
+            // Replicas kept for other hosts' engines outlive the manager too.
+            if let (200, v) = self.call("GET", "/v1/replicas", None) {
+                for r in v["data"].as_array().into_iter().flatten() {
+                    if let (Some(vol), Some(n)) = (r["volume"].as_str(), r["name"].as_str()) {
+                        let _ = self.call("DELETE", &format!("/v1/replicas/{vol}/{n}"), None);
+                    }
+                }
+            }
         }
         self.proc.term();
     }

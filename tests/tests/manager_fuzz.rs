@@ -93,6 +93,14 @@ def map_case(context, case):
         params["name"] = VOL
         if body is not None and random.random() < 0.3:
             body["name"] = BACKUP
+    if body is not None and path == "/v1/replicas" and steer:
+        # Replicas for other hosts' engines are real processes: two at most.
+        body["volume"] = "fuzzrep"
+        body["name"] = random.choice(["r1", "r2"])
+    if body is not None and isinstance(body.get("replicaAddresses"), list):
+        # An engine connects to these if the volume is ever attached: loopback only
+        # (a port nothing listens on), never an address the generator made up.
+        body["replicaAddresses"] = ["127.0.0.1:%d" % (9 + i) for i, _ in enumerate(body["replicaAddresses"][:32])]
     if body is not None:
         # Few replica processes on a 2-core machine (what the server refuses anyway,
         # above 32, stays).

@@ -39,6 +39,9 @@ pub struct Replica {
     backoff: Duration,
     /// Removed by the operator: left alone.
     retired: bool,
+    /// Run by another host's manager on a fixed address: never started or stopped
+    /// here; a failed one is taken out and added back, which rebuilds it.
+    remote: bool,
 }
 
 impl Replica {
@@ -53,6 +56,22 @@ impl Replica {
             next_try: Instant::now(),
             backoff: FIRST_BACKOFF,
             retired: false,
+            remote: false,
+        }
+    }
+
+    pub fn remote(addr: String) -> Replica {
+        Replica {
+            name: format!("remote replica {addr}"),
+            dir: PathBuf::new(),
+            addr,
+            proc: None,
+            failed_since: None,
+            healthy_since: None,
+            next_try: Instant::now(),
+            backoff: FIRST_BACKOFF,
+            retired: false,
+            remote: true,
         }
     }
 
@@ -65,6 +84,9 @@ impl Replica {
     }
 
     fn exited(&mut self) -> Option<String> {
+        if self.remote {
+            return None;
+        }
         match self.proc.as_mut().map(|p| p.child.try_wait()) {
             None => Some("not running".into()),
             Some(Ok(Some(st))) => Some(format!("its process exited ({st})")),
@@ -131,7 +153,8 @@ impl Supervisor {
             }
             // An empty address: this manager took the replica out and has not put it back yet.
             let entry = list.iter().find(|e| !r.addr.is_empty() && e["address"] == r.addr.as_str());
-            if entry.is_none() && !r.addr.is_empty() && !self.to_remove.contains(&r.addr) {
+            // A remote replica out of the list was taken out here to be added back.
+            if entry.is_none() && !r.remote && !r.addr.is_empty() && !self.to_remove.contains(&r.addr) {
                 eprintln!("longhorn up: {} ({}) was removed from the volume; stopping it, no longer rebuilt", r.name, r.addr);
                 r.stop(Duration::from_secs(10));
                 r.retired = true;
@@ -166,6 +189,17 @@ impl Supervisor {
             }
             if healthy == 0 {
                 // Nothing to rebuild from; the engine has failed its I/O already.
+                continue;
+            }
+            if r.remote {
+                // Its host's manager restarts the process on the same address; the
+                // controller that placed it moves it to another host when it is stale.
+                match readd(cx, r) {
+                    Ok(()) => eprintln!("longhorn up: {} added back; rebuilding", r.name),
+                    Err(e) => eprintln!("longhorn up: {}: not back yet: {e:#}; next try in {:?}", r.name, r.backoff),
+                }
+                r.next_try = Instant::now() + r.backoff;
+                r.backoff = (r.backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
             let stale = cx.stale_after.is_some_and(|t| since.elapsed() >= t);
@@ -217,6 +251,18 @@ fn replace(cx: &Ctx, r: &mut Replica, stale: bool, to_remove: &mut Vec<String>) 
     }
     r.proc = Some(p);
     r.addr = addr;
+    Ok(())
+}
+
+/// Takes a failed remote replica out of the engine (if still listed) and adds it back,
+/// which rebuilds it from a healthy one (only what differs, as its files are kept).
+fn readd(cx: &Ctx, r: &Replica) -> Result<()> {
+    if let Err(e) = crate::control_call(cx.run_dir, cx.volume, &json!({"cmd": "replica-rm", "address": r.addr})) {
+        if !e.contains("no replica") {
+            bail!("taking {} out of the engine: {e}", r.addr);
+        }
+    }
+    crate::control_call(cx.run_dir, cx.volume, &json!({"cmd": "replica-add", "address": r.addr})).map_err(|e| anyhow!("adding {}: {e}", r.addr))?;
     Ok(())
 }
 

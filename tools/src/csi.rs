@@ -27,6 +27,10 @@ pub struct CsiArgs {
     /// fuse). Default: the manager's (ublk, else nbd, else fuse).
     #[arg(long)]
     frontend: Option<String>,
+    /// Longhorn's replica-soft-anti-affinity: with fewer hosts than a volume's
+    /// replicas, put several on one host (else the volume is refused).
+    #[arg(long)]
+    replica_soft_anti_affinity: bool,
 }
 
 pub fn run(a: CsiArgs) -> Result<()> {
@@ -62,5 +66,6 @@ pub fn run(a: CsiArgs) -> Result<()> {
         controller: a.mode != "node",
         node: a.mode != "controller",
         frontend: a.frontend,
+        soft_anti_affinity: a.replica_soft_anti_affinity,
     })
 }

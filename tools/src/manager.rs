@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// A file whose first line is the API token (Authorization: Bearer TOKEN).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// The address of this host that replicas serving other hosts' engines listen on
+    /// (the host's own address on the network between hosts). Default: the --listen
+    /// address, or 127.0.0.1 when that is a wildcard.
+    #[arg(long)]
+    pub replica_address: Option<std::net::IpAddr>,
 }
 
 pub fn run(a: ManagerArgs) -> Result<()> {
@@ -56,7 +61,8 @@ pub fn run(a: ManagerArgs) -> Result<()> {
                 Some(s) => std::path::absolute(&s).context("--state-dir")?,
                 None => data_dir.join("manager"),
             };
-            longhorn_manager::serve(longhorn_manager::Config { listen: a.listen, data_dir, run_dir, state_dir, token })
+            let replica_ip = a.replica_address.unwrap_or(if a.listen.ip().is_unspecified() { [127, 0, 0, 1].into() } else { a.listen.ip() });
+            longhorn_manager::serve(longhorn_manager::Config { listen: a.listen, data_dir, run_dir, state_dir, token, replica_ip })
         }
     }
 }

@@ -23,9 +23,15 @@ pub struct UpArgs {
     /// Volume size (e.g. 10G). An existing volume's size must match.
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
-    /// How many replicas to run (default 3, or the spec's numberOfReplicas).
+    /// How many replicas to run on this host (default 3, or the spec's
+    /// numberOfReplicas; 0 with --remote-replica).
     #[arg(long)]
     pub replicas: Option<usize>,
+    /// A replica another host runs for this volume (its manager keeps the process
+    /// going on a fixed address); repeat for each. The engine uses it like a local one,
+    /// and a failed one is added back (rebuilt) once it answers again.
+    #[arg(long = "remote-replica", value_name = "ADDR")]
+    pub remote_replicas: Vec<String>,
     /// A volume spec: a JSON object of StorageClass parameters (numberOfReplicas,
     /// staleReplicaTimeout, fromBackup, recurringJobs, accessMode). Stored with the volume.
     #[arg(long)]
@@ -164,11 +170,17 @@ pub fn run(mut a: UpArgs) -> Result<()> {
         longhorn_engine::jobs::parse_jobs(&v).map_err(|e| anyhow::anyhow!("--recurring-jobs: {e}"))?;
         spec.recurring_jobs = Some(v);
     }
-    let replicas = a.replicas.or(spec.number_of_replicas).unwrap_or(3);
-    if replicas == 0 {
-        bail!("--replicas must be at least 1");
+    let remote = a.remote_replicas.len();
+    let replicas = a.replicas.or(spec.number_of_replicas.map(|n| n.saturating_sub(remote))).unwrap_or(if remote > 0 { 0 } else { 3 });
+    if replicas + remote == 0 {
+        bail!("--replicas must be at least 1 (or give --remote-replica)");
     }
-    spec.number_of_replicas = Some(replicas);
+    for r in &a.remote_replicas {
+        if r.parse::<std::net::SocketAddr>().is_err() {
+            bail!("--remote-replica {r:?}: not an address (IP:PORT)");
+        }
+    }
+    spec.number_of_replicas = Some(replicas + remote);
     let rwx = match a.access_mode.as_deref().or(spec.access_mode.as_deref()) {
         None | Some("ReadWriteOnce" | "rwo") => false,
         Some("ReadWriteMany" | "rwx") => true,
@@ -238,6 +250,9 @@ pub fn run(mut a: UpArgs) -> Result<()> {
             }
         }
     }
+    for ad in &a.remote_replicas {
+        reps.push(Replica::remote(ad.clone()));
+    }
     let addrs: Vec<String> = reps.iter().map(|r| r.addr.clone()).collect();
     let mut c = Command::new(&exe);
     c.args(["engine", "serve", "--volume", &a.volume, "--size", &size]).arg("--run-dir").arg(&a.run_dir);
@@ -263,7 +278,7 @@ pub fn run(mut a: UpArgs) -> Result<()> {
         }
     };
     procs.push(engine);
-    println!("volume {} is up: {} replicas, {} bytes", a.volume, replicas, a.size);
+    println!("volume {} is up: {} replicas, {} bytes", a.volume, replicas + remote, a.size);
     println!("  data:      {}", vol_dir.display());
     println!("  logs:      {}", log_dir.display());
     println!("  replicas:  {}", addrs.join(" "));

@@ -1,0 +1,364 @@
+//! Replicas this host keeps for volumes whose engine runs on another host (Longhorn's
+//! replicas on other nodes): a `longhorn replica serve` per replica, listening on a
+//! fixed address of this host so the engine that has it in its list finds it again
+//! after a restart, kept running by the manager's supervisor whether or not an engine
+//! uses it, as an instance manager keeps them in Longhorn.
+//!
+//! Layout: the data in `DATA_DIR/.replicas/VOLUME/NAME/` (a volume name starts with a
+//! letter or digit, so `.replicas` is never a volume's directory), the volume's secret
+//! in `DATA_DIR/.replicas/VOLUME/volume.key` (mode 0600), the process's log beside its
+//! directory, and the record (address, pid and start time) in
+//! `STATE_DIR/replicas/VOLUME/NAME.json`, written atomically.
+//!
+//! Invariants:
+//! - One process per replica directory (the replica itself takes a lock on it).
+//! - A replica's address never changes: it is chosen once, at creation.
+//! - A process counts as ours only if its start time and command line match the
+//!   record (a pid reused after a reboot is never adopted or signalled).
+
+use crate::error::{ApiError, ApiResult};
+use crate::mgr::{blocking, Shared};
+use crate::{input, procs};
+use anyhow::{anyhow, Context, Result};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaState {
+    pub volume: String,
+    pub name: String,
+    pub size: u64,
+    pub address: String,
+    pub created: String,
+    #[serde(default)]
+    pub pid: Option<i32>,
+    #[serde(default)]
+    pub start_time: Option<u64>,
+}
+
+/// The manager's bookkeeping of one replica: its record and when to try a restart.
+pub struct Entry {
+    pub st: ReplicaState,
+    failures: u32,
+    next_restart: Option<Instant>,
+}
+
+pub fn key(volume: &str, name: &str) -> String {
+    format!("{volume}/{name}")
+}
+
+fn vol_dir(data_dir: &Path, volume: &str) -> PathBuf {
+    data_dir.join(".replicas").join(volume)
+}
+
+pub fn data_path(data_dir: &Path, volume: &str, name: &str) -> PathBuf {
+    vol_dir(data_dir, volume).join(name)
+}
+
+fn record_path(state_dir: &Path, volume: &str, name: &str) -> PathBuf {
+    state_dir.join("replicas").join(volume).join(format!("{name}.json"))
+}
+
+/// Every record under `STATE_DIR/replicas`; a record that does not parse is named in
+/// the error (the manager refuses to start rather than forget a replica).
+pub fn load_all(state_dir: &Path) -> Result<Vec<ReplicaState>> {
+    let mut out = Vec::new();
+    let top = state_dir.join("replicas");
+    let Ok(vols) = std::fs::read_dir(&top) else { return Ok(out) };
+    for v in vols {
+        let v = v.with_context(|| format!("reading {}", top.display()))?;
+        for f in std::fs::read_dir(v.path()).with_context(|| format!("reading {}", v.path().display()))? {
+            let p = f.with_context(|| format!("reading {}", v.path().display()))?.path();
+            if p.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            out.push(serde_json::from_str(&text).with_context(|| format!("{}: not a replica record", p.display()))?);
+        }
+    }
+    Ok(out)
+}
+
+fn save(state_dir: &Path, st: &ReplicaState) -> Result<()> {
+    let p = record_path(state_dir, &st.volume, &st.name);
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let data = serde_json::to_vec_pretty(st).context("encoding a replica record")?;
+    longhorn_replica::meta::write_atomic(&p, &data).map_err(|e| anyhow!("{e}"))
+}
+
+/// Whether `pid` (started at `start`) is still our `longhorn replica serve`.
+fn alive(st: &ReplicaState) -> bool {
+    let (Some(pid), Some(start)) = (st.pid, st.start_time) else { return false };
+    if procs::start_time(pid) != Some(start) {
+        return false;
+    }
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+    args.get(1) == Some(&b"replica".as_slice()) && args.get(2) == Some(&b"serve".as_slice())
+}
+
+/// Writes the volume's secret (64 hex digits) where the replicas of this host read it;
+/// a different secret already there is refused (another volume's replicas by that name).
+fn write_key(data_dir: &Path, volume: &str, secret: &str) -> Result<PathBuf, String> {
+    let dir = vol_dir(data_dir, volume);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let path = dir.join("volume.key");
+    if let Ok(have) = std::fs::read_to_string(&path) {
+        if have.trim() != secret {
+            return Err(format!("this host holds replicas of another volume {volume:?} (its secret differs)"));
+        }
+        return Ok(path);
+    }
+    let tmp = dir.join(".volume.key.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    use std::io::Write;
+    f.write_all(format!("{secret}\n").as_bytes()).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// Starts the replica's process on its fixed address and waits until it accepts
+/// connections; (pid, start time).
+fn spawn(exe: &Path, data_dir: &Path, st: &ReplicaState) -> Result<(i32, u64)> {
+    let dir = data_path(data_dir, &st.volume, &st.name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log_path = vol_dir(data_dir, &st.volume).join(format!("{}.log", st.name));
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let log2 = log.try_clone().with_context(|| format!("opening {}", log_path.display()))?;
+    let mut c = Command::new(exe);
+    c.args(["replica", "serve", "--volume", &st.volume, "--size", &st.size.to_string(), "--listen", &st.address])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--secret-file")
+        .arg(vol_dir(data_dir, &st.volume).join("volume.key"))
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().with_context(|| format!("starting the replica {}/{}", st.volume, st.name))?;
+    let pid = child.id() as i32;
+    let start = procs::start_time(pid).ok_or_else(|| anyhow!("replica {}/{} exited at once; see {}", st.volume, st.name, log_path.display()))?;
+    let label = key(&st.volume, &st.name);
+    std::thread::Builder::new()
+        .name(format!("reap-{pid}"))
+        .spawn(move || match child.wait() {
+            Ok(s) => tracing::info!(replica = %label, pid, "replica exited: {s}"),
+            Err(e) => tracing::warn!(replica = %label, pid, "waiting for the replica: {e}"),
+        })
+        .context("starting the reaper thread")?;
+    let addr: std::net::SocketAddr = st.address.parse().with_context(|| format!("replica address {:?}", st.address))?;
+    let t = Instant::now();
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok((pid, start));
+        }
+        if procs::start_time(pid) != Some(start) {
+            return Err(anyhow!("replica {}/{} exited: {}", st.volume, st.name, procs::last_log_line(&log_path)));
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = procs::stop(pid, start, Duration::from_secs(5));
+            return Err(anyhow!("replica {}/{} does not listen on {} after 20 s", st.volume, st.name, st.address));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A free TCP port on `ip` now (the replica takes it for good at its first start).
+fn free_address(ip: std::net::IpAddr) -> Result<String> {
+    let l = std::net::TcpListener::bind((ip, 0)).with_context(|| format!("finding a free port on {ip}"))?;
+    Ok(l.local_addr().context("the free port")?.to_string())
+}
+
+fn json_of(m: &Shared, e: &Entry) -> Value {
+    let st = &e.st;
+    json!({
+        "type": "replicaInstance", "id": key(&st.volume, &st.name), "volume": st.volume, "name": st.name,
+        "size": st.size.to_string(), "address": st.address, "running": alive(st), "created": st.created,
+        "dataPath": data_path(&m.cfg.data_dir, &st.volume, &st.name).display().to_string(),
+        "links": {"self": format!("/v1/replicas/{}/{}", st.volume, st.name)}, "actions": {},
+    })
+}
+
+fn list_json(m: &Shared) -> Vec<Value> {
+    let g = m.replicas();
+    g.values().map(|e| json_of(m, e)).collect()
+}
+
+pub async fn list(State(m): State<Shared>, _h: HeaderMap) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({"type": "collection", "resourceType": "replicaInstance", "data": list_json(&m), "links": {"self": "/v1/replicas"}})))
+}
+
+pub async fn get(State(m): State<Shared>, UrlPath((volume, name)): UrlPath<(String, String)>) -> ApiResult<Json<Value>> {
+    input::name("volume", &volume)?;
+    input::name("name", &name)?;
+    let g = m.replicas();
+    let e = g.get(&key(&volume, &name)).ok_or_else(|| ApiError::not_found(format!("replica {volume}/{name}")))?;
+    Ok(Json(json_of(&m, e)))
+}
+
+/// `POST /v1/replicas` `{"volume","name","size","secret"}`: makes (or, the same again,
+/// finds) a replica of `volume` on this host and starts it.
+pub async fn create(State(m): State<Shared>, h: HeaderMap, b: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let b = crate::api::body(&h, b)?;
+    input::only(&b, &["volume", "name", "size", "secret"])?;
+    let volume = input::req_str(&b, "volume")?.to_string();
+    input::name("volume", &volume)?;
+    let name = input::req_str(&b, "name")?.to_string();
+    input::name("name", &name)?;
+    let size = input::size("size", b.get("size").unwrap_or(&Value::Null))?;
+    let secret = input::req_str(&b, "secret")?.trim().to_string();
+    if secret.len() != 64 || !secret.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return Err(ApiError::bad("secret", "secret: the volume's secret, 64 hex digits"));
+    }
+    let _ops = m.ops.lock().await;
+    if let Some(e) = m.replicas().get(&key(&volume, &name)) {
+        // The same request again (a retry) answers what the first one made.
+        if e.st.size != size {
+            return Err(ApiError::conflict(format!("replica {volume}/{name} exists with {} bytes, not {size}", e.st.size)).with_field("size"));
+        }
+        return Ok((StatusCode::OK, Json(json_of(&m, e))).into_response());
+    }
+    let (data_dir, state_dir, exe, ip) = (m.cfg.data_dir.clone(), m.cfg.state_dir.clone(), m.exe.clone(), m.cfg.replica_ip);
+    let st = blocking(move || -> Result<ReplicaState, ApiError> {
+        write_key(&data_dir, &volume, &secret).map_err(|e| ApiError::conflict(e).with_field("secret"))?;
+        let mut st = ReplicaState {
+            address: free_address(ip).map_err(ApiError::internal)?,
+            volume,
+            name,
+            size,
+            created: longhorn_replica::meta::now_rfc3339(),
+            pid: None,
+            start_time: None,
+        };
+        // The record first: a manager killed before the process starts knows of it and
+        // starts it; one killed after adopts it.
+        save(&state_dir, &st).map_err(ApiError::internal)?;
+        let (pid, start) = spawn(&exe, &data_dir, &st).map_err(|e| ApiError::conflict(format!("{e:#}")))?;
+        st.pid = Some(pid);
+        st.start_time = Some(start);
+        save(&state_dir, &st).map_err(ApiError::internal)?;
+        Ok(st)
+    })
+    .await??;
+    tracing::info!(replica = %key(&st.volume, &st.name), address = st.address, "replica created");
+    let k = key(&st.volume, &st.name);
+    let e = Entry { st, failures: 0, next_restart: None };
+    let out = json_of(&m, &e);
+    m.replicas().insert(k, e);
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+/// `DELETE /v1/replicas/{volume}/{name}`: stops the replica and deletes its data. The
+/// engine that used it must have let it go (it is the controller's call).
+pub async fn delete(State(m): State<Shared>, UrlPath((volume, name)): UrlPath<(String, String)>) -> ApiResult<Json<Value>> {
+    input::name("volume", &volume)?;
+    input::name("name", &name)?;
+    let _ops = m.ops.lock().await;
+    let st = m.replicas().get(&key(&volume, &name)).map(|e| e.st.clone()).ok_or_else(|| ApiError::not_found(format!("replica {volume}/{name}")))?;
+    let (data_dir, state_dir) = (m.cfg.data_dir.clone(), m.cfg.state_dir.clone());
+    let st2 = st.clone();
+    blocking(move || -> Result<()> {
+        if let (Some(pid), Some(start), true) = (st2.pid, st2.start_time, alive(&st2)) {
+            procs::stop(pid, start, Duration::from_secs(30))?;
+        }
+        let dir = data_path(&data_dir, &st2.volume, &st2.name);
+        if dir.exists() {
+            // Renamed aside in one step, so a half-deleted directory is never served.
+            let aside = vol_dir(&data_dir, &st2.volume).join(format!(".deleting-{}", st2.name));
+            std::fs::rename(&dir, &aside).with_context(|| format!("moving {} aside", dir.display()))?;
+            std::fs::remove_dir_all(&aside).with_context(|| format!("deleting {}", aside.display()))?;
+        }
+        let _ = std::fs::remove_file(vol_dir(&data_dir, &st2.volume).join(format!("{}.log", st2.name)));
+        let rec = record_path(&state_dir, &st2.volume, &st2.name);
+        std::fs::remove_file(&rec).with_context(|| format!("removing {}", rec.display()))?;
+        // The volume's last replica here takes its secret with it.
+        if let Some(d) = rec.parent() {
+            if std::fs::remove_dir(d).is_ok() {
+                let _ = std::fs::remove_dir_all(vol_dir(&data_dir, &st2.volume));
+            }
+        }
+        Ok(())
+    })
+    .await?
+    .map_err(|e| ApiError::conflict(format!("replica {volume}/{name}: {e:#}")))?;
+    let e = m.replicas().remove(&key(&volume, &name));
+    tracing::info!(replica = %key(&volume, &name), "replica deleted");
+    Ok(Json(e.map(|e| json_of(&m, &e)).unwrap_or(Value::Null)))
+}
+
+pub fn entries(list: Vec<ReplicaState>) -> std::collections::BTreeMap<String, Entry> {
+    list.into_iter().map(|st| (key(&st.volume, &st.name), Entry { st, failures: 0, next_restart: None })).collect()
+}
+
+/// The supervisor's round: a replica whose process is gone is started again on its
+/// directory and address, backing off 1 s .. 60 s while that fails.
+pub async fn supervise(m: &Shared) {
+    let dead: Vec<ReplicaState> = {
+        let g = m.replicas();
+        g.values().filter(|e| !alive(&e.st) && e.next_restart.is_none_or(|t| Instant::now() >= t)).map(|e| e.st.clone()).collect()
+    };
+    for st in dead {
+        let Ok(_g) = m.ops.try_lock() else { return };
+        let k = key(&st.volume, &st.name);
+        if !m.replicas().contains_key(&k) {
+            continue;
+        }
+        tracing::warn!(replica = %k, address = st.address, "the replica is not running; starting it again on its data");
+        let (exe, data_dir, state_dir) = (m.exe.clone(), m.cfg.data_dir.clone(), m.cfg.state_dir.clone());
+        let st2 = st.clone();
+        let r = blocking(move || -> Result<ReplicaState> {
+            let (pid, start) = spawn(&exe, &data_dir, &st2)?;
+            let mut st2 = st2;
+            st2.pid = Some(pid);
+            st2.start_time = Some(start);
+            save(&state_dir, &st2)?;
+            Ok(st2)
+        })
+        .await;
+        let mut g = m.replicas();
+        let Some(e) = g.get_mut(&k) else { continue };
+        let why = match r {
+            Ok(Ok(new)) => {
+                e.st = new;
+                e.failures = 0;
+                e.next_restart = None;
+                continue;
+            }
+            Ok(Err(err)) => format!("{err:#}"),
+            Err(err) => err.message,
+        };
+        e.failures += 1;
+        let wait = Duration::from_secs(1u64 << e.failures.min(6)).min(Duration::from_secs(60));
+        e.next_restart = Some(Instant::now() + wait);
+        tracing::error!(replica = %k, "restarting the replica failed: {why}; next try in {wait:?}");
+    }
+}
