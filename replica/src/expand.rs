@@ -20,7 +20,7 @@
 use crate::fault;
 use crate::meta::{self, MetaError, VolumeMeta};
 use crate::store::{self, StoreError, BLOCK};
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::path::Path;
 use tracing::{info, warn};
 
@@ -53,6 +53,7 @@ pub fn expand(dir: &Path, new_size: u64) -> Result<u64, StoreError> {
     if new_size == old {
         return Ok(old);
     }
+    probe(dir, new_size)?;
     vm.size = new_size;
     vm.expanding_from = old;
     vm.store(dir)?;
@@ -63,6 +64,23 @@ pub fn expand(dir: &Path, new_size: u64) -> Result<u64, StoreError> {
     vm.store(dir)?;
     info!(dir = %dir.display(), from = old, to = new_size, "replica expanded");
     Ok(old)
+}
+
+/// Asks the filesystem for a sparse file of `size` bytes before anything is committed:
+/// ext4 holds at most 16 TiB - 4 KiB in a file, less than a volume may be, and a refusal
+/// after the commit would leave a volume.meta that no file can be grown to match.
+fn probe(dir: &Path, size: u64) -> Result<(), StoreError> {
+    let path = dir.join("expand-probe.tmp");
+    let r = File::create(&path).and_then(|f| f.set_len(size));
+    // A leftover is harmless: open removes *.tmp files.
+    let _ = std::fs::remove_file(&path);
+    match r {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EFBIG) | Some(libc::EINVAL)) => {
+            Err(StoreError::TooLarge { path: dir.to_path_buf(), requested: size, source: e })
+        }
+        Err(e) => Err(MetaError::io(&path, e).into()),
+        Ok(()) => Ok(()),
+    }
 }
 
 /// Step 2: every layer file at exactly `ExpandingFrom` bytes grows to `Size`. A file

@@ -49,6 +49,8 @@ pub enum StoreError {
     Busy { path: PathBuf },
     #[error("{path}: the replica is {size} bytes; it cannot shrink to {requested}")]
     Shrink { path: PathBuf, size: u64, requested: u64 },
+    #[error("{path}: the filesystem does not hold a file of {requested} bytes: {source}")]
+    TooLarge { path: PathBuf, requested: u64, source: io::Error },
 }
 
 /// One process at a time owns a replica directory: two serving it would each keep their

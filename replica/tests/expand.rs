@@ -108,6 +108,13 @@ fn the_same_size_is_a_no_op_and_smaller_or_unaligned_sizes_are_refused_untouched
         let e = expand(&dir, bad).expect_err("unaligned");
         assert!(e.to_string().contains(&bad.to_string()), "{e}");
     }
+    // More than the filesystem holds in a file (ext4: 16 TiB - 4 KiB) is found out
+    // before the commit, not half-way.
+    let huge: u64 = 20 << 40;
+    if std::fs::File::create(t.path().join("probe")).and_then(|f| f.set_len(huge)).is_err() {
+        let e = expand(&dir, huge).expect_err("too large for the filesystem");
+        assert!(matches!(e, StoreError::TooLarge { requested, .. } if requested == huge), "{e}");
+    }
     assert_eq!(std::fs::read(dir.join("volume.meta")).expect("read"), before, "volume.meta changed");
     assert_eq!(lengths(&dir), files);
 }
