@@ -420,6 +420,7 @@ pub async fn volume_action(
             m.save(&st)?;
             Value::Null
         }
+        "expand" => crate::expand::expand(&m, &name, &b).await?,
         "recurringJobList" => {
             let st = m.state(&name)?;
             let live = if st.attached && volume_state_of(&m, &name) == "attached" {
