@@ -200,8 +200,11 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
     let env2 = env.clone();
     let found = blocking(move || -> Result<(OffRuntime, Option<u64>), String> {
         let t: Arc<dyn target::BackupTarget> = Arc::from(target::open(&t2, &env2).map_err(|e| e.to_string())?);
-        backup::store::load_backup(t.as_ref(), &bv2, &bn2, backup::store::volume_size(t.as_ref(), &bv2)).map_err(|e| e.to_string())?;
-        let size = backup::store::volume_size(t.as_ref(), &bv2);
+        let latest = backup::store::volume_size(t.as_ref(), &bv2);
+        let cfg = backup::store::load_backup(t.as_ref(), &bv2, &bn2, latest).map_err(|e| e.to_string())?;
+        // The backup's own size, as the restore makes the replicas: volume.cfg has the
+        // latest backup's, larger than an older one's when the volume grew in between.
+        let size = Some(cfg.volume_size).filter(|&s| s > 0).or(latest);
         Ok((OffRuntime(Some(t)), size))
     })
     .await?;

@@ -146,3 +146,48 @@ fn a_detached_volume_grows_keeps_its_data_and_reads_zeros_beyond() {
     attach(&m, "ex");
     assert_eq!(export_size(&m, "ex"), 128 * MB);
 }
+
+/// The backup taken before an expand restores at the old size, the incremental one
+/// taken after it at the new size, each with its data (compared by qemu-img against
+/// the source volume).
+#[test]
+fn backups_before_and_after_an_expand_restore_at_their_sizes() {
+    let t = tempfile::Builder::new().prefix("lh-expand-bk-").tempdir_in(test_root()).expect("temp dir");
+    let m = Manager::start(t.path());
+    let store = t.path().join("store");
+    std::fs::create_dir_all(&store).expect("mkdir");
+    let target = format!("file://{}", store.display());
+    assert_eq!(m.call("PUT", "/v1/settings/backup-target", Some(&json!({"value": target}))).0, 200);
+    m.post("/v1/volumes", &json!({"name": "bx", "size": "32Mi", "numberOfReplicas": 1, "frontend": "", "disableFrontend": true}));
+    attach(&m, "bx");
+    sh(&format!("qemu-io -f raw -c 'write -P 0x11 0 1M' -c 'write -P 0x12 31M 1M' '{}'", m.nbd("bx")));
+    let backup = |m: &Manager| -> String {
+        let b = m.post("/v1/volumes/bx?action=snapshotBackup", &json!({}));
+        let name = b["backup"].as_str().expect("a backup name").to_string();
+        m.wait_volume("bx", 60, "backed up", |v| {
+            v["backupStatus"].as_array().into_iter().flatten().any(|x| x["id"] == name.as_str() && x["state"] == "Completed")
+        });
+        let list = m.post("/v1/backupvolumes/bx?action=backupList", &json!({}));
+        let found = list["data"].as_array().and_then(|a| a.iter().find(|x| x["name"] == name.as_str()).cloned());
+        found.and_then(|x| x["url"].as_str().map(String::from)).unwrap_or_else(|| panic!("{name} is not listed: {list}"))
+    };
+    let before = backup(&m);
+    detach(&m, "bx");
+    let (st, v) = expand(&m, "bx", json!({"size": "64Mi"}));
+    assert_eq!(st, 200, "{v}");
+    attach(&m, "bx");
+    sh(&format!("qemu-io -f raw -c 'write -P 0x22 40M 1M' -c 'write -P 0x23 63M 1M' '{}'", m.nbd("bx")));
+    let after = backup(&m);
+    let bv = m.get("/v1/backupvolumes/bx");
+    assert_eq!(bv["size"], NEW.to_string(), "the backup volume has the new size: {bv}");
+
+    for (name, url, size) in [("ra", &after, NEW), ("rb", &before, OLD)] {
+        m.post("/v1/volumes", &json!({"name": name, "fromBackup": url, "numberOfReplicas": 1, "frontend": "", "disableFrontend": true}));
+        m.wait_volume(name, 120, "restored", |v| v["state"] == "detached");
+        attach(&m, name);
+        assert_eq!(export_size(&m, name), size, "{name} restored from {url}");
+    }
+    let (same, out) = sh_try(&format!("qemu-img compare -f raw -F raw '{}' '{}'", m.nbd("bx"), m.nbd("ra")));
+    assert!(same, "the restore of the backup after the expand differs from the volume: {out}");
+    sh(&format!("qemu-io -f raw -c 'read -P 0x11 0 1M' -c 'read -P 0x12 31M 1M' '{}'", m.nbd("rb")));
+}
