@@ -191,3 +191,56 @@ fn backups_before_and_after_an_expand_restore_at_their_sizes() {
     assert!(same, "the restore of the backup after the expand differs from the volume: {out}");
     sh(&format!("qemu-io -f raw -c 'read -P 0x11 0 1M' -c 'read -P 0x12 31M 1M' '{}'", m.nbd("rb")));
 }
+
+/// The pids of `longhorn replica serve` processes on `dir`.
+fn replica_pids(dir: &std::path::Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmd.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.windows(2).any(|w| w[0] == "replica" && w[1] == "serve") && args.iter().any(|a| *a == needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// After an expand, a replica that missed writes in the new range (its process
+/// killed) is rebuilt from the other at the new size: both directories then hold the
+/// same 64 MiB.
+#[test]
+fn a_replica_rebuilt_after_an_expand_gets_the_new_range() {
+    let t = tempfile::Builder::new().prefix("lh-expand-rb-").tempdir_in(test_root()).expect("temp dir");
+    let m = Manager::start(t.path());
+    m.post("/v1/volumes", &json!({"name": "rx", "size": "32Mi", "numberOfReplicas": 2, "frontend": "", "disableFrontend": true}));
+    attach(&m, "rx");
+    sh(&format!("qemu-io -f raw -c 'write -P 0x31 0 2M' '{}'", m.nbd("rx")));
+    detach(&m, "rx");
+    assert_eq!(expand(&m, "rx", json!({"size": "64Mi"})).0, 200);
+    attach(&m, "rx");
+    let dir1 = m.data.join("rx").join("replica-1");
+    let pids = replica_pids(&dir1);
+    assert_eq!(pids.len(), 1, "one replica process serves {}: {pids:?}", dir1.display());
+    // SAFETY: signalling a test process by pid.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    sh(&format!("qemu-io -f raw -c 'write -P 0x32 48M 2M' -c 'write -P 0x33 62M 2M' '{}'", m.nbd("rx")));
+    m.wait_volume("rx", 120, "rebuilt: a new replica-1 process and both replicas RW", |v| {
+        let reps = v["replicas"].as_array().cloned().unwrap_or_default();
+        let now = replica_pids(&dir1);
+        reps.len() == 2 && reps.iter().all(|r| r["mode"] == "RW") && now.len() == 1 && now[0] != pids[0]
+    });
+    detach(&m, "rx");
+    let read_all = |dir: &std::path::Path| -> Vec<u8> {
+        let s = longhorn_replica::Store::open(dir, Some("rx")).expect("open replica");
+        let mut b = bytes::BytesMut::new();
+        s.read_into(0, s.size() as usize, &mut b).expect("read");
+        s.close().expect("close");
+        b.to_vec()
+    };
+    let (a, b) = (read_all(&m.data.join("rx").join("replica-0")), read_all(&dir1));
+    assert_eq!((a.len() as u64, b.len() as u64), (NEW, NEW));
+    assert!(a == b, "the rebuilt replica differs from its source");
+    assert!(b[(48 * MB) as usize..(50 * MB) as usize].iter().all(|&x| x == 0x32) && b[(62 * MB) as usize..].iter().all(|&x| x == 0x33));
+}
