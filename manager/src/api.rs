@@ -222,8 +222,11 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
     let env2 = env.clone();
     let found = blocking(move || -> Result<(OffRuntime, Option<u64>), String> {
         let t: Arc<dyn target::BackupTarget> = Arc::from(target::open(&t2, &env2).map_err(|e| e.to_string())?);
-        backup::store::load_backup(t.as_ref(), &bv2, &bn2, backup::store::volume_size(t.as_ref(), &bv2)).map_err(|e| e.to_string())?;
-        let size = backup::store::volume_size(t.as_ref(), &bv2);
+        let latest = backup::store::volume_size(t.as_ref(), &bv2);
+        let cfg = backup::store::load_backup(t.as_ref(), &bv2, &bn2, latest).map_err(|e| e.to_string())?;
+        // The backup's own size, as the restore makes the replicas: volume.cfg has the
+        // latest backup's, larger than an older one's when the volume grew in between.
+        let size = Some(cfg.volume_size).filter(|&s| s > 0).or(latest);
         Ok((OffRuntime(Some(t)), size))
     })
     .await?;
@@ -476,8 +479,9 @@ pub async fn volume_action(
             let p = m.engine(&name, req).await?;
             json!({"type": "backupStatus", "backup": p["backup"], "snapshot": p["snapshot"], "url": p["url"], "state": p["state"]})
         }
-        "updateReplicaCount" | "replicaRemove" if !m.state(&name)?.remote_replicas.is_empty() => {
-            return Err(ApiError::conflict(format!("volume {name:?} has replicas on other hosts: their placement is the CSI controller's")));
+        // Replicas on other hosts are placed, and grown, by whoever placed them.
+        "updateReplicaCount" | "replicaRemove" | "expand" if !m.state(&name)?.remote_replicas.is_empty() => {
+            return Err(ApiError::conflict(format!("volume {name:?} has replicas on other hosts: {action} is not done by one host's manager")));
         }
         "updateReplicaCount" => update_replica_count(&m, &name, &b).await?,
         "replicaRemove" => replica_remove(&m, &name, &b).await?,
@@ -504,6 +508,7 @@ pub async fn volume_action(
             m.save(&st)?;
             Value::Null
         }
+        "expand" => crate::expand::expand(&m, &name, &b).await?,
         "recurringJobList" => {
             let st = m.state(&name)?;
             let live = if st.attached && volume_state_of(&m, &name) == "attached" {

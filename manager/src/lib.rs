@@ -10,6 +10,7 @@
 pub mod api;
 pub mod error;
 pub mod events;
+pub mod expand;
 pub mod input;
 pub mod metrics;
 pub mod mgr;

@@ -79,4 +79,29 @@ mod tests {
             }
         }
     }
+
+    /// Every action `api::volume_action` dispatches (its match arms, read from the
+    /// source) is in the document's `action` enum, so a new action cannot go
+    /// undocumented.
+    #[test]
+    fn every_volume_action_is_documented() {
+        let src = include_str!("api.rs");
+        let start = src.find("pub async fn volume_action(").expect("volume_action in api.rs");
+        let body = &src[start..start + src[start..].find("\n}\n").expect("end of volume_action")];
+        let mut arms = Vec::new();
+        for line in body.lines() {
+            let Some(pat) = line.trim().strip_suffix(" => {").or_else(|| line.trim().split_once(" => ").map(|(p, _)| p)) else { continue };
+            if pat.starts_with('"') {
+                arms.extend(pat.split(" | ").map(|a| a.trim_matches('"').to_string()));
+            }
+        }
+        assert!(arms.len() > 10 && arms.contains(&"expand".to_string()), "arms read from api.rs: {arms:?}");
+        let d = super::doc();
+        let params = d["paths"]["/v1/volumes/{name}"]["post"]["parameters"].as_array().expect("parameters");
+        let action = params.iter().find(|p| p["name"] == "action").expect("the action parameter");
+        let documented: Vec<&str> = action["schema"]["enum"].as_array().expect("enum").iter().filter_map(|v| v.as_str()).collect();
+        for a in &arms {
+            assert!(documented.contains(&a.as_str()), "action {a:?} is not in the OpenAPI action enum");
+        }
+    }
 }

@@ -244,7 +244,7 @@ pub fn volume(m: &Mgr, e: &Entry, base: &str) -> Value {
             "detach", "snapshotCreate", "snapshotList", "snapshotDelete", "snapshotRevert", "snapshotPurge", "snapshotBackup",
             "updateReplicaCount", "replicaRemove", "recurringJobAdd", "recurringJobDelete", "recurringJobList",
         ],
-        "detached" => vec!["attach", "updateReplicaCount", "recurringJobAdd", "recurringJobDelete", "recurringJobList"],
+        "detached" => vec!["attach", "expand", "updateReplicaCount", "recurringJobAdd", "recurringJobDelete", "recurringJobList"],
         "error" => vec!["detach", "recurringJobList"],
         _ => vec![],
     };

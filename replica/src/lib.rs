@@ -2,6 +2,7 @@
 //! layout (`meta`, `store`), and the replica side of the data protocol (`proto`,
 //! `server`).
 pub mod auth;
+pub mod expand;
 pub mod export;
 pub mod extent;
 pub mod fault;

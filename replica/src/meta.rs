@@ -68,6 +68,16 @@ pub struct VolumeMeta {
     pub encrypted: bool,
     #[serde(rename = "VolumeName", default, skip_serializing_if = "String::is_empty")]
     pub volume_name: String,
+    /// Set while an expansion (`store::expand`) is unfinished: `Size` is already the new
+    /// size, and a layer file may still have this, the old, length. Only a file of
+    /// exactly this length is grown at the next open or expand; any other length that
+    /// is not `Size` is damage and refused.
+    #[serde(rename = "ExpandingFrom", default, skip_serializing_if = "is_zero")]
+    pub expanding_from: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// One layer's `.img.meta`. `name` is the layer's file name, the key everywhere (chain
@@ -218,6 +228,12 @@ impl VolumeMeta {
             return Err(MetaError::corrupt(&path, format!("Head {:?} is not a volume-head-NNN.img name", m.head)));
         }
         check_parent_name(&m.parent).map_err(|e| MetaError::corrupt(&path, e))?;
+        if m.expanding_from != 0 && (m.expanding_from >= m.size || m.expanding_from % m.sector_size != 0) {
+            return Err(MetaError::corrupt(
+                &path,
+                format!("ExpandingFrom {} is not a smaller multiple of SectorSize than Size {}", m.expanding_from, m.size),
+            ));
+        }
         Ok(m)
     }
 

@@ -45,6 +45,30 @@ pub enum StoreError {
     Layout { path: PathBuf, what: String },
     #[error("{path} at offset {offset}: {source}")]
     Io { path: PathBuf, offset: u64, source: io::Error },
+    #[error("{path}: another replica process serves this directory (or is changing it); stop it first")]
+    Busy { path: PathBuf },
+    #[error("{path}: the replica is {size} bytes; it cannot shrink to {requested}")]
+    Shrink { path: PathBuf, size: u64, requested: u64 },
+    #[error("{path}: the filesystem does not hold a file of {requested} bytes: {source}")]
+    TooLarge { path: PathBuf, requested: u64, source: io::Error },
+}
+
+/// One process at a time owns a replica directory: two serving it would each keep their
+/// own head and revision counter over the same files, and an offline change (`expand`)
+/// must not resize files under a replica that serves them. An exclusive flock on the
+/// directory itself (no file added to it), held until the returned file is dropped or
+/// the process ends, however it ends.
+pub fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let f = File::open(dir).map_err(|e| MetaError::io(dir, e))?;
+    // SAFETY: flock(2) on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(StoreError::Busy { path: dir.to_path_buf() });
+        }
+        return Err(MetaError::io(dir, e).into());
+    }
+    Ok(f)
 }
 
 pub(crate) struct Layer {
@@ -338,7 +362,10 @@ pub(crate) fn load_chain(dir: &Path, vmeta: &VolumeMeta) -> Result<Chain, StoreE
         // Snapshots are opened writable too: a merge fills a child's holes.
         let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| MetaError::io(&path, e))?;
         let len = file.metadata().map_err(|e| MetaError::io(&path, e))?.len();
-        if len != vmeta.size {
+        // An interrupted expansion leaves files at exactly the old size (see `expand`);
+        // open grows them once every check has passed.
+        let unfinished = vmeta.expanding_from != 0 && len == vmeta.expanding_from;
+        if len != vmeta.size && !unfinished {
             return Err(StoreError::Layout { path, what: format!("file is {len} bytes, the volume is {}", vmeta.size) });
         }
         layers.push(Layer { name: name.clone(), path, file });
@@ -407,6 +434,7 @@ impl Store {
             backing_file_path: String::new(),
             encrypted: false,
             volume_name: volume.to_string(),
+            expanding_from: 0,
         }
         .store(dir)?;
         Ok(())
@@ -448,6 +476,10 @@ impl Store {
             if vmeta.volume_name.is_empty() {
                 vmeta.volume_name = v.to_string();
             }
+        }
+        if vmeta.expanding_from != 0 {
+            crate::expand::grow_layers(dir, &vmeta)?;
+            vmeta.expanding_from = 0;
         }
         vmeta.dirty = true;
         vmeta.store(dir)?;

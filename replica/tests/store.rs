@@ -59,6 +59,7 @@ fn longhorn_dir_with_snapshot(dir: &Path, size: u64) {
         backing_file_path: String::new(),
         encrypted: false,
         volume_name: String::new(),
+        expanding_from: 0,
     }
     .store(dir)
     .expect("volume.meta");

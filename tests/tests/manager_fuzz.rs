@@ -53,6 +53,7 @@ FIELDS = {
     "snapshotList": [],
     "snapshotPurge": [],
     "recurringJobList": [],
+    "expand": ["size"],
 }
 SCHEMES = ("nfs://", "s3://", "file://", "vfs://")
 

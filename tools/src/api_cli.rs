@@ -25,7 +25,7 @@ pub struct Conn {
 
 #[derive(Subcommand)]
 pub enum ApiCmd {
-    /// Volumes: ls, get, create, attach, detach, delete, replicas.
+    /// Volumes: ls, get, create, attach, detach, delete, replicas, expand.
     #[command(subcommand)]
     Volume(VolumeSub),
     /// Snapshots of a volume: ls, create, rm, revert, purge, backup.
@@ -83,6 +83,12 @@ pub enum VolumeSub {
     Replicas {
         name: String,
         count: u64,
+    },
+    /// Grow a detached volume (e.g. --size 20Gi); the new range reads as zeros.
+    Expand {
+        name: String,
+        #[arg(long)]
+        size: String,
     },
 }
 
@@ -282,6 +288,7 @@ pub fn run(conn: &Conn, cmd: ApiCmd) -> Result<()> {
             VolumeSub::Replicas { name, count } => {
                 (c.action(&name, "updateReplicaCount", json!({"replicaCount": count}))?, volume)
             }
+            VolumeSub::Expand { name, size } => (c.action(&name, "expand", json!({"size": size}))?, volume),
         },
         ApiCmd::Snapshot(s) => match s {
             SnapshotSub::Ls { volume } => (c.action(&volume, "snapshotList", json!({}))?, snapshots),

@@ -77,6 +77,19 @@ enum ReplicaCmd {
     Add(ReplicaAddrArgs),
     /// Take a replica out of a running volume.
     Rm(ReplicaAddrArgs),
+    /// Grow a replica directory that no process serves to a larger size (the new range
+    /// reads as zeros). The same size again does nothing, so it can be retried.
+    Expand(ReplicaExpandArgs),
+}
+
+#[derive(Args)]
+pub struct ReplicaExpandArgs {
+    /// The replica directory.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The new volume size (e.g. 20G), at least the current one.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
 }
 
 #[derive(Args)]
@@ -240,6 +253,7 @@ fn main() {
         Cmd::Replica(ReplicaCmd::Ls(a)) => replica_ls(a),
         Cmd::Replica(ReplicaCmd::Add(a)) => replica_add(a),
         Cmd::Replica(ReplicaCmd::Rm(a)) => replica_rm(a),
+        Cmd::Replica(ReplicaCmd::Expand(a)) => replica_expand(a),
         Cmd::Engine(EngineCmd::Serve(a)) => engine_serve(a),
         Cmd::Volume(VolumeCmd::Info(a)) => volume_info(a),
         Cmd::Volume(VolumeCmd::Ls(a)) => volume_ls(a),
@@ -268,27 +282,21 @@ fn wait_for_signal(mut sigs: signal_hook::iterator::Signals) -> Result<i32> {
     Ok(sigs.forever().next().unwrap_or(SIGTERM))
 }
 
-/// One process serves a replica directory: two would each keep their own head and
-/// revision counter over the same files. An exclusive flock on the directory itself
-/// (no file added to it), held until the process ends however it ends.
-fn lock_replica_dir(dir: &std::path::Path) -> Result<std::fs::File> {
-    use std::os::unix::io::AsRawFd;
-    let f = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-    // SAFETY: flock(2) on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            bail!("{}: another replica process serves this directory", dir.display());
-        }
-        return Err(anyhow!(e).context(format!("locking {}", dir.display())));
+fn replica_expand(a: ReplicaExpandArgs) -> Result<()> {
+    let old = longhorn_replica::expand::expand(&a.dir, a.size)?;
+    if old == a.size {
+        println!("replica {} is already {} bytes", a.dir.display(), a.size);
+    } else {
+        println!("replica {} expanded from {old} to {} bytes", a.dir.display(), a.size);
     }
-    Ok(f)
+    Ok(())
 }
 
 fn replica_serve(a: ReplicaServeArgs) -> Result<()> {
     let sigs = stop_signals()?;
     std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
-    let _lock = lock_replica_dir(&a.dir)?;
+    // Held until the process ends: see `lock_dir`.
+    let _lock = longhorn_replica::store::lock_dir(&a.dir)?;
     let meta = a.dir.join(longhorn_replica::meta::VOLUME_META);
     if !meta.exists() {
         let busy = std::fs::read_dir(&a.dir).map(|mut d| d.next().is_some()).unwrap_or(false);
