@@ -91,6 +91,8 @@ mod tests {
         let mut arms = Vec::new();
         for line in body.lines() {
             let Some(pat) = line.trim().strip_suffix(" => {").or_else(|| line.trim().split_once(" => ").map(|(p, _)| p)) else { continue };
+            // A guarded arm names its actions before the guard.
+            let pat = pat.split(" if ").next().unwrap_or(pat);
             if pat.starts_with('"') {
                 arms.extend(pat.split(" | ").map(|a| a.trim_matches('"').to_string()));
             }
