@@ -94,11 +94,22 @@ impl Driver {
                 )))
             }
         };
+        // A volume expanded while unpublished: its filesystem grows with it here (ext4
+        // before mounting, xfs once mounted), whether or not NodeExpandVolume follows.
+        if fs == "ext4" && !cap.read_only() && mount::grow_ext4_offline(&dev).map_err(internal)? {
+            tracing::info!(volume = r.volume_id, device = %dev.display(), "grew the ext4 filesystem to the device");
+        }
         let mut opts = cap.mount_flags.clone();
         if cap.read_only() {
             opts.push("ro".into());
         }
         mount::mount(&dev, staging, &fs, &opts).map_err(internal)?;
+        if fs == "xfs" && !cap.read_only() {
+            if let Err(e) = mount::grow(&dev, staging, "xfs") {
+                let _ = mount::umount(staging);
+                return Err(internal(e));
+            }
+        }
         tracing::info!(volume = r.volume_id, staging = %staging.display(), fs, "staged");
         Ok(csi::NodeStageVolumeResponse {})
     }

@@ -57,7 +57,7 @@ fn mounted(p: &Path) -> bool {
 
 #[test]
 fn csi_sanity_on_one_host() {
-    for tool in ["mkfs.ext4", "e2fsck", "blkid", "mount", "umount", "mountpoint"] {
+    for tool in ["mkfs.ext4", "e2fsck", "mkfs.xfs", "xfs_repair", "blkid", "mount", "umount", "mountpoint"] {
         assert!(have(tool), "{tool} is not installed (tests/run installs it)");
     }
     let t = tmp("lh-csi-");
@@ -291,9 +291,23 @@ fn csi_sanity_on_one_host() {
     ok("NodePublish 2", rt.block_on(d.node().node_publish_volume(pub_req("csi-sanity-v1", &pod1, snw(), false))));
     assert_eq!(sh(&format!("cat '{}/hello.txt'", pod1.display())).trim(), "hello");
     assert_eq!(sh(&format!("sha256sum < '{}/data.bin'", pod1.display())), sum);
+    // Expansion is offline (the plugin says so): refused while published.
+    let grow = |bytes: i64| csi::ControllerExpandVolumeRequest {
+        volume_id: "csi-sanity-v1".into(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        volume_capability: Some(snw()),
+        ..Default::default()
+    };
+    fails("ControllerExpand while published", rt.block_on(ctl().controller_expand_volume(grow(96 << 20))), Code::FailedPrecondition);
     ok("NodeUnpublish 2", rt.block_on(d.node().node_unpublish_volume(unpub(&pod1))));
     ok("NodeUnstage 2", rt.block_on(d.node().node_unstage_volume(unstage.clone())));
     ok("ControllerUnpublish 2", rt.block_on(ctl().controller_unpublish_volume(unpub_c.clone())));
+    let ex = ok("ControllerExpand", rt.block_on(ctl().controller_expand_volume(grow(96 << 20))));
+    assert!(ex.capacity_bytes == 96 << 20 && ex.node_expansion_required, "{ex:?}");
+    let ex = ok("ControllerExpand again", rt.block_on(ctl().controller_expand_volume(grow(96 << 20))));
+    assert_eq!(ex.capacity_bytes, 96 << 20);
+    fails("ControllerExpand of a missing volume", rt.block_on(ctl().controller_expand_volume(csi::ControllerExpandVolumeRequest { volume_id: "csi-nope".into(), ..grow(96 << 20) })), Code::NotFound);
+    assert_eq!(m.volume("csi-sanity-v1")["size"], (96u64 << 20).to_string());
 
     // --- a raw block volume: published as the device itself ---
     let bcap = || block_cap(Mode::SingleNodeWriter);
@@ -371,6 +385,29 @@ fn csi_sanity_on_one_host() {
         rt.block_on(ctl().list_snapshots(csi::ListSnapshotsRequest { source_volume_id: "csi-sanity-v1".into(), ..Default::default() })),
     );
     assert!(ls.entries.iter().any(|e| e.snapshot.as_ref().is_some_and(|s| s.snapshot_id == s1.snapshot_id)), "{ls:?}");
+    // The filesystem grows to the expanded device where it is mounted, files kept.
+    ok("NodeStage 3", rt.block_on(d.node().node_stage_volume(stage("csi-sanity-v1", &staging, snw()))));
+    // ext4 grows offline as it is staged (an online grow needs CAP_SYS_RESOURCE, which
+    // a node plugin has and this test's host does not).
+    let staged = sh(&format!("df -B1 --output=size '{}' | tail -1", staging.display())).trim().parse::<u64>().expect("df");
+    assert!(staged > 80 << 20, "the filesystem did not grow at staging: {staged} bytes");
+    let nx = ok(
+        "NodeExpand",
+        rt.block_on(d.node().node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: "csi-sanity-v1".into(),
+            volume_path: staging.display().to_string(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: 96 << 20, limit_bytes: 0 }),
+            volume_capability: Some(snw()),
+            ..Default::default()
+        })),
+    );
+    assert_eq!(nx.capacity_bytes, 96 << 20);
+    let after = sh(&format!("df -B1 --output=size '{}' | tail -1", staging.display())).trim().parse::<u64>().expect("df");
+    assert_eq!(after, staged);
+    assert_eq!(sh(&format!("sha256sum < '{}/data.bin'", staging.display())), sum);
+    ok("NodeUnstage 3", rt.block_on(d.node().node_unstage_volume(unstage.clone())));
+    let (clean, out) = sh_try("e2fsck -fn /dev/longhorn/csi-sanity-v1");
+    assert!(clean, "e2fsck after the expansion: {out}");
 
     // A backup of the attached volume; the snapshotter polls until ready_to_use.
     let mut bak = ok("CreateSnapshot bak", rt.block_on(ctl().create_snapshot(snap_req("bak-1", "csi-sanity-v1", "bak")))).snapshot.expect("snapshot");
@@ -388,7 +425,7 @@ fn csi_sanity_on_one_host() {
         volume_content_source: Some(csi::VolumeContentSource {
             r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource { snapshot_id: bak.snapshot_id.clone() })),
         }),
-        ..create_req("csi-sanity-restored", 64 << 20, snw(), &[("numberOfReplicas", "1")])
+        ..create_req("csi-sanity-restored", 96 << 20, snw(), &[("numberOfReplicas", "1")])
     };
     let rv = ok("CreateVolume from a backup", rt.block_on(ctl().create_volume(from.clone()))).volume.expect("volume");
     assert!(rv.content_source.is_some(), "{rv:?}");
@@ -429,6 +466,54 @@ fn csi_sanity_on_one_host() {
         staging_target_path: rstage.display().to_string(),
     })));
 
+    // --- xfs: made, written, expanded while unpublished, grown when staged again ---
+    let xcap = || mount_cap(Mode::SingleNodeWriter, "xfs");
+    ok("CreateVolume xfs", rt.block_on(ctl().create_volume(create_req("csi-sanity-xfs", 320 << 20, xcap(), &[("numberOfReplicas", "1")]))));
+    let xstage = base.as_path().join("staging/xfs");
+    mounts.0.push(xstage.clone());
+    let xs = |cap: csi::VolumeCapability| csi::NodeStageVolumeRequest {
+        volume_id: "csi-sanity-xfs".into(),
+        staging_target_path: xstage.display().to_string(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    };
+    let xunstage = csi::NodeUnstageVolumeRequest { volume_id: "csi-sanity-xfs".into(), staging_target_path: xstage.display().to_string() };
+    let xunpub = csi::ControllerUnpublishVolumeRequest { volume_id: "csi-sanity-xfs".into(), node_id: "host-a".into(), ..Default::default() };
+    ok("ControllerPublish xfs", rt.block_on(ctl().controller_publish_volume(publish("csi-sanity-xfs", "host-a", xcap()))));
+    ok("NodeStage xfs", rt.block_on(d.node().node_stage_volume(xs(xcap()))));
+    assert_eq!(sh("blkid -p -o value -s TYPE /dev/longhorn/csi-sanity-xfs").trim(), "xfs");
+    sh(&format!("echo xfs-data > '{}/x.txt' && sync", xstage.display()));
+    let xbefore = sh(&format!("df -B1 --output=size '{}' | tail -1", xstage.display())).trim().parse::<u64>().expect("df");
+    ok("NodeUnstage xfs", rt.block_on(d.node().node_unstage_volume(xunstage.clone())));
+    ok("ControllerUnpublish xfs", rt.block_on(ctl().controller_unpublish_volume(xunpub.clone())));
+    ok(
+        "ControllerExpand xfs",
+        rt.block_on(ctl().controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: "csi-sanity-xfs".into(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: 448 << 20, limit_bytes: 0 }),
+            volume_capability: Some(xcap()),
+            ..Default::default()
+        })),
+    );
+    ok("ControllerPublish xfs 2", rt.block_on(ctl().controller_publish_volume(publish("csi-sanity-xfs", "host-a", xcap()))));
+    ok("NodeStage xfs 2", rt.block_on(d.node().node_stage_volume(xs(xcap()))));
+    ok(
+        "NodeExpand xfs",
+        rt.block_on(d.node().node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: "csi-sanity-xfs".into(),
+            volume_path: xstage.display().to_string(),
+            volume_capability: Some(xcap()),
+            ..Default::default()
+        })),
+    );
+    let xafter = sh(&format!("df -B1 --output=size '{}' | tail -1", xstage.display())).trim().parse::<u64>().expect("df");
+    assert!(xafter > xbefore + (100 << 20), "xfs did not grow: {xbefore} -> {xafter}");
+    assert_eq!(sh(&format!("cat '{}/x.txt'", xstage.display())).trim(), "xfs-data");
+    ok("NodeUnstage xfs 2", rt.block_on(d.node().node_unstage_volume(xunstage.clone())));
+    let (clean, out) = sh_try("xfs_repair -n /dev/longhorn/csi-sanity-xfs");
+    assert!(clean, "xfs_repair -n: {out}");
+    ok("ControllerUnpublish xfs 2", rt.block_on(ctl().controller_unpublish_volume(xunpub.clone())));
+
     // --- deletes: twice each, and of what never was ---
     let del_snap = |id: &str| csi::DeleteSnapshotRequest { snapshot_id: id.into(), ..Default::default() };
     for id in [&s1.snapshot_id, &s1.snapshot_id, &bak.snapshot_id, &bak.snapshot_id, &"snap://csi-nope/none".to_string()] {
@@ -444,7 +529,7 @@ fn csi_sanity_on_one_host() {
     );
     let del = |id: &str| csi::DeleteVolumeRequest { volume_id: id.into(), ..Default::default() };
     fails("DeleteVolume without an id", rt.block_on(ctl().delete_volume(del(""))), Code::InvalidArgument);
-    for id in ["csi-sanity-v1", "csi-sanity-v1", "csi-sanity-blk", "csi-sanity-restored", "csi-never-was", "Not A Name"] {
+    for id in ["csi-sanity-v1", "csi-sanity-v1", "csi-sanity-blk", "csi-sanity-restored", "csi-sanity-xfs", "csi-never-was", "Not A Name"] {
         ok("DeleteVolume", rt.block_on(ctl().delete_volume(del(id))));
     }
     assert!(m.get("/v1/volumes")["data"].as_array().is_some_and(|a| a.is_empty()));
