@@ -20,7 +20,20 @@ impl Driver {
     /// Starts `longhorn csi` serving on `dir/csi.sock` as node `node_id`, driving the
     /// given (host, manager URL) pairs; `extra` are more arguments (`--mode node`).
     pub fn start(dir: &Path, node_id: &str, managers: &[(&str, &str)], extra: &[&str]) -> Driver {
-        let sock = dir.join(format!("csi-{node_id}.sock"));
+        Driver::start_in(dir, None, node_id, node_id, managers, extra)
+    }
+
+    /// As [`Driver::start`], on a host of `net` when given (its network namespace);
+    /// `name` names its socket and log in `dir`.
+    pub fn start_in(
+        dir: &Path,
+        net: Option<(&crate::netns::Net, &str)>,
+        name: &str,
+        node_id: &str,
+        managers: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Driver {
+        let sock = dir.join(format!("csi-{name}.sock"));
         let endpoint = format!("unix://{}", sock.display());
         let mut args: Vec<String> = vec!["csi".into(), "--endpoint".into(), endpoint, "--node-id".into(), node_id.into()];
         for (h, u) in managers {
@@ -29,7 +42,12 @@ impl Driver {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (proc, _) = spawn(&argv, &dir.join(format!("csi-{node_id}.log")), "listening").expect("the CSI driver starts");
+        let log = dir.join(format!("csi-{name}.log"));
+        let (proc, _) = match net {
+            Some((net, host)) => crate::netns::spawn_on(net, host, &argv, &log, "listening"),
+            None => spawn(&argv, &log, "listening"),
+        }
+        .expect("the CSI driver starts");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
         let path = sock.clone();
         let ch = rt

@@ -7,6 +7,7 @@
 pub mod crash;
 pub mod csi;
 pub mod manager;
+pub mod netns;
 pub mod vm;
 
 use std::io::{BufRead, BufReader};

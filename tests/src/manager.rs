@@ -21,6 +21,9 @@ pub struct Manager {
     /// Whether Drop deletes the volumes (a test that hands them to a second manager
     /// turns it off on the first).
     pub cleanup: bool,
+    /// The network namespace of the manager's host (its API is reached from there).
+    pub netns: Option<String>,
+    pub token: Option<String>,
 }
 
 impl Manager {
@@ -41,7 +44,29 @@ impl Manager {
             "listening",
         )
         .expect("the manager starts");
-        Manager { proc, url: url.trim_end_matches('/').to_string(), listen: listen.to_string(), data, run, log, cleanup: true }
+        Manager { proc, url: url.trim_end_matches('/').to_string(), listen: listen.to_string(), data, run, log, cleanup: true, netns: None, token: None }
+    }
+
+    /// A manager on `host` of `net`, listening on the host's address (port 9500) with
+    /// the API token in `token_file`, its replicas for other hosts on that address too.
+    pub fn start_on_host(dir: &Path, net: &crate::netns::Net, host: &str, token_file: &Path) -> Manager {
+        let data = dir.join("data");
+        let run = dir.join("run");
+        let log = dir.join("manager.log");
+        let listen = format!("{}:9500", net.addr(host));
+        let (proc, url) = crate::netns::spawn_on(
+            net,
+            host,
+            &[
+                "manager", "serve", "--listen", &listen, "--data-dir", data.to_str().expect("utf8"), "--run-dir", run.to_str().expect("utf8"),
+                "--token-file", token_file.to_str().expect("utf8"),
+            ],
+            &log,
+            "listening",
+        )
+        .expect("the manager starts on its host");
+        let token = std::fs::read_to_string(token_file).expect("the token").trim().to_string();
+        Manager { proc, url: url.trim_end_matches('/').to_string(), listen, data, run, log, cleanup: true, netns: Some(net.ns(host)), token: Some(token) }
     }
 
     /// One request; (HTTP status, JSON body or Null).
@@ -52,8 +77,18 @@ impl Manager {
 
     /// One request with a raw body and extra curl arguments (headers); (status, body text).
     pub fn call_raw(&self, method: &str, path: &str, body: Option<&str>, extra: &[&str]) -> (u16, String) {
-        let mut c = Command::new("curl");
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).args(["--", "curl"]);
+                c
+            }
+            None => Command::new("curl"),
+        };
         c.args(["-s", "-m", "180", "-o", "-", "-w", "\n%{http_code}", "-X", method]).args(extra).arg(format!("{}{path}", self.url));
+        if let Some(t) = &self.token {
+            c.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
         if let Some(b) = body {
             c.args(["-H", "Content-Type: application/json", "--data-binary", b]);
         }

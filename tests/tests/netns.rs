@@ -7,118 +7,12 @@
 //! fails I/O with EIO within the timeout and recovers after the heal (salvage) with no
 //! acknowledged write lost; a second engine on another host is refused.
 
+use longhorn_tests::netns::{spawn_on, Net};
 use longhorn_tests::*;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Hosts on one bridge, each a network namespace with one interface `eth0`.
-struct Net {
-    prefix: String,
-    hosts: Vec<String>,
-}
-
-fn ip(args: &str) {
-    sh(&format!("ip {args}"));
-}
-
-impl Net {
-    fn new(hosts: &[&str]) -> Net {
-        let prefix = format!("lh{}", std::process::id() % 100000);
-        let net = Net { prefix, hosts: hosts.iter().map(|h| h.to_string()).collect() };
-        let sw = net.ns("sw");
-        ip(&format!("netns add {sw}"));
-        ip(&format!("-n {sw} link add br0 type bridge"));
-        ip(&format!("-n {sw} link set br0 up"));
-        for (i, h) in hosts.iter().enumerate() {
-            let ns = net.ns(h);
-            ip(&format!("netns add {ns}"));
-            ip(&format!("-n {ns} link set lo up"));
-            ip(&format!("link add eth0 netns {ns} type veth peer name p{i} netns {sw}"));
-            ip(&format!("-n {sw} link set p{i} master br0"));
-            ip(&format!("-n {sw} link set p{i} up"));
-            ip(&format!("-n {ns} addr add {}/24 dev eth0", net.addr(h)));
-            ip(&format!("-n {ns} link set eth0 up"));
-        }
-        net
-    }
-
-    fn ns(&self, host: &str) -> String {
-        format!("{}{host}", self.prefix)
-    }
-
-    fn addr(&self, host: &str) -> String {
-        let i = self.hosts.iter().position(|h| h == host).expect("known host");
-        format!("10.201.0.{}", 10 + i)
-    }
-
-    /// Drops every packet to and from `host` (its link goes down).
-    fn cut(&self, host: &str) {
-        ip(&format!("-n {} link set eth0 down", self.ns(host)));
-    }
-
-    fn heal(&self, host: &str) {
-        ip(&format!("-n {} link set eth0 up", self.ns(host)));
-    }
-
-    /// Drops `pct` percent of `host`'s packets, both ways, at random (nftables in its
-    /// namespace: real loss, which TCP retransmits).
-    fn lose(&self, host: &str, pct: u32) {
-        let ns = self.ns(host);
-        sh(&format!("ip netns exec {ns} nft add table inet loss"));
-        for hook in ["input", "output"] {
-            sh(&format!("ip netns exec {ns} nft add chain inet loss {hook} '{{ type filter hook {hook} priority 0; }}'"));
-            sh(&format!("ip netns exec {ns} nft add rule inet loss {hook} numgen random mod 100 '<' {pct} drop"));
-        }
-    }
-
-    fn no_loss(&self, host: &str) {
-        sh(&format!("ip netns exec {} nft delete table inet loss", self.ns(host)));
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for h in self.hosts.iter().map(|h| h.as_str()).chain(["sw"]) {
-            let _ = Command::new("ip").args(["netns", "del", &self.ns(h)]).status();
-        }
-    }
-}
-
-/// `longhorn ARGS` inside host `host`'s namespace, waiting for `word` on stdout.
-fn spawn_on(net: &Net, host: &str, args: &[&str], log: &Path, word: &str) -> Result<(Proc, String), String> {
-    use std::io::BufRead;
-    let logf = std::fs::File::create(log).map_err(|e| e.to_string())?;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &net.ns(host)])
-        .arg(bin())
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(logf)
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let out = child.stdout.take().ok_or("no stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let w = word.to_string();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix(w.as_str()) {
-                let _ = tx.send(rest.trim().to_string());
-            }
-        }
-    });
-    let mut p = Proc { child, log: log.to_path_buf() };
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(v) => Ok((p, v)),
-        Err(_) => {
-            p.kill9();
-            Err(format!("{args:?} on {host} did not print {word:?}:\n{}", p.log_text()))
-        }
-    }
-}
 
 struct Setup {
     net: Net,

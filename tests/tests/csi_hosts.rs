@@ -1,0 +1,244 @@
+//! The CSI driver across three hosts, each a network namespace of its own with its
+//! manager on its own address (token required, as beyond loopback it must be): a
+//! volume's three replicas land one on each host; published on host A, written,
+//! unpublished; published on host B (the engine moves there, over the same replicas),
+//! the files are there; host C cut off under fio --verify: no I/O error, the volume
+//! degraded, and rebuilt once C is back; a backup of it restored into a new volume
+//! holds the same bytes.
+
+use longhorn_tests::csi::{csi, fails, mount_cap, ok, Driver};
+use longhorn_tests::manager::Manager;
+use longhorn_tests::netns::Net;
+use longhorn_tests::*;
+use csi::volume_capability::access_mode::Mode;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Unmounts what the test mounted and stops what it started on the hosts, pass or fail.
+struct Cleanup {
+    mounts: Vec<PathBuf>,
+    dir: PathBuf,
+}
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in self.mounts.iter().rev() {
+            for _ in 0..4 {
+                if !sh_try(&format!("mountpoint -q '{}'", p.display())).0 {
+                    break;
+                }
+                let _ = sh_try(&format!("umount '{}'", p.display()));
+            }
+        }
+        // Engines and replicas run in sessions of their own (they outlive a manager by
+        // design): whatever still runs on this test's directories goes.
+        let _ = sh_try(&format!("pkill -9 -f -- '{}/host-'", self.dir.display()));
+    }
+}
+
+fn replicas_of(m: &Manager, vol: &str) -> Vec<Value> {
+    m.get("/v1/replicas")["data"].as_array().into_iter().flatten().filter(|r| r["volume"] == vol).cloned().collect()
+}
+
+fn sum(path: &Path) -> String {
+    sh(&format!("sha256sum < '{}'", path.display()))
+}
+
+#[test]
+fn csi_volumes_with_replicas_on_three_hosts() {
+    for tool in ["mkfs.ext4", "e2fsck", "mount", "umount", "mountpoint", "fio", "nsenter", "ip", "pkill"] {
+        assert!(have(tool), "{tool} is not installed (tests/run installs it)");
+    }
+    let t = tempfile::Builder::new().prefix("lh-csi3-").tempdir_in(test_root()).expect("temp dir");
+    let base = std::fs::canonicalize(t.path()).expect("the test directory");
+    let mut cleanup = Cleanup { mounts: Vec::new(), dir: base.clone() };
+    let net = Net::new(&["a", "b", "c"]);
+    let token = base.join("token");
+    sh(&format!("head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n' > '{0}' && chmod 600 '{0}'", token.display()));
+    let store = base.join("store");
+    std::fs::create_dir_all(&store).expect("mkdir");
+    let mans: Vec<Manager> = ["a", "b", "c"]
+        .iter()
+        .map(|h| {
+            let d = base.join(format!("host-{h}"));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            let m = Manager::start_on_host(&d, &net, h, &token);
+            let (st, v) = m.call("PUT", "/v1/settings/backup-target", Some(&json!({"value": format!("file://{}", store.display())})));
+            assert_eq!(st, 200, "{v}");
+            m
+        })
+        .collect();
+    let (ma, mb, mc) = (&mans[0], &mans[1], &mans[2]);
+    let all = [("host-a", ma.url.as_str()), ("host-b", mb.url.as_str()), ("host-c", mc.url.as_str())];
+    let tok = token.to_str().expect("utf8");
+    let ctl = Driver::start_in(&base, Some((&net, "a")), "controller", "host-a", &all, &["--mode", "controller", "--token-file", tok]);
+    let node_a = Driver::start_in(&base, Some((&net, "a")), "node-a", "host-a", &all[..1], &["--mode", "node", "--token-file", tok]);
+    let node_b = Driver::start_in(&base, Some((&net, "b")), "node-b", "host-b", &all[1..2], &["--mode", "node", "--token-file", tok]);
+    let rt = &ctl.rt;
+    let snw = || mount_cap(Mode::SingleNodeWriter, "ext4");
+    let create = |name: &str, n: &str, src: Option<String>| csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 128 << 20, limit_bytes: 0 }),
+        volume_capabilities: vec![snw()],
+        parameters: HashMap::from([("numberOfReplicas".to_string(), n.to_string()), ("staleReplicaTimeout".to_string(), "30".to_string())]),
+        volume_content_source: src.map(|id| csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource { snapshot_id: id })),
+        }),
+        ..Default::default()
+    };
+
+    // --- anti-affinity: three hosts take three replicas, one each; four are refused ---
+    fails("4 replicas on 3 hosts", rt.block_on(ctl.controller().create_volume(create("pvc-four", "4", None))), Code::ResourceExhausted);
+    for m in &mans {
+        assert!(replicas_of(m, "pvc-four").is_empty(), "a refused volume left a replica on {}", m.url);
+    }
+    let vol = "pvc-hosts-1";
+    let v = ok("CreateVolume", rt.block_on(ctl.controller().create_volume(create(vol, "3", None)))).volume.expect("volume");
+    assert_eq!(v.volume_id, vol);
+    let again = ok("CreateVolume again", rt.block_on(ctl.controller().create_volume(create(vol, "3", None)))).volume.expect("volume");
+    assert_eq!(again.volume_id, vol);
+    let mut addrs = Vec::new();
+    for (i, m) in mans.iter().enumerate() {
+        let rs = replicas_of(m, vol);
+        assert_eq!(rs.len(), 1, "host {i} keeps {} replicas of {vol}: {rs:?}", rs.len());
+        let a = rs[0]["address"].as_str().expect("address").to_string();
+        assert!(a.starts_with(&format!("{}:", net.addr(["a", "b", "c"][i]))), "replica on host {i} listens on {a}");
+        addrs.push(a);
+    }
+    let owner_view = ma.volume(vol);
+    let mut listed: Vec<String> = owner_view["replicas"].as_array().into_iter().flatten().filter_map(|r| r["address"].as_str()).map(String::from).collect();
+    listed.sort();
+    let mut want = addrs.clone();
+    want.sort();
+    assert_eq!(listed, want, "{owner_view}");
+
+    // --- published on host A: staged, written ---
+    let publish = |node: &str| csi::ControllerPublishVolumeRequest {
+        volume_id: vol.into(),
+        node_id: node.into(),
+        volume_capability: Some(snw()),
+        ..Default::default()
+    };
+    let unpublish = |node: &str| csi::ControllerUnpublishVolumeRequest { volume_id: vol.into(), node_id: node.into(), ..Default::default() };
+    let stage_at = |p: &Path| csi::NodeStageVolumeRequest {
+        volume_id: vol.into(),
+        staging_target_path: p.display().to_string(),
+        volume_capability: Some(snw()),
+        ..Default::default()
+    };
+    let pub_at = |staging: &Path, p: &Path| csi::NodePublishVolumeRequest {
+        volume_id: vol.into(),
+        staging_target_path: staging.display().to_string(),
+        target_path: p.display().to_string(),
+        volume_capability: Some(snw()),
+        ..Default::default()
+    };
+    let (sa, pa) = (base.join("a/staging"), base.join("a/pod"));
+    let (sb, pb) = (base.join("b/staging"), base.join("b/pod"));
+    cleanup.mounts.extend([sa.clone(), pa.clone(), sb.clone(), pb.clone()]);
+    ok("ControllerPublish A", rt.block_on(ctl.controller().controller_publish_volume(publish("host-a"))));
+    ma.wait_volume(vol, 60, "healthy with 3 replicas", |v| v["robustness"] == "healthy");
+    ok("NodeStage A", node_a.rt.block_on(node_a.node().node_stage_volume(stage_at(&sa))));
+    ok("NodePublish A", node_a.rt.block_on(node_a.node().node_publish_volume(pub_at(&sa, &pa))));
+    sh(&format!("head -c 8000000 /dev/urandom > '{0}/data.bin' && echo written-on-a > '{0}/hello.txt' && sync", pa.display()));
+    let data_sum = sum(&pa.join("data.bin"));
+    // Not on another node while published here.
+    fails("ControllerPublish B while on A", rt.block_on(ctl.controller().controller_publish_volume(publish("host-b"))), Code::FailedPrecondition);
+    ok("NodeUnpublish A", node_a.rt.block_on(node_a.node().node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: vol.into(), target_path: pa.display().to_string() })));
+    ok("NodeUnstage A", node_a.rt.block_on(node_a.node().node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: vol.into(), staging_target_path: sa.display().to_string() })));
+    ok("ControllerUnpublish A", rt.block_on(ctl.controller().controller_unpublish_volume(unpublish("host-a"))));
+
+    // --- published on host B: the engine moves there, the files are there ---
+    ok("ControllerPublish B", rt.block_on(ctl.controller().controller_publish_volume(publish("host-b"))));
+    assert_eq!(ma.call("GET", &format!("/v1/volumes/{vol}"), None).0, 404, "host A still records the volume");
+    mb.wait_volume(vol, 60, "attached and healthy on B", |v| v["state"] == "attached" && v["robustness"] == "healthy");
+    ok("NodeStage B", node_b.rt.block_on(node_b.node().node_stage_volume(stage_at(&sb))));
+    ok("NodePublish B", node_b.rt.block_on(node_b.node().node_publish_volume(pub_at(&sb, &pb))));
+    assert_eq!(sh(&format!("cat '{}/hello.txt'", pb.display())).trim(), "written-on-a");
+    assert_eq!(sum(&pb.join("data.bin")), data_sum);
+
+    // --- host C cut off under fio --verify: no error, degraded, then rebuilt ---
+    let dir = pb.display().to_string();
+    let fio_job = std::thread::spawn(move || {
+        fio(&format!(
+            "--name=verify --directory='{dir}' --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=8 --size=24M \
+             --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_backlog=512 --time_based --runtime=30"
+        ))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    net.cut("c");
+    wait_for("the volume degraded with host C cut off", Duration::from_secs(40), || mb.volume(vol)["robustness"] == "degraded");
+    assert!(!fio_job.is_finished(), "fio ended before the fault was seen");
+    std::thread::sleep(Duration::from_secs(2));
+    net.heal("c");
+    wait_for("the volume healthy again after host C is back", Duration::from_secs(120), || mb.volume(vol)["robustness"] == "healthy");
+    let (ran, errors, out) = fio_job.join().expect("fio thread");
+    assert!(ran && errors == 0, "fio reported errors with host C cut off: {out}");
+    let modes: Vec<Value> = mb.volume(vol)["replicas"].as_array().cloned().unwrap_or_default();
+    assert!(modes.iter().all(|r| r["mode"] == "RW") && modes.len() == 3, "{modes:?}");
+
+    // --- a backup of it, restored into a new volume, holds the same bytes ---
+    let snap = csi::CreateSnapshotRequest {
+        source_volume_id: vol.into(),
+        name: "bak-hosts".into(),
+        parameters: HashMap::from([("type".to_string(), "bak".to_string())]),
+        ..Default::default()
+    };
+    let mut bak = ok("CreateSnapshot bak", rt.block_on(ctl.controller().create_snapshot(snap.clone()))).snapshot.expect("snapshot");
+    let t0 = Instant::now();
+    while !bak.ready_to_use {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the backup is not ready in 120 s: {bak:?}");
+        std::thread::sleep(Duration::from_millis(500));
+        bak = ok("CreateSnapshot bak again", rt.block_on(ctl.controller().create_snapshot(snap.clone()))).snapshot.expect("snapshot");
+    }
+    ok("NodeUnpublish B", node_b.rt.block_on(node_b.node().node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: vol.into(), target_path: pb.display().to_string() })));
+    ok("NodeUnstage B", node_b.rt.block_on(node_b.node().node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: vol.into(), staging_target_path: sb.display().to_string() })));
+    let (clean, out) = sh_try(&format!("e2fsck -fn /dev/longhorn/{vol}"));
+    assert!(clean, "e2fsck after the fault: {out}");
+    ok("ControllerUnpublish B", rt.block_on(ctl.controller().controller_unpublish_volume(unpublish("host-b"))));
+
+    let restored = "pvc-hosts-restored";
+    let rv = ok("CreateVolume from the backup", rt.block_on(ctl.controller().create_volume(create(restored, "1", Some(bak.snapshot_id.clone())))))
+        .volume
+        .expect("volume");
+    let host = rv.accessible_topology[0].segments.get("topology.longhorn.io/host").cloned().expect("topology");
+    assert_eq!(host, "host-a", "the restore went to {host}");
+    ma.wait_volume(restored, 120, "restored", |v| v["state"] == "detached");
+    let (sr, pr) = (base.join("a/staging-r"), base.join("a/pod-r"));
+    cleanup.mounts.extend([sr.clone(), pr.clone()]);
+    ok(
+        "ControllerPublish restored",
+        rt.block_on(ctl.controller().controller_publish_volume(csi::ControllerPublishVolumeRequest { volume_id: restored.into(), ..publish("host-a") })),
+    );
+    ok("NodeStage restored", node_a.rt.block_on(node_a.node().node_stage_volume(csi::NodeStageVolumeRequest { volume_id: restored.into(), ..stage_at(&sr) })));
+    ok("NodePublish restored", node_a.rt.block_on(node_a.node().node_publish_volume(csi::NodePublishVolumeRequest { volume_id: restored.into(), ..pub_at(&sr, &pr) })));
+    assert_eq!(sh(&format!("cat '{}/hello.txt'", pr.display())).trim(), "written-on-a");
+    assert_eq!(sum(&pr.join("data.bin")), data_sum);
+    ok("NodeUnpublish restored", node_a.rt.block_on(node_a.node().node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: restored.into(), target_path: pr.display().to_string() })));
+    ok("NodeUnstage restored", node_a.rt.block_on(node_a.node().node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: restored.into(), staging_target_path: sr.display().to_string() })));
+    ok(
+        "ControllerUnpublish restored",
+        rt.block_on(ctl.controller().controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest { volume_id: restored.into(), ..unpublish("host-a") })),
+    );
+
+    // --- deletes take every host's replicas with them ---
+    ok("DeleteSnapshot", rt.block_on(ctl.controller().delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: bak.snapshot_id.clone(), ..Default::default() })));
+    for id in [vol, vol, restored] {
+        ok("DeleteVolume", rt.block_on(ctl.controller().delete_volume(csi::DeleteVolumeRequest { volume_id: id.into(), ..Default::default() })));
+    }
+    for m in &mans {
+        assert!(replicas_of(m, vol).is_empty(), "{} keeps a replica of the deleted volume", m.url);
+        assert!(m.get("/v1/volumes")["data"].as_array().is_some_and(|a| a.is_empty()), "{} keeps a volume", m.url);
+    }
+    drop(cleanup);
+}
