@@ -92,7 +92,9 @@ fn topology(host: &str) -> csi::Topology {
     csi::Topology { segments: HashMap::from([(TOPOLOGY_KEY.to_string(), host.to_string())]) }
 }
 
-fn csi_volume(m: &Manager, v: &Value, content: Option<csi::VolumeContentSource>, fs: Option<&str>) -> csi::Volume {
+/// `hosts`: where the volume can be published: its host, or every host for a volume
+/// whose replicas are all reached over the network (its engine follows the node).
+fn csi_volume(m: &Manager, hosts: &[String], v: &Value, content: Option<csi::VolumeContentSource>, fs: Option<&str>) -> csi::Volume {
     let mut ctx = HashMap::new();
     ctx.insert("host".to_string(), m.host.clone());
     if let Some(fs) = fs {
@@ -103,8 +105,14 @@ fn csi_volume(m: &Manager, v: &Value, content: Option<csi::VolumeContentSource>,
         volume_id: v["name"].as_str().unwrap_or("").to_string(),
         volume_context: ctx,
         content_source: content,
-        accessible_topology: vec![topology(&m.host)],
+        accessible_topology: if spread(v) { hosts.iter().map(|h| topology(h)).collect() } else { vec![topology(&m.host)] },
     }
+}
+
+/// Whether a volume's replicas all live as replicas for other hosts (so any host can
+/// serve it).
+fn spread(v: &Value) -> bool {
+    v["replicaAddresses"].as_array().is_some_and(|a| !a.is_empty() && a.len() as u64 == v["numberOfReplicas"].as_u64().unwrap_or(0))
 }
 
 fn timestamp(s: &str) -> Option<prost_types::Timestamp> {
@@ -131,6 +139,10 @@ fn page<T>(all: Vec<T>, max: i32, token: &str) -> Result<(Vec<T>, String), Statu
 }
 
 impl Driver {
+    fn hosts(&self) -> Vec<String> {
+        self.managers.iter().map(|m| m.host.clone()).collect()
+    }
+
     /// The hosts a new volume may go to, best first: those the topology requirement
     /// prefers, then the rest it allows, each group by free space.
     fn placement(&self, req: Option<&csi::TopologyRequirement>) -> Result<Vec<&Manager>, Status> {
@@ -147,11 +159,17 @@ impl Driver {
         if allowed.is_empty() {
             return Err(Status::resource_exhausted("accessibility_requirements: no host of this driver is in the requisite topology"));
         }
-        let free = |m: &Manager| m.node().ok().and_then(|n| n["storageAvailable"].as_u64()).unwrap_or(0);
+        // A host that does not answer takes no new volume or replica.
         let mut scored: Vec<(usize, u64, &Manager)> = allowed
             .into_iter()
-            .map(|m| (preferred.iter().position(|h| *h == m.host).unwrap_or(usize::MAX), free(m), m))
+            .filter_map(|m| {
+                let free = m.node().ok()?["storageAvailable"].as_u64().unwrap_or(0);
+                Some((preferred.iter().position(|h| *h == m.host).unwrap_or(usize::MAX), free, m))
+            })
             .collect();
+        if scored.is_empty() {
+            return Err(Status::unavailable("no host the volume may go to answers"));
+        }
         scored.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
         Ok(scored.into_iter().map(|s| s.2).collect())
     }
@@ -259,7 +277,7 @@ impl Driver {
                     return Err(Status::already_exists(format!("volume {name:?} exists and was not restored from {u}")));
                 }
             }
-            return Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(m, &v, r.volume_content_source, params.fs_type)) });
+            return Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(m, &self.hosts(), &v, r.volume_content_source, params.fs_type)) });
         }
         let hosts = self.placement(r.accessibility_requirements.as_ref())?;
         // One host: its replicas are that host's own. Several: a replica per host, and
@@ -280,7 +298,7 @@ impl Driver {
             (m, m.call("POST", "/v1/volumes", Some(body)).map_err(|e| e.status())?)
         };
         tracing::info!(volume = name, host = m.host, size, "created volume");
-        Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(m, &v, r.volume_content_source, params.fs_type)) })
+        Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(m, &self.hosts(), &v, r.volume_content_source, params.fs_type)) })
     }
 
     fn delete_volume(&self, r: csi::DeleteVolumeRequest) -> Result<csi::DeleteVolumeResponse, Status> {
@@ -290,7 +308,10 @@ impl Driver {
             return Ok(csi::DeleteVolumeResponse {});
         }
         let _busy = self.hold(&r.volume_id)?;
-        if let Some((m, _)) = self.find(&r.volume_id)? {
+        // Every record of it (one handed off half-way is recorded twice), the one that
+        // may be attached first.
+        for _ in 0..=self.managers.len() {
+            let Some((m, _)) = self.find(&r.volume_id)? else { break };
             match m.call("DELETE", &format!("/v1/volumes/{}", r.volume_id), None) {
                 Ok(_) => tracing::info!(volume = r.volume_id, host = m.host, "deleted volume"),
                 Err(e) if e.status == 404 => {}
@@ -317,9 +338,14 @@ impl Driver {
                 r.volume_id
             )));
         }
-        let (m, v) = if m.host == r.node_id {
+        let (m, v) = if m.host == r.node_id && v["state"] == "handedOff" {
+            // A move away from this node that stopped half-way: the volume stays here.
+            m.action(&r.volume_id, "handOff", json!({"undo": true})).map_err(|e| e.status())?;
+            let v = m.volume(&r.volume_id).map_err(|e| e.status())?.ok_or_else(|| Status::not_found(format!("volume {:?}", r.volume_id)))?;
             (m, v)
-        } else if v["state"] != "detached" {
+        } else if m.host == r.node_id {
+            (m, v)
+        } else if v["state"] != "detached" && v["state"] != "handedOff" {
             return Err(Status::failed_precondition(format!(
                 "volume {:?} is {} on node {:?}; unpublish it there first",
                 r.volume_id,
@@ -440,11 +466,16 @@ impl Driver {
 
     fn list_volumes(&self, r: csi::ListVolumesRequest) -> Result<csi::ListVolumesResponse, Status> {
         let mut all = Vec::new();
+        let hosts = self.hosts();
         for m in &self.managers {
             for v in m.volumes().map_err(|e| e.status())? {
+                // Handed to another host: listed there.
+                if v["state"] == "handedOff" {
+                    continue;
+                }
                 let attached = v["state"] == "attached";
                 all.push(csi::list_volumes_response::Entry {
-                    volume: Some(csi_volume(m, &v, None, None)),
+                    volume: Some(csi_volume(m, &hosts, &v, None, None)),
                     status: Some(csi::list_volumes_response::VolumeStatus {
                         published_node_ids: if attached { vec![m.host.clone()] } else { vec![] },
                         volume_condition: None,

@@ -117,18 +117,24 @@ impl Driver {
     /// Which host has a volume. A host that does not answer makes the answer unknown
     /// (UNAVAILABLE), never "no such volume": a delete must not report success for a
     /// volume that lives on a host that is only down.
+    ///
+    /// A volume handed from one host's manager to another's is recorded by both for a
+    /// moment (and by the first alone if the move stopped half-way): the record that
+    /// was not handed off is the volume.
     pub fn find(&self, name: &str) -> Result<Option<(&Manager, serde_json::Value)>, Status> {
         let mut down = None;
+        let mut handed = None;
         for m in &self.managers {
             match m.volume(name) {
+                Ok(Some(v)) if v["state"] == "handedOff" => handed = handed.or(Some((m, v))),
                 Ok(Some(v)) => return Ok(Some((m, v))),
                 Ok(None) => {}
                 Err(e) => down = Some(e),
             }
         }
-        match down {
-            Some(e) => Err(e.status()),
-            None => Ok(None),
+        match (down, handed) {
+            (Some(e), _) => Err(e.status()),
+            (None, h) => Ok(h),
         }
     }
 }
@@ -215,6 +221,13 @@ pub fn serve(c: Config) -> Result<()> {
         let identity = csi::identity_server::IdentityServer::new(Identity { controller: c.controller, driver: driver.clone() });
         let controller = c.controller.then(|| csi::controller_server::ControllerServer::new(controller::Controller(driver.clone())));
         let node = c.node.then(|| csi::node_server::NodeServer::new(node::Node(driver.clone())));
+        if c.controller && driver.managers.len() > 1 {
+            let d = driver.clone();
+            std::thread::Builder::new()
+                .name("reconcile".into())
+                .spawn(move || placement::reconcile_forever(d))
+                .context("starting the reconcile thread")?;
+        }
         let router = tonic::transport::Server::builder().add_service(identity).add_optional_service(controller).add_optional_service(node);
         println!("listening unix:{}", c.endpoint.display());
         tracing::info!(endpoint = %c.endpoint.display(), node = c.node_id, controller = c.controller, node_service = c.node, "CSI driver serving");

@@ -39,21 +39,33 @@ pub struct Manager {
     pub host: String,
     pub base: String,
     token: Option<String>,
+    /// For actions, which may take as long as the manager's own longest call.
     agent: ureq::Agent,
+    /// For reads, which the manager answers from what it has sampled: a host cut off
+    /// holds such a call (and the loop that made it) seconds, not minutes.
+    quick: ureq::Agent,
 }
 
 impl Manager {
     pub fn new(host: &str, base: &str, token: Option<String>) -> Manager {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            // A host that is down must not hold a call (and the volume's lock) for
-            // minutes: it is UNAVAILABLE, and the sidecars retry.
-            .timeout_connect(Some(Duration::from_secs(3)))
+        let agent = |total: u64| -> ureq::Agent {
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                // A host that is down must not hold a call (and the volume's lock) for
+                // minutes: it is UNAVAILABLE, and the sidecars retry.
+                .timeout_connect(Some(Duration::from_secs(3)))
+                .timeout_global(Some(Duration::from_secs(total)))
+                .build()
+                .into()
+        };
+        Manager {
+            host: host.to_string(),
+            base: base.trim_end_matches('/').to_string(),
+            token,
             // Longer than the manager's own longest call (an engine's control call, 130 s).
-            .timeout_global(Some(Duration::from_secs(180)))
-            .build()
-            .into();
-        Manager { host: host.to_string(), base: base.trim_end_matches('/').to_string(), token, agent }
+            agent: agent(180),
+            quick: agent(15),
+        }
     }
 
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> ApiResult<Value> {
@@ -61,7 +73,7 @@ impl Manager {
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let resp = match method {
             "GET" | "DELETE" => {
-                let mut r = if method == "GET" { self.agent.get(&url) } else { self.agent.delete(&url) };
+                let mut r = if method == "GET" { self.quick.get(&url) } else { self.agent.delete(&url) };
                 if let Some(a) = &auth {
                     r = r.header("Authorization", a);
                 }

@@ -78,6 +78,15 @@ impl Driver {
             match made.and_then(|r| {
                 r["address"].as_str().map(str::to_string).ok_or(crate::manager::ApiError { status: 500, message: "a replica without an address".into() })
             }) {
+                // A replica other hosts' engines cannot reach would leave the volume
+                // with fewer real copies than it says (a manager without --replica-address).
+                Ok(a) if a.parse::<std::net::SocketAddr>().map(|sa| sa.ip().is_loopback()).unwrap_or(true) => {
+                    let _ = self.delete_replicas(name);
+                    return Err(Status::failed_precondition(format!(
+                        "host {:?} keeps replicas at {a}, which other hosts cannot reach: start its manager with --replica-address",
+                        m.host
+                    )));
+                }
                 Ok(a) => {
                     tracing::info!(volume = name, host = m.host, address = a, "made replica");
                     addrs.push(a);
@@ -95,10 +104,14 @@ impl Driver {
         let owner = hosts[0];
         match owner.call("POST", "/v1/volumes", Some(body)) {
             Ok(v) => Ok((owner, v)),
-            Err(e) => {
+            // Refused: nothing records the replicas, so they go.
+            Err(e) if (400..500).contains(&e.status) => {
                 let _ = self.delete_replicas(name);
                 Err(e.status())
             }
+            // No answer, or the host failed: the volume may be recorded. The retry's
+            // lookup decides; until then the replicas stay.
+            Err(e) => Err(Status::unavailable(e.message)),
         }
     }
 
@@ -116,10 +129,14 @@ impl Driver {
         }
         match to.call("POST", "/v1/volumes", Some(body)) {
             Ok(_) => {}
-            // A retry after the create went through: the same replicas, so the same volume.
-            Err(e) if e.status == 409 && to.volume(name).ok().flatten().is_some_and(|v| same_replicas(&v, &h)) => {}
+            // A retry after the create went through: the same replicas, so the same
+            // volume (handed off from there earlier, perhaps: taken back).
+            Err(e) if e.status == 409 && to.volume(name).ok().flatten().is_some_and(|v| same_replicas(&v, &h)) => {
+                to.action(name, "handOff", json!({"undo": true})).map_err(|e| e.status())?;
+            }
             Err(e) => return Err(e.status()),
         }
+        // The old record goes; until it has, it is `handedOff` and cannot be attached.
         from.call("DELETE", &format!("/v1/volumes/{name}"), None).map_err(|e| e.status())?;
         tracing::info!(volume = name, from = from.host, to = to.host, "moved the volume's engine");
         to.volume(name).map_err(|e| e.status())?.ok_or_else(|| Status::internal(format!("volume {name:?} is gone from host {:?}", to.host)))
@@ -133,4 +150,123 @@ fn same_replicas(v: &Value, h: &Value) -> bool {
     have.sort();
     want.sort();
     have == want
+}
+
+/// How often the controller looks for replicas lost with their host.
+const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The controller's loop: replicas lost with their host are rebuilt on another host
+/// once the volume's staleReplicaTimeout has passed (Longhorn's rule), and replicas
+/// no volume uses any more are deleted. Runs until the process ends.
+pub fn reconcile_forever(d: std::sync::Arc<Driver>) {
+    let mut failed: HashMap<(String, String), Instant> = HashMap::new();
+    loop {
+        std::thread::sleep(RECONCILE_EVERY);
+        d.reconcile(&mut failed);
+    }
+}
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+impl Driver {
+    fn reconcile(&self, failed: &mut HashMap<(String, String), Instant>) {
+        let mut still = std::collections::HashSet::new();
+        for owner in &self.managers {
+            let Ok(vols) = owner.volumes() else { continue };
+            for v in vols {
+                let Some(name) = v["name"].as_str() else { continue };
+                let remote: Vec<String> = v["replicaAddresses"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(String::from)).collect();
+                if remote.is_empty() || v["state"] != "attached" {
+                    continue;
+                }
+                // A replica is lost while the engine does not have it healthy (ERR, or
+                // out of its list while its host does not answer).
+                let healthy: Vec<&str> = v["replicas"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| r["mode"] == "RW" || r["mode"] == "WO")
+                    .filter_map(|r| r["address"].as_str())
+                    .collect();
+                let stale_after = std::time::Duration::from_secs(v["staleReplicaTimeout"].as_u64().unwrap_or(2880).max(1) * 60);
+                for addr in &remote {
+                    if healthy.contains(&addr.as_str()) {
+                        continue;
+                    }
+                    let key = (name.to_string(), addr.clone());
+                    still.insert(key.clone());
+                    let since = *failed.entry(key.clone()).or_insert_with(|| {
+                        tracing::warn!(volume = name, replica = addr, "replica failed; rebuilt elsewhere if it is not back within {stale_after:?}");
+                        Instant::now()
+                    });
+                    if since.elapsed() < stale_after {
+                        continue;
+                    }
+                    let Ok(_busy) = self.hold(name) else { continue };
+                    match self.replace_replica(owner, name, addr, &remote) {
+                        Ok(new) => {
+                            tracing::info!(volume = name, old = addr, new, "rebuilding a lost replica on another host");
+                            failed.remove(&key);
+                        }
+                        Err(e) => tracing::warn!(volume = name, replica = addr, "cannot rebuild the lost replica elsewhere yet: {}", e.message()),
+                    }
+                }
+                self.delete_unused_replicas(name, &remote);
+            }
+        }
+        failed.retain(|k, _| still.contains(k));
+    }
+
+    /// Makes a replica of `name` on a host that keeps none of its replicas (and answers),
+    /// and has the volume's engine take it in place of `old`; the new address.
+    fn replace_replica(&self, owner: &Manager, name: &str, old: &str, remote: &[String]) -> Result<String, Status> {
+        let mut taken: Vec<&str> = Vec::new();
+        let mut candidates: Vec<(u64, &Manager)> = Vec::new();
+        for m in &self.managers {
+            let Ok(list) = m.call("GET", "/v1/replicas", None) else { continue };
+            let mine: Vec<Value> = list["data"].as_array().cloned().unwrap_or_default().into_iter().filter(|r| r["volume"] == name).collect();
+            if mine.iter().any(|r| r["address"].as_str().is_some_and(|a| remote.iter().any(|x| x == a))) {
+                taken.push(&m.host);
+                continue;
+            }
+            let free = m.node().ok().and_then(|n| n["storageAvailable"].as_u64()).unwrap_or(0);
+            candidates.push((free, m));
+        }
+        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        let Some((_, to)) = candidates.first() else {
+            return Err(Status::resource_exhausted(format!("no host without a replica of {name:?} answers (hosts with one: {taken:?})")));
+        };
+        let secret = owner.action(name, "replicaSecret", json!({})).map_err(|e| e.status())?;
+        let size = owner.volume(name).map_err(|e| e.status())?.map(|v| crate::controller::vol_size(&v)).unwrap_or(0);
+        // A name no replica of the volume has had: the old one's host may come back.
+        let rname = format!("r{}", chrono::Utc::now().timestamp_millis());
+        let made = to
+            .call("POST", "/v1/replicas", Some(json!({"volume": name, "name": rname, "size": size.to_string(), "secret": secret["secret"]})))
+            .map_err(|e| e.status())?;
+        let new = made["address"].as_str().ok_or_else(|| Status::internal("a replica without an address"))?.to_string();
+        if let Err(e) = owner.action(name, "replicaReplace", json!({"address": old, "newAddress": new})) {
+            let _ = to.call("DELETE", &format!("/v1/replicas/{name}/{rname}"), None);
+            return Err(e.status());
+        }
+        Ok(new)
+    }
+
+    /// Replicas of `name` the volume no longer lists (one replaced while its host was
+    /// away): deleted once their host answers.
+    fn delete_unused_replicas(&self, name: &str, remote: &[String]) {
+        for m in &self.managers {
+            let Ok(list) = m.call("GET", "/v1/replicas", None) else { continue };
+            for r in list["data"].as_array().into_iter().flatten().filter(|r| r["volume"] == name) {
+                let (Some(addr), Some(rn)) = (r["address"].as_str(), r["name"].as_str()) else { continue };
+                if remote.iter().any(|a| a == addr) {
+                    continue;
+                }
+                match m.call("DELETE", &format!("/v1/replicas/{name}/{rn}"), None) {
+                    Ok(_) => tracing::info!(volume = name, host = m.host, replica = rn, "deleted a replica the volume no longer uses"),
+                    Err(e) => tracing::warn!(volume = name, host = m.host, replica = rn, "deleting an unused replica: {}", e.message),
+                }
+            }
+        }
+    }
 }

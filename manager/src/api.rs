@@ -158,8 +158,7 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
     }
     let remote = remote_replicas(&b)?;
     let secret = match input::opt_str(&b, "secret")? {
-        Some(s) if s.len() == 64 && s.bytes().all(|c| c.is_ascii_hexdigit()) => Some(s.to_string()),
-        Some(_) => return Err(ApiError::bad("secret", "secret: the volume's secret, 64 hex digits")),
+        Some(s) => Some(input::secret("secret", s)?),
         None if !remote.is_empty() => return Err(ApiError::bad("secret", "secret: required with replicaAddresses (the replicas hold it)")),
         None => None,
     };
@@ -193,8 +192,8 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
         let local = st.local_replicas();
         let mk = || -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-            if let Some(s) = &secret {
-                write_secret(&dir.join("volume.key"), s)?;
+            if let Some(k) = &secret {
+                k.store_new(&dir.join("volume.key")).map_err(|e| anyhow::anyhow!(e))?;
             }
             for i in 0..local {
                 let d = dir.join(format!("replica-{i}"));
@@ -305,33 +304,37 @@ fn remote_replicas(b: &Map<String, Value>) -> ApiResult<Vec<String>> {
     Ok(out)
 }
 
-/// The volume's secret file (mode 0600, as `longhorn up` makes it).
-fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    f.write_all(format!("{secret}\n").as_bytes()).and_then(|_| f.sync_all()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-}
-
 /// `handOff`: what another host's manager needs to serve this volume (its replicas all
 /// live on other hosts, so nothing here moves): the spec, the replicas' addresses and
 /// the secret. Only while detached. The caller creates the volume there, then deletes
 /// it here (which removes no replica).
+///
+/// From the answer on the volume is `handedOff` here: it cannot be attached here (two
+/// engines on the same replicas), and only deleted, handed off again, or taken back
+/// with `{"undo": true}` (the caller found the other host never took it).
 async fn hand_off(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Value> {
-    input::only(b, &[])?;
+    input::only(b, &["undo"])?;
+    let undo = input::opt_bool(b, "undo")?.unwrap_or(false);
     let _ops = m.ops.lock().await;
-    let st = m.state(name)?;
+    let mut st = m.state(name)?;
     let state = volume_state_of(m, name);
-    if state != "detached" {
+    if state != "detached" && state != "handedOff" {
         return Err(ApiError::conflict(format!("volume {name:?} is {state}: it is handed to another host only while detached")));
     }
     if st.remote_replicas.is_empty() || st.local_replicas() > 0 {
         return Err(ApiError::conflict(format!("volume {name:?} keeps replicas on this host: it is served here only")));
+    }
+    if undo {
+        if state == "handedOff" {
+            st.phase.clear();
+            m.save(&st)?;
+            tracing::info!(volume = name, "taken back after a hand-off");
+        }
+        return Ok(Value::Null);
+    }
+    if state == "detached" {
+        st.phase = "handedOff".into();
+        m.save(&st)?;
     }
     let key = m.cfg.data_dir.join(name).join("volume.key");
     let secret = std::fs::read_to_string(&key).map_err(|e| ApiError::internal(anyhow::anyhow!("reading {}: {e}", key.display())))?;
@@ -340,6 +343,65 @@ async fn hand_off(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<V
         "staleReplicaTimeout": st.stale_replica_timeout, "accessMode": st.access_mode, "recurringJobs": st.recurring_jobs,
         "replicaAddresses": st.remote_replicas, "secret": secret.trim(),
     }))
+}
+
+/// `replicaSecret`: the secret a new replica of this volume on another host needs
+/// (the one that replaces a lost host's replica). Only for volumes whose replicas live
+/// on other hosts; the same secret every one of them already holds.
+async fn replica_secret(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Value> {
+    input::only(b, &[])?;
+    let st = m.state(name)?;
+    if st.remote_replicas.is_empty() {
+        return Err(ApiError::conflict(format!("volume {name:?} has no replicas on other hosts")));
+    }
+    let key = m.cfg.data_dir.join(name).join("volume.key");
+    let secret = std::fs::read_to_string(&key).map_err(|e| ApiError::internal(anyhow::anyhow!("reading {}: {e}", key.display())))?;
+    Ok(json!({"type": "volumeSecret", "name": name, "secret": secret.trim()}))
+}
+
+/// `replicaReplace` `{"address": OLD, "newAddress": NEW}`: a replica on another host
+/// takes the place of one that is lost. While attached, the engine lets OLD go and
+/// rebuilds NEW from a healthy replica; the record names NEW from then on.
+async fn replica_replace(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Value> {
+    input::only(b, &["address", "newAddress"])?;
+    let parse = |f: &str| -> ApiResult<String> {
+        let v = input::req_str(b, f)?;
+        v.parse::<std::net::SocketAddr>()
+            .ok()
+            .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
+            .map(|a| a.to_string())
+            .ok_or_else(|| ApiError::bad(f, format!("{f}: {v:?} is not an address IP:PORT")))
+    };
+    let (old, new) = (parse("address")?, parse("newAddress")?);
+    let _ops = m.ops.lock().await;
+    let mut st = m.state(name)?;
+    let Some(i) = st.remote_replicas.iter().position(|a| *a == old) else {
+        return Err(ApiError::not_found(format!("volume {name:?} has no replica on another host at {old}")).with_field("address"));
+    };
+    if st.remote_replicas.contains(&new) {
+        return Err(ApiError::conflict(format!("volume {name:?} has a replica at {new} already")).with_field("newAddress"));
+    }
+    let state = volume_state_of(m, name);
+    if state != "attached" {
+        return Err(ApiError::conflict(format!("volume {name:?} is {state}: a replica is rebuilt only while attached")));
+    }
+    // `up` stops adding OLD back before the engine lets it go.
+    let retired = m.cfg.data_dir.join(name).join("retired-replicas");
+    let line = format!("{old}\n");
+    let appended = std::fs::OpenOptions::new().create(true).append(true).open(&retired).and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+    appended.map_err(|e| ApiError::internal(anyhow::anyhow!("{}: {e}", retired.display())))?;
+    if let Err(e) = m.engine(name, json!({"cmd": "replica-rm", "address": old})).await {
+        if !e.message.contains("no replica") {
+            return Err(e);
+        }
+    }
+    // Recorded before the add: the engine may hold NEW from here on, and an attach
+    // after a crash must list what the engine may have used.
+    st.remote_replicas[i] = new.clone();
+    m.save(&st)?;
+    m.engine(name, json!({"cmd": "replica-add", "address": new})).await?;
+    tracing::info!(volume = name, old, new, "replaced a replica on another host");
+    Ok(Value::Null)
 }
 
 pub async fn delete_volume(State(m): State<Shared>, h: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
@@ -486,6 +548,8 @@ pub async fn volume_action(
         "updateReplicaCount" => update_replica_count(&m, &name, &b).await?,
         "replicaRemove" => replica_remove(&m, &name, &b).await?,
         "handOff" => hand_off(&m, &name, &b).await?,
+        "replicaSecret" => replica_secret(&m, &name, &b).await?,
+        "replicaReplace" => replica_replace(&m, &name, &b).await?,
         "recurringJobAdd" => jobs_add(&m, &name, &b).await?,
         "recurringJobDelete" => {
             input::only(&b, &["name"])?;

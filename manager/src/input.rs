@@ -175,3 +175,8 @@ mod tests {
         }
     }
 }
+
+/// A volume's secret as the API carries it: 64 hex digits.
+pub fn secret(field: &str, s: &str) -> ApiResult<longhorn_replica::auth::Key> {
+    longhorn_replica::auth::Key::parse(s).ok_or_else(|| ApiError::bad(field, format!("{field}: the volume's secret, 64 hex digits")))
+}

@@ -445,6 +445,8 @@ pub fn volume_state(e: &Entry) -> &'static str {
         "creating" => return "creating",
         "deleting" => return "deleting",
         "error" => return "error",
+        // Handed to another host's manager (which serves it now): never attached here.
+        "handedOff" => return "handedOff",
         _ => {}
     }
     if !e.st.attached {

@@ -4,11 +4,12 @@
 //! after a restart, kept running by the manager's supervisor whether or not an engine
 //! uses it, as an instance manager keeps them in Longhorn.
 //!
-//! Layout: the data in `DATA_DIR/.replicas/VOLUME/NAME/` (a volume name starts with a
-//! letter or digit, so `.replicas` is never a volume's directory), the volume's secret
-//! in `DATA_DIR/.replicas/VOLUME/volume.key` (mode 0600), the process's log beside its
-//! directory, and the record (address, pid and start time) in
-//! `STATE_DIR/replicas/VOLUME/NAME.json`, written atomically.
+//! Layout: the data in `DATA_DIR/.replicas/VOLUME/data/NAME/` (a volume name starts
+//! with a letter or digit, so `.replicas` is never a volume's directory), the process's
+//! log in `DATA_DIR/.replicas/VOLUME/logs/NAME.log`, the volume's secret in
+//! `DATA_DIR/.replicas/VOLUME/volume.key` (mode 0600; no replica name can meet it), and
+//! the record (address, pid and start time) in `STATE_DIR/replicas/VOLUME/NAME.json`,
+//! written atomically.
 //!
 //! Invariants:
 //! - One process per replica directory (the replica itself takes a lock on it).
@@ -28,7 +29,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -64,7 +64,11 @@ fn vol_dir(data_dir: &Path, volume: &str) -> PathBuf {
 }
 
 pub fn data_path(data_dir: &Path, volume: &str, name: &str) -> PathBuf {
-    vol_dir(data_dir, volume).join(name)
+    vol_dir(data_dir, volume).join("data").join(name)
+}
+
+fn log_path(data_dir: &Path, volume: &str, name: &str) -> PathBuf {
+    vol_dir(data_dir, volume).join("logs").join(format!("{name}.log"))
 }
 
 fn record_path(state_dir: &Path, volume: &str, name: &str) -> PathBuf {
@@ -111,38 +115,61 @@ fn alive(st: &ReplicaState) -> bool {
     args.get(1) == Some(&b"replica".as_slice()) && args.get(2) == Some(&b"serve".as_slice())
 }
 
-/// Writes the volume's secret (64 hex digits) where the replicas of this host read it;
-/// a different secret already there is refused (another volume's replicas by that name).
-fn write_key(data_dir: &Path, volume: &str, secret: &str) -> Result<PathBuf, String> {
+/// Writes the volume's secret where the replicas of this host read it; a different
+/// secret already there is refused (another volume's replicas by that name).
+fn write_key(data_dir: &Path, volume: &str, secret: &longhorn_replica::auth::Key) -> Result<PathBuf, String> {
     let dir = vol_dir(data_dir, volume);
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let path = dir.join("volume.key");
     if let Ok(have) = std::fs::read_to_string(&path) {
-        if have.trim() != secret {
+        if longhorn_replica::auth::Key::parse(&have).map(|k| k.to_hex()) != Some(secret.to_hex()) {
             return Err(format!("this host holds replicas of another volume {volume:?} (its secret differs)"));
         }
         return Ok(path);
     }
+    // Made aside and renamed: a crash never leaves a half-written key in its place.
     let tmp = dir.join(".volume.key.tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    use std::io::Write;
-    f.write_all(format!("{secret}\n").as_bytes()).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    secret.store_new(&tmp)?;
     std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(path)
 }
 
+/// A `longhorn replica serve` already running on `dir` (started by a manager that was
+/// killed before it could record it): (pid, start time).
+fn running_on(dir: &Path) -> Option<(i32, u64)> {
+    let want = dir.display().to_string();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let serves = args.get(1).map(String::as_str) == Some("replica") && args.get(2).map(String::as_str) == Some("serve");
+        if serves && args.windows(2).any(|w| w[0] == "--dir" && w[1] == want) {
+            return procs::start_time(pid).map(|st| (pid, st));
+        }
+    }
+    None
+}
+
 /// Starts the replica's process on its fixed address and waits until it accepts
-/// connections; (pid, start time).
-fn spawn(exe: &Path, data_dir: &Path, st: &ReplicaState) -> Result<(i32, u64)> {
+/// connections; (pid, start time). One already serving its directory is adopted.
+fn spawn(exe: &Path, data_dir: &Path, st: &ReplicaState, first: bool) -> Result<(i32, u64)> {
     let dir = data_path(data_dir, &st.volume, &st.name);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let log_path = vol_dir(data_dir, &st.volume).join(format!("{}.log", st.name));
+    if first {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    } else if !dir.join("volume.meta").exists() {
+        // A replica that ran before has its data here; without it (the data directory
+        // not mounted, or moved) a new empty replica must not answer at its address.
+        return Err(anyhow!("{} holds no replica (no volume.meta): not starting an empty one in its place", dir.display()));
+    }
+    if let Some(found) = running_on(&dir) {
+        tracing::info!(replica = %key(&st.volume, &st.name), pid = found.0, "adopted the replica's running process");
+        return Ok(found);
+    }
+    let log_path = log_path(data_dir, &st.volume, &st.name);
+    if let Some(d) = log_path.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
     let log2 = log.try_clone().with_context(|| format!("opening {}", log_path.display()))?;
     let mut c = Command::new(exe);
@@ -178,8 +205,13 @@ fn spawn(exe: &Path, data_dir: &Path, st: &ReplicaState) -> Result<(i32, u64)> {
     let addr: std::net::SocketAddr = st.address.parse().with_context(|| format!("replica address {:?}", st.address))?;
     let t = Instant::now();
     loop {
+        // Ready when it answers and is still the process started here (not another one
+        // on the address while this one fails on its directory's lock).
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok((pid, start));
+            std::thread::sleep(Duration::from_millis(100));
+            if procs::start_time(pid) == Some(start) {
+                return Ok((pid, start));
+            }
         }
         if procs::start_time(pid) != Some(start) {
             return Err(anyhow!("replica {}/{} exited: {}", st.volume, st.name, procs::last_log_line(&log_path)));
@@ -235,9 +267,13 @@ pub async fn create(State(m): State<Shared>, h: HeaderMap, b: Result<Bytes, Byte
     let name = input::req_str(&b, "name")?.to_string();
     input::name("name", &name)?;
     let size = input::size("size", b.get("size").unwrap_or(&Value::Null))?;
-    let secret = input::req_str(&b, "secret")?.trim().to_string();
-    if secret.len() != 64 || !secret.bytes().all(|c| c.is_ascii_hexdigit()) {
-        return Err(ApiError::bad("secret", "secret: the volume's secret, 64 hex digits"));
+    let secret = input::secret("secret", input::req_str(&b, "secret")?)?;
+    if m.cfg.replica_ip.is_loopback() && !m.cfg.listen.ip().is_loopback() {
+        // Engines on other hosts could not reach it, and one on this host would use
+        // this copy alone.
+        return Err(ApiError::conflict(
+            "this manager's replicas for other hosts would listen on a loopback address: start it with --replica-address HOST_IP",
+        ));
     }
     let _ops = m.ops.lock().await;
     if let Some(e) = m.replicas().get(&key(&volume, &name)) {
@@ -247,30 +283,48 @@ pub async fn create(State(m): State<Shared>, h: HeaderMap, b: Result<Bytes, Byte
         }
         return Ok((StatusCode::OK, Json(json_of(&m, e))).into_response());
     }
-    let (data_dir, state_dir, exe, ip) = (m.cfg.data_dir.clone(), m.cfg.state_dir.clone(), m.exe.clone(), m.cfg.replica_ip);
+    let (data_dir, state_dir, ip) = (m.cfg.data_dir.clone(), m.cfg.state_dir.clone(), m.cfg.replica_ip);
+    let (k, v2, n2) = (key(&volume, &name), volume.clone(), name.clone());
     let st = blocking(move || -> Result<ReplicaState, ApiError> {
-        write_key(&data_dir, &volume, &secret).map_err(|e| ApiError::conflict(e).with_field("secret"))?;
-        let mut st = ReplicaState {
+        write_key(&data_dir, &v2, &secret).map_err(|e| ApiError::conflict(e).with_field("secret"))?;
+        let st = ReplicaState {
             address: free_address(ip).map_err(ApiError::internal)?,
-            volume,
-            name,
+            volume: v2,
+            name: n2,
             size,
             created: longhorn_replica::meta::now_rfc3339(),
             pid: None,
             start_time: None,
         };
-        // The record first: a manager killed before the process starts knows of it and
-        // starts it; one killed after adopts it.
+        // The record first: a manager killed before the process starts knows of it,
+        // lists it and can delete it.
         save(&state_dir, &st).map_err(ApiError::internal)?;
-        let (pid, start) = spawn(&exe, &data_dir, &st).map_err(|e| ApiError::conflict(format!("{e:#}")))?;
+        Ok(st)
+    })
+    .await??;
+    // Listed from here on, whatever happens to the start: a failed one is deleted or
+    // started again like any other.
+    m.replicas().insert(k.clone(), Entry { st: st.clone(), failures: 0, next_restart: Some(Instant::now() + Duration::from_secs(3600)) });
+    let (data_dir, state_dir, exe) = (m.cfg.data_dir.clone(), m.cfg.state_dir.clone(), m.exe.clone());
+    let st = blocking(move || -> Result<ReplicaState, ApiError> {
+        let mut st = st;
+        let (pid, start) = spawn(&exe, &data_dir, &st, true).map_err(|e| ApiError::conflict(format!("{e:#}")))?;
         st.pid = Some(pid);
         st.start_time = Some(start);
         save(&state_dir, &st).map_err(ApiError::internal)?;
         Ok(st)
     })
-    .await??;
-    tracing::info!(replica = %key(&st.volume, &st.name), address = st.address, "replica created");
-    let k = key(&st.volume, &st.name);
+    .await?;
+    let st = match st {
+        Ok(st) => st,
+        Err(e) => {
+            if let Some(e) = m.replicas().get_mut(&k) {
+                e.next_restart = None;
+            }
+            return Err(e);
+        }
+    };
+    tracing::info!(replica = %k, address = st.address, "replica created");
     let e = Entry { st, failures: 0, next_restart: None };
     let out = json_of(&m, &e);
     m.replicas().insert(k, e);
@@ -287,17 +341,25 @@ pub async fn delete(State(m): State<Shared>, UrlPath((volume, name)): UrlPath<(S
     let (data_dir, state_dir) = (m.cfg.data_dir.clone(), m.cfg.state_dir.clone());
     let st2 = st.clone();
     blocking(move || -> Result<()> {
+        let dir = data_path(&data_dir, &st2.volume, &st2.name);
         if let (Some(pid), Some(start), true) = (st2.pid, st2.start_time, alive(&st2)) {
             procs::stop(pid, start, Duration::from_secs(30))?;
         }
-        let dir = data_path(&data_dir, &st2.volume, &st2.name);
+        // One the record does not name (its manager died before recording it).
+        if let Some((pid, start)) = running_on(&dir) {
+            procs::stop(pid, start, Duration::from_secs(30))?;
+        }
+        // Renamed aside in one step, so a half-deleted directory is never served; what
+        // a killed delete left aside goes first.
+        let aside = vol_dir(&data_dir, &st2.volume).join(format!(".deleting-{}", st2.name));
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside).with_context(|| format!("deleting {}", aside.display()))?;
+        }
         if dir.exists() {
-            // Renamed aside in one step, so a half-deleted directory is never served.
-            let aside = vol_dir(&data_dir, &st2.volume).join(format!(".deleting-{}", st2.name));
             std::fs::rename(&dir, &aside).with_context(|| format!("moving {} aside", dir.display()))?;
             std::fs::remove_dir_all(&aside).with_context(|| format!("deleting {}", aside.display()))?;
         }
-        let _ = std::fs::remove_file(vol_dir(&data_dir, &st2.volume).join(format!("{}.log", st2.name)));
+        let _ = std::fs::remove_file(log_path(&data_dir, &st2.volume, &st2.name));
         let rec = record_path(&state_dir, &st2.volume, &st2.name);
         std::fs::remove_file(&rec).with_context(|| format!("removing {}", rec.display()))?;
         // The volume's last replica here takes its secret with it.
@@ -336,7 +398,7 @@ pub async fn supervise(m: &Shared) {
         let (exe, data_dir, state_dir) = (m.exe.clone(), m.cfg.data_dir.clone(), m.cfg.state_dir.clone());
         let st2 = st.clone();
         let r = blocking(move || -> Result<ReplicaState> {
-            let (pid, start) = spawn(&exe, &data_dir, &st2)?;
+            let (pid, start) = spawn(&exe, &data_dir, &st2, false)?;
             let mut st2 = st2;
             st2.pid = Some(pid);
             st2.start_time = Some(start);

@@ -67,16 +67,39 @@ impl Key {
     pub fn generate(path: &Path) -> Result<Key, String> {
         let mut k = [0u8; 32];
         fill_random(&mut k).map_err(|e| format!("random bytes for a secret: {e}"))?;
+        Key::write_new(path, &k)?;
+        Ok(Key(k))
+    }
+
+    /// A secret given as text (64 hex digits, as its file holds it), e.g. by the host
+    /// that made it for the volume's replicas on other hosts.
+    pub fn parse(text: &str) -> Option<Key> {
+        let b = unhex(text.trim()).filter(|b| b.len() == 32)?;
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&b);
+        Some(Key(k))
+    }
+
+    /// The secret as its file holds it.
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    /// Writes this secret to a new file (mode 0600), refusing to replace one.
+    pub fn store_new(&self, path: &Path) -> Result<(), String> {
+        Key::write_new(path, &self.0)
+    }
+
+    fn write_new(path: &Path, k: &[u8; 32]) -> Result<(), String> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(path)
             .map_err(|e| format!("secret file {}: {e}", path.display()))?;
-        f.write_all(format!("{}\n", hex(&k)).as_bytes())
+        f.write_all(format!("{}\n", hex(k)).as_bytes())
             .and_then(|_| f.sync_all())
-            .map_err(|e| format!("secret file {}: {e}", path.display()))?;
-        Ok(Key(k))
+            .map_err(|e| format!("secret file {}: {e}", path.display()))
     }
 
     /// The secret in `path`, made first if there is none.

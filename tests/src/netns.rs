@@ -20,7 +20,10 @@ pub fn ip(args: &str) {
 
 impl Net {
     pub fn new(hosts: &[&str]) -> Net {
-        let prefix = format!("lh{}", std::process::id() % 100000);
+        // Unique per network: tests of one binary run at the same time.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("lh{}n{n}", std::process::id() % 100000);
         let net = Net { prefix, hosts: hosts.iter().map(|h| h.to_string()).collect() };
         let sw = net.ns("sw");
         ip(&format!("netns add {sw}"));

@@ -242,3 +242,128 @@ fn csi_volumes_with_replicas_on_three_hosts() {
     }
     drop(cleanup);
 }
+
+/// A host lost for longer than the volume's staleReplicaTimeout: the controller builds
+/// its replica afresh on a fourth host (none of the volume's), the engine rebuilds it
+/// while a writer carries on, and the lost host's old replica is deleted once it is back.
+#[test]
+fn a_lost_hosts_replica_is_rebuilt_on_another_host_after_the_stale_timeout() {
+    for tool in ["mkfs.ext4", "e2fsck", "mount", "umount", "mountpoint", "nsenter", "ip", "pkill"] {
+        assert!(have(tool), "{tool} is not installed (tests/run installs it)");
+    }
+    let t = tempfile::Builder::new().prefix("lh-csi4-").tempdir_in(test_root()).expect("temp dir");
+    let base = std::fs::canonicalize(t.path()).expect("the test directory");
+    let mut cleanup = Cleanup { mounts: Vec::new(), dir: base.clone() };
+    let net = Net::new(&["a", "b", "c", "d"]);
+    let token = base.join("token");
+    sh(&format!("head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n' > '{0}' && chmod 600 '{0}'", token.display()));
+    let mans: Vec<Manager> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|h| {
+            let d = base.join(format!("host-{h}"));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            Manager::start_on_host(&d, &net, h, &token)
+        })
+        .collect();
+    let (ma, mc, md) = (&mans[0], &mans[2], &mans[3]);
+    let all: Vec<(String, &str)> = ["a", "b", "c", "d"].iter().zip(&mans).map(|(h, m)| (format!("host-{h}"), m.url.as_str())).collect();
+    let all: Vec<(&str, &str)> = all.iter().map(|(h, u)| (h.as_str(), *u)).collect();
+    let tok = token.to_str().expect("utf8");
+    let ctl = Driver::start_in(&base, Some((&net, "a")), "controller", "host-a", &all, &["--mode", "controller", "--token-file", tok]);
+    let node_a = Driver::start_in(&base, Some((&net, "a")), "node-a", "host-a", &all[..1], &["--mode", "node", "--token-file", tok]);
+    let rt = &ctl.rt;
+    let vol = "pvc-stale-1";
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+    ok(
+        "CreateVolume",
+        rt.block_on(ctl.controller().create_volume(csi::CreateVolumeRequest {
+            name: vol.into(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: 64 << 20, limit_bytes: 0 }),
+            volume_capabilities: vec![cap.clone()],
+            // One minute: Longhorn's unit, and its smallest.
+            parameters: HashMap::from([("numberOfReplicas".to_string(), "3".to_string()), ("staleReplicaTimeout".to_string(), "1".to_string())]),
+            ..Default::default()
+        })),
+    );
+    let holders = || -> Vec<usize> { mans.iter().enumerate().filter(|(_, m)| !replicas_of(m, vol).is_empty()).map(|(i, _)| i).collect() };
+    assert_eq!(holders(), [0, 1, 2], "the replicas are not on hosts a, b, c");
+    let old_c = replicas_of(mc, vol)[0]["address"].as_str().expect("address").to_string();
+    ok(
+        "ControllerPublish",
+        rt.block_on(ctl.controller().controller_publish_volume(csi::ControllerPublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: "host-a".into(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })),
+    );
+    ma.wait_volume(vol, 60, "healthy", |v| v["robustness"] == "healthy");
+    let (sa, pa) = (base.join("staging"), base.join("pod"));
+    cleanup.mounts.extend([sa.clone(), pa.clone()]);
+    ok(
+        "NodeStage",
+        node_a.rt.block_on(node_a.node().node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: vol.into(),
+            staging_target_path: sa.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })),
+    );
+    ok(
+        "NodePublish",
+        node_a.rt.block_on(node_a.node().node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: vol.into(),
+            staging_target_path: sa.display().to_string(),
+            target_path: pa.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })),
+    );
+    sh(&format!("head -c 6000000 /dev/urandom > '{}/data.bin' && sync", pa.display()));
+    let data_sum = sum(&pa.join("data.bin"));
+
+    // A writer appends a numbered, synced line twice a second for the whole story.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, log) = (stop.clone(), pa.join("log.txt"));
+    let writer = std::thread::spawn(move || {
+        let mut n = 0u32;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            let (ok, out) = sh_try(&format!("echo line-{n} >> '{}' && sync '{}'", log.display(), log.display()));
+            assert!(ok, "write {n} failed: {out}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        n
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    net.cut("c");
+    wait_for("the volume degraded with host C cut off", Duration::from_secs(40), || ma.volume(vol)["robustness"] == "degraded");
+    // Before the stale timeout the replica waits for its host; after it, host D.
+    let t0 = Instant::now();
+    while replicas_of(md, vol).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(150), "no replica on host D within 150 s; controller log:\n{}\nvolume: {}", ctl.log_text(), ma.volume(vol));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let new_d = replicas_of(md, vol)[0]["address"].as_str().expect("address").to_string();
+    wait_for("the volume healthy again, its replicas on a, b, d", Duration::from_secs(120), || {
+        let v = ma.volume(vol);
+        v["robustness"] == "healthy" && v["replicaAddresses"].as_array().is_some_and(|a| a.iter().any(|x| x == new_d.as_str()) && !a.iter().any(|x| x == old_c.as_str()))
+    });
+    assert!(!writer.is_finished(), "the writer stopped");
+    net.heal("c");
+    wait_for("host C's old replica deleted once it is back", Duration::from_secs(60), || replicas_of(mc, vol).is_empty());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = writer.join().expect("the writer");
+    let lines = std::fs::read_to_string(pa.join("log.txt")).expect("the log");
+    let want: Vec<String> = (1..=n).map(|i| format!("line-{i}")).collect();
+    assert_eq!(lines.lines().collect::<Vec<_>>(), want.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(sum(&pa.join("data.bin")), data_sum);
+    ok("NodeUnpublish", node_a.rt.block_on(node_a.node().node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: vol.into(), target_path: pa.display().to_string() })));
+    ok("NodeUnstage", node_a.rt.block_on(node_a.node().node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: vol.into(), staging_target_path: sa.display().to_string() })));
+    let (clean, out) = sh_try(&format!("e2fsck -fn /dev/longhorn/{vol}"));
+    assert!(clean, "e2fsck after the rebuild on host D: {out}");
+    ok("ControllerUnpublish", rt.block_on(ctl.controller().controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest { volume_id: vol.into(), node_id: "host-a".into(), ..Default::default() })));
+    ok("DeleteVolume", rt.block_on(ctl.controller().delete_volume(csi::DeleteVolumeRequest { volume_id: vol.into(), ..Default::default() })));
+    assert!(holders().is_empty(), "replicas left after the delete: {:?}", holders());
+    drop(cleanup);
+}

@@ -50,6 +50,9 @@ FIELDS = {
     "updateReplicaCount": ["replicaCount"],
     "recurringJobAdd": ["jobs"],
     "detach": [],
+    "handOff": ["undo"],
+    "replicaSecret": [],
+    "replicaReplace": ["address", "newAddress"],
     "snapshotList": [],
     "snapshotPurge": [],
     "recurringJobList": [],
@@ -102,6 +105,10 @@ def map_case(context, case):
         # An engine connects to these if the volume is ever attached: loopback only
         # (a port nothing listens on), never an address the generator made up.
         body["replicaAddresses"] = ["127.0.0.1:%d" % (9 + i) for i, _ in enumerate(body["replicaAddresses"][:32])]
+    if body is not None and action == "replicaReplace":
+        for k in ("address", "newAddress"):
+            if isinstance(body.get(k), str):
+                body[k] = "127.0.0.1:19"
     if body is not None:
         # Few replica processes on a 2-core machine (what the server refuses anyway,
         # above 32, stays).

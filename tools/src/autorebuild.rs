@@ -42,6 +42,9 @@ pub struct Replica {
     /// Run by another host's manager on a fixed address: never started or stopped
     /// here; a failed one is taken out and added back, which rebuilds it.
     remote: bool,
+    /// Taken out of the engine here to be added back: missing from its list is then
+    /// no sign that someone removed it.
+    readding: bool,
 }
 
 impl Replica {
@@ -57,6 +60,7 @@ impl Replica {
             backoff: FIRST_BACKOFF,
             retired: false,
             remote: false,
+            readding: false,
         }
     }
 
@@ -72,6 +76,7 @@ impl Replica {
             backoff: FIRST_BACKOFF,
             retired: false,
             remote: true,
+            readding: false,
         }
     }
 
@@ -106,6 +111,9 @@ pub struct Ctx<'a> {
     pub stale_after: Option<Duration>,
     /// The volume's secret file, given to every replica and the engine.
     pub secret: &'a Path,
+    /// Addresses of remote replicas the volume's manager replaced (one a line): no
+    /// longer added back here.
+    pub retired: &'a Path,
 }
 
 #[derive(Default)]
@@ -124,7 +132,7 @@ impl Supervisor {
     }
 
     /// One round: looks at every replica and acts on the failed ones whose turn it is.
-    pub fn tick(&mut self, cx: &Ctx, replicas: &mut [Replica]) {
+    pub fn tick(&mut self, cx: &Ctx, replicas: &mut Vec<Replica>) {
         if self.last_poll.is_some_and(|t| t.elapsed() < POLL) {
             return;
         }
@@ -146,6 +154,23 @@ impl Supervisor {
             eprintln!("longhorn up: volume {} has no healthy replica; nothing can be rebuilt from (faulted)", cx.volume);
         }
         self.said_faulted = healthy == 0;
+        if let Ok(text) = std::fs::read_to_string(cx.retired) {
+            for r in replicas.iter_mut().filter(|r| r.remote && !r.retired) {
+                if text.lines().any(|l| l.trim() == r.addr) {
+                    eprintln!("longhorn up: {} was replaced by the volume's manager; no longer added back", r.name);
+                    r.retired = true;
+                }
+            }
+        }
+        // A replica someone else added to the engine (the controller moving a lost
+        // host's replica to another host, or `replica add`) is kept like a remote one.
+        for e in &list {
+            let Some(addr) = e["address"].as_str() else { continue };
+            if !replicas.iter().any(|r| r.addr == addr) && !self.to_remove.iter().any(|a| a == addr) {
+                eprintln!("longhorn up: {addr} joined the volume; watching it");
+                replicas.push(Replica::remote(addr.to_string()));
+            }
+        }
         for k in 0..replicas.len() {
             let r = &mut replicas[k];
             if r.retired {
@@ -153,9 +178,11 @@ impl Supervisor {
             }
             // An empty address: this manager took the replica out and has not put it back yet.
             let entry = list.iter().find(|e| !r.addr.is_empty() && e["address"] == r.addr.as_str());
-            // A remote replica out of the list was taken out here to be added back.
-            if entry.is_none() && !r.remote && !r.addr.is_empty() && !self.to_remove.contains(&r.addr) {
+            // A remote replica out of the list that was taken out here is added back;
+            // one someone else removed is theirs to place.
+            if entry.is_none() && !r.readding && !r.addr.is_empty() && !self.to_remove.contains(&r.addr) {
                 eprintln!("longhorn up: {} ({}) was removed from the volume; stopping it, no longer rebuilt", r.name, r.addr);
+                // A remote one is its host's to stop.
                 r.stop(Duration::from_secs(10));
                 r.retired = true;
                 continue;
@@ -194,8 +221,12 @@ impl Supervisor {
             if r.remote {
                 // Its host's manager restarts the process on the same address; the
                 // controller that placed it moves it to another host when it is stale.
+                r.readding = true;
                 match readd(cx, r) {
-                    Ok(()) => eprintln!("longhorn up: {} added back; rebuilding", r.name),
+                    Ok(()) => {
+                        r.readding = false;
+                        eprintln!("longhorn up: {} added back; rebuilding", r.name)
+                    }
                     Err(e) => eprintln!("longhorn up: {}: not back yet: {e:#}; next try in {:?}", r.name, r.backoff),
                 }
                 r.next_try = Instant::now() + r.backoff;

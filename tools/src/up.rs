@@ -180,6 +180,10 @@ pub fn run(mut a: UpArgs) -> Result<()> {
             bail!("--remote-replica {r:?}: not an address (IP:PORT)");
         }
     }
+    if remote > 0 && (a.from_backup.is_some() || spec.from_backup.as_deref().is_some_and(|b| !b.is_empty())) {
+        // A restore is written to this host's replicas; the remote ones would stay blank.
+        bail!("--from-backup cannot be used with --remote-replica");
+    }
     spec.number_of_replicas = Some(replicas + remote);
     let rwx = match a.access_mode.as_deref().or(spec.access_mode.as_deref()) {
         None | Some("ReadWriteOnce" | "rwo") => false,
@@ -219,7 +223,12 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     // engine prove it to each other (see longhorn_replica::auth).
     let secret = vol_dir.join("volume.key");
     longhorn_replica::auth::Key::load_or_generate(&secret).map_err(|e| anyhow::anyhow!(e))?;
+    // What a manager retired during an earlier run is out of the replica list it
+    // passes now (an address may be used again by a new replica).
+    let retired = vol_dir.join("retired-replicas");
+    let _ = std::fs::remove_file(&retired);
     let cx = crate::autorebuild::Ctx {
+        retired: &retired,
         secret: &secret,
         exe: &exe,
         run_dir: &a.run_dir,
