@@ -44,7 +44,13 @@ pub fn check_cap(c: &csi::VolumeCapability) -> Result<Cap, Status> {
     };
     match mode {
         Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter => {}
-        Mode::MultiNodeMultiWriter if !block => {}
+        // Longhorn serves it through a share manager's NFS export that every node mounts;
+        // the share exists (`longhorn share`), mounting it from the node plugins does not.
+        Mode::MultiNodeMultiWriter if !block => {
+            return Err(Status::invalid_argument(
+                "volume_capability: MULTI_NODE_MULTI_WRITER (ReadWriteMany over NFS) is not offered yet by this driver",
+            ))
+        }
         Mode::MultiNodeMultiWriter => {
             return Err(Status::invalid_argument(
                 "volume_capability: MULTI_NODE_MULTI_WRITER is served as a shared filesystem (NFSv4), not as a raw block device",

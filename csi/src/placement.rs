@@ -123,6 +123,7 @@ impl Driver {
             "name": name, "size": h["size"], "numberOfReplicas": h["numberOfReplicas"],
             "staleReplicaTimeout": h["staleReplicaTimeout"], "accessMode": h["accessMode"],
             "recurringJobs": h["recurringJobs"], "replicaAddresses": h["replicaAddresses"], "secret": h["secret"],
+            "healthyReplicas": h["healthyReplicas"],
         });
         if body["recurringJobs"].is_null() {
             body["recurringJobs"] = json!([]);

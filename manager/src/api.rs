@@ -123,7 +123,7 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
         &b,
         &[
             "name", "size", "numberOfReplicas", "staleReplicaTimeout", "fromBackup", "recurringJobs", "accessMode", "frontend", "disableFrontend",
-            "replicaAddresses", "secret",
+            "replicaAddresses", "secret", "healthyReplicas",
         ],
     )?;
     let name = input::req_str(&b, "name")?.to_string();
@@ -165,6 +165,17 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
     if !remote.is_empty() && !from_backup.is_empty() {
         return Err(ApiError::bad("fromBackup", "fromBackup: a restore is written to this host's replicas; it cannot be given with replicaAddresses"));
     }
+    // Handed over from another host's manager: which of them hold the newest data.
+    let healthy = match b.get("healthyReplicas").filter(|v| !v.is_null()) {
+        None => Vec::new(),
+        Some(v) => {
+            let list: Option<Vec<String>> = v.as_array().and_then(|a| a.iter().map(|x| x.as_str().map(String::from)).collect());
+            match list {
+                Some(l) if l.iter().all(|a| remote.contains(a)) => l,
+                _ => return Err(ApiError::bad("healthyReplicas", "healthyReplicas: a list of addresses from replicaAddresses")),
+            }
+        }
+    };
     let n = spec.number_of_replicas.unwrap_or(if remote.is_empty() { 3 } else { remote.len() });
     if n < remote.len() {
         return Err(ApiError::bad("numberOfReplicas", format!("numberOfReplicas: {n} is fewer than the {} replicaAddresses", remote.len())));
@@ -186,6 +197,7 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
         pid: None,
         start_time: None,
         remote_replicas: remote,
+        healthy_replicas: healthy,
     };
     let base = base(&m, &h);
     if from_backup.is_empty() {
@@ -341,7 +353,7 @@ async fn hand_off(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<V
     Ok(json!({
         "type": "volumeHandOff", "name": name, "size": st.size.to_string(), "numberOfReplicas": st.number_of_replicas,
         "staleReplicaTimeout": st.stale_replica_timeout, "accessMode": st.access_mode, "recurringJobs": st.recurring_jobs,
-        "replicaAddresses": st.remote_replicas, "secret": secret.trim(),
+        "replicaAddresses": st.remote_replicas, "healthyReplicas": st.healthy_replicas, "secret": secret.trim(),
     }))
 }
 

@@ -197,6 +197,14 @@ impl Mgr {
         let env = self.backup_env();
         let st2 = st.clone();
         let (pid, start) = blocking(move || {
+            // The engine starts on the replicas with the newest revision among those
+            // that answer: one of those known to be current must be among them.
+            if !st2.healthy_replicas.is_empty() && !st2.healthy_replicas.iter().any(|a| answers(a)) {
+                anyhow::bail!(
+                    "none of the replicas that last held its newest data answers ({}); not starting on the others, which may be behind",
+                    st2.healthy_replicas.join(", ")
+                );
+            }
             // What a killed `up` left running would stop the new one from starting.
             procs::stop_leftovers(&st2.name, &data_dir, &run_dir)?;
             procs::spawn_up(&procs::UpArgs {
@@ -414,9 +422,36 @@ impl Mgr {
             }
             e.prev_stats = Some((now, s));
         }
+        // Which of the replicas on other hosts hold the newest data, kept on disk for
+        // the next attach (see VolumeState::healthy_replicas).
+        if !e.st.remote_replicas.is_empty() {
+            let mut rw: Vec<String> = replicas
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["mode"] == "RW")
+                .filter_map(|r| r["address"].as_str())
+                .filter(|a| e.st.remote_replicas.iter().any(|x| x == a))
+                .map(String::from)
+                .collect();
+            rw.sort();
+            if !rw.is_empty() && rw != e.st.healthy_replicas {
+                let mut st = e.st.clone();
+                st.healthy_replicas = rw;
+                match self.store.save(&st) {
+                    Ok(()) => e.st = st,
+                    Err(err) => tracing::error!(volume = name, "recording its healthy replicas: {err:#}"),
+                }
+            }
+        }
         e.sample = Some(Sample { info, replicas, backups, snapshots });
         e.sample_error.clear();
     }
+}
+
+/// Whether something accepts connections at `addr` within a moment.
+fn answers(addr: &str) -> bool {
+    addr.parse::<std::net::SocketAddr>().is_ok_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
 }
 
 /// An engine's refusal is the client's problem (409/400/404), its silence is 502.

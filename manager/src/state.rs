@@ -46,6 +46,11 @@ pub struct VolumeState {
     /// count in `number_of_replicas`, the rest are this host's `replica-N`.
     #[serde(default)]
     pub remote_replicas: Vec<String>,
+    /// Of those, the ones the engine last had healthy (RW): they hold the newest data.
+    /// An attach needs one of them to answer, else the engine could start on replicas
+    /// that fell behind and rebuild the others from them, losing acknowledged writes.
+    #[serde(default)]
+    pub healthy_replicas: Vec<String>,
 }
 
 impl VolumeState {

@@ -255,7 +255,7 @@ pub fn volume(m: &Mgr, e: &Entry, base: &str) -> Value {
         "type": "volume", "id": st.name, "name": st.name,
         "size": st.size.to_string(), "actualSize": actual,
         "numberOfReplicas": st.number_of_replicas, "staleReplicaTimeout": st.stale_replica_timeout,
-        "replicaAddresses": st.remote_replicas,
+        "replicaAddresses": st.remote_replicas, "healthyReplicas": st.healthy_replicas,
         "accessMode": st.access_mode, "fromBackup": st.from_backup,
         "frontend": st.frontend, "disableFrontend": st.disable_frontend,
         "state": state, "robustness": if st.attached && state == "attached" { robustness(e) } else { "unknown" },

@@ -123,6 +123,7 @@ fn csi_sanity_on_one_host() {
     );
     bad("many readers", create_req("csi-x", 1 << 26, mount_cap(Mode::MultiNodeReaderOnly, ""), &[]), Code::InvalidArgument, "MULTI_NODE_READER_ONLY");
     bad("shared raw block", create_req("csi-x", 1 << 26, block_cap(Mode::MultiNodeMultiWriter), &[]), Code::InvalidArgument, "block");
+    bad("shared over NFS", create_req("csi-x", 1 << 26, mount_cap(Mode::MultiNodeMultiWriter, ""), &[]), Code::InvalidArgument, "MULTI_NODE_MULTI_WRITER");
     bad("btrfs", create_req("csi-x", 1 << 26, mount_cap(Mode::SingleNodeWriter, "btrfs"), &[]), Code::InvalidArgument, "btrfs");
     bad("0 replicas", create_req("csi-x", 1 << 26, snw(), &[("numberOfReplicas", "0")]), Code::InvalidArgument, "numberOfReplicas");
     bad("unknown parameter", create_req("csi-x", 1 << 26, snw(), &[("replicaCount", "2")]), Code::InvalidArgument, "replicaCount");

@@ -105,6 +105,8 @@ def map_case(context, case):
         # An engine connects to these if the volume is ever attached: loopback only
         # (a port nothing listens on), never an address the generator made up.
         body["replicaAddresses"] = ["127.0.0.1:%d" % (9 + i) for i, _ in enumerate(body["replicaAddresses"][:32])]
+        if isinstance(body.get("healthyReplicas"), list):
+            body["healthyReplicas"] = body["replicaAddresses"][:1]
     if body is not None and action == "replicaReplace":
         for k in ("address", "newAddress"):
             if isinstance(body.get(k), str):
