@@ -431,6 +431,11 @@ impl Driver {
                 m.host
             )));
         }
+        if spread(&v) {
+            // Each host grows its replicas first; the record's size last, so a retry
+            // after a failure half-way finishes (each step is idempotent).
+            self.expand_replicas(&r.volume_id, size)?;
+        }
         m.action(&r.volume_id, "expand", json!({"size": size.to_string()})).map_err(|e| e.status())?;
         tracing::info!(volume = r.volume_id, host = m.host, from = cur, to = size, "expanded volume");
         Ok(csi::ControllerExpandVolumeResponse { capacity_bytes: size as i64, node_expansion_required: !block })

@@ -58,6 +58,21 @@ impl Driver {
         }
     }
 
+    /// Grows every replica of `volume` the hosts keep to `size` (the volume detached);
+    /// a host that does not answer makes it UNAVAILABLE, for a retry.
+    pub(crate) fn expand_replicas(&self, volume: &str, size: u64) -> Result<(), Status> {
+        for m in &self.managers {
+            let list = m.call("GET", "/v1/replicas", None).map_err(|e| e.status())?;
+            for r in list["data"].as_array().into_iter().flatten().filter(|r| r["volume"] == volume) {
+                let name = r["name"].as_str().unwrap_or("");
+                m.call("POST", &format!("/v1/replicas/{volume}/{name}?action=expand"), Some(json!({"size": size.to_string()})))
+                    .map_err(|e| e.status())?;
+                tracing::info!(volume, host = m.host, replica = name, size, "expanded replica");
+            }
+        }
+        Ok(())
+    }
+
     /// Makes `n` replicas of a new volume on distinct hosts of `hosts` (best first)
     /// and records the volume with the first host's manager; `body` is the volume's
     /// create body. Fewer hosts than replicas is refused unless soft anti-affinity lets

@@ -553,8 +553,9 @@ pub async fn volume_action(
             let p = m.engine(&name, req).await?;
             json!({"type": "backupStatus", "backup": p["backup"], "snapshot": p["snapshot"], "url": p["url"], "state": p["state"]})
         }
-        // Replicas on other hosts are placed, and grown, by whoever placed them.
-        "updateReplicaCount" | "replicaRemove" | "expand" if !m.state(&name)?.remote_replicas.is_empty() => {
+        // Replicas on other hosts are placed by whoever placed them (and grown by their
+        // hosts first: `expand` of such a volume records its new size only).
+        "updateReplicaCount" | "replicaRemove" if !m.state(&name)?.remote_replicas.is_empty() => {
             return Err(ApiError::conflict(format!("volume {name:?} has replicas on other hosts: {action} is not done by one host's manager")));
         }
         "updateReplicaCount" => update_replica_count(&m, &name, &b).await?,

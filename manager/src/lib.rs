@@ -178,7 +178,7 @@ pub fn router(m: mgr::Shared, shutdown: tokio::sync::watch::Receiver<bool>) -> R
         )
         .route("/v1/node", get(api::get_node))
         .route("/v1/replicas", get(replicas::list).post(replicas::create))
-        .route("/v1/replicas/{volume}/{name}", get(replicas::get).delete(replicas::delete))
+        .route("/v1/replicas/{volume}/{name}", get(replicas::get).post(replicas::action).delete(replicas::delete))
         .route("/v1/settings", get(api::list_settings))
         .route("/v1/settings/{name}", get(api::get_setting).put(api::put_setting))
         .route("/v1/secrets", get(api::list_secrets))

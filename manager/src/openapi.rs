@@ -57,7 +57,7 @@ mod tests {
         let routes: [(&str, &[&str]); 15] = [
             ("/v1/node", &["get"]),
             ("/v1/replicas", &["get", "post"]),
-            ("/v1/replicas/{volume}/{name}", &["get", "delete"]),
+            ("/v1/replicas/{volume}/{name}", &["get", "post", "delete"]),
             ("/v1/volumes", &["get", "post"]),
             ("/v1/volumes/{name}", &["get", "post", "delete"]),
             ("/v1/backupvolumes", &["get"]),

@@ -30,11 +30,16 @@ pub fn start_time(pid: i32) -> Option<u64> {
 /// is `... up VOLUME ...` (after a reboot another process may have both the pid and the
 /// start tick; it must never be adopted, nor signalled).
 pub fn alive(pid: i32, start: u64) -> bool {
+    alive_as(pid, start, "up")
+}
+
+/// As [`alive`], for a `longhorn WORD ...` process (`up`, `replica`).
+pub fn alive_as(pid: i32, start: u64, word: &str) -> bool {
     if start_time(pid) != Some(start) {
         return false;
     }
     let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    raw.split(|b| *b == 0).nth(1) == Some(b"up".as_slice())
+    raw.split(|b| *b == 0).nth(1) == Some(word.as_bytes())
 }
 
 pub struct UpArgs<'a> {
@@ -128,27 +133,32 @@ pub fn spawn_up(a: &UpArgs) -> Result<(i32, u64)> {
 /// SIGTERM, and wait until it is gone (up to `wait`; `up` stops its engine and then
 /// its replicas, each cleanly). Then SIGKILL as a last resort.
 pub fn stop(pid: i32, start: u64, wait: Duration) -> Result<()> {
-    if !alive(pid, start) {
+    stop_as(pid, start, wait, "up")
+}
+
+/// As [`stop`], for a `longhorn WORD ...` process.
+pub fn stop_as(pid: i32, start: u64, wait: Duration, word: &str) -> Result<()> {
+    if !alive_as(pid, start, word) {
         return Ok(());
     }
     // SAFETY: kill(2) on a pid we checked is our process (start time matches).
     if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::ESRCH) {
-            return Err(anyhow!(e).context(format!("signalling longhorn up (pid {pid})")));
+            return Err(anyhow!(e).context(format!("signalling longhorn {word} (pid {pid})")));
         }
     }
     let t = Instant::now();
     while t.elapsed() < wait {
-        if !alive(pid, start) {
+        if !alive_as(pid, start, word) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    tracing::warn!(pid, "longhorn up did not stop in {wait:?}; killing it");
+    tracing::warn!(pid, "longhorn {word} did not stop in {wait:?}; killing it");
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    bail!("longhorn up (pid {pid}) did not stop in {wait:?} and was killed")
+    bail!("longhorn {word} (pid {pid}) did not stop in {wait:?} and was killed")
 }
 
 /// The last non-empty line of a log: what a failed `up` said last.

@@ -217,7 +217,7 @@ fn spawn(exe: &Path, data_dir: &Path, st: &ReplicaState, first: bool) -> Result<
             return Err(anyhow!("replica {}/{} exited: {}", st.volume, st.name, procs::last_log_line(&log_path)));
         }
         if t.elapsed() > Duration::from_secs(20) {
-            let _ = procs::stop(pid, start, Duration::from_secs(5));
+            let _ = procs::stop_as(pid, start, Duration::from_secs(5), "replica");
             return Err(anyhow!("replica {}/{} does not listen on {} after 20 s", st.volume, st.name, st.address));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -331,6 +331,73 @@ pub async fn create(State(m): State<Shared>, h: HeaderMap, b: Result<Bytes, Byte
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
+/// `POST /v1/replicas/{volume}/{name}?action=expand` `{"size": ...}`: grows the replica
+/// (its process stopped for it, then started again on the same address), as each host
+/// does for its replicas of a volume the controller expands offline. Idempotent.
+pub async fn action(
+    State(m): State<Shared>,
+    h: HeaderMap,
+    UrlPath((volume, name)): UrlPath<(String, String)>,
+    axum::extract::Query(q): crate::api::Q,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    input::name("volume", &volume)?;
+    input::name("name", &name)?;
+    match q.get("action").map(String::as_str) {
+        Some("expand") => {}
+        Some(other) => return Err(ApiError::bad("action", format!("action: unknown replica action {other:?}"))),
+        None => return Err(ApiError::bad("action", "action: required (?action=expand)")),
+    }
+    let b = crate::api::body(&h, b)?;
+    input::only(&b, &["size"])?;
+    let size = input::size("size", b.get("size").ok_or_else(|| ApiError::bad("size", "size: required"))?)?;
+    let _ops = m.ops.lock().await;
+    let k = key(&volume, &name);
+    let st = m.replicas().get(&k).map(|e| e.st.clone()).ok_or_else(|| ApiError::not_found(format!("replica {k}")))?;
+    if size < st.size {
+        return Err(ApiError::bad("size", format!("size: {size} bytes is smaller than the replica's {} bytes; a volume cannot shrink", st.size)));
+    }
+    if size > st.size {
+        let (exe, data_dir, state_dir) = (m.exe.clone(), m.cfg.data_dir.clone(), m.cfg.state_dir.clone());
+        let grown = blocking(move || -> ApiResult<ReplicaState> {
+            let dir = data_path(&data_dir, &st.volume, &st.name);
+            if let (Some(pid), Some(start), true) = (st.pid, st.start_time, alive(&st)) {
+                procs::stop_as(pid, start, Duration::from_secs(30), "replica").map_err(|e| ApiError::conflict(format!("stopping replica {k}: {e:#}")))?;
+            }
+            use longhorn_replica::StoreError;
+            match longhorn_replica::expand::expand(&dir, size) {
+                Ok(_) => {}
+                Err(e @ StoreError::TooLarge { .. }) => return Err(ApiError::bad("size", format!("size: {e}"))),
+                Err(e @ (StoreError::Shrink { .. } | StoreError::Busy { .. })) => return Err(ApiError::conflict(format!("replica {k}: {e}"))),
+                Err(e) => return Err(ApiError::internal(anyhow!("replica {k}: {e}"))),
+            }
+            let mut st = st;
+            st.size = size;
+            st.pid = None;
+            st.start_time = None;
+            save(&state_dir, &st).map_err(ApiError::internal)?;
+            // Started again at once; if that fails the supervisor keeps trying.
+            match spawn(&exe, &data_dir, &st, false) {
+                Ok((pid, start)) => {
+                    st.pid = Some(pid);
+                    st.start_time = Some(start);
+                    save(&state_dir, &st).map_err(ApiError::internal)?;
+                }
+                Err(e) => tracing::error!(replica = %k, "starting the replica after its expansion: {e:#}"),
+            }
+            Ok(st)
+        })
+        .await??;
+        tracing::info!(replica = %key(&volume, &name), size, "replica expanded");
+        if let Some(e) = m.replicas().get_mut(&key(&volume, &name)) {
+            e.st = grown;
+        }
+    }
+    let g = m.replicas();
+    let e = g.get(&key(&volume, &name)).ok_or_else(|| ApiError::not_found(format!("replica {volume}/{name}")))?;
+    Ok(Json(json_of(&m, e)))
+}
+
 /// `DELETE /v1/replicas/{volume}/{name}`: stops the replica and deletes its data. The
 /// engine that used it must have let it go (it is the controller's call).
 pub async fn delete(State(m): State<Shared>, UrlPath((volume, name)): UrlPath<(String, String)>) -> ApiResult<Json<Value>> {
@@ -343,11 +410,11 @@ pub async fn delete(State(m): State<Shared>, UrlPath((volume, name)): UrlPath<(S
     blocking(move || -> Result<()> {
         let dir = data_path(&data_dir, &st2.volume, &st2.name);
         if let (Some(pid), Some(start), true) = (st2.pid, st2.start_time, alive(&st2)) {
-            procs::stop(pid, start, Duration::from_secs(30))?;
+            procs::stop_as(pid, start, Duration::from_secs(30), "replica")?;
         }
         // One the record does not name (its manager died before recording it).
         if let Some((pid, start)) = running_on(&dir) {
-            procs::stop(pid, start, Duration::from_secs(30))?;
+            procs::stop_as(pid, start, Duration::from_secs(30), "replica")?;
         }
         // Renamed aside in one step, so a half-deleted directory is never served; what
         // a killed delete left aside goes first.

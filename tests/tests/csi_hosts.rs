@@ -231,6 +231,29 @@ fn csi_volumes_with_replicas_on_three_hosts() {
         rt.block_on(ctl.controller().controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest { volume_id: restored.into(), ..unpublish("host-a") })),
     );
 
+    // --- expanded while unpublished: every host grows its replica, the filesystem
+    // grows when staged on B, the files kept ---
+    let grow = csi::ControllerExpandVolumeRequest {
+        volume_id: vol.into(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 192 << 20, limit_bytes: 0 }),
+        volume_capability: Some(snw()),
+        ..Default::default()
+    };
+    let ex = ok("ControllerExpand", rt.block_on(ctl.controller().controller_expand_volume(grow.clone())));
+    assert!(ex.capacity_bytes == 192 << 20 && ex.node_expansion_required, "{ex:?}");
+    ok("ControllerExpand again", rt.block_on(ctl.controller().controller_expand_volume(grow)));
+    for m in &mans {
+        let rs = replicas_of(m, vol);
+        assert!(rs.iter().all(|r| r["size"] == (192u64 << 20).to_string().as_str() && r["running"] == true), "{rs:?}");
+    }
+    ok("ControllerPublish B again", rt.block_on(ctl.controller().controller_publish_volume(publish("host-b"))));
+    ok("NodeStage B again", node_b.rt.block_on(node_b.node().node_stage_volume(stage_at(&sb))));
+    let size = sh(&format!("df -B1 --output=size '{}' | tail -1", sb.display())).trim().parse::<u64>().expect("df");
+    assert!(size > 140 << 20, "the filesystem did not grow with the volume (128 MiB before): {size} bytes");
+    assert_eq!(sum(&sb.join("data.bin")), data_sum);
+    ok("NodeUnstage B again", node_b.rt.block_on(node_b.node().node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: vol.into(), staging_target_path: sb.display().to_string() })));
+    ok("ControllerUnpublish B again", rt.block_on(ctl.controller().controller_unpublish_volume(unpublish("host-b"))));
+
     // --- deletes take every host's replicas with them ---
     ok("DeleteSnapshot", rt.block_on(ctl.controller().delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: bak.snapshot_id.clone(), ..Default::default() })));
     for id in [vol, vol, restored] {

@@ -18,7 +18,8 @@ fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
 
 /// The pid of the `replica serve` process on `dir`.
 fn replica_pid(dir: &str) -> i32 {
-    let out = sh(&format!("pgrep -f -- 'replica serve .*--dir {dir}( |$)' | head -1"));
+    // [r]: the pattern does not match the shell that runs pgrep.
+    let out = sh(&format!("pgrep -f -- '[r]eplica serve .*--dir {dir}( |$)' | head -1"));
     out.trim().parse().unwrap_or_else(|_| panic!("no replica process on {dir}"))
 }
 
@@ -124,4 +125,6 @@ fn an_attach_waits_for_a_replica_with_the_newest_data() {
         assert_eq!(st, 200, "{v}");
     }
     assert!(!keeper.data.join(".replicas/v").exists(), "the volume's replicas left files behind");
+    let (left, ps) = sh_try(&format!("pgrep -af -- '[r]eplica serve .*{}'", keeper.data.join(".replicas/v/data").display()));
+    assert!(!left, "a deleted replica's process still runs: {ps}");
 }
