@@ -155,7 +155,7 @@ const BREAKAGES: &[Breakage] = &[
         file: "example-pvc.yaml",
         needle: "    persistentVolumeClaimName: longhorn-example\n",
         replacement: "    persistentVolumeClaimName: longhorn-example\n    volumeSnapshotContentName: pre-made\n",
-        r#where: "example-pvc.yaml#4 VolumeSnapshot/longhorn-example-snap",
+        r#where: "example-pvc.yaml#3 VolumeSnapshot/longhorn-example-snap",
         what: "spec.source: needs exactly one of persistentVolumeClaimName, volumeSnapshotContentName",
     },
     Breakage {
