@@ -558,6 +558,20 @@ fn crash_ext4() {
     let mut c = Cluster::without_engine(vol, 128 * MB, 3);
     c.engine_extra = vec!["--frontend".into(), "fuse".into()];
     c.start_engine();
+    // Dropped after the rig (declared before it): what the last engine, killed at the
+    // end, leaves behind (its FUSE mount and the loop device on it) goes too.
+    struct Leftovers(std::path::PathBuf, &'static str);
+    impl Drop for Leftovers {
+        fn drop(&mut self) {
+            // Loops first: they are found by their backing file's path, which the
+            // unmount takes away.
+            for l in loops_of(self.1) {
+                let _ = sh_try(&format!("losetup -d '{l}'"));
+            }
+            umount_lazy(&self.0);
+        }
+    }
+    let _leftovers = Leftovers(c.run_dir().join(format!("{vol}.fuse")), vol);
     let mut rig = Rig::on(c, "ext4");
     let dev = std::path::PathBuf::from("/dev/longhorn").join(vol);
     assert!(dev.exists(), "{} after the engine started:\n{}", dev.display(), rig.c.engine_log());

@@ -41,8 +41,12 @@ impl Drop for Cleanup {
             }
         }
         // Engines and replicas run in sessions of their own (they outlive a manager by
-        // design): whatever still runs on this test's directories goes.
-        let _ = sh_try(&format!("pkill -9 -f -- '{}/host-'", self.dir.display()));
+        // design): whatever still runs on this test's directories goes, and so do the
+        // FUSE mounts and loop devices of engines killed that way.
+        let d = self.dir.display();
+        let _ = sh_try(&format!("pkill -9 -f -- '{d}/host-'"));
+        let _ = sh_try(&format!("losetup -l -n -O NAME,BACK-FILE | grep -F '{d}/' | cut -d' ' -f1 | xargs -r -n1 losetup -d"));
+        let _ = sh_try(&format!("grep -o ' {d}/[^ ]*\\.fuse ' /proc/self/mounts | xargs -r -n1 umount -l"));
     }
 }
 
