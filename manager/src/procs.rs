@@ -98,6 +98,13 @@ pub fn spawn_up(a: &UpArgs) -> Result<(i32, u64)> {
         c.env(k, v);
     }
     c.stdin(Stdio::null()).stdout(log).stderr(log2);
+    spawn_session(c, &format!("longhorn up {}", a.volume), a.log)
+}
+
+/// Starts `c` in a session of its own (so it outlives the manager), with a thread that
+/// reaps it when it exits (a dead process is then seen as dead, not a zombie); returns
+/// (pid, start time). `what` names it in logs and errors, `log` is where it writes.
+pub fn spawn_session(mut c: Command, what: &str, log: &Path) -> Result<(i32, u64)> {
     // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         c.pre_exec(|| {
@@ -107,14 +114,14 @@ pub fn spawn_up(a: &UpArgs) -> Result<(i32, u64)> {
             Ok(())
         });
     }
-    let mut child = c.spawn().with_context(|| format!("starting {} up {}", a.exe.display(), a.volume))?;
+    let mut child = c.spawn().with_context(|| format!("starting {what}"))?;
     let pid = child.id() as i32;
-    let name = a.volume.to_string();
+    let name = what.to_string();
     std::thread::Builder::new()
         .name(format!("reap-{pid}"))
         .spawn(move || match child.wait() {
-            Ok(st) => tracing::info!(volume = %name, pid, "longhorn up exited: {st}"),
-            Err(e) => tracing::warn!(volume = %name, pid, "waiting for longhorn up: {e}"),
+            Ok(st) => tracing::info!(pid, "{name} exited: {st}"),
+            Err(e) => tracing::warn!(pid, "waiting for {name}: {e}"),
         })
         .context("starting the reaper thread")?;
     // The start time is read right away: the process exists until reaped.
@@ -124,7 +131,7 @@ pub fn spawn_up(a: &UpArgs) -> Result<(i32, u64)> {
             return Ok((pid, st));
         }
         if t.elapsed() > Duration::from_secs(2) {
-            bail!("longhorn up {} exited at once (see {})", a.volume, a.log.display());
+            bail!("{what} exited at once (see {})", log.display());
         }
         std::thread::sleep(Duration::from_millis(5));
     }

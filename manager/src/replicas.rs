@@ -29,7 +29,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -182,26 +181,7 @@ fn spawn(exe: &Path, data_dir: &Path, st: &ReplicaState, first: bool) -> Result<
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
-    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        c.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = c.spawn().with_context(|| format!("starting the replica {}/{}", st.volume, st.name))?;
-    let pid = child.id() as i32;
-    let start = procs::start_time(pid).ok_or_else(|| anyhow!("replica {}/{} exited at once; see {}", st.volume, st.name, log_path.display()))?;
-    let label = key(&st.volume, &st.name);
-    std::thread::Builder::new()
-        .name(format!("reap-{pid}"))
-        .spawn(move || match child.wait() {
-            Ok(s) => tracing::info!(replica = %label, pid, "replica exited: {s}"),
-            Err(e) => tracing::warn!(replica = %label, pid, "waiting for the replica: {e}"),
-        })
-        .context("starting the reaper thread")?;
+    let (pid, start) = procs::spawn_session(c, &format!("replica {}/{}", st.volume, st.name), &log_path)?;
     let addr: std::net::SocketAddr = st.address.parse().with_context(|| format!("replica address {:?}", st.address))?;
     let t = Instant::now();
     loop {

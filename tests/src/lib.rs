@@ -91,7 +91,7 @@ pub fn spawn(args: &[&str], log: &Path, word: &str) -> Result<(Proc, String), St
 /// As [`spawn`], with extra environment variables for the child.
 pub fn spawn_env(args: &[&str], log: &Path, word: &str, env: &[(String, String)]) -> Result<(Proc, String), String> {
     let logf = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut child = Command::new(bin())
+    let child = Command::new(bin())
         .args(args)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("RUST_LOG", "info")
@@ -100,6 +100,13 @@ pub fn spawn_env(args: &[&str], log: &Path, word: &str, env: &[(String, String)]
         .stderr(logf)
         .spawn()
         .map_err(|e| format!("spawn {:?}: {e}", bin()))?;
+    ready(child, log, word).map_err(|e| format!("{args:?} {e}"))
+}
+
+/// Waits (30 s at most) for a line starting with `word` on the child's stdout, which
+/// must be piped; the process and the rest of that line. A child that does not say it
+/// is killed, and the error carries its log.
+pub fn ready(mut child: Child, log: &Path, word: &str) -> Result<(Proc, String), String> {
     let out = child.stdout.take().ok_or("no stdout")?;
     let (tx, rx) = mpsc::channel();
     let w = word.to_string();
@@ -116,7 +123,7 @@ pub fn spawn_env(args: &[&str], log: &Path, word: &str, env: &[(String, String)]
         Ok(v) => Ok((p, v)),
         Err(_) => {
             p.kill9();
-            Err(format!("{args:?} did not print {word:?}; log:\n{}", p.log_text()))
+            Err(format!("did not print {word:?}; log:\n{}", p.log_text()))
         }
     }
 }

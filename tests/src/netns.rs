@@ -6,7 +6,6 @@
 use crate::{bin, sh, Proc};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 /// Hosts on one bridge, each a network namespace with one interface `eth0`.
 pub struct Net {
@@ -86,11 +85,10 @@ impl Drop for Net {
 
 /// `longhorn ARGS` inside host `host`'s namespace, waiting for `word` on stdout.
 pub fn spawn_on(net: &Net, host: &str, args: &[&str], log: &Path, word: &str) -> Result<(Proc, String), String> {
-    use std::io::BufRead;
     let logf = std::fs::File::create(log).map_err(|e| e.to_string())?;
     // nsenter joins the host's network namespace only: unlike `ip netns exec` it keeps
     // the mount namespace, so block devices, FUSE and mounts made there are everyone's.
-    let mut child = Command::new("nsenter")
+    let child = Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/{}", net.ns(host)))
         .arg("--")
         .arg(bin())
@@ -101,23 +99,6 @@ pub fn spawn_on(net: &Net, host: &str, args: &[&str], log: &Path, word: &str) ->
         .stderr(logf)
         .spawn()
         .map_err(|e| e.to_string())?;
-    let out = child.stdout.take().ok_or("no stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let w = word.to_string();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix(w.as_str()) {
-                let _ = tx.send(rest.trim().to_string());
-            }
-        }
-    });
-    let mut p = Proc { child, log: log.to_path_buf() };
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(v) => Ok((p, v)),
-        Err(_) => {
-            p.kill9();
-            Err(format!("{args:?} on {host} did not print {word:?}:\n{}", p.log_text()))
-        }
-    }
+    crate::ready(child, log, word).map_err(|e| format!("{args:?} on {host} {e}"))
 }
 
