@@ -7,6 +7,13 @@
 //! go to a single sync thread that does one `fdatasync` for every flush waiting on it
 //! (group commit) and replies to each, out of order with the inline traffic.
 //!
+//! A read the page cache cannot answer (`preadv2(RWF_NOWAIT)` says it would wait) goes
+//! to a small pool of readers instead, so the requests one connection pipelines reach
+//! the disk together rather than one at a time; those replies come out of order too.
+//! Order still holds where it matters: a write, zeroing or trim waits for the pooled
+//! reads of its connection that overlap it (a read sees no write that came after it),
+//! and every other control request waits for all of them.
+//!
 //! Every connection starts with the handshake of `auth`. Then one engine at a time may
 //! use the replica: the first to connect takes the lease, its other connections join
 //! it, and a second engine is refused while the first holds connections and was heard
@@ -21,12 +28,16 @@ use crate::store::Store;
 use bytes::{Bytes, BytesMut};
 use std::io::{self, BufReader, IoSlice, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
 use tracing::{debug, info, warn};
+
+/// At most this many reads wait on the disk at once (the pool's threads, started as
+/// misses need them): enough to keep a virtio or NVMe queue busy.
+const READERS: usize = 16;
 
 /// Payloads at least this big are sent from their own buffer instead of being copied
 /// into the reply batch.
@@ -45,6 +56,7 @@ pub struct ReplicaServer {
     /// When the lease holder was last heard from, in ms since `epoch`.
     last_seen: AtomicU64,
     epoch: Instant,
+    readers: Readers,
 }
 
 /// How long an engine that holds connections but sends nothing keeps the volume. An
@@ -71,6 +83,62 @@ enum Peer {
 struct SyncJob {
     out: Arc<Out>,
     header: Header,
+}
+
+/// A read sent to the pool: the page cache did not hold it.
+struct ReadJob {
+    out: Arc<Out>,
+    pending: Arc<Pending>,
+    header: Header,
+}
+
+/// The ranges of one connection's reads still in the pool.
+#[derive(Default)]
+struct Pending {
+    reads: Mutex<Vec<(u64, u64)>>,
+    cv: Condvar,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+        self.reads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a read for the pool; waits first while the connection's pooled reads
+    /// already ask for [`MAX_QUEUED`] bytes, so a peer that pipelines reads it does not
+    /// collect holds no more of the replica's memory than one whose replies are queued.
+    fn add(&self, start: u64, end: u64) {
+        let mut r = self.lock();
+        while r.iter().map(|&(s, e)| (e - s) as usize).sum::<usize>() >= MAX_QUEUED {
+            r = self.cv.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
+        r.push((start, end));
+    }
+
+    fn done(&self, start: u64, end: u64) {
+        let mut r = self.lock();
+        if let Some(i) = r.iter().position(|&x| x == (start, end)) {
+            r.swap_remove(i);
+        }
+        drop(r);
+        self.cv.notify_all();
+    }
+
+    /// Waits until no pooled read overlaps `[start, end)` (`None`: until none is left).
+    fn wait(&self, range: Option<(u64, u64)>) {
+        let mut r = self.lock();
+        while r.iter().any(|&(s, e)| range.is_none_or(|(a, b)| s < b && a < e)) {
+            r = self.cv.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// The pool of readers (see the module doc).
+struct Readers {
+    tx: crossbeam_channel::Sender<ReadJob>,
+    rx: crossbeam_channel::Receiver<ReadJob>,
+    started: AtomicUsize,
+    idle: AtomicUsize,
 }
 
 /// Most reply bytes one connection may have queued before its reader stops taking
@@ -307,6 +375,10 @@ impl ReplicaServer {
             lease_gen: AtomicU64::new(0),
             last_seen: AtomicU64::new(0),
             epoch: Instant::now(),
+            readers: {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                Readers { tx, rx, started: AtomicUsize::new(0), idle: AtomicUsize::new(0) }
+            },
         });
         let s2 = srv.clone();
         std::thread::Builder::new()
@@ -352,7 +424,7 @@ impl ReplicaServer {
         }
     }
 
-    fn connection(&self, stream: TcpStream, peer: &str) -> Result<(), FrameError> {
+    fn connection(self: &Arc<Self>, stream: TcpStream, peer: &str) -> Result<(), FrameError> {
         stream.set_nodelay(true)?;
         let out = Out::new(stream.try_clone()?);
         let mut rd = BufReader::with_capacity(256 * 1024, stream);
@@ -361,7 +433,7 @@ impl ReplicaServer {
         result
     }
 
-    fn conversation(&self, rd: &mut BufReader<TcpStream>, out: &Arc<Out>, peer: &str) -> Result<(), FrameError> {
+    fn conversation(self: &Arc<Self>, rd: &mut BufReader<TcpStream>, out: &Arc<Out>, peer: &str) -> Result<(), FrameError> {
         let Some(who) = self.handshake(rd, out, peer)? else { return Ok(()) };
         let result = self.serve_requests(rd, out, who);
         if let Peer::Engine { gen } = who {
@@ -432,10 +504,30 @@ impl ReplicaServer {
         Ok(Some(who))
     }
 
-    fn serve_requests(&self, rd: &mut BufReader<TcpStream>, out: &Arc<Out>, who: Peer) -> Result<(), FrameError> {
+    fn serve_requests(self: &Arc<Self>, rd: &mut BufReader<TcpStream>, out: &Arc<Out>, who: Peer) -> Result<(), FrameError> {
         let mut buf = BytesMut::new();
+        let pending = Arc::new(Pending::default());
+        let result = self.requests(rd, out, who, &pending, &mut buf);
+        // The pool's replies for this connection are sent (or dropped) before it ends.
+        pending.wait(None);
+        result
+    }
+
+    fn requests(
+        self: &Arc<Self>,
+        rd: &mut BufReader<TcpStream>,
+        out: &Arc<Out>,
+        who: Peer,
+        pending: &Arc<Pending>,
+        buf: &mut BytesMut,
+    ) -> Result<(), FrameError> {
         loop {
             let (h, payload) = proto::read_frame(rd)?;
+            match h.op {
+                Op::Read | Op::Flush | Op::Ping => {}
+                Op::Write | Op::WriteZeroes | Op::Trim => pending.wait(Some((h.offset, h.offset.saturating_add(h.count as u64)))),
+                _ => pending.wait(None),
+            }
             match who {
                 Peer::Engine { gen } => {
                     if self.lease_gen.load(Ordering::Acquire) != gen {
@@ -458,7 +550,7 @@ impl ReplicaServer {
                     }
                 }
             }
-            self.handle(out, h, payload, &mut buf);
+            self.handle(out, pending, h, payload, buf);
             if rd.buffer().len() < HEADER_LEN {
                 out.send(SendMode::Blocking)?;
             }
@@ -511,7 +603,7 @@ impl ReplicaServer {
         serde_json::to_vec(&self.info()).unwrap_or_default()
     }
 
-    fn handle(&self, out: &Arc<Out>, h: Header, payload: Bytes, buf: &mut BytesMut) {
+    fn handle(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, h: Header, payload: Bytes, buf: &mut BytesMut) {
         let mut r = reply_of(&h);
         let stopping = self.stopping.load(Ordering::Acquire);
         let io_op = matches!(h.op, Op::Read | Op::Write | Op::WriteZeroes | Op::Trim | Op::Flush);
@@ -526,7 +618,13 @@ impl ReplicaServer {
                     Err(io::Error::new(io::ErrorKind::InvalidInput, "read too large"))
                 } else {
                     buf.reserve(h.count as usize);
-                    self.store.read_into(h.offset, h.count as usize, buf).map(|_| buf.split().freeze())
+                    match self.store.read_cached(h.offset, h.count as usize, buf) {
+                        Ok(()) => Ok(buf.split().freeze()),
+                        Err(e) if e.kind() == io::ErrorKind::InvalidInput => Err(e),
+                        // Not all cached (or the fast path failed): the pool reads it and
+                        // gives the real answer.
+                        Err(_) => return self.to_reader(out, pending, h),
+                    }
                 }
             }
             Op::Write => {
@@ -650,6 +748,57 @@ impl ReplicaServer {
                 self.store.read_file(&r.file, h.offset, h.count as usize).map(Bytes::from)
             }
             _ => self.store.hash_file(&r.file, h.offset, h.count as usize).map(Bytes::from),
+        }
+    }
+
+    /// Sends a read to the pool, starting another reader when none is idle.
+    fn to_reader(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, header: Header) {
+        let end = header.offset.saturating_add(header.count as u64);
+        pending.add(header.offset, end);
+        let rd = &self.readers;
+        if rd.idle.load(Ordering::Acquire) == 0 && rd.started.load(Ordering::Acquire) < READERS {
+            rd.started.fetch_add(1, Ordering::AcqRel);
+            let me = self.clone();
+            if let Err(e) = std::thread::Builder::new().name("replica-read".into()).spawn(move || me.reader()) {
+                rd.started.fetch_sub(1, Ordering::AcqRel);
+                warn!("cannot start a reader thread: {e}");
+            }
+        }
+        if rd.started.load(Ordering::Acquire) == 0 {
+            // No reader at all: read here rather than leave the request unanswered.
+            return self.read_job(ReadJob { out: out.clone(), pending: pending.clone(), header }, &mut BytesMut::new());
+        }
+        // The pool's receiver lives as long as the server: this cannot fail.
+        let _ = rd.tx.send(ReadJob { out: out.clone(), pending: pending.clone(), header });
+    }
+
+    fn reader(&self) {
+        let mut buf = BytesMut::new();
+        loop {
+            self.readers.idle.fetch_add(1, Ordering::AcqRel);
+            let job = self.readers.rx.recv();
+            self.readers.idle.fetch_sub(1, Ordering::AcqRel);
+            let Ok(job) = job else { return };
+            self.read_job(job, &mut buf);
+        }
+    }
+
+    fn read_job(&self, job: ReadJob, buf: &mut BytesMut) {
+        let h = job.header;
+        let mut r = reply_of(&h);
+        buf.reserve(h.count as usize);
+        match self.store.read_into(h.offset, h.count as usize, buf) {
+            Ok(()) => job.out.queue(r, buf.split().freeze()),
+            Err(e) => {
+                debug!(offset = h.offset, count = h.count, "read failed: {e}");
+                r.status = errno_of(&e);
+                job.out.queue(r, Bytes::from(e.to_string()));
+            }
+        }
+        job.pending.done(h.offset, h.offset.saturating_add(h.count as u64));
+        // Never waits on a peer, as the sync thread: a slow one must not hold a reader.
+        if let Err(e) = job.out.send(SendMode::NoWait) {
+            debug!("cannot send read replies: {e}");
         }
     }
 

@@ -547,6 +547,45 @@ impl Store {
         buf.resize(len, 0);
         read_at(&self.chain(), offset, &mut buf[..])
     }
+
+    /// Reads like [`Store::read_into`], but only from the page cache: `WouldBlock` when
+    /// any part of the range would wait for the disk (nothing is waited for then, though
+    /// the kernel may start reading ahead). Lets the server answer cached reads inline
+    /// and send only misses to its readers, so one connection keeps several on the disk.
+    pub fn read_cached(&self, offset: u64, len: usize, buf: &mut BytesMut) -> io::Result<()> {
+        self.check_range(offset, len as u64)?;
+        buf.clear();
+        buf.resize(len, 0);
+        let chain = self.chain();
+        for seg in chain.segments(offset, offset + len as u64) {
+            let dst = &mut buf[(seg.start - offset) as usize..(seg.end - offset) as usize];
+            match seg.layer {
+                None => dst.fill(0),
+                Some(l) => read_nowait(&chain.layers[l as usize].file, dst, seg.start)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One `preadv2(RWF_NOWAIT)`: all of `dst` from the page cache, or `WouldBlock`. A short
+/// count (part cached, or the end of the file) is `WouldBlock` too: the blocking read
+/// then gives the real answer.
+fn read_nowait(file: &File, dst: &mut [u8], offset: u64) -> io::Result<()> {
+    let iov = libc::iovec { iov_base: dst.as_mut_ptr().cast(), iov_len: dst.len() };
+    // SAFETY: one iovec over `dst`, which outlives the call; the descriptor is ours.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::EINTR) => io::ErrorKind::WouldBlock.into(),
+            _ => e,
+        });
+    }
+    if n as usize != dst.len() {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    Ok(())
 }
 
 pub(crate) fn io_err(layer: &Layer, offset: u64, e: io::Error) -> io::Error {
