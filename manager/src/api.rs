@@ -152,6 +152,9 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
     if m.lock().contains_key(&name) {
         return Err(ApiError::conflict(format!("volume {name:?} exists already")).with_field("name"));
     }
+    if let Some(s) = size {
+        input::fits("size", &m.cfg.data_dir, s)?;
+    }
     let dir = m.cfg.data_dir.join(&name);
     if dir.exists() {
         return Err(ApiError::conflict(format!("volume {name:?}: {} exists already (a volume this manager does not own)", dir.display())).with_field("name"));

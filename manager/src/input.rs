@@ -26,6 +26,20 @@ const MAX_SIZE: u64 = 64 << 40;
 
 /// A size: a number of bytes, or a string of bytes or with a unit (`10Gi`, `512Mi`,
 /// `10G`: binary units, as the CLI's). A multiple of 4096, at least 4096.
+/// Refuses a volume size the filesystem under `dir` cannot hold in one sparse file
+/// (ext4: 16 TiB - 4 KiB), so such a volume is refused at create rather than failing
+/// at its first attach.
+pub fn fits(field: &str, dir: &std::path::Path, size: u64) -> ApiResult<()> {
+    match longhorn_replica::expand::probe(dir, size) {
+        Ok(()) => Ok(()),
+        Err(longhorn_replica::store::StoreError::TooLarge { source, .. }) => Err(ApiError::bad(
+            field,
+            format!("{field}: {size} bytes: the filesystem of {} holds no file that large ({source})", dir.display()),
+        )),
+        Err(e) => Err(ApiError::internal(anyhow::anyhow!("checking that {} holds {size} bytes: {e}", dir.display()))),
+    }
+}
+
 pub fn size(field: &str, v: &Value) -> ApiResult<u64> {
     let bad = |m: String| ApiError::bad(field, format!("{field}: {m}"));
     let n: u64 = match v {

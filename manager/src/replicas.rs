@@ -266,6 +266,7 @@ pub async fn create(State(m): State<Shared>, h: HeaderMap, b: Result<Bytes, Byte
     let (data_dir, state_dir, ip) = (m.cfg.data_dir.clone(), m.cfg.state_dir.clone(), m.cfg.replica_ip);
     let (k, v2, n2) = (key(&volume, &name), volume.clone(), name.clone());
     let st = blocking(move || -> Result<ReplicaState, ApiError> {
+        input::fits("size", &data_dir, size)?;
         write_key(&data_dir, &v2, &secret).map_err(|e| ApiError::conflict(e).with_field("secret"))?;
         let st = ReplicaState {
             address: free_address(ip).map_err(ApiError::internal)?,

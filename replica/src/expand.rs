@@ -68,8 +68,10 @@ pub fn expand(dir: &Path, new_size: u64) -> Result<u64, StoreError> {
 
 /// Asks the filesystem for a sparse file of `size` bytes before anything is committed:
 /// ext4 holds at most 16 TiB - 4 KiB in a file, less than a volume may be, and a refusal
-/// after the commit would leave a volume.meta that no file can be grown to match.
-fn probe(dir: &Path, size: u64) -> Result<(), StoreError> {
+/// after the commit would leave a volume.meta that no file can be grown to match. The
+/// manager asks the same before it accepts a volume, so a size its disk cannot hold is
+/// refused at create, not at the first attach. `TooLarge` is the filesystem's refusal.
+pub fn probe(dir: &Path, size: u64) -> Result<(), StoreError> {
     let path = dir.join("expand-probe.tmp");
     let r = File::create(&path).and_then(|f| f.set_len(size));
     // A leftover is harmless: open removes *.tmp files.
