@@ -24,7 +24,7 @@ use longhorn_replica::proto::{self, FrameError, Header, Op, FLAG_FUA, HEADER_LEN
 use std::collections::HashMap;
 use std::io::BufReader;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
@@ -68,6 +68,10 @@ struct Group {
     err: i32,
 }
 
+/// How much of the volume one replica reads before the next takes over (see
+/// `pick_reader`): a 1 MiB sequential read still spreads over every replica.
+const READ_STRIPE: u64 = 1 << 20;
+
 /// Largest piece of a zeroing or trim sent to a replica, and how many are in flight.
 const PIECE: u64 = 16 << 20;
 const PIECES_IN_FLIGHT: u32 = 4;
@@ -79,7 +83,6 @@ pub(crate) struct Inner {
     ops: Mutex<HashMap<u64, Pending>>,
     groups: Mutex<HashMap<u64, Group>>,
     next_id: AtomicU64,
-    rr: AtomicUsize,
     closed: AtomicBool,
 }
 
@@ -109,7 +112,6 @@ impl EngineSession {
             ops: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            rr: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
         });
         volume.register(Arc::downgrade(&inner));
@@ -168,10 +170,14 @@ impl Inner {
         self.conns.get(i).is_some() && self.volume.mode_of(i) == Mode::RW
     }
 
-    /// The next RW replica after the round-robin cursor, other than `not`.
-    fn pick_reader(&self, not: Option<usize>) -> Option<usize> {
+    /// The replica that reads `offset`: the volume is dealt out to the replicas in
+    /// [`READ_STRIPE`] pieces, so each replica's host caches its own share of the volume
+    /// instead of every host caching the same blocks (round robin made the page caches
+    /// of N replicas hold one volume's worth between them, not N). A piece whose
+    /// replica is not RW (or is `not`) goes to the next one that is.
+    fn pick_reader(&self, offset: u64, not: Option<usize>) -> Option<usize> {
         let n = self.conns.len().max(1);
-        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        let start = (offset / READ_STRIPE) as usize % n;
         (0..n).map(|k| (start + k) % n).find(|&i| Some(i) != not && self.readable(i))
     }
 
@@ -225,7 +231,7 @@ impl Inner {
         let targets: Vec<usize> = {
             let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
             let targets: Vec<usize> = match kind {
-                Kind::Read | Kind::BlockStatus => self.pick_reader(None).into_iter().collect(),
+                Kind::Read | Kind::BlockStatus => self.pick_reader(offset, None).into_iter().collect(),
                 _ => (0..self.conns.len()).filter(|&i| self.writable(i)).collect(),
             };
             // Nothing is written without a replica that counts (see the module comment).
@@ -467,7 +473,7 @@ impl Inner {
                 let Some(p) = ops.get_mut(&id) else { continue };
                 p.waiting &= !bit(idx);
                 match p.kind {
-                    Kind::Read | Kind::BlockStatus => match self.pick_reader(Some(idx)) {
+                    Kind::Read | Kind::BlockStatus => match self.pick_reader(p.offset, Some(idx)) {
                         Some(j) => {
                             p.waiting = bit(j);
                             p.started = Instant::now();
