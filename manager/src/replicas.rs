@@ -153,6 +153,14 @@ fn running_on(dir: &Path) -> Option<(i32, u64)> {
 /// Starts the replica's process on its fixed address and waits until it accepts
 /// connections; (pid, start time). One already serving its directory is adopted.
 fn spawn(exe: &Path, data_dir: &Path, st: &ReplicaState, first: bool) -> Result<(i32, u64)> {
+    let (pid, start) = launch(exe, data_dir, st, first)?;
+    wait_ready(data_dir, st, pid, start)?;
+    Ok((pid, start))
+}
+
+/// Starts the replica's process (or adopts the one serving its directory) without
+/// waiting for it to listen; (pid, start time).
+fn launch(exe: &Path, data_dir: &Path, st: &ReplicaState, first: bool) -> Result<(i32, u64)> {
     let dir = data_path(data_dir, &st.volume, &st.name);
     if first {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -181,7 +189,14 @@ fn spawn(exe: &Path, data_dir: &Path, st: &ReplicaState, first: bool) -> Result<
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
-    let (pid, start) = procs::spawn_session(c, &format!("replica {}/{}", st.volume, st.name), &log_path)?;
+    procs::spawn_session(c, &format!("replica {}/{}", st.volume, st.name), &log_path)
+}
+
+/// Waits until the process `pid` (started at `start`) accepts connections on the
+/// replica's address; one that exits, or does not listen within 20 s (then stopped),
+/// is an error naming why.
+fn wait_ready(data_dir: &Path, st: &ReplicaState, pid: i32, start: u64) -> Result<()> {
+    let log_path = log_path(data_dir, &st.volume, &st.name);
     let addr: std::net::SocketAddr = st.address.parse().with_context(|| format!("replica address {:?}", st.address))?;
     let t = Instant::now();
     loop {
@@ -190,7 +205,7 @@ fn spawn(exe: &Path, data_dir: &Path, st: &ReplicaState, first: bool) -> Result<
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             std::thread::sleep(Duration::from_millis(100));
             if procs::start_time(pid) == Some(start) {
-                return Ok((pid, start));
+                return Ok(());
             }
         }
         if procs::start_time(pid) != Some(start) {
@@ -425,12 +440,43 @@ pub async fn delete(State(m): State<Shared>, UrlPath((volume, name)): UrlPath<(S
     Ok(Json(e.map(|e| json_of(&m, &e)).unwrap_or(Value::Null)))
 }
 
+/// Follows a restarted replica until it listens: then its failures are forgotten;
+/// otherwise (it exited, or was stopped after 20 s of silence) the next try backs off.
+async fn watch_start(m: Shared, st: ReplicaState) {
+    let (Some(pid), Some(start)) = (st.pid, st.start_time) else { return };
+    let data_dir = m.cfg.data_dir.clone();
+    let st2 = st.clone();
+    let r = blocking(move || wait_ready(&data_dir, &st2, pid, start)).await;
+    let k = key(&st.volume, &st.name);
+    let mut g = m.replicas();
+    // Deleted, expanded or restarted meanwhile: not this start's to judge.
+    let Some(e) = g.get_mut(&k).filter(|e| e.st.pid == Some(pid) && e.st.start_time == Some(start)) else { return };
+    let why = match r {
+        Ok(Ok(())) => {
+            e.failures = 0;
+            e.next_restart = None;
+            tracing::info!(replica = %k, pid, "the replica is serving again");
+            return;
+        }
+        Ok(Err(err)) => format!("{err:#}"),
+        Err(err) => err.message,
+    };
+    e.failures += 1;
+    let wait = Duration::from_secs(1u64 << e.failures.min(6)).min(Duration::from_secs(60));
+    e.next_restart = Some(Instant::now() + wait);
+    tracing::error!(replica = %k, "restarting the replica failed: {why}; next try in {wait:?}");
+}
+
 pub fn entries(list: Vec<ReplicaState>) -> std::collections::BTreeMap<String, Entry> {
     list.into_iter().map(|st| (key(&st.volume, &st.name), Entry { st, failures: 0, next_restart: None })).collect()
 }
 
 /// The supervisor's round: a replica whose process is gone is started again on its
-/// directory and address, backing off 1 s .. 60 s while that fails.
+/// directory and address, backing off 1 s .. 60 s while that fails. Only the start
+/// itself holds the lifecycle lock: the wait for it to listen (up to 20 s) runs in a
+/// task of its own, so a replica that never comes up stalls neither the manager's
+/// round nor the API's calls on other volumes. Its pid is recorded before the lock is
+/// let go, so a delete or expand meanwhile stops it as it stops any.
 pub async fn supervise(m: &Shared) {
     let dead: Vec<ReplicaState> = {
         let g = m.replicas();
@@ -446,7 +492,7 @@ pub async fn supervise(m: &Shared) {
         let (exe, data_dir, state_dir) = (m.exe.clone(), m.cfg.data_dir.clone(), m.cfg.state_dir.clone());
         let st2 = st.clone();
         let r = blocking(move || -> Result<ReplicaState> {
-            let (pid, start) = spawn(&exe, &data_dir, &st2, false)?;
+            let (pid, start) = launch(&exe, &data_dir, &st2, false)?;
             let mut st2 = st2;
             st2.pid = Some(pid);
             st2.start_time = Some(start);
@@ -458,9 +504,11 @@ pub async fn supervise(m: &Shared) {
         let Some(e) = g.get_mut(&k) else { continue };
         let why = match r {
             Ok(Ok(new)) => {
-                e.st = new;
-                e.failures = 0;
-                e.next_restart = None;
+                e.st = new.clone();
+                // Not tried again while `watch_start` follows this start (it sets the
+                // next try if the start fails).
+                e.next_restart = Some(Instant::now() + Duration::from_secs(30));
+                tokio::spawn(watch_start(m.clone(), new));
                 continue;
             }
             Ok(Err(err)) => format!("{err:#}"),
