@@ -44,13 +44,9 @@ pub fn check_cap(c: &csi::VolumeCapability) -> Result<Cap, Status> {
     };
     match mode {
         Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter => {}
-        // Longhorn serves it through a share manager's NFS export that every node mounts;
-        // the share exists (`longhorn share`), mounting it from the node plugins does not.
-        Mode::MultiNodeMultiWriter if !block => {
-            return Err(Status::invalid_argument(
-                "volume_capability: MULTI_NODE_MULTI_WRITER (ReadWriteMany over NFS) is not offered yet by this driver",
-            ))
-        }
+        // As Longhorn: one host runs the engine and the volume's NFS share (`longhorn
+        // share`), and every node that publishes it mounts the share.
+        Mode::MultiNodeMultiWriter if !block => {}
         Mode::MultiNodeMultiWriter => {
             return Err(Status::invalid_argument(
                 "volume_capability: MULTI_NODE_MULTI_WRITER is served as a shared filesystem (NFSv4), not as a raw block device",
@@ -344,6 +340,9 @@ impl Driver {
                 r.volume_id
             )));
         }
+        if cap.multi_node() {
+            return self.publish_shared(m, v, &r.volume_id, &r.node_id);
+        }
         let (m, v) = if m.host == r.node_id && v["state"] == "handedOff" {
             // A move away from this node that stopped half-way: the volume stays here.
             m.action(&r.volume_id, "handOff", json!({"undo": true})).map_err(|e| e.status())?;
@@ -381,6 +380,43 @@ impl Driver {
         Ok(csi::ControllerPublishVolumeResponse { publish_context: ctx })
     }
 
+    /// ReadWriteMany: the volume stays on the host that serves it (or, detached, goes
+    /// to the node asking, as Longhorn's share manager starts where it is first
+    /// needed); the manager there records the node, and the node mounts the share the
+    /// publish context names.
+    fn publish_shared(&self, m: &Manager, v: Value, id: &str, node: &str) -> Result<csi::ControllerPublishVolumeResponse, Status> {
+        let (m, v) = match v["state"].as_str().unwrap_or("") {
+            "detached" | "handedOff" if m.host != node => {
+                let to = self.manager_of(node).ok_or_else(|| Status::not_found(format!("node {node:?}")))?;
+                let moved = self.move_volume(id, m, to)?;
+                (to, moved)
+            }
+            "handedOff" => {
+                m.action(id, "handOff", json!({"undo": true})).map_err(|e| e.status())?;
+                let v = m.volume(id).map_err(|e| e.status())?.ok_or_else(|| Status::not_found(format!("volume {id:?}")))?;
+                (m, v)
+            }
+            _ => (m, v),
+        };
+        if v["state"] == "attached" && v["disableFrontend"] == true {
+            return Err(Status::unavailable(format!("volume {id:?} is attached for a snapshot without its block device; try again")));
+        }
+        if v["state"] != "attached" && v["state"] != "detached" {
+            return Err(Status::unavailable(format!("volume {id:?} is {}; try again", v["state"].as_str().unwrap_or("?"))));
+        }
+        let body = json!({"disableFrontend": false, "frontend": self.frontend.as_deref().unwrap_or("blockdev"), "attachedBy": node});
+        m.action(id, "attach", body).map_err(|e| e.status())?;
+        let v = self.wait_state(m, id, "attached", Duration::from_secs(150))?;
+        let ep = v["shareEndpoint"].as_str().unwrap_or("");
+        if ep.is_empty() {
+            return Err(Status::internal(format!("volume {id:?} is attached on {:?} but its manager names no share", m.host)));
+        }
+        tracing::info!(volume = id, node, share = ep, host = m.host, "published over NFS");
+        let mut ctx = HashMap::new();
+        ctx.insert("shareEndpoint".to_string(), ep.to_string());
+        Ok(csi::ControllerPublishVolumeResponse { publish_context: ctx })
+    }
+
     fn controller_unpublish(&self, r: csi::ControllerUnpublishVolumeRequest) -> Result<csi::ControllerUnpublishVolumeResponse, Status> {
         need("volume_id", &r.volume_id)?;
         if !ids::valid_name(&r.volume_id) {
@@ -390,10 +426,23 @@ impl Driver {
         let Some((m, v)) = self.find(&r.volume_id)? else {
             return Ok(csi::ControllerUnpublishVolumeResponse {});
         };
-        if !r.node_id.is_empty() && r.node_id != m.host {
+        if v["state"] == "detached" {
             return Ok(csi::ControllerUnpublishVolumeResponse {});
         }
-        if v["state"] == "detached" {
+        // ReadWriteMany: the node lets go; the volume stops with the last one.
+        let shared = v["accessMode"] == "rwx" && v["attachedBy"].as_array().is_some_and(|a| !a.is_empty());
+        if shared {
+            if r.node_id.is_empty() {
+                return Err(Status::invalid_argument("node_id: a ReadWriteMany volume is unpublished one node at a time"));
+            }
+            let after = m.action(&r.volume_id, "detach", json!({"attachedBy": r.node_id})).map_err(|e| e.status())?;
+            if after["state"] == "attached" {
+                return Ok(csi::ControllerUnpublishVolumeResponse {});
+            }
+            self.wait_state(m, &r.volume_id, "detached", Duration::from_secs(150))?;
+            return Ok(csi::ControllerUnpublishVolumeResponse {});
+        }
+        if !r.node_id.is_empty() && r.node_id != m.host {
             return Ok(csi::ControllerUnpublishVolumeResponse {});
         }
         m.action(&r.volume_id, "detach", json!({})).map_err(|e| e.status())?;

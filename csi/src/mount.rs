@@ -166,6 +166,20 @@ pub fn mount(src: &Path, target: &Path, fstype: &str, options: &[String]) -> Res
     Ok(())
 }
 
+/// An NFSv4 mount of `ip:/export`: through mount.nfs, else (a host whose helper
+/// cannot run) straight by the kernel, which then needs the server's address as an
+/// option.
+pub fn mount_nfs(ip: &str, export: &str, target: &Path, options: &[String]) -> Result<()> {
+    let src = format!("{ip}:{export}");
+    let helper = mount(Path::new(&src), target, "nfs4", options);
+    let Err(e) = helper else { return Ok(()) };
+    let mut opts = options.to_vec();
+    opts.push(format!("addr={}", ip.trim_start_matches('[').trim_end_matches(']')));
+    run(Command::new("mount").args(["-i", "-t", "nfs4", "-o", &opts.join(",")]).arg(&src).arg(target))
+        .map(|_| ())
+        .map_err(|e2| anyhow!("{e:#}; without the helper: {e2:#}"))
+}
+
 pub fn bind(src: &Path, target: &Path, readonly: bool) -> Result<()> {
     run(Command::new("mount").arg("--bind").arg(src).arg(target))?;
     if readonly {

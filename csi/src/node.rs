@@ -23,6 +23,28 @@ fn internal(e: anyhow::Error) -> Status {
     Status::internal(format!("{e:#}"))
 }
 
+/// `nfs://IP:PORT/VOLUME` (the manager's shareEndpoint) as the server's address for
+/// mount(8) (`[..]` around IPv6) and the port; the volume must be the one asked for.
+fn share_source(ep: &str, volume: &str) -> Result<(String, u16), Status> {
+    let bad = |why: &str| Status::invalid_argument(format!("publish_context.shareEndpoint: {ep:?} {why} (nfs://IP:PORT/{volume})"));
+    let rest = ep.strip_prefix("nfs://").ok_or_else(|| bad("is not an NFS endpoint"))?;
+    let (addr, path) = rest.split_once('/').ok_or_else(|| bad("names no export"))?;
+    if path != volume {
+        return Err(bad("is another volume's share"));
+    }
+    let sa: std::net::SocketAddr = addr.parse().map_err(|_| bad("has no IP:PORT"))?;
+    let host = match sa.ip() {
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    Ok((host, sa.port()))
+}
+
+/// Whether an NFS mount's source (`IP:/VOLUME`) is this volume's share.
+fn shares_volume(source: &str, volume: &str) -> bool {
+    source.rsplit_once(":/").is_some_and(|(_, v)| v == volume)
+}
+
 impl Driver {
     /// This host's attached volume and its block device, once the device is there.
     fn local_device(&self, id: &str) -> Result<(Value, PathBuf), Status> {
@@ -60,6 +82,9 @@ impl Driver {
         need("staging_target_path", &r.staging_target_path)?;
         let cap = check_cap(r.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume_capability: missing"))?)?;
         let _busy = self.hold(&r.volume_id)?;
+        if cap.multi_node() {
+            return self.stage_share(&r, &cap);
+        }
         let (_, dev) = self.local_device(&r.volume_id)?;
         if cap.block {
             // A raw block volume is published straight from its device.
@@ -114,6 +139,43 @@ impl Driver {
         Ok(csi::NodeStageVolumeResponse {})
     }
 
+    /// ReadWriteMany: the volume's NFSv4 share (on whichever host serves it) mounted at
+    /// the staging path. Hard mounts, as Longhorn's: a share restarting makes I/O wait,
+    /// never fail. The share may still be starting: the mount is tried for a minute.
+    fn stage_share(&self, r: &csi::NodeStageVolumeRequest, cap: &Cap) -> Result<csi::NodeStageVolumeResponse, Status> {
+        let ep = r.publish_context.get("shareEndpoint").map(String::as_str).unwrap_or("");
+        let (ip, port) = share_source(ep, &r.volume_id)?;
+        let source = format!("{ip}:/{}", r.volume_id);
+        let staging = Path::new(&r.staging_target_path);
+        if let Some(m) = mount::mounted_at(staging).map_err(internal)? {
+            if m.fstype.starts_with("nfs") && m.source == source {
+                return Ok(csi::NodeStageVolumeResponse {});
+            }
+            return Err(Status::already_exists(format!("{} already has {} mounted, not volume {}", staging.display(), m.source, r.volume_id)));
+        }
+        std::fs::create_dir_all(staging).map_err(|e| Status::internal(format!("creating {}: {e}", staging.display())))?;
+        let mut opts: Vec<String> = vec!["vers=4.1".into(), format!("port={port}"), "hard".into(), "timeo=600".into(), "retrans=5".into()];
+        opts.extend(cap.mount_flags.iter().cloned());
+        if cap.read_only() {
+            opts.push("ro".into());
+        }
+        let t = Instant::now();
+        loop {
+            match mount::mount_nfs(&ip, &format!("/{}", r.volume_id), staging, &opts) {
+                Ok(()) => break,
+                Err(e) if t.elapsed() > Duration::from_secs(60) => {
+                    return Err(Status::unavailable(format!("mounting the share of volume {} ({ep}): {e:#}", r.volume_id)))
+                }
+                Err(e) => {
+                    tracing::info!(volume = r.volume_id, share = ep, "the share does not answer yet: {e:#}");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+        tracing::info!(volume = r.volume_id, staging = %staging.display(), share = ep, "staged over NFS");
+        Ok(csi::NodeStageVolumeResponse {})
+    }
+
     fn unstage(&self, r: csi::NodeUnstageVolumeRequest) -> Result<csi::NodeUnstageVolumeResponse, Status> {
         need("volume_id", &r.volume_id)?;
         need("staging_target_path", &r.staging_target_path)?;
@@ -133,10 +195,13 @@ impl Driver {
             need("staging_target_path", &r.staging_target_path)?;
         }
         let _busy = self.hold(&r.volume_id)?;
-        let (_, dev) = self.local_device(&r.volume_id)?;
-        let want = mount::rdev(&dev).map_err(internal)?;
         let target = Path::new(&r.target_path);
         let readonly = r.readonly || cap.read_only();
+        if cap.multi_node() {
+            return self.publish_share(&r, target, readonly);
+        }
+        let (_, dev) = self.local_device(&r.volume_id)?;
+        let want = mount::rdev(&dev).map_err(internal)?;
         if let Some(m) = mount::mounted_at(target).map_err(internal)? {
             let ro = m.options.split(',').any(|o| o == "ro");
             if m.dev == want && ro == readonly {
@@ -175,6 +240,26 @@ impl Driver {
         Ok(csi::NodePublishVolumeResponse {})
     }
 
+    /// ReadWriteMany: the staged NFS mount bound into the pod's directory.
+    fn publish_share(&self, r: &csi::NodePublishVolumeRequest, target: &Path, readonly: bool) -> Result<csi::NodePublishVolumeResponse, Status> {
+        let staging = Path::new(&r.staging_target_path);
+        let staged = mount::mounted_at(staging).map_err(internal)?.filter(|m| m.fstype.starts_with("nfs") && shares_volume(&m.source, &r.volume_id));
+        let Some(staged) = staged else {
+            return Err(Status::failed_precondition(format!("volume {} is not staged at {} (NodeStageVolume first)", r.volume_id, staging.display())));
+        };
+        if let Some(m) = mount::mounted_at(target).map_err(internal)? {
+            let ro = m.options.split(',').any(|o| o == "ro");
+            if m.dev == staged.dev && ro == readonly {
+                return Ok(csi::NodePublishVolumeResponse {});
+            }
+            return Err(Status::already_exists(format!("{} is already published, {} (read-only {ro})", target.display(), m.source)));
+        }
+        std::fs::create_dir_all(target).map_err(|e| Status::internal(format!("creating {}: {e}", target.display())))?;
+        mount::bind(staging, target, readonly).map_err(internal)?;
+        tracing::info!(volume = r.volume_id, target = %target.display(), readonly, "published the share");
+        Ok(csi::NodePublishVolumeResponse {})
+    }
+
     fn unpublish(&self, r: csi::NodeUnpublishVolumeRequest) -> Result<csi::NodeUnpublishVolumeResponse, Status> {
         need("volume_id", &r.volume_id)?;
         need("target_path", &r.target_path)?;
@@ -207,13 +292,17 @@ impl Driver {
             None => false,
         };
         let _busy = self.hold(&r.volume_id)?;
+        // Mounted from the share: the filesystem grows where the volume is served.
+        let path = Path::new(&r.volume_path);
+        if mount::mounted_at(path).map_err(internal)?.is_some_and(|m| m.fstype.starts_with("nfs") && shares_volume(&m.source, &r.volume_id)) {
+            return Ok(csi::NodeExpandVolumeResponse { capacity_bytes: 0 });
+        }
         let (v, dev) = match self.local_device(&r.volume_id) {
             Ok(x) => x,
             Err(e) if e.code() == tonic::Code::FailedPrecondition => return Err(Status::not_found(e.message().to_string())),
             Err(e) => return Err(e),
         };
         let size = vol_size(&v) as i64;
-        let path = Path::new(&r.volume_path);
         if block || !std::fs::metadata(path).map(|md| md.is_dir()).unwrap_or(false) {
             return Ok(csi::NodeExpandVolumeResponse { capacity_bytes: size });
         }
@@ -231,6 +320,25 @@ impl Driver {
         need("volume_id", &r.volume_id)?;
         need("volume_path", &r.volume_path)?;
         let path = Path::new(&r.volume_path);
+        use csi::volume_usage::Unit;
+        let fs_usage = |u: mount::Usage| {
+            vec![
+                csi::VolumeUsage { available: u.available as i64, total: u.total as i64, used: u.used as i64, unit: Unit::Bytes as i32 },
+                csi::VolumeUsage {
+                    available: u.inodes_free as i64,
+                    total: u.inodes as i64,
+                    used: u.inodes.saturating_sub(u.inodes_free) as i64,
+                    unit: Unit::Inodes as i32,
+                },
+            ]
+        };
+        // A ReadWriteMany volume mounted here from its share on another host: its
+        // filesystem is what the mount shows.
+        if let Some(m) = mount::mounted_at(path).map_err(internal)?.filter(|m| m.fstype.starts_with("nfs") && shares_volume(&m.source, &r.volume_id)) {
+            let usage = fs_usage(mount::statvfs(path).map_err(internal)?);
+            let message = format!("mounted at {} from the share {}", m.point, m.source);
+            return Ok(csi::NodeGetVolumeStatsResponse { usage, volume_condition: Some(csi::VolumeCondition { abnormal: false, message }) });
+        }
         let (v, dev) = match self.local_device(&r.volume_id) {
             Ok(x) => x,
             Err(e) if e.code() == tonic::Code::FailedPrecondition => return Err(Status::not_found(e.message().to_string())),
@@ -241,18 +349,8 @@ impl Driver {
         let Some(m) = m.filter(|m| m.dev == want) else {
             return Err(Status::not_found(format!("volume {} is not mounted at {}", r.volume_id, path.display())));
         };
-        use csi::volume_usage::Unit;
         let usage = if std::fs::metadata(path).map(|md| md.is_dir()).unwrap_or(false) {
-            let u = mount::statvfs(path).map_err(internal)?;
-            vec![
-                csi::VolumeUsage { available: u.available as i64, total: u.total as i64, used: u.used as i64, unit: Unit::Bytes as i32 },
-                csi::VolumeUsage {
-                    available: u.inodes_free as i64,
-                    total: u.inodes as i64,
-                    used: u.inodes.saturating_sub(u.inodes_free) as i64,
-                    unit: Unit::Inodes as i32,
-                },
-            ]
+            fs_usage(mount::statvfs(path).map_err(internal)?)
         } else {
             vec![csi::VolumeUsage { available: 0, total: vol_size(&v) as i64, used: 0, unit: Unit::Bytes as i32 }]
         };

@@ -201,6 +201,8 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
         start_time: None,
         remote_replicas: remote,
         healthy_replicas: healthy,
+        share_port: 0,
+        attached_by: Vec::new(),
     };
     let base = base(&m, &h);
     if from_backup.is_empty() {
@@ -482,16 +484,31 @@ pub async fn volume_action(
     let out = match action.as_str() {
         "attach" => attach(&m, &name, &b).await?,
         "detach" => {
-            input::only(&b, &[])?;
+            input::only(&b, &["attachedBy"])?;
+            let by = input::opt_str(&b, "attachedBy")?.filter(|s| !s.is_empty()).map(String::from);
             let _ops = m.ops.lock().await;
-            let st = m.state(&name)?;
+            let mut st = m.state(&name)?;
             if st.phase == "creating" {
                 return Err(ApiError::conflict(format!("volume {name:?} is being restored")));
+            }
+            // One node of a ReadWriteMany volume letting go: the others keep it.
+            if let Some(by) = by.filter(|_| st.access_mode == "rwx") {
+                st.attached_by.retain(|n| *n != by);
+                let others = !st.attached_by.is_empty();
+                m.save(&st)?;
+                if others {
+                    return Ok(Json(volume_json(&m, &name, &base)?).into_response());
+                }
             }
             m.set_transient(&name, Some("detaching"));
             let r = m.stop_up(&name).await;
             m.set_transient(&name, None);
             r?;
+            let mut st = m.state(&name)?;
+            if !st.attached_by.is_empty() {
+                st.attached_by.clear();
+                m.save(&st)?;
+            }
             Value::Null
         }
         "snapshotCreate" => {
@@ -511,11 +528,13 @@ pub async fn volume_action(
                 .unwrap_or_else(|| json!({"type": "snapshot", "id": created, "name": created}))
         }
         "snapshotList" => {
+            input::only(&b, &[])?;
             m.require_attached(&name, "snapshotList")?;
             let ls = m.engine(&name, json!({"cmd": "snapshot-ls"})).await?;
             return Ok(Json(collection("snapshot", view::snapshot_list(&ls, &vol_url), format!("{vol_url}?action=snapshotList"))).into_response());
         }
         "snapshotGet" => {
+            input::only(&b, &["name"])?;
             let sname = q.get("name").map(|s| s.as_str()).or(input::opt_str(&b, "name")?).unwrap_or("").to_string();
             input::name("name", &sname)?;
             m.require_attached(&name, "snapshotGet")?;
@@ -590,6 +609,7 @@ pub async fn volume_action(
         }
         "expand" => crate::expand::expand(&m, &name, &b).await?,
         "recurringJobList" => {
+            input::only(&b, &[])?;
             let st = m.state(&name)?;
             let live = if st.attached && volume_state_of(&m, &name) == "attached" {
                 m.engine(&name, json!({"cmd": "job-ls"})).await.ok()
@@ -633,9 +653,23 @@ fn volume_state_of(m: &Shared, name: &str) -> &'static str {
 
 async fn attach(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Value> {
     input::only(b, &["frontend", "disableFrontend", "hostId", "attachedBy", "attacherType"])?;
+    let by = input::opt_str(b, "attachedBy")?.filter(|s| !s.is_empty()).map(String::from);
     let _ops = m.ops.lock().await;
     let mut st = m.state(name)?;
     let state = volume_state_of(m, name);
+    // A ReadWriteMany volume serves every node from here through its share: another
+    // node asking is recorded, the volume stays as it is.
+    if st.access_mode == "rwx" && state == "attached" && by.is_some() {
+        if input::opt_bool(b, "disableFrontend")? == Some(true) {
+            return Err(ApiError::bad("disableFrontend", "disableFrontend: an rwx volume needs a frontend"));
+        }
+        let by = by.unwrap_or_default();
+        if !st.attached_by.contains(&by) {
+            st.attached_by.push(by);
+            m.save(&st)?;
+        }
+        return Ok(Value::Null);
+    }
     if state != "detached" {
         return Err(ApiError::conflict(format!("volume {name:?} is {state}: attach needs it detached")));
     }
@@ -647,6 +681,7 @@ async fn attach(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Val
     }
     st.frontend = if disable { String::new() } else { f };
     st.disable_frontend = disable;
+    st.attached_by = if st.access_mode == "rwx" { by.into_iter().collect() } else { Vec::new() };
     m.save(&st)?;
     m.set_transient(name, Some("attaching"));
     let r = m.start_up(name).await;

@@ -43,6 +43,24 @@ pub struct Rates {
     pub write_latency_ns: f64,
 }
 
+/// The NFS port of a ReadWriteMany volume's share: the one it had while it is free
+/// (clients that still mount it find it there again after a restart), else the first
+/// of SHARE_PORTS that no other volume holds and nothing listens on. The range sits
+/// below the kernel's ephemeral ports, where replicas' listeners land.
+fn share_port(ip: std::net::IpAddr, had: u16, held: &[u16]) -> anyhow::Result<u16> {
+    let free = |p: u16| std::net::TcpListener::bind((ip, p)).is_ok();
+    if had != 0 && free(had) {
+        return Ok(had);
+    }
+    SHARE_PORTS
+        .filter(|p| !held.contains(p))
+        .find(|&p| free(p))
+        .ok_or_else(|| anyhow!("no NFS port free on {ip} for its share (of {SHARE_PORTS:?})"))
+}
+
+/// Where ReadWriteMany volumes' NFS shares listen, one port each.
+pub const SHARE_PORTS: std::ops::RangeInclusive<u16> = 20490..=20999;
+
 pub struct Entry {
     pub st: VolumeState,
     /// attaching, detaching, deleting while that runs.
@@ -191,12 +209,14 @@ impl Mgr {
     /// with `ops` held.
     pub async fn start_up(self: &Arc<Self>, name: &str) -> ApiResult<()> {
         let mut st = self.state(name)?;
+        let ip = self.cfg.replica_ip;
+        let held: Vec<u16> = self.lock().values().filter(|e| e.st.name != st.name).map(|e| e.st.share_port).collect();
         let frontend = crate::input::frontend("frontend", &st.frontend, st.disable_frontend)?.to_string();
         let (exe, data_dir, run_dir, log, settings) =
             (self.exe.clone(), self.cfg.data_dir.clone(), self.cfg.run_dir.clone(), self.log_path(name), self.settings_path());
         let env = self.backup_env();
         let st2 = st.clone();
-        let (pid, start) = blocking(move || {
+        let (pid, start, port) = blocking(move || {
             // The engine starts on the replicas with the newest revision among those
             // that answer: one of those known to be current must be among them.
             if !st2.healthy_replicas.is_empty() && !st2.healthy_replicas.iter().any(|a| answers(a)) {
@@ -207,6 +227,8 @@ impl Mgr {
             }
             // What a killed `up` left running would stop the new one from starting.
             procs::stop_leftovers(&st2.name, &data_dir, &run_dir)?;
+            // Chosen once what an earlier `up` left (its share among it) is gone.
+            let port = if st2.access_mode == "rwx" { share_port(ip, st2.share_port, &held)? } else { 0 };
             procs::spawn_up(&procs::UpArgs {
                 exe: &exe,
                 volume: &st2.name,
@@ -218,16 +240,18 @@ impl Mgr {
                 frontend: &frontend,
                 stale_minutes: st2.stale_replica_timeout,
                 recurring_jobs: &st2.recurring_jobs,
-                rwx: st2.access_mode == "rwx",
+                share: (st2.access_mode == "rwx").then(|| (ip.to_string(), port)),
                 log: &log,
                 settings: &settings,
                 env: &env,
             })
+            .map(|(pid, start)| (pid, start, port))
         })
         .await?
         // `up` refusing to start (or leftovers that will not stop) is the volume's
         // state, not a failure of the host.
         .map_err(|e| ApiError::conflict(format!("volume {name:?}: {e:#}")))?;
+        st.share_port = port;
         st.attached = true;
         st.pid = Some(pid);
         st.start_time = Some(start);
@@ -257,7 +281,8 @@ impl Mgr {
         // `up` and its engine refuse to stop while the volume's device is mounted; asking
         // anyway would hold this (and every other lifecycle change) for minutes.
         let endpoint = self.lock().get(name).and_then(|e| e.sample.as_ref()).and_then(|s| s.info["endpoint"].as_str().map(String::from));
-        if let Some(mp) = endpoint.as_deref().filter(|e| e.starts_with('/')).and_then(procs::mounted_at) {
+        let share = self.cfg.run_dir.join(format!("{name}.share"));
+        if let Some(mp) = endpoint.as_deref().filter(|e| e.starts_with('/')).and_then(|e| procs::mounted_at(e, &share)) {
             return Err(ApiError::conflict(format!("volume {name:?}: its device is mounted on {mp}; unmount it first")));
         }
         let (v, data_dir, run_dir) = (st.name.clone(), self.cfg.data_dir.clone(), self.cfg.run_dir.clone());

@@ -53,7 +53,8 @@ pub struct UpArgs<'a> {
     pub frontend: &'a str,
     pub stale_minutes: u64,
     pub recurring_jobs: &'a serde_json::Value,
-    pub rwx: bool,
+    /// ReadWriteMany: the share's address and NFS port.
+    pub share: Option<(String, u16)>,
     pub log: &'a Path,
     pub settings: &'a Path,
     pub env: &'a HashMap<String, String>,
@@ -86,8 +87,8 @@ pub fn spawn_up(a: &UpArgs) -> Result<(i32, u64)> {
     for r in a.remote_replicas {
         c.args(["--remote-replica", r]);
     }
-    if a.rwx {
-        c.args(["--access-mode", "rwx"]);
+    if let Some((bind, port)) = &a.share {
+        c.args(["--access-mode", "rwx", "--share-bind", bind, "--share-port", &port.to_string()]);
     }
     // The engine's recurring backups read the backup target from the same settings
     // file the manager writes, and S3 credentials from their environment.
@@ -266,7 +267,9 @@ pub fn stop_leftovers(volume: &str, data_dir: &Path, run_dir: &Path) -> Result<(
 /// Where the block device at `dev` is mounted, if it is. Compared by device number:
 /// `/dev/longhorn/VOL` is a node of its own (or a link) and the mount table names the
 /// kernel's device (`/dev/loop1`, `/dev/nbd0`, `/dev/ublkb0`).
-pub fn mounted_at(dev: &str) -> Option<String> {
+/// Where block device `dev` is mounted, but under `except` (a ReadWriteMany volume's
+/// own share, which `up` unmounts as it stops).
+pub fn mounted_at(dev: &str, except: &Path) -> Option<String> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let rdev = |p: &str| std::fs::metadata(p).ok().filter(|m| m.file_type().is_block_device()).map(|m| m.rdev());
     let want = rdev(dev)?;
@@ -274,6 +277,7 @@ pub fn mounted_at(dev: &str) -> Option<String> {
     mounts.lines().find_map(|l| {
         let mut f = l.split_whitespace();
         let (src, mp) = (f.next()?, f.next()?);
-        (src.starts_with("/dev/") && rdev(src)? == want).then(|| mp.replace("\\040", " "))
+        let mp = mp.replace("\\040", " ");
+        (src.starts_with("/dev/") && rdev(src)? == want && !Path::new(&mp).starts_with(except)).then_some(mp)
     })
 }

@@ -51,6 +51,14 @@ pub struct VolumeState {
     /// that fell behind and rebuild the others from them, losing acknowledged writes.
     #[serde(default)]
     pub healthy_replicas: Vec<String>,
+    /// ReadWriteMany: the NFS port of its share on this host's address, chosen at the
+    /// first attach and kept, so clients' mounts find it again after a restart.
+    #[serde(default)]
+    pub share_port: u16,
+    /// ReadWriteMany: the nodes that asked for it (attach with `attachedBy`); a
+    /// detach naming one detaches the volume only once no other is left.
+    #[serde(default)]
+    pub attached_by: Vec<String>,
 }
 
 impl VolumeState {

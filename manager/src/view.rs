@@ -262,6 +262,12 @@ pub fn volume(m: &Mgr, e: &Entry, base: &str) -> Value {
         "created": st.created,
         "endpoint": endpoint,
         "nbdEndpoint": if e.sample.is_some() { m.nbd_uri(&st.name) } else { String::new() },
+        "shareEndpoint": if st.access_mode == "rwx" && state == "attached" && st.share_port != 0 {
+            format!("nfs://{}/{}", std::net::SocketAddr::from((m.cfg.replica_ip, st.share_port)), st.name)
+        } else {
+            String::new()
+        },
+        "attachedBy": st.attached_by,
         "currentImage": "longhorn-rs",
         "lastBackup": last_backup.map(|b| b["id"].clone()).unwrap_or(json!("")),
         "lastBackupAt": last_backup.map(|b| b["finishedAt"].clone()).unwrap_or(json!("")),

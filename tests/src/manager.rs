@@ -170,3 +170,19 @@ impl Drop for Manager {
         self.proc.term();
     }
 }
+
+/// A manager on each of `hosts` of `net` (in `base/host-H`), all with one token, which
+/// is written to `base/token`; (the token file, the managers in the order of `hosts`).
+pub fn start_hosts(base: &Path, net: &crate::netns::Net, hosts: &[&str]) -> (PathBuf, Vec<Manager>) {
+    let token = base.join("token");
+    crate::sh(&format!("head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n' > '{0}' && chmod 600 '{0}'", token.display()));
+    let mans = hosts
+        .iter()
+        .map(|h| {
+            let d = base.join(format!("host-{h}"));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            Manager::start_on_host(&d, net, h, &token)
+        })
+        .collect();
+    (token, mans)
+}

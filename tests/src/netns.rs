@@ -4,7 +4,7 @@
 //! packets, makes the faults of a real network.
 
 use crate::{bin, sh, Proc};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Hosts on one bridge, each a network namespace with one interface `eth0`.
@@ -102,3 +102,28 @@ pub fn spawn_on(net: &Net, host: &str, args: &[&str], log: &Path, word: &str) ->
     crate::ready(child, log, word).map_err(|e| format!("{args:?} on {host} {e}"))
 }
 
+/// Unmounts what a multi-host test mounted and stops what it started on the hosts
+/// (whatever runs on `dir/host-*`), pass or fail.
+pub struct Cleanup {
+    pub mounts: Vec<PathBuf>,
+    pub dir: PathBuf,
+}
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in self.mounts.iter().rev() {
+            for _ in 0..4 {
+                if !crate::sh_try(&format!("mountpoint -q '{}'", p.display())).0 {
+                    break;
+                }
+                let _ = crate::sh_try(&format!("umount '{}'", p.display()));
+            }
+        }
+        // Engines and replicas run in sessions of their own (they outlive a manager by
+        // design): whatever still runs on this test's directories goes, and so do the
+        // FUSE mounts and loop devices of engines killed that way.
+        let d = self.dir.display();
+        let _ = crate::sh_try(&format!("pkill -9 -f -- '{d}/host-'"));
+        let _ = crate::sh_try(&format!("losetup -l -n -O NAME,BACK-FILE | grep -F '{d}/' | cut -d' ' -f1 | xargs -r -n1 losetup -d"));
+        let _ = crate::sh_try(&format!("grep -o ' {d}/[^ ]*\\.fuse ' /proc/self/mounts | xargs -r -n1 umount -l"));
+    }
+}

@@ -7,13 +7,13 @@
 //! holds the same bytes.
 
 use longhorn_tests::csi::{csi, fails, mount_cap, ok, Driver};
-use longhorn_tests::manager::Manager;
-use longhorn_tests::netns::Net;
+use longhorn_tests::manager::{start_hosts, Manager};
+use longhorn_tests::netns::{Cleanup, Net};
 use longhorn_tests::*;
 use csi::volume_capability::access_mode::Mode;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
@@ -22,31 +22,6 @@ fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     while !ok() {
         assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
         std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// Unmounts what the test mounted and stops what it started on the hosts, pass or fail.
-struct Cleanup {
-    mounts: Vec<PathBuf>,
-    dir: PathBuf,
-}
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for p in self.mounts.iter().rev() {
-            for _ in 0..4 {
-                if !sh_try(&format!("mountpoint -q '{}'", p.display())).0 {
-                    break;
-                }
-                let _ = sh_try(&format!("umount '{}'", p.display()));
-            }
-        }
-        // Engines and replicas run in sessions of their own (they outlive a manager by
-        // design): whatever still runs on this test's directories goes, and so do the
-        // FUSE mounts and loop devices of engines killed that way.
-        let d = self.dir.display();
-        let _ = sh_try(&format!("pkill -9 -f -- '{d}/host-'"));
-        let _ = sh_try(&format!("losetup -l -n -O NAME,BACK-FILE | grep -F '{d}/' | cut -d' ' -f1 | xargs -r -n1 losetup -d"));
-        let _ = sh_try(&format!("grep -o ' {d}/[^ ]*\\.fuse ' /proc/self/mounts | xargs -r -n1 umount -l"));
     }
 }
 
@@ -67,21 +42,13 @@ fn csi_volumes_with_replicas_on_three_hosts() {
     let base = std::fs::canonicalize(t.path()).expect("the test directory");
     let mut cleanup = Cleanup { mounts: Vec::new(), dir: base.clone() };
     let net = Net::new(&["a", "b", "c"]);
-    let token = base.join("token");
-    sh(&format!("head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n' > '{0}' && chmod 600 '{0}'", token.display()));
     let store = base.join("store");
     std::fs::create_dir_all(&store).expect("mkdir");
-    let mans: Vec<Manager> = ["a", "b", "c"]
-        .iter()
-        .map(|h| {
-            let d = base.join(format!("host-{h}"));
-            std::fs::create_dir_all(&d).expect("mkdir");
-            let m = Manager::start_on_host(&d, &net, h, &token);
-            let (st, v) = m.call("PUT", "/v1/settings/backup-target", Some(&json!({"value": format!("file://{}", store.display())})));
-            assert_eq!(st, 200, "{v}");
-            m
-        })
-        .collect();
+    let (token, mans) = start_hosts(&base, &net, &["a", "b", "c"]);
+    for m in &mans {
+        let (st, v) = m.call("PUT", "/v1/settings/backup-target", Some(&json!({"value": format!("file://{}", store.display())})));
+        assert_eq!(st, 200, "{v}");
+    }
     let (ma, mb, mc) = (&mans[0], &mans[1], &mans[2]);
     let all = [("host-a", ma.url.as_str()), ("host-b", mb.url.as_str()), ("host-c", mc.url.as_str())];
     let tok = token.to_str().expect("utf8");
@@ -282,16 +249,7 @@ fn a_lost_hosts_replica_is_rebuilt_on_another_host_after_the_stale_timeout() {
     let base = std::fs::canonicalize(t.path()).expect("the test directory");
     let mut cleanup = Cleanup { mounts: Vec::new(), dir: base.clone() };
     let net = Net::new(&["a", "b", "c", "d"]);
-    let token = base.join("token");
-    sh(&format!("head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n' > '{0}' && chmod 600 '{0}'", token.display()));
-    let mans: Vec<Manager> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|h| {
-            let d = base.join(format!("host-{h}"));
-            std::fs::create_dir_all(&d).expect("mkdir");
-            Manager::start_on_host(&d, &net, h, &token)
-        })
-        .collect();
+    let (token, mans) = start_hosts(&base, &net, &["a", "b", "c", "d"]);
     let (ma, mc, md) = (&mans[0], &mans[2], &mans[3]);
     let all: Vec<(String, &str)> = ["a", "b", "c", "d"].iter().zip(&mans).map(|(h, m)| (format!("host-{h}"), m.url.as_str())).collect();
     let all: Vec<(&str, &str)> = all.iter().map(|(h, u)| (h.as_str(), *u)).collect();

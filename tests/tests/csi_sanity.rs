@@ -57,7 +57,7 @@ fn mounted(p: &Path) -> bool {
 
 #[test]
 fn csi_sanity_on_one_host() {
-    for tool in ["mkfs.ext4", "e2fsck", "mkfs.xfs", "xfs_repair", "blkid", "mount", "umount", "mountpoint"] {
+    for tool in ["mkfs.ext4", "e2fsck", "mkfs.xfs", "xfs_repair", "blkid", "mount", "umount", "mountpoint", "nfs-ls", "ganesha.nfsd"] {
         assert!(have(tool), "{tool} is not installed (tests/run installs it)");
     }
     let t = tmp("lh-csi-");
@@ -123,7 +123,6 @@ fn csi_sanity_on_one_host() {
     );
     bad("many readers", create_req("csi-x", 1 << 26, mount_cap(Mode::MultiNodeReaderOnly, ""), &[]), Code::InvalidArgument, "MULTI_NODE_READER_ONLY");
     bad("shared raw block", create_req("csi-x", 1 << 26, block_cap(Mode::MultiNodeMultiWriter), &[]), Code::InvalidArgument, "block");
-    bad("shared over NFS", create_req("csi-x", 1 << 26, mount_cap(Mode::MultiNodeMultiWriter, ""), &[]), Code::InvalidArgument, "MULTI_NODE_MULTI_WRITER");
     bad("btrfs", create_req("csi-x", 1 << 26, mount_cap(Mode::SingleNodeWriter, "btrfs"), &[]), Code::InvalidArgument, "btrfs");
     bad("0 replicas", create_req("csi-x", 1 << 26, snw(), &[("numberOfReplicas", "0")]), Code::InvalidArgument, "numberOfReplicas");
     bad("unknown parameter", create_req("csi-x", 1 << 26, snw(), &[("replicaCount", "2")]), Code::InvalidArgument, "replicaCount");
@@ -515,6 +514,59 @@ fn csi_sanity_on_one_host() {
     assert!(clean, "xfs_repair -n: {out}");
     ok("ControllerUnpublish xfs 2", rt.block_on(ctl().controller_unpublish_volume(xunpub.clone())));
 
+    // --- ReadWriteMany: engine and NFS share on the host first asking, every node
+    // recorded, the share the publish context names serving the volume's filesystem
+    // (libnfs's nfs-ls: this kernel has no NFS client; tests/tests/vm_csi_rwx.rs
+    // mounts it from two hosts in the VM), the volume stopping with the last node ---
+    let rcap = || mount_cap(Mode::MultiNodeMultiWriter, "");
+    let rwx = ok("CreateVolume rwx", rt.block_on(ctl().create_volume(create_req("csi-sanity-rwx", 1 << 26, rcap(), &[("numberOfReplicas", "1")]))));
+    let rwx = rwx.volume.expect("volume");
+    assert_eq!(m.volume("csi-sanity-rwx")["accessMode"], "rwx");
+    let yes = ok("Validate RWX of RWX", rt.block_on(ctl().validate_volume_capabilities(vr("csi-sanity-rwx", rcap()))));
+    assert!(yes.confirmed.is_some(), "{yes:?}");
+    fails("publish RWX of RWO", rt.block_on(ctl().controller_publish_volume(publish("csi-sanity-v1", "host-a", rcap()))), Code::AlreadyExists);
+    let pc = ok("ControllerPublish rwx", rt.block_on(ctl().controller_publish_volume(publish(&rwx.volume_id, "host-a", rcap()))));
+    let ep = pc.publish_context.get("shareEndpoint").cloned().unwrap_or_default();
+    let port = ep
+        .strip_prefix("nfs://127.0.0.1:")
+        .and_then(|r| r.strip_suffix("/csi-sanity-rwx"))
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("shareEndpoint {ep:?}: want nfs://127.0.0.1:PORT/csi-sanity-rwx"));
+    let ls = format!("nfs-ls 'nfs://127.0.0.1/csi-sanity-rwx?version=4&nfsport={port}'");
+    let t0 = std::time::Instant::now();
+    loop {
+        let (done, out) = sh_try(&ls);
+        if done && out.contains("lost+found") {
+            break;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "{ls}: the share does not serve the volume's filesystem: {out}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let pc2 = ok("ControllerPublish rwx again", rt.block_on(ctl().controller_publish_volume(publish(&rwx.volume_id, "host-a", rcap()))));
+    assert_eq!(pc2.publish_context, pc.publish_context);
+    assert_eq!(m.volume("csi-sanity-rwx")["attachedBy"], serde_json::json!(["host-a"]));
+    let rstage = base.join("rwx-stage");
+    let stage_req = |ep: &str| csi::NodeStageVolumeRequest {
+        volume_id: "csi-sanity-rwx".into(),
+        staging_target_path: rstage.display().to_string(),
+        volume_capability: Some(rcap()),
+        publish_context: HashMap::from([("shareEndpoint".to_string(), ep.to_string())]),
+        ..Default::default()
+    };
+    for wrong in ["", "nfs://127.0.0.1:2049/csi-sanity-v1", "http://127.0.0.1/csi-sanity-rwx", "nfs://nohost/csi-sanity-rwx"] {
+        let msg = fails("NodeStage rwx, wrong share", rt.block_on(d.node().node_stage_volume(stage_req(wrong))), Code::InvalidArgument);
+        assert!(msg.contains("shareEndpoint"), "{msg}");
+    }
+    let unpub = |node: &str| csi::ControllerUnpublishVolumeRequest { volume_id: "csi-sanity-rwx".into(), node_id: node.into(), ..Default::default() };
+    // A node that never published it letting go changes nothing.
+    ok("ControllerUnpublish rwx, another node", rt.block_on(ctl().controller_unpublish_volume(unpub("host-b"))));
+    assert_eq!(m.volume("csi-sanity-rwx")["state"], "attached");
+    ok("ControllerUnpublish rwx", rt.block_on(ctl().controller_unpublish_volume(unpub("host-a"))));
+    let v = m.volume("csi-sanity-rwx");
+    assert_eq!(v["state"], "detached", "{v}");
+    assert_eq!(v["shareEndpoint"], "", "{v}");
+    ok("ControllerUnpublish rwx again", rt.block_on(ctl().controller_unpublish_volume(unpub("host-a"))));
+
     // --- deletes: twice each, and of what never was ---
     let del_snap = |id: &str| csi::DeleteSnapshotRequest { snapshot_id: id.into(), ..Default::default() };
     for id in [&s1.snapshot_id, &s1.snapshot_id, &bak.snapshot_id, &bak.snapshot_id, &"snap://csi-nope/none".to_string()] {
@@ -530,7 +582,7 @@ fn csi_sanity_on_one_host() {
     );
     let del = |id: &str| csi::DeleteVolumeRequest { volume_id: id.into(), ..Default::default() };
     fails("DeleteVolume without an id", rt.block_on(ctl().delete_volume(del(""))), Code::InvalidArgument);
-    for id in ["csi-sanity-v1", "csi-sanity-v1", "csi-sanity-blk", "csi-sanity-restored", "csi-sanity-xfs", "csi-never-was", "Not A Name"] {
+    for id in ["csi-sanity-v1", "csi-sanity-v1", "csi-sanity-blk", "csi-sanity-restored", "csi-sanity-xfs", "csi-sanity-rwx", "csi-never-was", "Not A Name"] {
         ok("DeleteVolume", rt.block_on(ctl().delete_volume(del(id))));
     }
     assert!(m.get("/v1/volumes")["data"].as_array().is_some_and(|a| a.is_empty()));

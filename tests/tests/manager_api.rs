@@ -263,6 +263,16 @@ fn every_volume_snapshot_backup_and_job_action_over_http() {
     sh(&format!("nbdcopy '{}' '{}'", m.nbd("v1"), back.display()));
     sh(&format!("cmp -n {} '{}' '{}'", 8 * MB, src.display(), back.display()));
 
+    // --- every action the document names refuses a body field of the wrong type or
+    // one it does not take, whether or not it reads a body (the fuzzer found
+    // recurringJobList taking {"undo": -2.8e16}) ---
+    let doc = m.get("/v1/openapi.json");
+    let acts = doc["paths"]["/v1/volumes/{name}"]["post"]["parameters"][0]["schema"]["enum"].as_array().cloned().unwrap_or_default();
+    assert!(acts.len() > 10, "the document's volume actions: {acts:?}");
+    for a in acts.iter().filter_map(|a| a.as_str()) {
+        refused(&m, "POST", &format!("/v1/volumes/v1?action={a}"), Some(&json!({"undo": -2.5e16})), 400, Some("undo"));
+    }
+
     // --- delete: replicas' directories and the state file gone ---
     let dirs = m.data_paths("v2");
     m.call("DELETE", "/v1/volumes/v2", None);

@@ -58,6 +58,10 @@ pub struct UpArgs {
     /// NFS port of the share (ReadWriteMany).
     #[arg(long, default_value_t = 2049)]
     pub share_port: u16,
+    /// The address the share listens on (ReadWriteMany): loopback unless other hosts
+    /// mount it (the manager gives its host's address).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub share_bind: String,
     /// Create the volume from this backup (a backup URL, or a name in the configured
     /// backup target) before serving it; ignored when the volume already exists.
     #[arg(long)]
@@ -306,7 +310,7 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     let mut share = None;
     if rwx {
         let mut c = Command::new(&exe);
-        c.args(["share", &a.volume, "--port", &a.share_port.to_string()]).arg("--run-dir").arg(&a.run_dir);
+        c.args(["share", &a.volume, "--port", &a.share_port.to_string(), "--bind", &a.share_bind]).arg("--run-dir").arg(&a.run_dir);
         match spawn_and_wait("share", c, &log_dir.join("share.log"), "ready") {
             Ok((p, ep)) => {
                 println!("  share:     {ep} (NFSv4, port {}, ReadWriteMany)", a.share_port);
