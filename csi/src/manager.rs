@@ -1,5 +1,6 @@
-//! The driver's client of one host's manager (`manager/API.md`). Blocking (ureq): the
-//! gRPC handlers call it from tokio's blocking pool. Every answer that is not 2xx comes
+//! The client of one host's manager (`manager/API.md`), the driver's and the operator
+//! CLI's (`longhorn manager volume ...`). Blocking (ureq): the gRPC handlers call it
+//! from tokio's blocking pool. Every answer that is not 2xx comes
 //! back as an [`ApiError`] with the manager's status and message, so the driver can map
 //! it to the gRPC code the CSI spec asks for.
 
@@ -47,7 +48,18 @@ pub struct Manager {
 }
 
 impl Manager {
+    /// The driver's: reads give up after 15 s, actions after 180 s.
     pub fn new(host: &str, base: &str, token: Option<String>) -> Manager {
+        Manager::with_timeouts(host, base, token, 15, 180)
+    }
+
+    /// The operator's (no host name: errors name the URL): every call may take as long
+    /// as a listing of a slow backup target.
+    pub fn for_cli(base: &str, token: Option<String>) -> Manager {
+        Manager::with_timeouts("", base, token, 600, 600)
+    }
+
+    fn with_timeouts(host: &str, base: &str, token: Option<String>, read_secs: u64, action_secs: u64) -> Manager {
         let agent = |total: u64| -> ureq::Agent {
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
@@ -63,8 +75,16 @@ impl Manager {
             base: base.trim_end_matches('/').to_string(),
             token,
             // Longer than the manager's own longest call (an engine's control call, 130 s).
-            agent: agent(180),
-            quick: agent(15),
+            agent: agent(action_secs),
+            quick: agent(read_secs),
+        }
+    }
+
+    fn who(&self) -> String {
+        if self.host.is_empty() {
+            format!("the manager at {}", self.base)
+        } else {
+            format!("the manager of host {:?} at {}", self.host, self.base)
         }
     }
 
@@ -89,7 +109,7 @@ impl Manager {
         };
         let mut resp = resp.map_err(|e| ApiError {
             status: 0,
-            message: format!("the manager of host {:?} at {} does not answer: {e}", self.host, self.base),
+            message: format!("{} does not answer: {e}", self.who()),
         })?;
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().map_err(|e| ApiError {
@@ -99,7 +119,8 @@ impl Manager {
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if !(200..300).contains(&status) {
             let message = v.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| v.to_string());
-            return Err(ApiError { status, message: format!("host {:?}: {message}", self.host) });
+            let message = if self.host.is_empty() { message } else { format!("host {:?}: {message}", self.host) };
+            return Err(ApiError { status, message });
         }
         Ok(v)
     }

@@ -8,7 +8,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(Args, Clone)]
 pub struct Conn {
@@ -169,11 +168,9 @@ pub enum SettingSub {
     Set { name: String, value: String },
 }
 
-struct Client {
-    agent: ureq::Agent,
-    base: String,
-    token: Option<String>,
-}
+/// The manager's client shared with the CSI driver (csi/src/manager.rs); errors carry
+/// the HTTP status, which the operator sees.
+struct Client(longhorn_csi::manager::Manager);
 
 impl Client {
     fn new(c: &Conn) -> Result<Client> {
@@ -186,43 +183,15 @@ impl Client {
             ),
             None => None,
         };
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(600)))
-            .build()
-            .into();
-        Ok(Client { agent, base: c.url.trim_end_matches('/').to_string(), token })
+        Ok(Client(longhorn_csi::manager::Manager::for_cli(&c.url, token)))
     }
 
     /// One request; the API's JSON answer, or its error message with the HTTP status.
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
-        let resp = match method {
-            "GET" | "DELETE" => {
-                let mut r = if method == "GET" { self.agent.get(&url) } else { self.agent.delete(&url) };
-                if let Some(a) = &auth {
-                    r = r.header("Authorization", a);
-                }
-                r.call()
-            }
-            _ => {
-                let mut r = if method == "PUT" { self.agent.put(&url) } else { self.agent.post(&url) };
-                if let Some(a) = &auth {
-                    r = r.header("Authorization", a);
-                }
-                r.header("Content-Type", "application/json").send(body.unwrap_or(json!({})).to_string())
-            }
-        };
-        let mut resp = resp.map_err(|e| anyhow!("{method} {url}: {e} (is `longhorn manager serve` running?)"))?;
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().with_context(|| format!("{method} {url}: reading the answer"))?;
-        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if !(200..300).contains(&status) {
-            let msg = v.get("message").and_then(|m| m.as_str()).map(str::to_string).unwrap_or_else(|| v.to_string());
-            bail!("{msg} (HTTP {status})");
-        }
-        Ok(v)
+        self.0.call(method, path, body).map_err(|e| match e.status {
+            0 => anyhow!("{method} {path}: {} (is `longhorn manager serve` running?)", e.message),
+            s => anyhow!("{} (HTTP {s})", e.message),
+        })
     }
 
     fn action(&self, volume: &str, action: &str, body: Value) -> Result<Value> {
