@@ -384,6 +384,16 @@ impl Driver {
     /// to the node asking, as Longhorn's share manager starts where it is first
     /// needed); the manager there records the node, and the node mounts the share the
     /// publish context names.
+    /// The address `node` mounts shares from: its manager's host address.
+    fn node_address(&self, node: &str) -> Result<String, Status> {
+        let nm = self.manager_of(node).ok_or_else(|| Status::not_found(format!("node {node:?}: no manager of this driver runs there")))?;
+        let info = nm.call("GET", "/v1/node", None).map_err(|e| e.status())?;
+        match info["address"].as_str().filter(|a| a.parse::<std::net::IpAddr>().is_ok()) {
+            Some(a) => Ok(a.to_string()),
+            None => Err(Status::internal(format!("node {node:?}: its manager names no address ({})", info["address"]))),
+        }
+    }
+
     fn publish_shared(&self, m: &Manager, v: Value, id: &str, node: &str) -> Result<csi::ControllerPublishVolumeResponse, Status> {
         let (m, v) = match v["state"].as_str().unwrap_or("") {
             "detached" | "handedOff" if m.host != node => {
@@ -404,7 +414,13 @@ impl Driver {
         if v["state"] != "attached" && v["state"] != "detached" {
             return Err(Status::unavailable(format!("volume {id:?} is {}; try again", v["state"].as_str().unwrap_or("?"))));
         }
-        let body = json!({"disableFrontend": false, "frontend": self.frontend.as_deref().unwrap_or("blockdev"), "attachedBy": node});
+        // The share lets in only the nodes it is published to: the node mounts from its
+        // address on the hosts' network, which its own manager knows.
+        let client = self.node_address(node)?;
+        let body = json!({
+            "disableFrontend": false, "frontend": self.frontend.as_deref().unwrap_or("blockdev"),
+            "attachedBy": node, "clientAddress": client,
+        });
         m.action(id, "attach", body).map_err(|e| e.status())?;
         let v = self.wait_state(m, id, "attached", Duration::from_secs(150))?;
         let ep = v["shareEndpoint"].as_str().unwrap_or("");

@@ -203,6 +203,7 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
         healthy_replicas: healthy,
         share_port: 0,
         attached_by: Vec::new(),
+        attached_from: Default::default(),
     };
     let base = base(&m, &h);
     if from_backup.is_empty() {
@@ -494,6 +495,7 @@ pub async fn volume_action(
             // One node of a ReadWriteMany volume letting go: the others keep it.
             if let Some(by) = by.filter(|_| st.access_mode == "rwx") {
                 st.attached_by.retain(|n| *n != by);
+                st.attached_from.remove(&by);
                 let others = !st.attached_by.is_empty();
                 m.save(&st)?;
                 if others {
@@ -505,8 +507,9 @@ pub async fn volume_action(
             m.set_transient(&name, None);
             r?;
             let mut st = m.state(&name)?;
-            if !st.attached_by.is_empty() {
+            if !st.attached_by.is_empty() || !st.attached_from.is_empty() {
                 st.attached_by.clear();
+                st.attached_from.clear();
                 m.save(&st)?;
             }
             Value::Null
@@ -652,8 +655,9 @@ fn volume_state_of(m: &Shared, name: &str) -> &'static str {
 }
 
 async fn attach(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Value> {
-    input::only(b, &["frontend", "disableFrontend", "hostId", "attachedBy", "attacherType"])?;
+    input::only(b, &["frontend", "disableFrontend", "hostId", "attachedBy", "attacherType", "clientAddress"])?;
     let by = input::opt_str(b, "attachedBy")?.filter(|s| !s.is_empty()).map(String::from);
+    let from = client_address(b, by.as_deref())?;
     let _ops = m.ops.lock().await;
     let mut st = m.state(name)?;
     let state = volume_state_of(m, name);
@@ -664,8 +668,15 @@ async fn attach(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Val
             return Err(ApiError::bad("disableFrontend", "disableFrontend: an rwx volume needs a frontend"));
         }
         let by = by.unwrap_or_default();
+        let changed = !st.attached_by.contains(&by) || from.as_ref() != st.attached_from.get(&by);
         if !st.attached_by.contains(&by) {
-            st.attached_by.push(by);
+            st.attached_by.push(by.clone());
+        }
+        match from {
+            Some(ip) => st.attached_from.insert(by, ip),
+            None => st.attached_from.remove(&by),
+        };
+        if changed {
             m.save(&st)?;
         }
         return Ok(Value::Null);
@@ -681,6 +692,10 @@ async fn attach(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Val
     }
     st.frontend = if disable { String::new() } else { f };
     st.disable_frontend = disable;
+    st.attached_from.clear();
+    if let (Some(by), Some(ip), true) = (by.as_ref(), from, st.access_mode == "rwx") {
+        st.attached_from.insert(by.clone(), ip);
+    }
     st.attached_by = if st.access_mode == "rwx" { by.into_iter().collect() } else { Vec::new() };
     m.save(&st)?;
     m.set_transient(name, Some("attaching"));
@@ -695,6 +710,20 @@ async fn attach(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<Val
     }
     m.sample(name).await;
     Ok(Value::Null)
+}
+
+/// `clientAddress` of an attach: the IP address the node named by `attachedBy` mounts a
+/// ReadWriteMany volume's share from (its address on the hosts' network).
+fn client_address(b: &Map<String, Value>, by: Option<&str>) -> ApiResult<Option<String>> {
+    let Some(a) = input::opt_str(b, "clientAddress")?.filter(|s| !s.is_empty()) else { return Ok(None) };
+    if by.is_none() {
+        return Err(ApiError::bad("clientAddress", "clientAddress: given only with attachedBy (the node it is the address of)"));
+    }
+    let ip: std::net::IpAddr = a.parse().map_err(|_| ApiError::bad("clientAddress", format!("clientAddress: {a:?} is not an IP address")))?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(ApiError::bad("clientAddress", format!("clientAddress: {ip} is not the address of one host")));
+    }
+    Ok(Some(ip.to_string()))
 }
 
 /// The address of replica `replica-IDX` in the last sample.
@@ -1039,6 +1068,7 @@ pub async fn get_node(State(m): State<Shared>, h: HeaderMap) -> ApiResult<Json<V
     let b = base(&m, &h);
     Ok(Json(json!({
         "type": "node", "id": host, "name": host, "dataDir": dir.display().to_string(),
+        "address": m.cfg.replica_ip.to_string(),
         "storageAvailable": avail, "storageMaximum": total,
         "links": {"self": format!("{b}/v1/node")}, "actions": {},
     })))

@@ -161,11 +161,43 @@ impl Mgr {
 
     /// Saves a changed state and updates the in-memory copy.
     pub fn save(&self, st: &VolumeState) -> ApiResult<()> {
+        if st.access_mode == "rwx" {
+            self.write_share_clients(st).map_err(ApiError::internal)?;
+        }
         self.store.save(st).map_err(ApiError::internal)?;
         if let Some(e) = self.lock().get_mut(&st.name) {
             e.st = st.clone();
         }
         Ok(())
+    }
+
+    /// The addresses a ReadWriteMany volume's share lets mount: this host's own and
+    /// those of the nodes it is attached for.
+    pub fn share_clients(&self, st: &VolumeState) -> Vec<String> {
+        let mut v: Vec<String> = std::iter::once(self.cfg.replica_ip.to_string()).chain(st.attached_from.values().cloned()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Where the share (`longhorn share --clients`) reads them; it reads the file
+    /// again every second, so a node attached or detached is let in or shut out at once.
+    pub fn share_clients_path(&self, name: &str) -> std::path::PathBuf {
+        self.cfg.run_dir.join(format!("{name}.share")).join("clients")
+    }
+
+    fn write_share_clients(&self, st: &VolumeState) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let path = self.share_clients_path(&st.name);
+        let dir = path.parent().unwrap_or(&self.cfg.run_dir);
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let text = format!("# Written by the manager: who may mount the share of {}.\n{}\n", st.name, self.share_clients(st).join("\n"));
+        if std::fs::read_to_string(&path).is_ok_and(|t| t == text) {
+            return Ok(());
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
     }
 
     pub fn set_transient(&self, name: &str, t: Option<&'static str>) {
@@ -216,6 +248,10 @@ impl Mgr {
             (self.exe.clone(), self.cfg.data_dir.clone(), self.cfg.run_dir.clone(), self.log_path(name), self.settings_path());
         let env = self.backup_env();
         let st2 = st.clone();
+        let clients = self.share_clients_path(name);
+        if st.access_mode == "rwx" {
+            self.write_share_clients(&st).map_err(ApiError::internal)?;
+        }
         let (pid, start, port) = blocking(move || {
             // The engine starts on the replicas with the newest revision among those
             // that answer: one of those known to be current must be among them.
@@ -240,7 +276,7 @@ impl Mgr {
                 frontend: &frontend,
                 stale_minutes: st2.stale_replica_timeout,
                 recurring_jobs: &st2.recurring_jobs,
-                share: (st2.access_mode == "rwx").then(|| (ip.to_string(), port)),
+                share: (st2.access_mode == "rwx").then(|| (ip.to_string(), port, clients.clone())),
                 log: &log,
                 settings: &settings,
                 env: &env,

@@ -53,8 +53,8 @@ pub struct UpArgs<'a> {
     pub frontend: &'a str,
     pub stale_minutes: u64,
     pub recurring_jobs: &'a serde_json::Value,
-    /// ReadWriteMany: the share's address and NFS port.
-    pub share: Option<(String, u16)>,
+    /// ReadWriteMany: the share's address, NFS port, and the file naming who may mount.
+    pub share: Option<(String, u16, PathBuf)>,
     pub log: &'a Path,
     pub settings: &'a Path,
     pub env: &'a HashMap<String, String>,
@@ -87,8 +87,8 @@ pub fn spawn_up(a: &UpArgs) -> Result<(i32, u64)> {
     for r in a.remote_replicas {
         c.args(["--remote-replica", r]);
     }
-    if let Some((bind, port)) = &a.share {
-        c.args(["--access-mode", "rwx", "--share-bind", bind, "--share-port", &port.to_string()]);
+    if let Some((bind, port, clients)) = &a.share {
+        c.args(["--access-mode", "rwx", "--share-bind", bind, "--share-port", &port.to_string()]).arg("--share-clients").arg(clients);
     }
     // The engine's recurring backups read the backup target from the same settings
     // file the manager writes, and S3 credentials from their environment.

@@ -59,6 +59,11 @@ pub struct VolumeState {
     /// detach naming one detaches the volume only once no other is left.
     #[serde(default)]
     pub attached_by: Vec<String>,
+    /// ReadWriteMany: the address each of those nodes mounts the share from (attach
+    /// with `clientAddress`). With this host's own address they are the only hosts the
+    /// share lets mount.
+    #[serde(default)]
+    pub attached_from: std::collections::BTreeMap<String, String>,
 }
 
 impl VolumeState {

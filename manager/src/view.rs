@@ -268,6 +268,7 @@ pub fn volume(m: &Mgr, e: &Entry, base: &str) -> Value {
             String::new()
         },
         "attachedBy": st.attached_by,
+        "shareClients": if st.access_mode == "rwx" { m.share_clients(st) } else { Vec::new() },
         "currentImage": "longhorn-rs",
         "lastBackup": last_backup.map(|b| b["id"].clone()).unwrap_or(json!("")),
         "lastBackupAt": last_backup.map(|b| b["finishedAt"].clone()).unwrap_or(json!("")),

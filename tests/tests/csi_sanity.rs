@@ -545,6 +545,7 @@ fn csi_sanity_on_one_host() {
     let pc2 = ok("ControllerPublish rwx again", rt.block_on(ctl().controller_publish_volume(publish(&rwx.volume_id, "host-a", rcap()))));
     assert_eq!(pc2.publish_context, pc.publish_context);
     assert_eq!(m.volume("csi-sanity-rwx")["attachedBy"], serde_json::json!(["host-a"]));
+    assert_eq!(m.volume("csi-sanity-rwx")["shareClients"], serde_json::json!(["127.0.0.1"]), "the share lets in its host and host-a's address");
     let rstage = base.join("rwx-stage");
     let stage_req = |ep: &str| csi::NodeStageVolumeRequest {
         volume_id: "csi-sanity-rwx".into(),

@@ -135,6 +135,11 @@ fn every_volume_snapshot_backup_and_job_action_over_http() {
     assert!(v["actions"]["detach"].is_string() && v["actions"]["attach"].is_null(), "an attached volume's actions: {v}");
     assert_eq!(v["replicas"].as_array().map(|a| a.len()), Some(2), "{v}");
     refused(&m, "POST", "/v1/volumes/v1?action=attach", Some(&json!({})), 409, None);
+    // clientAddress (the address a ReadWriteMany node mounts the share from) is checked
+    // before anything else: it says which hosts may reach the volume's files.
+    for bad in [json!({"clientAddress": "10.0.0.1"}), json!({"attachedBy": "n1", "clientAddress": "node-b"}), json!({"attachedBy": "n1", "clientAddress": "0.0.0.0"})] {
+        refused(&m, "POST", "/v1/volumes/v1?action=attach", Some(&bad), 400, Some("clientAddress"));
+    }
     // What a page of another site could make a browser send: an empty form post, a
     // cross-origin request, a DNS-rebound host name. Refused; the volume stays attached.
     let detach = "/v1/volumes/v1?action=detach";

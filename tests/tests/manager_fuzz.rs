@@ -39,7 +39,7 @@ TARGET = os.environ["LH_FUZZ_TARGET"]
 # The body fields each volume action takes (manager/src/api.rs); any other field is a
 # 400 by design, so most cases keep only these, to get past the input checks.
 FIELDS = {
-    "attach": ["frontend", "disableFrontend", "hostId", "attachedBy", "attacherType"],
+    "attach": ["frontend", "disableFrontend", "hostId", "attachedBy", "attacherType", "clientAddress"],
     "snapshotCreate": ["name", "labels"],
     "snapshotBackup": ["name", "labels"],
     "snapshotGet": ["name"],

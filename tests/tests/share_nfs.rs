@@ -448,3 +448,62 @@ fn up_with_read_write_many_spec_serves_nfs() {
     assert!(up.term(), "longhorn up stops the share, the engine and the replicas; log:\n{}", up.log_text());
     assert!(!Path::new("/dev/longhorn/lhshare3").exists());
 }
+
+/// Polls `f` every 200 ms for up to 15 s (the share reads its clients file every second).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(15), "{what}: not within 15 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `--clients FILE`: only the addresses listed there may mount. Changes reach the
+/// running server (the same process, not a restart), a client still listed keeps its
+/// open file across them, a client taken off is shut out, and a bad line leaves the
+/// list as it was.
+#[test]
+fn share_lets_in_only_listed_clients() {
+    require(&["ganesha.nfsd", "nfs-ls"]);
+    let tmp = tempfile::Builder::new().prefix("lh-share-clients-").tempdir_in(test_root()).expect("tempdir");
+    let run = tmp.path().join("run");
+    let data = tmp.path().join("data").display().to_string();
+    let clients = tmp.path().join("clients");
+    std::fs::write(&clients, "# only another host\n127.0.0.2\n").expect("clients file");
+    let cl = clients.display().to_string();
+    let extra = ["--size", "64M", "--replicas", "1", "--data-dir", data.as_str(), "--clients", cl.as_str()];
+    let s = Share::start(&run, &tmp.path().join("share.log"), "lhshare4", &extra);
+    let pid = state(&run, "lhshare4")["server_pid"].clone();
+    assert_eq!(state(&run, "lhshare4")["clients"], serde_json::json!(["127.0.0.2"]));
+    let ls = || sh_try(&format!("nfs-ls '{}' 2>&1", s.url("").replace("/?", "?")));
+
+    let (ok, out) = ls();
+    assert!(!ok, "127.0.0.1 is not listed, yet it lists the share: {out}");
+
+    std::fs::write(&clients, "127.0.0.2\n127.0.0.1\n").expect("clients file");
+    eventually("127.0.0.1 let in", || ls().0);
+    let local = tmp.path().join("kept.txt");
+    std::fs::write(&local, "before\n").expect("write");
+    sh(&format!("nfs-cp '{}' '{}'", local.display(), s.url("kept.txt")));
+    let c = libnfs::Client::open(&s.url("kept.txt")).expect("a listed client opens a file");
+
+    // Another address added: the open file of the client still listed is undisturbed.
+    std::fs::write(&clients, "127.0.0.2\n127.0.0.1\n127.0.0.3\n").expect("clients file");
+    eventually("three clients", || state(&run, "lhshare4")["clients"].as_array().is_some_and(|a| a.len() == 3));
+    c.pwrite(7, b"after\n").expect("the open file still takes writes after a change of clients");
+    drop(c);
+    assert_eq!(nfs_cat(&s.url("kept.txt")).expect("nfs-cat"), "before\nafter\n");
+
+    // A bad line: the list in force stays.
+    std::fs::write(&clients, "127.0.0.1\nnode-b\n").expect("clients file");
+    eventually("the bad line reported", || s.proc.log_text().contains("node-b"));
+    assert!(s.proc.log_text().contains("is not an IP address"), "{}", s.proc.log_text());
+    assert_eq!(state(&run, "lhshare4")["clients"].as_array().map(|a| a.len()), Some(3));
+    assert!(ls().0, "the list in force still lets 127.0.0.1 in");
+
+    // Taken off: shut out.
+    std::fs::write(&clients, "127.0.0.2\n").expect("clients file");
+    eventually("127.0.0.1 shut out", || !ls().0);
+    assert_eq!(state(&run, "lhshare4")["server_pid"], pid, "the same server all along (reloaded, never restarted)");
+    assert_eq!(state(&run, "lhshare4")["restarts"], 0);
+}

@@ -7,7 +7,9 @@
 //! B (the same share, mounted over B's link), the seed's writer on A appending while
 //! the reader on B reads whole lines in order, B's own line read back on A, B let go
 //! while A keeps it, then A; published again on B first, the volume moves there and
-//! holds every line.
+//! holds every line. The share lets in only the nodes it is published to: a third
+//! host on the same network (no node of the volume) is refused a mount, and so is B
+//! once it has let go.
 //!
 //! If the VM cannot be set up the outer test fails and says why: it never passes
 //! silently. `inside_the_vm` is ignored outside the VM (it needs an NFS client).
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 
 const VM_TIMEOUT: Duration = Duration::from_secs(12 * 60);
 const STEPS: &[&str] = &[
-    "hosts", "create", "publish_a", "publish_b", "over_the_network", "writer_reader", "b_writes_a_reads", "stats", "b_lets_go", "a_lets_go",
+    "hosts", "create", "publish_a", "publish_b", "over_the_network", "outsider_refused", "writer_reader", "b_writes_a_reads", "stats", "b_lets_go", "b_refused", "a_lets_go",
     "moved_to_b", "deleted",
 ];
 const LINES: usize = 40;
@@ -105,6 +107,27 @@ fn nfs_mount(p: &Path) -> Option<(String, String)> {
     })
 }
 
+/// Mounts the share `ep` (nfs://IP:PORT/VOL) at `dir` from `host`'s network with the
+/// kernel's client, once (no mount.nfs retries); unmounts it again if that worked.
+/// Err(what the kernel said) when refused.
+fn try_mount(net: &Net, host: &str, ep: &str, dir: &Path) -> Result<(), String> {
+    let rest = ep.strip_prefix("nfs://").unwrap_or(ep);
+    let (addr, vol) = rest.split_once('/').unwrap_or((rest, ""));
+    let (ip, port) = addr.rsplit_once(':').unwrap_or((addr, "2049"));
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let cmd = format!(
+        "timeout 60 nsenter --net=/var/run/netns/{} -- mount -i -t nfs4 -o vers=4.1,port={port},addr={ip},soft,timeo=50,retrans=1 {ip}:/{vol} {} 2>&1",
+        net.ns(host),
+        dir.display()
+    );
+    let (mounted, out) = sh_try(&cmd);
+    if mounted {
+        let _ = sh_try(&format!("umount -l {}", dir.display()));
+        return Ok(());
+    }
+    Err(out.trim().to_string())
+}
+
 #[test]
 #[ignore = "runs inside the test VM (vm_csi_rwx_on_two_hosts): it needs the kernel's NFS client"]
 fn inside_the_vm() {
@@ -112,7 +135,8 @@ fn inside_the_vm() {
     let t = tempfile::Builder::new().prefix("lh-rwx-").tempdir_in(test_root()).expect("temp dir");
     let base = std::fs::canonicalize(t.path()).expect("the test directory");
     let mut cleanup = Cleanup { mounts: Vec::new(), dir: base.clone() };
-    let net = Net::new(&["a", "b"]);
+    // c: a host on the same network that the volume is never published to.
+    let net = Net::new(&["a", "b", "c"]);
     let (token, mans) = start_hosts(&base, &net, &["a", "b"]);
     let (ma, mb) = (&mans[0], &mans[1]);
     let all = [("host-a", ma.url.as_str()), ("host-b", mb.url.as_str())];
@@ -191,6 +215,14 @@ fn inside_the_vm() {
     let (fstype, source) = nfs_mount(&sb).expect("an NFS mount at B's staging path");
     assert_eq!(source, format!("{}:/{vol}", net.addr("a")), "B mounts {source}");
     step("over_the_network", &format!("B: {fstype} {source}"));
+    let want = serde_json::json!([net.addr("a"), net.addr("b")]);
+    assert_eq!(ma.volume(vol)["shareClients"], want, "the share lets in A and B only");
+    // The same mount from a listed host works: what refuses c is the list.
+    try_mount(&net, "b", &ep, &base.join("b/probe")).unwrap_or_else(|e| panic!("B, a listed host, cannot mount {ep} the same way: {e}"));
+    match try_mount(&net, "c", &ep, &base.join("c/mnt")) {
+        Ok(()) => panic!("host c ({}) mounted {ep}, a share it was never published to", net.addr("c")),
+        Err(why) => step("outsider_refused", &format!("c ({}): {why}", net.addr("c"))),
+    }
 
     // --- the seed's writer on A, its reader on B ---
     let (fa, fb) = (pa.join("index.html"), pb.join("index.html"));
@@ -254,6 +286,13 @@ fn inside_the_vm() {
     assert!(v["state"] == "attached" && v["attachedBy"] == serde_json::json!(["host-a"]), "{v}");
     assert!(std::fs::read_to_string(&fa).expect("A still reads").ends_with(&format!("{FINAL}\n")));
     step("b_lets_go", "still attached for host-a");
+    assert_eq!(ma.volume(vol)["shareClients"], serde_json::json!([net.addr("a")]), "B is off the share's clients");
+    // The share reads its clients every second.
+    std::thread::sleep(Duration::from_secs(3));
+    match try_mount(&net, "b", &ep, &base.join("b/again")) {
+        Ok(()) => panic!("host b mounted {ep} after it let go"),
+        Err(why) => step("b_refused", &why),
+    }
     let_go(&node_a, &sa, &pa);
     ok("ControllerUnpublish A", rt.block_on(ctl.controller().controller_unpublish_volume(unpublish("host-a"))));
     let v = ma.volume(vol);

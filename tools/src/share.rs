@@ -12,7 +12,12 @@
 //!    `ganesha.nfsd -F` as a child;
 //! 5. check it every second (the process, and an RPC NULL call to NFS v4 over TCP) and
 //!    restart it when it died or stopped answering;
-//! 6. on SIGTERM/SIGINT: stop ganesha, unmount, and detach (stop the volume) only if it
+//! 6. with `--clients FILE`, let only the addresses listed there mount (NFS `sec=sys`
+//!    trusts whatever user a client names, so the addresses are the only gate): the file
+//!    is read again every second, and a change is given to the running server by
+//!    SIGHUP (Ganesha updates the export in place; mounts of clients still listed go on
+//!    undisturbed, where a restart without a grace period would fail their open files);
+//! 7. on SIGTERM/SIGINT: stop ganesha, unmount, and detach (stop the volume) only if it
 //!    started the volume itself.
 //!
 //! The state (serving/restarting/stopped, address, pids) is kept in
@@ -24,7 +29,7 @@ use serde_json::{json, Value};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -60,6 +65,35 @@ pub struct ShareArgs {
     pub ganesha: PathBuf,
     #[arg(long, default_value = crate::DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
     pub run_dir: PathBuf,
+    /// Only the IP addresses listed in this file (one per line, `#` starts a comment)
+    /// may mount the share; a missing or empty file lets no one. Read again every
+    /// second. Without it, any host that reaches the bind address may mount.
+    #[arg(long)]
+    pub clients: Option<PathBuf>,
+}
+
+/// The addresses a `--clients` file lists. A missing file lists none (the share is
+/// closed, never open by accident); a line that is not an IP address is an error
+/// naming it.
+pub fn read_clients(path: &Path) -> Result<Vec<IpAddr>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading the share's clients from {}", path.display())),
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let ip: IpAddr = line.parse().map_err(|_| anyhow!("{} line {}: {line:?} is not an IP address", path.display(), i + 1))?;
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// How often the NFS server is checked, and how many failed NULL calls in a row make
@@ -137,6 +171,8 @@ struct Share {
     device: Option<PathBuf>,
     mount: Option<PathBuf>,
     ganesha: Option<Child>,
+    /// Who may mount (`--clients`), as the server was last configured.
+    clients: Option<Vec<IpAddr>>,
 }
 
 pub fn run(a: ShareArgs) -> Result<()> {
@@ -167,7 +203,11 @@ pub fn run(a: ShareArgs) -> Result<()> {
     };
     state.save()?;
 
-    let mut sh = Share { volume: a.volume.clone(), dir: dir.clone(), up: None, device: None, mount: None, ganesha: None };
+    let clients = a.clients.as_deref().map(read_clients).transpose()?;
+    if let Some(c) = &clients {
+        state.set("clients", json!(c));
+    }
+    let mut sh = Share { volume: a.volume.clone(), dir: dir.clone(), up: None, device: None, mount: None, ganesha: None, clients };
     let res = start(&a, &mut sh, &mut state, port, &stop).and_then(|()| {
         println!("share {endpoint} (NFSv4, port {port})");
         println!("  clients:  mount -t nfs4 -o vers=4.0,port={port} {endpoint} /mnt");
@@ -235,13 +275,43 @@ fn start(a: &ShareArgs, sh: &mut Share, state: &mut State, port: u16, stop: &Ato
 
     let conf = sh.dir.join("ganesha.conf");
     std::fs::create_dir_all(sh.dir.join("recovery")).context("creating the NFS recovery directory")?;
-    std::fs::write(&conf, ganesha_config(&a.volume, &mnt, &sh.dir.join("recovery"), &a.bind, port))
-        .with_context(|| format!("writing {}", conf.display()))?;
+    write_config(a, sh, port)?;
     let addr = sock_addr(&a.bind, port)?;
     let child = start_ganesha(a, sh, &conf, addr, stop)?;
     state.set("server_pid", json!(child.id()));
     sh.ganesha = Some(child);
     state.set("state", json!("serving"));
+    Ok(())
+}
+
+/// Writes the server's configuration for the share as it is now.
+fn write_config(a: &ShareArgs, sh: &Share, port: u16) -> Result<()> {
+    let conf = sh.dir.join("ganesha.conf");
+    let mnt = sh.mount.as_deref().ok_or_else(|| anyhow!("the volume's filesystem is not mounted"))?;
+    let text = ganesha_config(&a.volume, mnt, &sh.dir.join("recovery"), &a.bind, port, sh.clients.as_deref());
+    let tmp = conf.with_extension("conf.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &conf).with_context(|| format!("renaming {} to {}", tmp.display(), conf.display()))
+}
+
+/// Reads `--clients` again; when the list changed, rewrites the configuration and has
+/// the running server reload it (SIGHUP: Ganesha updates the export's clients in place).
+fn update_clients(a: &ShareArgs, sh: &mut Share, state: &mut State, port: u16) -> Result<()> {
+    let Some(path) = a.clients.as_deref() else { return Ok(()) };
+    let now = read_clients(path)?;
+    if sh.clients.as_ref() == Some(&now) {
+        return Ok(());
+    }
+    let before = sh.clients.replace(now.clone()).unwrap_or_default();
+    write_config(a, sh, port)?;
+    if let Some(g) = sh.ganesha.as_ref() {
+        // SAFETY: signalling our own child by pid.
+        if unsafe { libc::kill(g.id() as libc::pid_t, libc::SIGHUP) } != 0 {
+            bail!("telling the NFS server (pid {}) of its new clients: {}", g.id(), std::io::Error::last_os_error());
+        }
+    }
+    info!(volume = %a.volume, ?before, clients = ?now, "the share's clients changed; NFS server reloaded");
+    state.set("clients", json!(now));
     Ok(())
 }
 
@@ -258,6 +328,10 @@ fn serve(a: &ShareArgs, sh: &mut Share, state: &mut State, port: u16, stop: &Ato
             continue;
         }
         last_check = Instant::now();
+        if let Err(e) = update_clients(a, sh, state, port) {
+            // The list the server has stays in force: a bad edit closes nothing new.
+            error!(volume = %a.volume, "the share's clients: {e:#}; keeping {:?}", sh.clients);
+        }
         if let Some(up) = sh.up.as_mut() {
             if let Ok(Some(st)) = up.try_wait() {
                 sh.up = None;
@@ -489,7 +563,18 @@ const ANON_ID: u32 = 65534;
 /// mounted filesystem at pseudo path /VOL, read-write, root squashed to nobody, numeric
 /// owners (no idmapd), graceless (clients reconnect at once after a restart), its
 /// recovery records in the share's own directory, no NLM/RQUOTA/UDP.
-fn ganesha_config(volume: &str, mnt: &Path, recovery: &Path, bind: &str, port: u16) -> String {
+///
+/// With a client list, the export itself grants nothing and one CLIENT block grants
+/// read-write to exactly those addresses (none listed: no block, no access).
+fn ganesha_config(volume: &str, mnt: &Path, recovery: &Path, bind: &str, port: u16, clients: Option<&[IpAddr]>) -> String {
+    let (access, client_block) = match clients {
+        None => ("RW", String::new()),
+        Some([]) => ("None", String::new()),
+        Some(list) => {
+            let l: Vec<String> = list.iter().map(|ip| ip.to_string()).collect();
+            ("None", format!("    CLIENT {{\n        Clients = {};\n        Protocols = 4;\n        Transports = TCP;\n        Access_Type = RW;\n    }}\n", l.join(", ")))
+        }
+    };
     format!(
         r#"# Written by `longhorn share {volume}`; rewritten at every start.
 NFS_CORE_PARAM {{
@@ -518,7 +603,7 @@ EXPORT {{
     Pseudo = "/{volume}";
     Protocols = 4;
     Transports = TCP;
-    Access_Type = RW;
+    Access_Type = {access};
     Squash = Root_Squash;
     Anonymous_Uid = {ANON_ID};
     Anonymous_Gid = {ANON_ID};
@@ -526,7 +611,7 @@ EXPORT {{
     FSAL {{
         Name = VFS;
     }}
-}}
+{client_block}}}
 "#,
         recovery = recovery.display(),
         mnt = mnt.display(),
@@ -646,11 +731,37 @@ mod tests {
 
     #[test]
     fn config_has_the_export() {
-        let c = ganesha_config("vol1", Path::new("/run/longhorn/vol1.share/export"), Path::new("/r"), "127.0.0.1", 2049);
+        let c = ganesha_config("vol1", Path::new("/run/longhorn/vol1.share/export"), Path::new("/r"), "127.0.0.1", 2049, None);
         assert!(c.contains("Pseudo = \"/vol1\";"));
+        assert!(c.contains("Access_Type = RW;") && !c.contains("CLIENT"));
         assert!(c.contains("NFS_Port = 2049;"));
         assert!(c.contains("Protocols = 4;"));
         assert!(c.contains("Name = VFS;"));
+    }
+
+    #[test]
+    fn config_with_clients_grants_only_them() {
+        let ips: Vec<IpAddr> = vec!["10.0.0.1".parse().expect("ip"), "fd00::2".parse().expect("ip")];
+        let c = ganesha_config("v", Path::new("/e"), Path::new("/r"), "10.0.0.9", 20490, Some(&ips));
+        assert!(c.contains("Access_Type = None;"), "{c}");
+        assert!(c.contains("Clients = 10.0.0.1, fd00::2;"), "{c}");
+        let none = ganesha_config("v", Path::new("/e"), Path::new("/r"), "10.0.0.9", 20490, Some(&[]));
+        assert!(none.contains("Access_Type = None;") && !none.contains("CLIENT") && !none.contains("Access_Type = RW"), "{none}");
+    }
+
+    #[test]
+    fn clients_file_is_checked() {
+        let d = std::env::temp_dir().join(format!("lh-share-clients-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("dir");
+        let f = d.join("list");
+        assert_eq!(read_clients(&f).expect("missing file"), Vec::<IpAddr>::new());
+        std::fs::write(&f, "# nodes\n10.0.0.2\n\n10.0.0.1 # node a\n10.0.0.2\n").expect("write");
+        let want: Vec<IpAddr> = vec!["10.0.0.1".parse().expect("ip"), "10.0.0.2".parse().expect("ip")];
+        assert_eq!(read_clients(&f).expect("good file"), want);
+        std::fs::write(&f, "10.0.0.1\nnode-b\n").expect("write");
+        let e = format!("{:#}", read_clients(&f).expect_err("a name is not an address"));
+        assert!(e.contains("line 2") && e.contains("node-b"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -62,6 +62,11 @@ pub struct UpArgs {
     /// mount it (the manager gives its host's address).
     #[arg(long, default_value = "127.0.0.1")]
     pub share_bind: String,
+    /// Only the IP addresses listed in this file may mount the share (ReadWriteMany;
+    /// see `longhorn share --clients`). The manager keeps it: its own host and the
+    /// nodes the volume is attached for.
+    #[arg(long)]
+    pub share_clients: Option<PathBuf>,
     /// Create the volume from this backup (a backup URL, or a name in the configured
     /// backup target) before serving it; ignored when the volume already exists.
     #[arg(long)]
@@ -311,6 +316,9 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     if rwx {
         let mut c = Command::new(&exe);
         c.args(["share", &a.volume, "--port", &a.share_port.to_string(), "--bind", &a.share_bind]).arg("--run-dir").arg(&a.run_dir);
+        if let Some(f) = &a.share_clients {
+            c.arg("--clients").arg(f);
+        }
         match spawn_and_wait("share", c, &log_dir.join("share.log"), "ready") {
             Ok((p, ep)) => {
                 println!("  share:     {ep} (NFSv4, port {}, ReadWriteMany)", a.share_port);
