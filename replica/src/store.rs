@@ -543,9 +543,10 @@ impl Store {
     /// Reads `[offset, offset+len)` through the chain into `buf` (resized to `len`).
     pub fn read_into(&self, offset: u64, len: usize, buf: &mut BytesMut) -> io::Result<()> {
         self.check_range(offset, len as u64)?;
-        buf.clear();
-        buf.resize(len, 0);
-        read_at(&self.chain(), offset, &mut buf[..])
+        let chain = self.chain();
+        // SAFETY: `fill_spare` hands out `len` bytes of reserved capacity; read_raw
+        // writes every one of them (file bytes or zeroes) before it returns Ok.
+        unsafe { fill_spare(buf, len, |dst| read_raw(&chain, offset, dst, len)) }
     }
 
     /// Reads like [`Store::read_into`], but only from the page cache: `WouldBlock` when
@@ -554,26 +555,29 @@ impl Store {
     /// and send only misses to its readers, so one connection keeps several on the disk.
     pub fn read_cached(&self, offset: u64, len: usize, buf: &mut BytesMut) -> io::Result<()> {
         self.check_range(offset, len as u64)?;
-        buf.clear();
-        buf.resize(len, 0);
         let chain = self.chain();
-        for seg in chain.segments(offset, offset + len as u64) {
-            let dst = &mut buf[(seg.start - offset) as usize..(seg.end - offset) as usize];
-            match seg.layer {
-                None => dst.fill(0),
-                Some(l) => read_nowait(&chain.layers[l as usize].file, dst, seg.start)?,
-            }
+        // SAFETY: as in read_into; every byte is written by the kernel or zeroed.
+        unsafe {
+            fill_spare(buf, len, |dst| {
+                for_segments(&chain, offset, len, dst, |layer, p, n, at| match layer {
+                    None => Ok(std::ptr::write_bytes(p, 0, n)),
+                    Some(l) => read_nowait(&l.file, p, n, at),
+                })
+            })
         }
-        Ok(())
     }
 }
 
 /// One `preadv2(RWF_NOWAIT)`: all of `dst` from the page cache, or `WouldBlock`. A short
 /// count (part cached, or the end of the file) is `WouldBlock` too: the blocking read
 /// then gives the real answer.
-fn read_nowait(file: &File, dst: &mut [u8], offset: u64) -> io::Result<()> {
-    let iov = libc::iovec { iov_base: dst.as_mut_ptr().cast(), iov_len: dst.len() };
-    // SAFETY: one iovec over `dst`, which outlives the call; the descriptor is ours.
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` bytes.
+unsafe fn read_nowait(file: &File, dst: *mut u8, len: usize, offset: u64) -> io::Result<()> {
+    let iov = libc::iovec { iov_base: dst.cast(), iov_len: len };
+    // SAFETY: one iovec over `dst`, valid for `len` bytes (the caller's promise); the
+    // descriptor is ours.
     let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
     if n < 0 {
         let e = io::Error::last_os_error();
@@ -582,10 +586,99 @@ fn read_nowait(file: &File, dst: &mut [u8], offset: u64) -> io::Result<()> {
             _ => e,
         });
     }
-    if n as usize != dst.len() {
+    if n as usize != len {
         return Err(io::ErrorKind::WouldBlock.into());
     }
     Ok(())
+}
+
+/// Reads into `len` bytes of `buf`'s spare capacity and makes them its contents, without
+/// zeroing them first (a 1 MiB read would otherwise pay a memset only to overwrite it).
+///
+/// # Safety
+/// On `Ok`, `fill` must have written all `len` bytes at the pointer it is given.
+unsafe fn fill_spare(buf: &mut BytesMut, len: usize, fill: impl FnOnce(*mut u8) -> io::Result<()>) -> io::Result<()> {
+    buf.clear();
+    buf.reserve(len);
+    fill(buf.spare_capacity_mut().as_mut_ptr().cast::<u8>())?;
+    // SAFETY: capacity >= len (reserved), and all len bytes were written (the caller's
+    // promise for Ok).
+    unsafe { buf.set_len(len) };
+    Ok(())
+}
+
+/// Calls `f(layer, dst, n, file_offset)` for each piece of `[offset, offset + len)` in the
+/// chain, `None` for a hole (and for any gap the map leaves, so every byte of `dst` is
+/// written exactly once whatever the map says).
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` bytes; `f` gets pointers inside it.
+unsafe fn for_segments(
+    chain: &Chain,
+    offset: u64,
+    len: usize,
+    dst: *mut u8,
+    mut f: impl FnMut(Option<&Layer>, *mut u8, usize, u64) -> io::Result<()>,
+) -> io::Result<()> {
+    let end = offset + len as u64;
+    let mut pos = offset;
+    for seg in chain.segments(offset, end) {
+        let (start, stop) = (seg.start.max(pos), seg.end.min(end));
+        if stop <= start {
+            continue;
+        }
+        if start > pos {
+            // SAFETY: [pos, start) is inside [offset, end).
+            f(None, unsafe { dst.add((pos - offset) as usize) }, (start - pos) as usize, pos)?;
+        }
+        let layer = seg.layer.map(|l| &chain.layers[l as usize]);
+        // SAFETY: [start, stop) is inside [offset, end).
+        f(layer, unsafe { dst.add((start - offset) as usize) }, (stop - start) as usize, start)?;
+        pos = stop;
+    }
+    if pos < end {
+        // SAFETY: [pos, end) is inside [offset, end).
+        f(None, unsafe { dst.add((pos - offset) as usize) }, (end - pos) as usize, pos)?;
+    }
+    Ok(())
+}
+
+/// `pread` until `len` bytes are in, as `read_exact_at` but into raw memory.
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` bytes.
+unsafe fn pread_exact(file: &File, dst: *mut u8, len: usize, offset: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: the rest of `dst` is valid for writes (the caller's promise).
+        let n = unsafe { libc::pread(file.as_raw_fd(), dst.add(done).cast(), len - done, (offset + done as u64) as libc::off_t) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "failed to fill whole buffer"));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Reads `[offset, offset + len)` of the chain into raw memory: every byte written.
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` bytes.
+unsafe fn read_raw(chain: &Chain, offset: u64, dst: *mut u8, len: usize) -> io::Result<()> {
+    // SAFETY: passed on from the caller.
+    unsafe {
+        for_segments(chain, offset, len, dst, |layer, p, n, at| match layer {
+            None => Ok(std::ptr::write_bytes(p, 0, n)),
+            Some(l) => pread_exact(&l.file, p, n, at).map_err(|e| io_err(l, at, e)),
+        })
+    }
 }
 
 pub(crate) fn io_err(layer: &Layer, offset: u64, e: io::Error) -> io::Error {
@@ -594,17 +687,8 @@ pub(crate) fn io_err(layer: &Layer, offset: u64, e: io::Error) -> io::Error {
 
 /// Reads through the chain.
 pub(crate) fn read_at(chain: &Chain, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        for seg in chain.segments(offset, offset + out.len() as u64) {
-            let dst = &mut out[(seg.start - offset) as usize..(seg.end - offset) as usize];
-            match seg.layer {
-                None => dst.fill(0),
-                Some(l) => {
-                    let layer = &chain.layers[l as usize];
-                    layer.file.read_exact_at(dst, seg.start).map_err(|e| io_err(layer, seg.start, e))?;
-                }
-            }
-        }
-        Ok(())
+    // SAFETY: `out` is valid for writes of its length.
+    unsafe { read_raw(chain, offset, out.as_mut_ptr(), out.len()) }
 }
 
 impl Store {
