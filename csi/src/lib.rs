@@ -42,6 +42,8 @@ pub struct Config {
     /// Every host's manager, as (host, base URL); this host's is the one named node_id.
     pub managers: Vec<(String, String)>,
     pub token: Option<String>,
+    /// The roots that sign the managers' HTTPS certificates (`--manager-ca`).
+    pub roots: Option<manager::Roots>,
     pub controller: bool,
     pub node: bool,
     /// The block device frontend volumes are attached with (the manager's default
@@ -86,7 +88,7 @@ impl Drop for Busy<'_> {
 
 impl Driver {
     pub fn new(c: &Config) -> Driver {
-        let managers = c.managers.iter().map(|(h, u)| Manager::new(h, u, c.token.clone())).collect();
+        let managers = c.managers.iter().map(|(h, u)| Manager::new(h, u, c.token.clone(), c.roots.as_ref())).collect();
         Driver {
             node_id: c.node_id.clone(),
             managers,

@@ -5,8 +5,33 @@
 //! it to the gRPC code the CSI spec asks for.
 
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::Status;
+
+/// The certificates a client trusts for the managers' HTTPS (`--manager-ca`): the CA
+/// that signed every manager's certificate, or the certificates themselves.
+#[derive(Clone)]
+pub struct Roots(Arc<Vec<ureq::tls::Certificate<'static>>>);
+
+impl Roots {
+    /// Reads every PEM certificate of `path`; errors name the file.
+    pub fn read(path: &std::path::Path) -> Result<Roots, String> {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut certs = Vec::new();
+        for item in ureq::tls::parse_pem(&pem) {
+            match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+                Ok(_) => {}
+                Err(e) => return Err(format!("{}: not PEM: {e}", path.display())),
+            }
+        }
+        if certs.is_empty() {
+            return Err(format!("{}: holds no certificate (PEM BEGIN CERTIFICATE)", path.display()));
+        }
+        Ok(Roots(Arc::new(certs)))
+    }
+}
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -49,19 +74,27 @@ pub struct Manager {
 
 impl Manager {
     /// The driver's: reads give up after 15 s, actions after 180 s.
-    pub fn new(host: &str, base: &str, token: Option<String>) -> Manager {
-        Manager::with_timeouts(host, base, token, 15, 180)
+    pub fn new(host: &str, base: &str, token: Option<String>, roots: Option<&Roots>) -> Manager {
+        Manager::with_timeouts(host, base, token, roots, 15, 180)
     }
 
     /// The operator's (no host name: errors name the URL): every call may take as long
     /// as a listing of a slow backup target.
-    pub fn for_cli(base: &str, token: Option<String>) -> Manager {
-        Manager::with_timeouts("", base, token, 600, 600)
+    pub fn for_cli(base: &str, token: Option<String>, roots: Option<&Roots>) -> Manager {
+        Manager::with_timeouts("", base, token, roots, 600, 600)
     }
 
-    fn with_timeouts(host: &str, base: &str, token: Option<String>, read_secs: u64, action_secs: u64) -> Manager {
+    fn with_timeouts(host: &str, base: &str, token: Option<String>, roots: Option<&Roots>, read_secs: u64, action_secs: u64) -> Manager {
+        // Only the given roots are trusted (no system store): the managers' CA is the
+        // operator's own.
+        let mut tls = ureq::tls::TlsConfig::builder().unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+        if let Some(r) = roots {
+            tls = tls.root_certs(ureq::tls::RootCerts::Specific(r.0.clone()));
+        }
+        let tls = tls.build();
         let agent = |total: u64| -> ureq::Agent {
             ureq::Agent::config_builder()
+                .tls_config(tls.clone())
                 .http_status_as_error(false)
                 // A host that is down must not hold a call (and the volume's lock) for
                 // minutes: it is UNAVAILABLE, and the sidecars retry.

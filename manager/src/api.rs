@@ -19,15 +19,16 @@ use std::time::Duration;
 
 pub type Q = Query<HashMap<String, String>>;
 
-/// `http://HOST` for links: the client's Host header when it is a plain host[:port],
-/// else the address the manager listens on.
+/// `http://HOST` (https with TLS) for links: the client's Host header when it is a
+/// plain host[:port], else the address the manager listens on.
 pub fn base(m: &Shared, h: &HeaderMap) -> String {
     let host = h.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
     let ok = !host.is_empty() && host.len() < 256 && host.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
+    let scheme = if m.cfg.tls.is_some() { "https" } else { "http" };
     if ok {
-        format!("http://{host}")
+        format!("{scheme}://{host}")
     } else {
-        format!("http://{}", m.cfg.listen)
+        format!("{scheme}://{}", m.cfg.listen)
     }
 }
 

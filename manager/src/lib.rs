@@ -20,6 +20,7 @@ pub mod replicas;
 pub mod settings;
 pub mod spec;
 pub mod state;
+pub mod tls;
 pub mod ui;
 pub mod view;
 
@@ -50,6 +51,8 @@ pub struct Config {
     pub token: Option<String>,
     /// The address of this host that its replicas for other hosts' engines listen on.
     pub replica_ip: std::net::IpAddr,
+    /// HTTPS: the certificate chain and private key files (PEM); plain HTTP without.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Whether binding `addr` needs a token: anything but 127.0.0.1 and ::1 (API.md,
@@ -220,6 +223,15 @@ pub fn serve(cfg: Config) -> Result<()> {
     if needs_token(&cfg.listen) && cfg.token.is_none() {
         return Err(anyhow!("--listen {}: beyond 127.0.0.1 and ::1 the API needs --token-file", cfg.listen));
     }
+    // Checked before anything starts: a bad certificate is an error at once, not a
+    // manager that serves nothing.
+    let tls = match &cfg.tls {
+        Some((cert, key)) => Some(tls::server_config(cert, key)?),
+        None => None,
+    };
+    if tls.is_none() && !cfg.listen.ip().is_loopback() {
+        tracing::warn!(listen = %cfg.listen, "serving plain HTTP beyond loopback: the token and the volumes' secrets cross the network in clear (give --tls-cert and --tls-key)");
+    }
     for d in [&cfg.data_dir, &cfg.run_dir, &cfg.state_dir] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
@@ -230,13 +242,13 @@ pub fn serve(cfg: Config) -> Result<()> {
         .thread_name("manager")
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(run(cfg))?;
+    rt.block_on(run(cfg, tls))?;
     // Worker threads blocked on an engine must not hold the exit.
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }
 
-async fn run(cfg: Config) -> Result<()> {
+async fn run(cfg: Config, tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>) -> Result<()> {
     let m: mgr::Shared = Arc::new(mgr::Mgr::new(cfg.clone())?);
     m.adopt();
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
@@ -245,7 +257,8 @@ async fn run(cfg: Config) -> Result<()> {
     // The supervisor: restarts, samples, events; once a second.
     let m2 = m.clone();
     let mut stop2 = stop_rx.clone();
-    let base = format!("http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let base = format!("{scheme}://{addr}");
     tokio::spawn(async move {
         let mut last = std::collections::HashMap::new();
         loop {
@@ -258,12 +271,19 @@ async fn run(cfg: Config) -> Result<()> {
     });
     let app = router(m.clone(), stop_rx.clone());
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), state_dir = %cfg.state_dir.display(), "manager serving");
-    println!("listening http://{addr}");
+    println!("listening {scheme}://{addr}");
     let _ = std::io::stdout().flush();
     let mut stop3 = stop_rx.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let stopped = async move {
         let _ = stop3.changed().await;
-    });
+    };
+    type Server = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>;
+    let server: Server = match tls {
+        Some(t) => Box::pin(std::future::IntoFuture::into_future(
+            axum::serve(tls::TlsListener::new(listener, t)?, app).with_graceful_shutdown(stopped),
+        )),
+        None => Box::pin(std::future::IntoFuture::into_future(axum::serve(listener, app).with_graceful_shutdown(stopped))),
+    };
     let signals = async {
         use tokio::signal::unix::{signal, SignalKind};
         let (mut t, mut i) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
@@ -275,7 +295,7 @@ async fn run(cfg: Config) -> Result<()> {
         };
         tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
     };
-    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    let mut server = server;
     tokio::select! {
         r = &mut server => return r.context("serving HTTP"),
         _ = signals => {}

@@ -167,6 +167,21 @@ def load(directory, report):
             docs.append(doc)
         if n == 0:
             report.fail(f, "holds no document")
+    # Secrets a script of the directory makes (keys and certificates cannot be
+    # committed): it says so in a line `# validate: makes Secret NS/NAME keys K ...`,
+    # and the Secret counts as defined, with those keys, for the references.
+    for f in sorted(f for f in os.listdir(directory) if f.endswith(".sh")):
+        path = os.path.join(directory, f)
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+        for i, line in enumerate(lines):
+            m = re.match(r"#\s*validate: makes Secret ([a-z0-9-]+)/([a-z0-9.-]+) keys (.+)$", line)
+            if m:
+                keys = m.group(3).split()
+                body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                        "metadata": {"name": m.group(2), "namespace": m.group(1)},
+                        "stringData": {k: "made by " + f for k in keys}}
+                docs.append(Doc(path, i + 1, body))
     return docs
 
 

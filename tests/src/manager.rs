@@ -24,6 +24,35 @@ pub struct Manager {
     /// The network namespace of the manager's host (its API is reached from there).
     pub netns: Option<String>,
     pub token: Option<String>,
+    /// The CA (PEM) curl checks the manager's HTTPS certificate against.
+    pub ca: Option<PathBuf>,
+}
+
+/// Certificates for managers' HTTPS, made with openssl (a tool no one here wrote): a
+/// CA, and one server certificate for every address in `ips` signed by it.
+pub struct Certs {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Makes [`Certs`] in `dir` (created) with `name` as the CA's common name.
+pub fn make_certs(dir: &Path, name: &str, ips: &[String]) -> Certs {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let d = dir.display();
+    let sans: Vec<String> = ips.iter().map(|ip| format!("IP:{ip}")).collect();
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName={}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n", sans.join(",")),
+    )
+    .expect("ext.cnf");
+    crate::sh(&format!(
+        "cd '{d}' && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 \
+           -subj '/CN={name}' -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>&1 \
+         && openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout key.pem -out req.csr -subj '/CN=longhorn manager' 2>&1 \
+         && openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem -days 2 -extfile ext.cnf 2>&1"
+    ));
+    Certs { ca: dir.join("ca.pem"), cert: dir.join("cert.pem"), key: dir.join("key.pem") }
 }
 
 impl Manager {
@@ -44,29 +73,32 @@ impl Manager {
             "listening",
         )
         .expect("the manager starts");
-        Manager { proc, url: url.trim_end_matches('/').to_string(), listen: listen.to_string(), data, run, log, cleanup: true, netns: None, token: None }
+        Manager { proc, url: url.trim_end_matches('/').to_string(), listen: listen.to_string(), data, run, log, cleanup: true, netns: None, token: None, ca: None }
     }
 
     /// A manager on `host` of `net`, listening on the host's address (port 9500) with
     /// the API token in `token_file`, its replicas for other hosts on that address too.
-    pub fn start_on_host(dir: &Path, net: &crate::netns::Net, host: &str, token_file: &Path) -> Manager {
+    /// With `certs`, it serves HTTPS with them.
+    pub fn start_on_host(dir: &Path, net: &crate::netns::Net, host: &str, token_file: &Path, certs: Option<&Certs>) -> Manager {
         let data = dir.join("data");
         let run = dir.join("run");
         let log = dir.join("manager.log");
         let listen = format!("{}:9500", net.addr(host));
-        let (proc, url) = crate::netns::spawn_on(
-            net,
-            host,
-            &[
-                "manager", "serve", "--listen", &listen, "--data-dir", data.to_str().expect("utf8"), "--run-dir", run.to_str().expect("utf8"),
-                "--token-file", token_file.to_str().expect("utf8"),
-            ],
-            &log,
-            "listening",
-        )
-        .expect("the manager starts on its host");
+        let mut args: Vec<String> = [
+            "manager", "serve", "--listen", &listen, "--data-dir", data.to_str().expect("utf8"), "--run-dir", run.to_str().expect("utf8"),
+            "--token-file", token_file.to_str().expect("utf8"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(c) = certs {
+            args.extend(["--tls-cert".to_string(), c.cert.display().to_string(), "--tls-key".to_string(), c.key.display().to_string()]);
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (proc, url) = crate::netns::spawn_on(net, host, &argv, &log, "listening").expect("the manager starts on its host");
         let token = std::fs::read_to_string(token_file).expect("the token").trim().to_string();
-        Manager { proc, url: url.trim_end_matches('/').to_string(), listen, data, run, log, cleanup: true, netns: Some(net.ns(host)), token: Some(token) }
+        let ca = certs.map(|c| c.ca.clone());
+        Manager { proc, url: url.trim_end_matches('/').to_string(), listen, data, run, log, cleanup: true, netns: Some(net.ns(host)), token: Some(token), ca }
     }
 
     /// One request; (HTTP status, JSON body or Null).
@@ -86,6 +118,9 @@ impl Manager {
             None => Command::new("curl"),
         };
         c.args(["-s", "-m", "180", "-o", "-", "-w", "\n%{http_code}", "-X", method]).args(extra).arg(format!("{}{path}", self.url));
+        if let Some(ca) = &self.ca {
+            c.arg("--cacert").arg(ca);
+        }
         if let Some(t) = &self.token {
             c.args(["-H", &format!("Authorization: Bearer {t}")]);
         }
@@ -174,6 +209,18 @@ impl Drop for Manager {
 /// A manager on each of `hosts` of `net` (in `base/host-H`), all with one token, which
 /// is written to `base/token`; (the token file, the managers in the order of `hosts`).
 pub fn start_hosts(base: &Path, net: &crate::netns::Net, hosts: &[&str]) -> (PathBuf, Vec<Manager>) {
+    start_hosts_with(base, net, hosts, None)
+}
+
+/// As [`start_hosts`], the managers serving HTTPS with a certificate for every host's
+/// address signed by one CA (`base/tls/ca.pem`, also in each Manager's `ca`).
+pub fn start_hosts_tls(base: &Path, net: &crate::netns::Net, hosts: &[&str]) -> (PathBuf, Vec<Manager>) {
+    let ips: Vec<String> = hosts.iter().map(|h| net.addr(h)).collect();
+    let certs = make_certs(&base.join("tls"), "longhorn test CA", &ips);
+    start_hosts_with(base, net, hosts, Some(&certs))
+}
+
+fn start_hosts_with(base: &Path, net: &crate::netns::Net, hosts: &[&str], certs: Option<&Certs>) -> (PathBuf, Vec<Manager>) {
     let token = base.join("token");
     crate::sh(&format!("head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n' > '{0}' && chmod 600 '{0}'", token.display()));
     let mans = hosts
@@ -181,7 +228,7 @@ pub fn start_hosts(base: &Path, net: &crate::netns::Net, hosts: &[&str]) -> (Pat
         .map(|h| {
             let d = base.join(format!("host-{h}"));
             std::fs::create_dir_all(&d).expect("mkdir");
-            Manager::start_on_host(&d, net, h, &token)
+            Manager::start_on_host(&d, net, h, &token, certs)
         })
         .collect();
     (token, mans)

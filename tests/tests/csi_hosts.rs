@@ -1,5 +1,6 @@
 //! The CSI driver across three hosts, each a network namespace of its own with its
-//! manager on its own address (token required, as beyond loopback it must be): a
+//! manager on its own address (token required, as beyond loopback it must be, and
+//! HTTPS with certificates from one CA, which the drivers and curl check): a
 //! volume's three replicas land one on each host; published on host A, written,
 //! unpublished; published on host B (the engine moves there, over the same replicas),
 //! the files are there; host C cut off under fio --verify: no I/O error, the volume
@@ -7,7 +8,7 @@
 //! holds the same bytes.
 
 use longhorn_tests::csi::{csi, fails, mount_cap, ok, Driver};
-use longhorn_tests::manager::{start_hosts, Manager};
+use longhorn_tests::manager::{start_hosts_tls, Manager};
 use longhorn_tests::netns::{Cleanup, Net};
 use longhorn_tests::*;
 use csi::volume_capability::access_mode::Mode;
@@ -44,7 +45,7 @@ fn csi_volumes_with_replicas_on_three_hosts() {
     let net = Net::new(&["a", "b", "c"]);
     let store = base.join("store");
     std::fs::create_dir_all(&store).expect("mkdir");
-    let (token, mans) = start_hosts(&base, &net, &["a", "b", "c"]);
+    let (token, mans) = start_hosts_tls(&base, &net, &["a", "b", "c"]);
     for m in &mans {
         let (st, v) = m.call("PUT", "/v1/settings/backup-target", Some(&json!({"value": format!("file://{}", store.display())})));
         assert_eq!(st, 200, "{v}");
@@ -52,9 +53,12 @@ fn csi_volumes_with_replicas_on_three_hosts() {
     let (ma, mb, mc) = (&mans[0], &mans[1], &mans[2]);
     let all = [("host-a", ma.url.as_str()), ("host-b", mb.url.as_str()), ("host-c", mc.url.as_str())];
     let tok = token.to_str().expect("utf8");
-    let ctl = Driver::start_in(&base, Some((&net, "a")), "controller", "host-a", &all, &["--mode", "controller", "--token-file", tok]);
-    let node_a = Driver::start_in(&base, Some((&net, "a")), "node-a", "host-a", &all[..1], &["--mode", "node", "--token-file", tok]);
-    let node_b = Driver::start_in(&base, Some((&net, "b")), "node-b", "host-b", &all[1..2], &["--mode", "node", "--token-file", tok]);
+    // The managers serve HTTPS (start_hosts_tls); the drivers trust their CA only.
+    let ca_file = base.join("tls/ca.pem");
+    let ca = ca_file.to_str().expect("utf8");
+    let ctl = Driver::start_in(&base, Some((&net, "a")), "controller", "host-a", &all, &["--mode", "controller", "--token-file", tok, "--manager-ca", ca]);
+    let node_a = Driver::start_in(&base, Some((&net, "a")), "node-a", "host-a", &all[..1], &["--mode", "node", "--token-file", tok, "--manager-ca", ca]);
+    let node_b = Driver::start_in(&base, Some((&net, "b")), "node-b", "host-b", &all[1..2], &["--mode", "node", "--token-file", tok, "--manager-ca", ca]);
     let rt = &ctl.rt;
     let snw = || mount_cap(Mode::SingleNodeWriter, "ext4");
     let create = |name: &str, n: &str, src: Option<String>| csi::CreateVolumeRequest {
@@ -249,13 +253,16 @@ fn a_lost_hosts_replica_is_rebuilt_on_another_host_after_the_stale_timeout() {
     let base = std::fs::canonicalize(t.path()).expect("the test directory");
     let mut cleanup = Cleanup { mounts: Vec::new(), dir: base.clone() };
     let net = Net::new(&["a", "b", "c", "d"]);
-    let (token, mans) = start_hosts(&base, &net, &["a", "b", "c", "d"]);
+    let (token, mans) = start_hosts_tls(&base, &net, &["a", "b", "c", "d"]);
     let (ma, mc, md) = (&mans[0], &mans[2], &mans[3]);
     let all: Vec<(String, &str)> = ["a", "b", "c", "d"].iter().zip(&mans).map(|(h, m)| (format!("host-{h}"), m.url.as_str())).collect();
     let all: Vec<(&str, &str)> = all.iter().map(|(h, u)| (h.as_str(), *u)).collect();
     let tok = token.to_str().expect("utf8");
-    let ctl = Driver::start_in(&base, Some((&net, "a")), "controller", "host-a", &all, &["--mode", "controller", "--token-file", tok]);
-    let node_a = Driver::start_in(&base, Some((&net, "a")), "node-a", "host-a", &all[..1], &["--mode", "node", "--token-file", tok]);
+    // The managers serve HTTPS (start_hosts_tls); the drivers trust their CA only.
+    let ca_file = base.join("tls/ca.pem");
+    let ca = ca_file.to_str().expect("utf8");
+    let ctl = Driver::start_in(&base, Some((&net, "a")), "controller", "host-a", &all, &["--mode", "controller", "--token-file", tok, "--manager-ca", ca]);
+    let node_a = Driver::start_in(&base, Some((&net, "a")), "node-a", "host-a", &all[..1], &["--mode", "node", "--token-file", tok, "--manager-ca", ca]);
     let rt = &ctl.rt;
     let vol = "pvc-stale-1";
     let cap = mount_cap(Mode::SingleNodeWriter, "ext4");

@@ -94,6 +94,14 @@ struct Breakage {
 }
 
 const BREAKAGES: &[Breakage] = &[
+    // The managers' CA is a key of the Secret make-tls.sh makes (declared there).
+    Breakage {
+        file: "controller.yaml",
+        needle: "              - key: ca.crt\n",
+        replacement: "              - key: ca.pem\n",
+        r#where: "controller.yaml#1 Deployment/longhorn-csi-controller",
+        what: "Secret longhorn-manager-tls has no key 'ca.pem'",
+    },
     // A misspelt field: the API server would drop it and the setting would be lost.
     Breakage {
         file: "node.yaml",
@@ -232,4 +240,50 @@ fn validator_without_kubernetes_validate_fails() {
     let out = text(&o);
     assert_eq!(o.status.code(), Some(3), "{out}");
     assert!(out.contains("cannot import kubernetes_validate") && out.contains("tests/run"), "{out}");
+}
+
+/// deploy/kubernetes/make-tls.sh: a CA and per-node certificates that openssl verifies,
+/// for the node's address and 127.0.0.1, which a real manager serves and curl trusts
+/// through the CA; a second run adding a node keeps the CA; bad arguments are refused.
+#[test]
+fn make_tls_makes_certificates_a_manager_serves() {
+    use longhorn_tests::{sh, sh_try, spawn};
+    let t = tempfile::Builder::new().prefix("lh-make-tls-").tempdir_in(longhorn_tests::test_root()).expect("tempdir");
+    let out = t.path().join("tls");
+    let script = manifests().join("make-tls.sh");
+    let run = |args: &[&str]| Command::new(&script).arg(&out).args(args).output().expect("running make-tls.sh");
+    let o = run(&["node-a=127.0.0.3"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let printed = text(&o);
+    assert!(printed.contains("create secret generic longhorn-manager-tls") && printed.contains("node-a.key"), "{printed}");
+    let ca = std::fs::read(out.join("ca.crt")).expect("ca.crt");
+    let d = out.display();
+    sh(&format!("openssl verify -CAfile '{d}/ca.crt' '{d}/node-a.crt'"));
+    let san = sh(&format!("openssl x509 -in '{d}/node-a.crt' -noout -ext subjectAltName"));
+    assert!(san.contains("IP Address:127.0.0.3") && san.contains("IP Address:127.0.0.1"), "{san}");
+
+    let o = run(&["node-b=127.0.0.4"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(std::fs::read(out.join("ca.crt")).expect("ca.crt"), ca, "a second run made another CA");
+    sh(&format!("openssl verify -CAfile '{d}/ca.crt' '{d}/node-b.crt'"));
+    for bad in ["node-c", "Node_C=127.0.0.5", "node-c=not-an-ip"] {
+        let o = run(&[bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad} was taken: {}", text(&o));
+    }
+
+    // The manager of node-a with its certificate, as node.yaml starts it.
+    let port = longhorn_tests::manager::free_port();
+    let listen = format!("127.0.0.3:{port}");
+    let tok = t.path().join("token");
+    std::fs::write(&tok, "s3cr3t-t0ken-of-some-length\n").expect("token");
+    let (data, rundir) = (t.path().join("data"), t.path().join("run"));
+    let cert = format!("{d}/node-a.crt");
+    let key = format!("{d}/node-a.key");
+    let args = [
+        "manager", "serve", "--listen", &listen, "--token-file", tok.to_str().expect("utf8"), "--data-dir", data.to_str().expect("utf8"),
+        "--run-dir", rundir.to_str().expect("utf8"), "--tls-cert", &cert, "--tls-key", &key,
+    ];
+    let (_m, url) = spawn(&args, &t.path().join("manager.log"), "listening").expect("the manager starts with make-tls.sh's certificate");
+    let (ok, code) = sh_try(&format!("curl -s -m 5 -o /dev/null -w '%{{http_code}}' --cacert '{d}/ca.crt' '{}/healthz'", url.trim()));
+    assert!(ok && code.trim() == "200", "curl through the CA: {code}");
 }

@@ -477,6 +477,79 @@ fn beyond_loopback_the_api_needs_a_token() {
     assert_eq!(code("", "/"), "200");
 }
 
+/// `--tls-cert`/`--tls-key`: the API over HTTPS. curl and the operator CLI trusting the
+/// CA get through (with the token); a client that does not trust it, or speaks plain
+/// HTTP, gets nothing; a peer that connects and never finishes its handshake holds up
+/// no one else; a bad certificate stops the manager at start, naming the file.
+#[test]
+fn https_with_the_operators_ca() {
+    use longhorn_tests::manager::make_certs;
+    let t = tmp("lh-tls-");
+    let data = t.path().join("data");
+    let run = t.path().join("run");
+    let port = free_port();
+    let listen = format!("127.0.0.2:{port}");
+    let certs = make_certs(&t.path().join("tls"), "longhorn test CA", &["127.0.0.2".to_string()]);
+    let other = make_certs(&t.path().join("other"), "another CA", &["127.0.0.2".to_string()]);
+    let tok = t.path().join("token");
+    std::fs::write(&tok, "s3cr3t-t0ken-of-some-length\n").expect("write");
+    let args = |cert: &Path, key: &Path| -> Vec<String> {
+        [
+            "manager", "serve", "--listen", &listen, "--data-dir", data.to_str().expect("utf8"), "--run-dir", run.to_str().expect("utf8"),
+            "--token-file", tok.to_str().expect("utf8"), "--tls-cert", cert.to_str().expect("utf8"), "--tls-key", key.to_str().expect("utf8"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    // A certificate that is not one, and a key of another certificate: refused at start.
+    let o = Command::new(bin()).args(args(&certs.key, &certs.key)).output().expect("run manager");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--tls-cert"), "a key given as the certificate: {err}");
+    let o = Command::new(bin()).args(args(&certs.cert, &other.key)).output().expect("run manager");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--tls-key"), "another certificate's key: {err}");
+
+    let a = args(&certs.cert, &certs.key);
+    let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    let (_p, url) = spawn(&a, &t.path().join("manager.log"), "listening").expect("manager with TLS");
+    assert_eq!(url.trim(), format!("https://{listen}"), "it says it serves https");
+
+    // Connected, silent: the accept loop must not wait on it.
+    let silent = std::net::TcpStream::connect(&listen).expect("connect");
+    let ca = certs.ca.display().to_string();
+    let bearer = "-H 'Authorization: Bearer s3cr3t-t0ken-of-some-length'";
+    let code = |extra: &str, u: &str| sh_try(&format!("curl -s -m 5 -o /dev/null -w '%{{http_code}}' {extra} '{u}'")).1.trim().to_string();
+    assert_eq!(code(&format!("--cacert {ca} {bearer}"), &format!("{url}/v1/volumes")), "200");
+    assert_eq!(code(&format!("--cacert {ca}"), &format!("{url}/v1/volumes")), "401", "the token is still asked for");
+    assert_eq!(code(bearer, &format!("{url}/v1/volumes")), "000", "curl without the CA got an answer");
+    let other_ca = other.ca.display().to_string();
+    assert_eq!(code(&format!("--cacert {other_ca} {bearer}"), &format!("{url}/v1/volumes")), "000", "another CA was trusted");
+    assert_eq!(code(bearer, &format!("http://{listen}/v1/volumes")), "000", "plain HTTP got an answer");
+    drop(silent);
+
+    // The operator CLI: with --ca it works, without it it says what is missing, with
+    // the wrong CA it fails on the certificate.
+    let cli = |extra: &[&str]| -> (bool, String) {
+        let o = Command::new(bin())
+            .args(["manager", "--url", &url, "--token-file", tok.to_str().expect("utf8")])
+            .args(extra)
+            .args(["volume", "ls"])
+            .output()
+            .expect("run longhorn manager");
+        let mut s = String::from_utf8_lossy(&o.stdout).to_string();
+        s.push_str(&String::from_utf8_lossy(&o.stderr));
+        (o.status.success(), s)
+    };
+    let (good, out) = cli(&["--ca", &ca]);
+    assert!(good, "volume ls over https with --ca: {out}");
+    let (good, out) = cli(&[]);
+    assert!(!good && out.contains("--ca"), "without --ca: {out}");
+    let (good, out) = cli(&["--ca", &other_ca]);
+    assert!(!good && out.to_lowercase().contains("certificate"), "with another CA: {out}");
+}
+
 /// `longhorn manager volume|snapshot|job|setting|backup ...`: the operator CLI does over
 /// the API what the UI does, and says what is wrong when the API refuses.
 #[test]

@@ -17,6 +17,10 @@ pub struct Conn {
     /// A file holding the bearer token (a manager bound beyond loopback asks for one).
     #[arg(long, env = "LONGHORN_MANAGER_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the manager's HTTPS certificate; needed for
+    /// an https:// --url.
+    #[arg(long, env = "LONGHORN_MANAGER_CA", global = true)]
+    pub ca: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -183,7 +187,12 @@ impl Client {
             ),
             None => None,
         };
-        Ok(Client(longhorn_csi::manager::Manager::for_cli(&c.url, token)))
+        let roots = match &c.ca {
+            Some(p) => Some(longhorn_csi::manager::Roots::read(p).map_err(|e| anyhow!("--ca {e}"))?),
+            None if c.url.starts_with("https://") => bail!("--url {}: https needs --ca (the CA that signed the manager's certificate)", c.url),
+            None => None,
+        };
+        Ok(Client(longhorn_csi::manager::Manager::for_cli(&c.url, token, roots.as_ref())))
     }
 
     /// One request; the API's JSON answer, or its error message with the HTTP status.

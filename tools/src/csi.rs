@@ -20,6 +20,10 @@ pub struct CsiArgs {
     /// A file whose first line is the managers' API token.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// The CA certificate(s), PEM, that sign the managers' HTTPS certificates; needed
+    /// for https:// manager URLs.
+    #[arg(long)]
+    manager_ca: Option<PathBuf>,
     /// Which services to serve: controller, node, or all.
     #[arg(long, default_value = "all", value_parser = ["controller", "node", "all"])]
     mode: String,
@@ -58,11 +62,21 @@ pub fn run(a: CsiArgs) -> Result<()> {
         Some(p) => Some(longhorn_manager::read_token(p)?),
         None => None,
     };
+    let roots = match &a.manager_ca {
+        Some(p) => Some(longhorn_csi::manager::Roots::read(p).map_err(|e| anyhow::anyhow!("--manager-ca {e}"))?),
+        None => None,
+    };
+    if roots.is_none() {
+        if let Some((h, u)) = managers.iter().find(|(_, u)| u.starts_with("https://")) {
+            bail!("--manager {h}={u}: https needs --manager-ca (the CA that signed the managers' certificates)");
+        }
+    }
     longhorn_csi::serve(longhorn_csi::Config {
         endpoint: longhorn_csi::socket_path(&a.endpoint)?,
         node_id,
         managers,
         token,
+        roots,
         controller: a.mode != "node",
         node: a.mode != "controller",
         frontend: a.frontend,

@@ -18,7 +18,8 @@ pub struct ManagerArgs {
 #[derive(Subcommand)]
 pub enum ManagerCmd {
     /// Serve the REST API (/v1), the web UI (/), events and /metrics, and own the
-    /// volumes of this host. Prints `listening http://ADDR` once serving.
+    /// volumes of this host. Prints `listening http://ADDR` (https with --tls-cert)
+    /// once serving.
     Serve(ServeArgs),
     #[command(flatten)]
     Api(ApiCmd),
@@ -45,6 +46,13 @@ pub struct ServeArgs {
     /// address, or 127.0.0.1 when that is a wildcard.
     #[arg(long)]
     pub replica_address: Option<std::net::IpAddr>,
+    /// Serve HTTPS with this certificate chain (PEM, the host's certificate first; its
+    /// names must include the address clients use). Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 pub fn run(a: ManagerArgs) -> Result<()> {
@@ -62,7 +70,8 @@ pub fn run(a: ManagerArgs) -> Result<()> {
                 None => data_dir.join("manager"),
             };
             let replica_ip = a.replica_address.unwrap_or(if a.listen.ip().is_unspecified() { [127, 0, 0, 1].into() } else { a.listen.ip() });
-            longhorn_manager::serve(longhorn_manager::Config { listen: a.listen, data_dir, run_dir, state_dir, token, replica_ip })
+            let tls = a.tls_cert.zip(a.tls_key);
+            longhorn_manager::serve(longhorn_manager::Config { listen: a.listen, data_dir, run_dir, state_dir, token, replica_ip, tls })
         }
     }
 }
