@@ -15,7 +15,7 @@ use longhorn_replica::rebuild::{BeginRebuild, SyncRequest};
 use longhorn_replica::meta::DiskMeta;
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 impl Volume {
     /// Adds the replica at `addr` and starts rebuilding it. Returns once it receives
@@ -47,6 +47,8 @@ impl Volume {
                     r.set_removed();
                 }
             }
+            // See `Volume::membership`: a session opening now sees this slot or is attached.
+            let _members = me.membership.lock().unwrap_or_else(|e| e.into_inner());
             let i = me
                 .replicas
                 .push(Arc::new(ReplicaState::new(addr, Mode::WO, String::new())))
@@ -77,12 +79,13 @@ impl Volume {
                 match me.sync_replica(i, &addr2, &source_addr, &snap_file) {
                     Ok(p) => {
                         longhorn_replica::fault::point("rebuild:engine-synced");
-                        if me.mode_of(i) == Mode::WO {
-                            if let Some(r) = me.replicas.get(i) {
-                                r.set_mode(Mode::RW);
-                            }
+                        // Atomically: a drop (ERR) meanwhile must stand, not be turned RW.
+                        let promoted = me.replicas.get(i).is_some_and(|r| r.change_mode(Mode::WO, Mode::RW));
+                        if promoted {
+                            info!(volume = me.name(), replica = %addr2, secs = t.elapsed().as_secs_f64(), bytes = p, "rebuild done; replica is RW");
+                        } else {
+                            warn!(volume = me.name(), replica = %addr2, "rebuild done, but the replica was dropped meanwhile; it stays out");
                         }
-                        info!(volume = me.name(), replica = %addr2, secs = t.elapsed().as_secs_f64(), bytes = p, "rebuild done; replica is RW");
                     }
                     Err(e) => {
                         error!(volume = me.name(), replica = %addr2, "rebuild failed: {e}");

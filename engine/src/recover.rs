@@ -112,6 +112,15 @@ impl Volume {
                 Err(e) => tracing::debug!(replica = %r.addr, "still unreachable: {e}"),
             }
         }
+        // Only once the replica that was RW last answers: one dropped before it lacks
+        // the writes acknowledged after its drop, and taking it back (then rebuilding
+        // the others from it) would lose them.
+        let last = self.at_fault.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(last) = &last {
+            if !answers.iter().any(|(a, _)| a == last) {
+                return Err(format!("waiting for {last}, the replica that was RW last; the others may lack acknowledged writes"));
+            }
+        }
         let Some(newest) = answers.iter().map(|(_, i)| i.revision).max() else {
             return Err("no failed replica answers yet".into());
         };
@@ -130,6 +139,10 @@ impl Volume {
             .filter(|(a, _)| keep.is_none_or(|k| k == *a))
             .map(|(a, i)| (a.to_string(), i.revision))
             .collect();
+        // No session may open between the slots' attaching and their turning RW: it
+        // would skip them (ERR when it looked) and its writes would miss a replica that
+        // serves reads.
+        let _members = self.membership.lock().unwrap_or_else(|e| e.into_inner());
         let mut slots = Vec::new();
         for (addr, rev) in chosen.iter() {
             for (_, r) in self.replicas.iter() {
@@ -157,6 +170,7 @@ impl Volume {
                 r.set_mode(Mode::RW);
             }
         }
+        *self.at_fault.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.resume();
         let names: Vec<String> = slots.iter().map(|(_, a, _)| a.clone()).collect();
         warn!(volume = self.name(), replicas = %names.join(" "), revision = newest, "volume salvaged: the replicas with the newest data are RW again");

@@ -114,6 +114,9 @@ impl EngineSession {
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
         });
+        // Registered and connected as one step against slots being added (rebuild,
+        // salvage), which attach to the sessions registered at that moment.
+        let _members = volume.membership.lock().unwrap_or_else(|e| e.into_inner());
         volume.register(Arc::downgrade(&inner));
         for (i, r) in volume.replicas.iter() {
             if r.mode() != Mode::ERR {

@@ -69,6 +69,11 @@ impl ReplicaState {
     pub(crate) fn set_mode(&self, m: Mode) {
         self.mode.store(m as u8, Ordering::Release);
     }
+    /// `from` -> `to` only if the mode is still `from`: a drop (ERR) that lands between
+    /// a check and a set must not be overwritten. Whether it changed.
+    pub(crate) fn change_mode(&self, from: Mode, to: Mode) -> bool {
+        self.mode.compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
     pub fn reason(&self) -> String {
         self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -137,6 +142,14 @@ pub struct Volume {
     /// Serialises chain changes (snapshot, remove, revert).
     pub(crate) control: Mutex<()>,
     pub(crate) stats: IoStats,
+    /// The replica that was RW last, when the volume lost its last RW one: the only one
+    /// sure to hold every acknowledged write (a replica dropped earlier missed what came
+    /// after). Salvage waits for it. The lock also orders drops, so "the last" is one.
+    pub(crate) at_fault: Mutex<Option<String>>,
+    /// Held while a session registers and connects to the slots, and while a slot is
+    /// added and attached to the sessions (and, in salvage, until it turns RW): so every
+    /// session has a connection to every slot that takes writes.
+    pub(crate) membership: Mutex<()>,
 }
 
 /// Counters of the requests the volume completed, for the manager's metrics (throughput,
@@ -292,6 +305,8 @@ impl Volume {
             resume: (Mutex::new(()), Condvar::new()),
             control: Mutex::new(()),
             stats: IoStats::default(),
+            at_fault: Mutex::new(None),
+            membership: Mutex::new(()),
         });
         let rw = v.healthy();
         info!(volume = name, size, replicas = v.replicas.len(), healthy = rw, revision = newest, engine = %id, "volume started");
@@ -392,7 +407,14 @@ impl Volume {
     /// requests it was waiting on. Idempotent.
     pub fn fail_replica(&self, idx: usize, reason: &str) {
         let Some(r) = self.replicas.get(idx) else { return };
-        let prev = r.mode.swap(Mode::ERR as u8, Ordering::AcqRel);
+        let prev = {
+            let mut last = self.at_fault.lock().unwrap_or_else(|e| e.into_inner());
+            let prev = r.mode.swap(Mode::ERR as u8, Ordering::AcqRel);
+            if Mode::from_u8(prev) == Mode::RW && self.healthy() == 0 {
+                *last = Some(r.addr.clone());
+            }
+            prev
+        };
         if Mode::from_u8(prev) == Mode::ERR {
             // Already dropped; still sweep, in case a request outlived the first sweep.
             for s in self.live_sessions() {

@@ -9,6 +9,8 @@
 //!   `ms` milliseconds between being accepted and its pwrite (durability race tests).
 //! - `LONGHORN_SLOW_ZERO=<ms>`: zeroing or trimming takes `ms` milliseconds per MiB more,
 //!   as on a slow disk (tests that long zeroings do not exceed the I/O timeout).
+//! - `LONGHORN_FAIL_SYNC=<n>`: the `n`-th sync of the head (1 = the first) fails with
+//!   EIO, as a disk's writeback error would (tests that a failed sync sticks).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -51,4 +53,17 @@ pub fn slow_zero(len: u64) {
     if let Some(ms) = *ms {
         std::thread::sleep(Duration::from_millis(ms * len.div_ceil(1 << 20)));
     }
+}
+
+/// The head sync's fault point: `Err(EIO)` at the sync `LONGHORN_FAIL_SYNC` names.
+pub fn sync_fails() -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static AT: OnceLock<Option<u64>> = OnceLock::new();
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let Some(at) = *AT.get_or_init(|| std::env::var("LONGHORN_FAIL_SYNC").ok()?.parse().ok()) else { return Ok(()) };
+    if COUNT.fetch_add(1, Ordering::AcqRel) + 1 == at {
+        eprintln!("LONGHORN_FAIL_SYNC={at}: this sync fails with EIO");
+        return Err(std::io::Error::from_raw_os_error(libc::EIO));
+    }
+    Ok(())
 }

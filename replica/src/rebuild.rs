@@ -174,6 +174,9 @@ impl Store {
         next.dirty = true;
         next.store(&dir)?;
         *vm = next;
+        // Rewritten from a healthy replica from here on: a failed sync of what it held
+        // before no longer speaks against it (a disk still failing fails the next one).
+        *self.sync_failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.set_revision(b.revision);
         *chain = Chain {
             layers: vec![store::Layer { name: new_head.clone(), path, file: f }],

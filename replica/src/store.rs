@@ -142,6 +142,11 @@ pub struct Store {
     /// the engine's last SETTLE (u64::MAX: opened dirty and neither since). Any other
     /// count means the head changed since: see `ReplicaInfo::unsettled`.
     settled_at: AtomicU64,
+    /// A sync that failed, for good: Linux reports a writeback error once and marks the
+    /// pages clean, so a retry "succeeds" without the data. Every later flush (and a
+    /// clean close) fails with it, and `volume.meta` says Rebuilding, so no engine trusts
+    /// this replica again until a rebuild (which clears it) rewrites it.
+    pub(crate) sync_failed: Mutex<Option<String>>,
 }
 
 /// The revision counter: an mmap of `revision.counter`.
@@ -384,6 +389,18 @@ pub(crate) fn load_chain(dir: &Path, vmeta: &VolumeMeta) -> Result<Chain, StoreE
     Ok(Chain { layers, maps: RwLock::new(maps) })
 }
 
+/// Makes a replica directory reachable by its owner only (0700). The image files in it
+/// hold the volume's data and are created with the default mode (0644 under the usual
+/// umask): the directory is what keeps other local users out of them.
+pub fn restrict_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Creates a new replica directory for `volume` of `size` bytes. The directory may
     /// exist but must not hold a replica already.
@@ -395,6 +412,7 @@ impl Store {
             });
         }
         std::fs::create_dir_all(dir).map_err(|e| MetaError::io(dir, e))?;
+        restrict_dir(dir).map_err(|e| MetaError::io(dir, e))?;
         let vm = dir.join(meta::VOLUME_META);
         if vm.exists() {
             return Err(StoreError::Layout { path: vm, what: "a replica already exists here".into() });
@@ -445,6 +463,10 @@ impl Store {
     /// `volume`, when given, must match the name recorded in the directory (a directory
     /// made by Longhorn records none and adopts it).
     pub fn open(dir: &Path, volume: Option<&str>) -> Result<Store, StoreError> {
+        // A tree made before directories were restricted is fixed as it is opened.
+        if let Err(e) = restrict_dir(dir) {
+            tracing::warn!(dir = %dir.display(), "cannot make the replica directory private (mode 0700): {e}; other local users may read the volume's data");
+        }
         let mut vmeta = VolumeMeta::load(dir)?;
         let vm_path = dir.join(meta::VOLUME_META);
         if vmeta.encrypted || !vmeta.backing_file_path.is_empty() {
@@ -503,6 +525,7 @@ impl Store {
             synced: AtomicU64::new(0),
             clean: AtomicBool::new(false),
             settled_at: AtomicU64::new(if was_dirty { u64::MAX } else { 0 }),
+            sync_failed: Mutex::new(None),
         })
     }
 
@@ -880,6 +903,30 @@ impl Store {
     }
 
     fn flush_chain(&self, chain: &Chain) -> io::Result<()> {
+        if let Some(why) = self.sync_failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(io::Error::other(format!("an earlier sync failed ({why}): writes before it may not be on disk; this replica must be rebuilt")));
+        }
+        self.sync_all(chain).inspect_err(|e| self.sync_broke(e))
+    }
+
+    /// Latches a failed sync (see `sync_failed`) and records it in `volume.meta`.
+    fn sync_broke(&self, e: &io::Error) {
+        *self.sync_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        let mut m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = m.clone();
+        next.rebuilding = true;
+        next.dirty = true;
+        match next.store(&self.dir) {
+            Ok(()) => {
+                *m = next;
+                self.clean.store(false, Ordering::Release);
+            }
+            Err(e2) => tracing::error!(dir = %self.dir.display(), "cannot record the failed sync in volume.meta: {e2}"),
+        }
+        tracing::error!(dir = %self.dir.display(), "sync failed: {e}; this replica now refuses every flush until it is rebuilt");
+    }
+
+    fn sync_all(&self, chain: &Chain) -> io::Result<()> {
         // Read before any sync starts: every write counted here has returned from its
         // pwrite, so the syncs below cover it.
         let upto = self.written.load(Ordering::Acquire);
@@ -898,6 +945,7 @@ impl Store {
         }
         if upto != self.synced.load(Ordering::Acquire) {
             let head = chain.head();
+            crate::fault::sync_fails().map_err(|e| io_err(head, 0, e))?;
             head.file.sync_data().map_err(|e| io_err(head, 0, e))?;
             self.synced.fetch_max(upto, Ordering::AcqRel);
         }

@@ -159,3 +159,50 @@ fn removing_a_snapshot_under_the_head_makes_the_head_durable_before_punching() {
     assert!(data.iter().all(|&b| b == b'B'));
     rp.kill9();
 }
+
+/// The status of the reply to request `id` (0 = success) and its text.
+fn status_of(c: &mut ReplicaClient, id: u64) -> (u32, String) {
+    let (h, p) = proto::read_frame(&mut c.s).expect("reply");
+    assert_eq!(h.id, id, "replies in order here");
+    (h.status, String::from_utf8_lossy(&p).to_string())
+}
+
+/// A sync that failed (here the first, by LONGHORN_FAIL_SYNC; on a real disk a
+/// writeback error, which Linux reports once and then forgets) sticks: the FLUSH fails,
+/// and so does every later one, though a retried fdatasync would "succeed"; a clean
+/// stop does not record the replica clean; volume.meta says Rebuilding, so an engine
+/// started later does not take it as a source (the replica says so when asked).
+#[test]
+fn a_failed_sync_sticks_until_the_replica_is_rebuilt() {
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let size = 8 * MB;
+    let (mut rp, addr, dir) = replica(t.path(), size, &[("LONGHORN_FAIL_SYNC".into(), "1".into())]);
+    let mut c = ReplicaClient::connect(&addr, "vol1", size);
+    send(&mut c, Op::Write, 1, 0, &[0x5A; 4096], 4096);
+    reply(&mut c, 1);
+    send(&mut c, Op::Flush, 2, 0, &[], 0);
+    let (st, why) = status_of(&mut c, 2);
+    assert_eq!(st, libc::EIO as u32, "the failed sync's FLUSH: {why}");
+    // The same data again, and a FLUSH: the disk would take this one, the replica must not.
+    send(&mut c, Op::Write, 3, 0, &[0x5A; 4096], 4096);
+    reply(&mut c, 3);
+    send(&mut c, Op::Flush, 4, 0, &[], 0);
+    let (st, why) = status_of(&mut c, 4);
+    assert_ne!(st, 0, "a FLUSH after a failed sync was acknowledged");
+    assert!(why.contains("earlier sync failed"), "{why}");
+    let meta = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("volume.meta")).expect("volume.meta")).expect("json")
+    };
+    assert_eq!(meta()["Rebuilding"], true, "{}", meta());
+    drop(c);
+    // A clean stop (SIGTERM: flush and record Dirty:false) must not clear it.
+    rp.term();
+    assert_eq!((meta()["Dirty"].clone(), meta()["Rebuilding"].clone()), (serde_json::json!(true), serde_json::json!(true)), "{}", meta());
+    // Served again (no fault now): it tells an engine it must be rebuilt.
+    let (mut rp, addr2) = serve_replica(&dir, "vol1", size, &t.path().join("r2.log"), &[]);
+    let mut st = std::net::TcpStream::connect(&addr2).expect("connect");
+    let creds = longhorn_replica::auth::Credentials::engine(None, "test-engine");
+    let info = longhorn_replica::auth::client_handshake(&mut st, "vol1", size, &creds).expect("handshake");
+    assert!(info.rebuilding, "the replica whose sync failed offers itself as current: {info:?}");
+    rp.kill9();
+}

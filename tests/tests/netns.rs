@@ -5,7 +5,10 @@
 //! one replica (1 % of packets dropped by nftables; 20 ms +- 10 ms added by a proxy on
 //! the replica's host, as this kernel has no sch_netem) costs latency, never an error; the engine cut off from every replica
 //! fails I/O with EIO within the timeout and recovers after the heal (salvage) with no
-//! acknowledged write lost; a second engine on another host is refused.
+//! acknowledged write lost; a second engine on another host is refused. Salvage takes
+//! back only the replica that was RW last: two replicas cut off (and dropped) before
+//! the third saw a write acknowledged are not salvaged when they answer again while the
+//! third is still away.
 
 use longhorn_tests::netns::{spawn_on, Net};
 use longhorn_tests::*;
@@ -61,6 +64,18 @@ impl Setup {
 
     fn mode_of(&self, addr: &str) -> String {
         self.modes().into_iter().find(|(a, _)| a == addr).map(|(_, m)| m).unwrap_or_default()
+    }
+
+    fn kill_all(&mut self) {
+        if let Some(mut e) = self.engine.take() {
+            e.kill9();
+        }
+        if let Some(mut d) = self.delay.take() {
+            d.kill9();
+        }
+        for (p, _) in &mut self.replicas {
+            p.kill9();
+        }
     }
 
     fn engine_log(&self) -> String {
@@ -239,13 +254,61 @@ fn replicas_on_other_hosts_partitions_loss_and_split_brain() {
             println!("[netns] a second engine on another host was refused: the replicas' lease is held by the first");
         }
     }
-    if let Some(mut e) = s.engine.take() {
-        e.kill9();
-    }
-    if let Some(mut d) = s.delay.take() {
-        d.kill9();
-    }
-    for (p, _) in &mut s.replicas {
-        p.kill9();
-    }
+    s.kill_all();
+}
+
+/// Two replicas cut off and dropped, a FUA write acknowledged by the third alone, then
+/// the third cut off too (the volume faults). The first two answering again must not be
+/// salvaged (they lack the write): the volume stays faulted until the third is back,
+/// and then every read returns the acknowledged write, before and after the two others
+/// are rebuilt from it.
+#[test]
+fn salvage_waits_for_the_replica_that_was_rw_last() {
+    let mut s = setup();
+    let (r0, r1, r2) = (s.replicas[0].1.clone(), s.replicas[1].1.clone(), s.replicas[2].1.clone());
+    // 64 KiB of random bytes at 1 MiB with FUA; returns them as hex.
+    let write_fua = || {
+        sh(&format!(
+            "timeout 60 {NBDSH} -u '{}' -c 'import os; d = os.urandom(65536); h.pwrite(d, 1048576, nbd.CMD_FLAG_FUA); print(d.hex())'",
+            s.uri
+        ))
+        .trim()
+        .to_string()
+    };
+    let read = || sh_try(&format!("timeout 60 {NBDSH} -u '{}' -c 'print(h.pread(65536, 1048576).hex())' 2>&1", s.uri));
+    let first = write_fua(); // on all three
+
+    s.net.cut("r0");
+    s.net.cut("r1");
+    // Stalls until the two are dropped (I/O timeout 4 s), then r2 alone acknowledges it.
+    let acked = write_fua();
+    assert_ne!(acked, first);
+    assert_eq!((s.mode_of(&r0).as_str(), s.mode_of(&r1).as_str(), s.mode_of(&r2).as_str()), ("ERR", "ERR", "RW"), "{}", s.engine_log());
+
+    s.net.cut("r2");
+    let (ok, out) = sh_try(&format!("timeout 60 {NBDSH} -u '{}' -c 'h.pwrite(b\"z\" * 4096, 0); h.flush()' 2>&1", s.uri));
+    assert!(!ok, "a write with every replica cut off was acknowledged: {out}");
+    wait_for("r2 dropped", Duration::from_secs(20), || s.mode_of(&r2) == "ERR");
+
+    // The two stale replicas answer again; r2 does not. 30 s: an engine without the
+    // rule took r0 back 13 s after the heal here (the reconnects back off).
+    s.net.heal("r0");
+    s.net.heal("r1");
+    std::thread::sleep(Duration::from_secs(30));
+    let modes = s.modes();
+    assert!(modes.iter().all(|(_, m)| m != "RW"), "a replica that lacks an acknowledged write was salvaged: {modes:?}\n{}", s.engine_log());
+    let (ok, out) = read();
+    assert!(!ok || out.trim() != first, "the volume served the data from before the acknowledged write: {out}");
+    assert!(!ok, "the faulted volume answered a read: {out}");
+    println!("[netns] r0 and r1 back, r2 still away: not salvaged, reads fail ({})", out.trim().lines().last().unwrap_or(""));
+
+    s.net.heal("r2");
+    wait_for("r2 salvaged", Duration::from_secs(60), || s.mode_of(&r2) == "RW");
+    let (ok, out) = read();
+    assert!(ok && out.trim() == acked, "after salvage, not the acknowledged write: {out}");
+    wait_for("r0 and r1 rebuilt", Duration::from_secs(120), || s.cli(&["volume", "info", "-v", "vol1", "--json"])["state"] == "healthy");
+    let (ok, out) = read();
+    assert!(ok && out.trim() == acked, "after the rebuild, not the acknowledged write: {out}");
+    println!("[netns] r2 back: salvaged, r0 and r1 rebuilt from it, the acknowledged write read back");
+    s.kill_all();
 }

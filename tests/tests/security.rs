@@ -246,3 +246,51 @@ fn sockets_are_private_whatever_the_umask() {
     assert_eq!(mode(&run.join("vol1.sock")), 0o600, "control socket");
     assert_eq!(mode(&c.path("vol.nbd")), 0o600, "NBD socket");
 }
+
+/// A replica's directory holds the volume's data in plain image files: it is root's
+/// alone (0700), made so at start (a directory left open by an older build is closed
+/// when a replica serves it again), so another local user cannot read a byte.
+#[test]
+fn replica_directories_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::without_engine("vol1", 16 * MB, 1);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    let dir = c.replicas[0].dir.clone();
+    assert_eq!(mode(&dir), 0o700, "a new replica's directory");
+    assert!(std::fs::read_dir(&dir).expect("ls").any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("volume-head-"))));
+    // Opened up as an older build left it: the next start closes it again.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    c.restart_replica(0);
+    assert_eq!(mode(&dir), 0o700, "a replica directory served again");
+    // As a user who is not root: nothing of the volume can be listed or read.
+    let head = std::fs::read_dir(&dir)
+        .expect("ls")
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with("volume-head-"))
+        .expect("the head image")
+        .path();
+    // The test's own directory is opened up, and a file there is readable by nobody,
+    // so what stops nobody below is the replica directory alone.
+    std::fs::set_permissions(c.tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let public = c.path("public.txt");
+    std::fs::write(&public, "x").expect("write");
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let as_nobody = |p: &std::path::Path| sh_try(&format!("setpriv --reuid=65534 --regid=65534 --clear-groups head -c 1 '{}' 2>&1", p.display()));
+    let (ok, out) = as_nobody(&public);
+    assert!(ok, "the control: nobody cannot even read {} ({out}); is the test root traversable?", public.display());
+    let (ok, out) = as_nobody(&head);
+    assert!(!ok && out.contains("Permission denied"), "nobody read the head image: {out}");
+}
+
+/// NBD has no authentication: the engine refuses a TCP export beyond loopback.
+#[test]
+fn an_nbd_export_beyond_loopback_is_refused() {
+    let c = Cluster::without_engine("vol1", 16 * MB, 1);
+    let mut args = c.engine_args();
+    let i = args.iter().position(|a| a == "--nbd").expect("--nbd");
+    // 192.0.2.1 (TEST-NET-1) is never bound here: the refusal comes before any bind.
+    args[i + 1] = "tcp:192.0.2.1:10809".into();
+    let o = std::process::Command::new(bin()).args(&args).output().expect("run engine");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("beyond loopback") && err.contains("--nbd"), "{err}");
+}

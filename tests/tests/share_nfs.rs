@@ -482,6 +482,10 @@ fn share_lets_in_only_listed_clients() {
 
     std::fs::write(&clients, "127.0.0.2\n127.0.0.1\n").expect("clients file");
     eventually("127.0.0.1 let in", || ls().0);
+    // A user who is not root on a listed host speaks from an unprivileged port: with
+    // sec=sys it could claim to be anyone, so it is refused (PrivilegedPort).
+    let (ok, out) = sh_try(&format!("setpriv --reuid=65534 --regid=65534 --clear-groups nfs-ls '{}' 2>&1", s.url("").replace("/?", "?")));
+    assert!(!ok, "an unprivileged process listed the share: {out}");
     let local = tmp.path().join("kept.txt");
     std::fs::write(&local, "before\n").expect("write");
     sh(&format!("nfs-cp '{}' '{}'", local.display(), s.url("kept.txt")));

@@ -295,6 +295,8 @@ fn replica_expand(a: ReplicaExpandArgs) -> Result<()> {
 fn replica_serve(a: ReplicaServeArgs) -> Result<()> {
     let sigs = stop_signals()?;
     std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    // Before anything is written in it: the volume's data is for root's eyes only.
+    longhorn_replica::store::restrict_dir(&a.dir).with_context(|| format!("making {} private (0700)", a.dir.display()))?;
     // Held until the process ends: see `lock_dir`.
     let _lock = longhorn_replica::store::lock_dir(&a.dir)?;
     let meta = a.dir.join(longhorn_replica::meta::VOLUME_META);
@@ -354,6 +356,16 @@ fn engine_serve(a: EngineServeArgs) -> Result<()> {
     };
     let volume = Volume::start(&a.volume, a.size, &a.replicas, opts).context("starting the volume")?;
     let nbd_listen = a.nbd.clone().unwrap_or_else(|| format!("unix:{}", a.run_dir.join(format!("{}.nbd", a.volume)).display()));
+    if let Some(hp) = nbd_listen.strip_prefix("tcp:") {
+        // NBD has no authentication of its own: the export is the whole volume to
+        // anyone who reaches it. Beyond loopback that is every host on the network.
+        let addrs: Vec<std::net::SocketAddr> =
+            std::net::ToSocketAddrs::to_socket_addrs(hp).with_context(|| format!("--nbd {nbd_listen}: expected tcp:HOST:PORT"))?.collect();
+        if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+            bail!("--nbd {nbd_listen}: {a} is beyond loopback, and NBD has no authentication: anyone who reaches it could read and write the whole volume; use unix:PATH (mode 0600) or a loopback address");
+        }
+        warn!(%nbd_listen, "the NBD export on TCP loopback has no authentication: any local process can read and write the volume (unix:PATH is private to root)");
+    }
     if let Some(p) = nbd_listen.strip_prefix("unix:") {
         if let Some(d) = Path::new(p).parent() {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;

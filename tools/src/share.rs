@@ -302,13 +302,24 @@ fn update_clients(a: &ShareArgs, sh: &mut Share, state: &mut State, port: u16) -
     if sh.clients.as_ref() == Some(&now) {
         return Ok(());
     }
-    let before = sh.clients.replace(now.clone()).unwrap_or_default();
-    write_config(a, sh, port)?;
-    if let Some(g) = sh.ganesha.as_ref() {
+    // Recorded only once the server has the new list: a failed write or signal is
+    // tried again at the next check, not taken for done (a node taken off must go).
+    let before = std::mem::replace(&mut sh.clients, Some(now.clone()));
+    let applied = write_config(a, sh, port).and_then(|()| match sh.ganesha.as_ref() {
         // SAFETY: signalling our own child by pid.
-        if unsafe { libc::kill(g.id() as libc::pid_t, libc::SIGHUP) } != 0 {
-            bail!("telling the NFS server (pid {}) of its new clients: {}", g.id(), std::io::Error::last_os_error());
+        Some(g) if unsafe { libc::kill(g.id() as libc::pid_t, libc::SIGHUP) } != 0 => {
+            bail!("telling the NFS server (pid {}) of its new clients: {}", g.id(), std::io::Error::last_os_error())
         }
+        _ => Ok(()),
+    });
+    if let Err(e) = applied {
+        sh.clients = before;
+        // The configuration on disk may hold either list: write the one in force
+        // back, so a restarted server does not take up a list it was never given.
+        if let Err(e2) = write_config(a, sh, port) {
+            warn!(volume = %a.volume, "restoring the NFS configuration: {e2:#}");
+        }
+        return Err(e);
     }
     info!(volume = %a.volume, ?before, clients = ?now, "the share's clients changed; NFS server reloaded");
     state.set("clients", json!(now));
@@ -330,7 +341,7 @@ fn serve(a: &ShareArgs, sh: &mut Share, state: &mut State, port: u16, stop: &Ato
         last_check = Instant::now();
         if let Err(e) = update_clients(a, sh, state, port) {
             // The list the server has stays in force: a bad edit closes nothing new.
-            error!(volume = %a.volume, "the share's clients: {e:#}; keeping {:?}", sh.clients);
+            error!(volume = %a.volume, "the share's clients: {e:#}; the server keeps {:?} (tried again in {CHECK_EVERY:?})", sh.clients);
         }
         if let Some(up) = sh.up.as_mut() {
             if let Ok(Some(st)) = up.try_wait() {
@@ -560,7 +571,9 @@ fn sock_addr(bind: &str, port: u16) -> Result<SocketAddr> {
 const ANON_ID: u32 = 65534;
 
 /// NFS-Ganesha's configuration: NFSv4 only (minor versions 0-2), one export of the
-/// mounted filesystem at pseudo path /VOL, read-write, root squashed to nobody, numeric
+/// mounted filesystem at pseudo path /VOL, read-write, root squashed to nobody, clients
+/// only from privileged ports (`sec=sys` believes the user a client names: an
+/// unprivileged process of a client host must not speak for its users), numeric
 /// owners (no idmapd), graceless (clients reconnect at once after a restart), its
 /// recovery records in the share's own directory, no NLM/RQUOTA/UDP.
 ///
@@ -605,6 +618,7 @@ EXPORT {{
     Transports = TCP;
     Access_Type = {access};
     Squash = Root_Squash;
+    PrivilegedPort = true;
     Anonymous_Uid = {ANON_ID};
     Anonymous_Gid = {ANON_ID};
     SecType = sys;
