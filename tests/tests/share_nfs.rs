@@ -151,8 +151,8 @@ mod libnfs {
     }
 }
 
-/// A running `longhorn share`, killed on drop; its export directory is unmounted
-/// then (lazily), so a failing test leaves no mount behind.
+/// A running `longhorn share`, stopped on drop (SIGTERM, else SIGKILL); its export
+/// directory is unmounted then (lazily), so a failing test leaves no mount behind.
 struct Share {
     proc: Proc,
     port: u16,
@@ -163,7 +163,11 @@ struct Share {
 impl Drop for Share {
     fn drop(&mut self) {
         if self.proc.alive() {
-            self.proc.kill9();
+            // A clean stop first: a share that started its volume stops it (its `up`
+            // lives in a session of its own and would outlive a SIGKILL).
+            if !self.proc.term() {
+                self.proc.kill9();
+            }
             let _ = sh_try(&format!("umount -l '{}' 2>/dev/null", self.export.display()));
         }
     }
@@ -472,7 +476,7 @@ fn share_lets_in_only_listed_clients() {
     std::fs::write(&clients, "# only another host\n127.0.0.2\n").expect("clients file");
     let cl = clients.display().to_string();
     let extra = ["--size", "64M", "--replicas", "1", "--data-dir", data.as_str(), "--clients", cl.as_str()];
-    let s = Share::start(&run, &tmp.path().join("share.log"), "lhshare4", &extra);
+    let mut s = Share::start(&run, &tmp.path().join("share.log"), "lhshare4", &extra);
     let pid = state(&run, "lhshare4")["server_pid"].clone();
     assert_eq!(state(&run, "lhshare4")["clients"], serde_json::json!(["127.0.0.2"]));
     let ls = || sh_try(&format!("nfs-ls '{}' 2>&1", s.url("").replace("/?", "?")));
@@ -510,4 +514,7 @@ fn share_lets_in_only_listed_clients() {
     eventually("127.0.0.1 shut out", || !ls().0);
     assert_eq!(state(&run, "lhshare4")["server_pid"], pid, "the same server all along (reloaded, never restarted)");
     assert_eq!(state(&run, "lhshare4")["restarts"], 0);
+    // A clean stop: the share manager started the volume, and stops it.
+    assert!(s.proc.term(), "clean stop; log:\n{}", s.proc.log_text());
+    assert!(s.proc.log_text().contains("volume detached and stopped"), "{}", s.proc.log_text());
 }
