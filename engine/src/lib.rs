@@ -16,4 +16,4 @@ pub mod snapshot;
 pub mod volume;
 
 pub use api::{BlockBackend, Completer, Extent, IoOp, IoResult, Session};
-pub use volume::{Mode, Volume, VolumeHandle, VolumeOptions, VolumeStats};
+pub use volume::{Embedded, Mode, Volume, VolumeHandle, VolumeOptions, VolumeStats};

@@ -4,6 +4,8 @@
 use bytes::Bytes;
 use longhorn_replica::auth::{self, Credentials};
 use longhorn_replica::proto::{self, Header, Op, ReplicaInfo, HEADER_LEN};
+use longhorn_replica::server::LocalConn;
+use std::cell::Cell;
 use std::io::{self, BufWriter, IoSlice, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
@@ -71,31 +73,69 @@ pub fn seal(mut h: Header, payload: &[u8]) -> Header {
 }
 
 /// The sending half of a data connection, shared by the session's submit path and its
-/// failure handling.
+/// failure handling: a TCP connection, or the replica embedded in this process.
 pub struct ReplicaConn {
     pub addr: String,
-    stream: TcpStream,
-    tx: Mutex<BufWriter<TcpStream>>,
+    link: Link,
+}
+
+enum Link {
+    Tcp { stream: TcpStream, tx: Mutex<BufWriter<TcpStream>> },
+    Local(LocalConn),
+}
+
+thread_local! {
+    /// Set while this thread applies a request to the embedded replica: replies that
+    /// come back inline are flushed to the frontend by the caller's next push, once per
+    /// burst, not one by one.
+    static INLINE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is inside a request to the embedded replica (see [`INLINE`]).
+pub fn inline() -> bool {
+    INLINE.with(Cell::get)
 }
 
 impl ReplicaConn {
     pub fn new(addr: &str, stream: TcpStream) -> io::Result<ReplicaConn> {
         let w = stream.try_clone()?;
-        Ok(ReplicaConn { addr: addr.to_string(), stream, tx: Mutex::new(BufWriter::with_capacity(256 * 1024, w)) })
+        Ok(ReplicaConn { addr: addr.to_string(), link: Link::Tcp { stream, tx: Mutex::new(BufWriter::with_capacity(256 * 1024, w)) } })
     }
 
-    pub fn reader(&self) -> io::Result<TcpStream> {
-        self.stream.try_clone()
+    pub fn local(addr: &str, conn: LocalConn) -> ReplicaConn {
+        ReplicaConn { addr: addr.to_string(), link: Link::Local(conn) }
+    }
+
+    pub fn is_local(&self) -> bool {
+        matches!(self.link, Link::Local(_))
+    }
+
+    /// A second handle on the socket for the reply thread (`None` in process: replies
+    /// come through the sink).
+    pub fn reader(&self) -> io::Result<Option<TcpStream>> {
+        match &self.link {
+            Link::Tcp { stream, .. } => stream.try_clone().map(Some),
+            Link::Local(_) => Ok(None),
+        }
     }
 
     /// Queues a frame whose header already carries the payload's length and CRC (see
     /// [`seal`]: a write fanned out to N replicas is checksummed once, not N times). The
     /// payload is not copied when it is big (BufWriter passes large writes straight
-    /// through after draining what it holds).
-    pub fn send(&self, h: Header, payload: &[u8], push: bool) -> io::Result<()> {
+    /// through after draining what it holds). In process, the request is applied now.
+    pub fn send(&self, h: Header, payload: &Bytes, push: bool) -> io::Result<()> {
+        let tx = match &self.link {
+            Link::Tcp { tx, .. } => tx,
+            Link::Local(l) => {
+                let was = INLINE.with(|f| f.replace(true));
+                l.request(h, payload.clone());
+                INLINE.with(|f| f.set(was));
+                return Ok(());
+            }
+        };
         debug_assert_eq!(h.payload_len as usize, payload.len());
         let hb = h.encode();
-        let mut w = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = tx.lock().unwrap_or_else(|e| e.into_inner());
         if payload.len() > w.capacity() - w.buffer().len() {
             w.flush()?;
             // Header and payload in one writev.
@@ -123,11 +163,19 @@ impl ReplicaConn {
     }
 
     pub fn push(&self) -> io::Result<()> {
-        self.tx.lock().unwrap_or_else(|e| e.into_inner()).flush()
+        match &self.link {
+            Link::Tcp { tx, .. } => tx.lock().unwrap_or_else(|e| e.into_inner()).flush(),
+            Link::Local(_) => Ok(()),
+        }
     }
 
-    /// Ends the connection, waking its reader thread.
+    /// Ends the connection, waking its reader thread (in process: no reply after this).
     pub fn shutdown(&self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
+        match &self.link {
+            Link::Tcp { stream, .. } => {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            Link::Local(l) => l.close(),
+        }
     }
 }

@@ -133,9 +133,29 @@ impl Inner {
     /// Opens this session's connection to replica slot `i` and starts its reply thread.
     pub(crate) fn attach(self: &Arc<Self>, i: usize) -> std::io::Result<()> {
         let addr = self.volume.addr_of(i);
+        if let Some(e) = self.volume.options().embedded.as_ref().filter(|e| e.addr == addr) {
+            // The replica in this process: requests are function calls, replies come
+            // back through the sink (inline, or from its sync thread and readers).
+            let me = Arc::downgrade(self);
+            let sink: longhorn_replica::server::Sink = Box::new(move |h, p| {
+                let Some(me) = me.upgrade() else { return };
+                if let Some(reason) = me.on_reply(i, h, p) {
+                    me.volume.fail_replica(i, &reason);
+                }
+                if !replica_conn::inline() {
+                    me.completer.flush();
+                }
+            });
+            let d = self.volume.dialer();
+            let l = e.server.connect_local(&d.volume, d.size, &d.creds.engine, sink).map_err(std::io::Error::other)?;
+            if self.conns.set(i, Arc::new(ReplicaConn::local(&addr, l))).is_err() {
+                return Err(std::io::Error::other(format!("replica slot {i} already connected")));
+            }
+            return Ok(());
+        }
         let (s, _) = self.volume.dialer().connect(&addr)?;
         let c = ReplicaConn::new(&addr, s)?;
-        let rd = c.reader()?;
+        let rd = c.reader()?.ok_or_else(|| std::io::Error::other("a TCP connection without a socket"))?;
         if self.conns.set(i, Arc::new(c)).is_err() {
             return Err(std::io::Error::other(format!("replica slot {i} already connected")));
         }
@@ -251,11 +271,17 @@ impl Inner {
         if fua {
             h.flags |= FLAG_FUA;
         }
-        let body: &[u8] = payload.map(|b| &b[..]).unwrap_or(&[]);
-        let h = replica_conn::seal(h, body);
+        let body = payload.cloned().unwrap_or_default();
+        // Checksummed once for every replica reached over the network; the one in this
+        // process needs none (a 1 MiB CRC is tens of microseconds).
+        let h = if targets.iter().any(|&i| self.conns.get(i).is_some_and(|c| !c.is_local())) {
+            replica_conn::seal(h, &body)
+        } else {
+            h
+        };
         for i in targets {
             if let Some(c) = self.conns.get(i) {
-                if let Err(e) = c.send(h, body, false) {
+                if let Err(e) = c.send(h, &body, false) {
                     self.volume.fail_replica(i, &format!("send failed: {e}"));
                 }
             }
@@ -320,7 +346,7 @@ impl Inner {
             if let Some(c) = self.conns.get(i) {
                 // Pushed now: later pieces are sent from reply threads, with no frontend
                 // push to follow.
-                if let Err(e) = c.send(h, &[], true) {
+                if let Err(e) = c.send(h, &Bytes::new(), true) {
                     self.volume.fail_replica(i, &format!("send failed: {e}"));
                 }
             }
@@ -350,7 +376,9 @@ impl Inner {
         if group == 0 {
             self.finish(tag, r);
         } else {
-            self.piece_done(group, r, true);
+            // A piece the embedded replica answered inline: the `pump` that sent it
+            // goes on by itself (pumping here would nest once per piece).
+            self.piece_done(group, r, !replica_conn::inline());
         }
     }
 
@@ -361,12 +389,18 @@ impl Inner {
     }
 
     fn push_all(&self) {
+        let mut local = false;
         for (i, c) in self.conns.iter() {
+            local |= c.is_local();
             if let Err(e) = c.push() {
                 if self.volume.mode_of(i) != Mode::ERR {
                     self.volume.fail_replica(i, &format!("send failed: {e}"));
                 }
             }
+        }
+        if local {
+            // What the embedded replica answered inline since the last push.
+            self.completer.flush();
         }
     }
 
@@ -504,7 +538,7 @@ impl Inner {
         }
         for (j, h) in resend {
             if let Some(c) = self.conns.get(j) {
-                if let Err(e) = c.send(replica_conn::seal(h, &[]), &[], true) {
+                if let Err(e) = c.send(replica_conn::seal(h, &[]), &Bytes::new(), true) {
                     warn!("re-sending a read to replica {}: {e}", c.addr);
                     self.volume.fail_replica(j, &format!("send failed: {e}"));
                 }

@@ -116,11 +116,28 @@ pub struct VolumeOptions {
     pub auto_rebuild: bool,
     /// With no healthy replica left, take back the newest that answer (see `recover`).
     pub auto_salvage: bool,
+    /// The replica this process serves itself (`engine serve --embed-replica`): the
+    /// sessions reach it by function call instead of TCP.
+    pub embedded: Option<Embedded>,
+}
+
+/// A replica served by the engine's own process, known to the volume by the address
+/// it also listens on for everyone else (rebuild peers, the control calls).
+#[derive(Clone)]
+pub struct Embedded {
+    pub addr: String,
+    pub server: Arc<longhorn_replica::ReplicaServer>,
+}
+
+impl std::fmt::Debug for Embedded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Embedded({})", self.addr)
+    }
 }
 
 impl Default for VolumeOptions {
     fn default() -> Self {
-        VolumeOptions { io_timeout: Duration::from_secs(8), secret: None, auto_rebuild: false, auto_salvage: false }
+        VolumeOptions { io_timeout: Duration::from_secs(8), secret: None, auto_rebuild: false, auto_salvage: false, embedded: None }
     }
 }
 

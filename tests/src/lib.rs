@@ -275,6 +275,23 @@ impl Cluster {
         Command::new(bin()).args(args).env("LONGHORN_RUN_DIR", self.run_dir()).output().expect("run longhorn")
     }
 
+    /// `replica add ADDR --wait` (the test fails with the engine's log if it does);
+    /// returns the replica as `replica ls --json` shows it then.
+    pub fn add_and_wait(&self, addr: &str) -> serde_json::Value {
+        let o = self.cli(&["replica", "add", addr, "-v", &self.volume, "--wait"]);
+        assert!(
+            o.status.success(),
+            "replica add {addr}: {}\n{}\nengine log:\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            self.engine_log()
+        );
+        eprintln!("{}", String::from_utf8_lossy(&o.stdout).trim());
+        let ls = self.cli(&["replica", "ls", "-v", &self.volume, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&ls.stdout).expect("json");
+        v.as_array().expect("array").iter().find(|r| r["address"] == addr).cloned().expect("listed")
+    }
+
     /// The head file of replica `i` (the volume's data when there are no snapshots).
     pub fn head_file(&self, i: usize) -> PathBuf {
         let meta = std::fs::read_to_string(self.replicas[i].dir.join("volume.meta")).expect("volume.meta");

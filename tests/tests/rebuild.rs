@@ -21,21 +21,6 @@ fn chain(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn add_and_wait(c: &Cluster, addr: &str) -> serde_json::Value {
-    let o = c.cli(&["replica", "add", addr, "-v", &c.volume, "--wait"]);
-    assert!(
-        o.status.success(),
-        "replica add {addr}: {}\n{}\nengine log:\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-        c.engine_log()
-    );
-    eprintln!("{}", String::from_utf8_lossy(&o.stdout).trim());
-    let ls = c.cli(&["replica", "ls", "-v", &c.volume, "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&ls.stdout).expect("json");
-    v.as_array().expect("array").iter().find(|r| r["address"] == addr).cloned().expect("listed")
-}
-
 #[test]
 fn rebuild_under_fio_then_incremental_return() {
     assert!(have("fio") && have("nbdcopy"), "fio and nbdcopy are needed (tests/run installs them)");
@@ -59,7 +44,7 @@ fn rebuild_under_fio_then_incremental_return() {
     c.replicas[1].proc.kill9();
     let fresh = c.add_replica("r3");
     let fresh_addr = c.replicas[fresh].addr.clone();
-    let r = add_and_wait(&c, &fresh_addr);
+    let r = c.add_and_wait(&fresh_addr);
     assert_eq!(r["mode"], "RW", "{r}");
     let (ok, errs, out) = fio_run.join().expect("fio");
     assert!(ok && errs == 0, "fio saw errors during the rebuild:\n{out}\nengine log:\n{}", c.engine_log());
@@ -75,7 +60,7 @@ fn rebuild_under_fio_then_incremental_return() {
     // The dead replica comes back with its old directory: only what changed is sent.
     c.restart_replica(1);
     let back = c.replicas[1].addr.clone();
-    let r = add_and_wait(&c, &back);
+    let r = c.add_and_wait(&back);
     assert_eq!(r["mode"], "RW", "{r}");
     let p = &r["progress"];
     let (total, sent) = (p["bytes_total"].as_u64().unwrap_or(0), p["bytes_sent"].as_u64().unwrap_or(u64::MAX));

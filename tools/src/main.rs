@@ -168,8 +168,19 @@ pub struct EngineServeArgs {
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
     /// A replica address; repeat for each replica.
-    #[arg(long = "replica", required = true)]
+    #[arg(long = "replica")]
     pub replicas: Vec<String>,
+    /// Serve this replica directory (created when empty) in the engine's own process,
+    /// as the volume's first replica: the engine reaches it by function call, with no
+    /// socket or thread hand-off (the co-located replica of Longhorn's data locality).
+    /// It listens on --embed-listen for rebuild peers and control calls as any replica
+    /// does. It lives and dies with this process.
+    #[arg(long)]
+    pub embed_replica: Option<PathBuf>,
+    /// Where the embedded replica listens (HOST:PORT; port 0 picks one, printed as
+    /// `embedded replica ADDR`).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub embed_listen: String,
     /// The NBD export: `unix:PATH` or `tcp:HOST:PORT`. Default: unix:RUN_DIR/VOLUME.nbd
     #[arg(long)]
     pub nbd: Option<String>,
@@ -294,50 +305,67 @@ fn replica_expand(a: ReplicaExpandArgs) -> Result<()> {
 
 fn replica_serve(a: ReplicaServeArgs) -> Result<()> {
     let sigs = stop_signals()?;
-    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
-    // Before anything is written in it: the volume's data is for root's eyes only.
-    longhorn_replica::store::restrict_dir(&a.dir).with_context(|| format!("making {} private (0700)", a.dir.display()))?;
-    // Held until the process ends: see `lock_dir`.
-    let _lock = longhorn_replica::store::lock_dir(&a.dir)?;
-    let meta = a.dir.join(longhorn_replica::meta::VOLUME_META);
-    if !meta.exists() {
-        let busy = std::fs::read_dir(&a.dir).map(|mut d| d.next().is_some()).unwrap_or(false);
-        if busy {
-            bail!("{}: directory is not empty but has no volume.meta; refusing to create a replica over it", a.dir.display());
-        }
-        Store::create(&a.dir, &a.volume, a.size).with_context(|| format!("creating replica in {}", a.dir.display()))?;
-        info!(dir = %a.dir.display(), "created a new replica");
-    }
-    let store = Store::open(&a.dir, Some(&a.volume)).with_context(|| format!("opening replica {}", a.dir.display()))?;
-    if store.size() != a.size {
-        bail!("{}: the replica holds {} bytes, but --size says {}", a.dir.display(), store.size(), a.size);
-    }
-    if store.was_dirty() {
-        info!(dir = %a.dir.display(), "replica was not closed cleanly last time (Dirty)");
-    }
     let key = match &a.secret_file {
         Some(p) => Some(Arc::new(longhorn_replica::auth::Key::load(p).map_err(|e| anyhow!(e))?)),
         None => None,
     };
-    let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
-    let addr = listener.local_addr().context("local address")?;
-    if key.is_none() && !addr.ip().is_loopback() {
-        bail!("--listen {addr}: without --secret-file anyone who reaches this address could act as the volume's engine; give the volume's secret to listen beyond loopback");
-    }
-    if key.is_none() {
-        warn!(%addr, "no --secret-file: any local process can connect as an engine");
-    }
-    let server = ReplicaServer::new(Arc::new(store), key);
-    info!(dir = %a.dir.display(), volume = %a.volume, %addr, revision = server.store().revision(), "replica serving");
+    let (server, addr) = start_replica_server(&a.dir, &a.volume, a.size, &a.listen, key, "--listen")?;
     println!("listening {addr}");
     std::io::stdout().flush().ok();
-    let s2 = server.clone();
-    std::thread::Builder::new().name("accept".into()).spawn(move || s2.serve(listener))?;
     let sig = wait_for_signal(sigs)?;
     info!(signal = sig, "stopping replica");
     server.shutdown().context("closing the replica cleanly")?;
     info!("replica closed cleanly");
     Ok(())
+}
+
+/// Opens the replica in `dir` (created when the directory is empty), serves it on
+/// `listen` in threads of this process and returns it with the address it listens on.
+/// The directory's lock is held until the process ends. `flag` names the listen
+/// address in errors.
+fn start_replica_server(
+    dir: &Path,
+    volume: &str,
+    size: u64,
+    listen: &str,
+    key: Option<Arc<longhorn_replica::auth::Key>>,
+    flag: &str,
+) -> Result<(Arc<ReplicaServer>, std::net::SocketAddr)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Before anything is written in it: the volume's data is for root's eyes only.
+    longhorn_replica::store::restrict_dir(dir).with_context(|| format!("making {} private (0700)", dir.display()))?;
+    // Held until the process ends (see `lock_dir`): no other process serves it meanwhile.
+    let lock = longhorn_replica::store::lock_dir(dir)?;
+    std::mem::forget(lock);
+    let meta = dir.join(longhorn_replica::meta::VOLUME_META);
+    if !meta.exists() {
+        let busy = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+        if busy {
+            bail!("{}: directory is not empty but has no volume.meta; refusing to create a replica over it", dir.display());
+        }
+        Store::create(dir, volume, size).with_context(|| format!("creating replica in {}", dir.display()))?;
+        info!(dir = %dir.display(), "created a new replica");
+    }
+    let store = Store::open(dir, Some(volume)).with_context(|| format!("opening replica {}", dir.display()))?;
+    if store.size() != size {
+        bail!("{}: the replica holds {} bytes, but --size says {size}", dir.display(), store.size());
+    }
+    if store.was_dirty() {
+        info!(dir = %dir.display(), "replica was not closed cleanly last time (Dirty)");
+    }
+    let listener = TcpListener::bind(listen).with_context(|| format!("{flag} {listen}: listening"))?;
+    let addr = listener.local_addr().context("local address")?;
+    if key.is_none() && !addr.ip().is_loopback() {
+        bail!("{flag} {addr}: without --secret-file anyone who reaches this address could act as the volume's engine; give the volume's secret to listen beyond loopback");
+    }
+    if key.is_none() {
+        warn!(%addr, "no --secret-file: any local process can connect as an engine");
+    }
+    let server = ReplicaServer::new(Arc::new(store), key);
+    info!(dir = %dir.display(), %volume, %addr, revision = server.store().revision(), "replica serving");
+    let s2 = server.clone();
+    std::thread::Builder::new().name("accept".into()).spawn(move || s2.serve(listener))?;
+    Ok((server, addr))
 }
 
 fn engine_serve(a: EngineServeArgs) -> Result<()> {
@@ -348,13 +376,28 @@ fn engine_serve(a: EngineServeArgs) -> Result<()> {
         Some(p) => Some(Arc::new(longhorn_replica::auth::Key::load(p).map_err(|e| anyhow!(e))?)),
         None => None,
     };
+    let mut replicas = a.replicas.clone();
+    let embedded = match &a.embed_replica {
+        None => None,
+        Some(dir) => {
+            let (server, addr) = start_replica_server(dir, &a.volume, a.size, &a.embed_listen, secret.clone(), "--embed-listen")?;
+            let addr = addr.to_string();
+            println!("embedded replica {addr}");
+            replicas.insert(0, addr.clone());
+            Some(longhorn_engine::Embedded { addr, server })
+        }
+    };
+    if replicas.is_empty() {
+        bail!("no replica: give --replica ADDR (repeat for each) or --embed-replica DIR");
+    }
     let opts = VolumeOptions {
         io_timeout: Duration::from_secs(a.io_timeout.max(1)),
         secret,
         auto_rebuild: a.auto_rebuild,
         auto_salvage: a.auto_salvage,
+        embedded: embedded.clone(),
     };
-    let volume = Volume::start(&a.volume, a.size, &a.replicas, opts).context("starting the volume")?;
+    let volume = Volume::start(&a.volume, a.size, &replicas, opts).context("starting the volume")?;
     let nbd_listen = a.nbd.clone().unwrap_or_else(|| format!("unix:{}", a.run_dir.join(format!("{}.nbd", a.volume)).display()));
     if let Some(hp) = nbd_listen.strip_prefix("tcp:") {
         // NBD has no authentication of its own: the export is the whole volume to
@@ -447,6 +490,12 @@ fn engine_serve(a: EngineServeArgs) -> Result<()> {
     }
     handle.shutdown();
     volume.close();
+    if let Some(e) = &embedded {
+        // Closed cleanly by `close` above when it was in use; stopped here either way.
+        if let Err(err) = e.server.shutdown() {
+            error!(replica = %e.addr, "closing the embedded replica: {err}");
+        }
+    }
     info!("engine stopped");
     match detach_err {
         // A forced stop of a mounted device is expected to leave it deferred (Busy).
