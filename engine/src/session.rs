@@ -24,7 +24,7 @@ use longhorn_replica::proto::{self, FrameError, Header, Op, FLAG_FUA, HEADER_LEN
 use std::collections::HashMap;
 use std::io::BufReader;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
@@ -84,7 +84,11 @@ pub(crate) struct Inner {
     groups: Mutex<HashMap<u64, Group>>,
     next_id: AtomicU64,
     closed: AtomicBool,
+    /// The slot of the replica embedded in this process, or [`NO_SLOT`].
+    local: AtomicUsize,
 }
+
+const NO_SLOT: usize = usize::MAX;
 
 pub struct EngineSession {
     inner: Arc<Inner>,
@@ -113,6 +117,7 @@ impl EngineSession {
             groups: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            local: AtomicUsize::new(NO_SLOT),
         });
         // Registered and connected as one step against slots being added (rebuild,
         // salvage), which attach to the sessions registered at that moment.
@@ -151,6 +156,7 @@ impl Inner {
             if self.conns.set(i, Arc::new(ReplicaConn::local(&addr, l))).is_err() {
                 return Err(std::io::Error::other(format!("replica slot {i} already connected")));
             }
+            self.local.store(i, Ordering::Relaxed);
             return Ok(());
         }
         let (s, _) = self.volume.dialer().connect(&addr)?;
@@ -198,7 +204,15 @@ impl Inner {
     /// instead of every host caching the same blocks (round robin made the page caches
     /// of N replicas hold one volume's worth between them, not N). A piece whose
     /// replica is not RW (or is `not`) goes to the next one that is.
+    ///
+    /// The embedded replica, when it is RW, reads everything instead: a read there costs
+    /// a page-cache copy on this thread, one through a socket costs two hand-offs and
+    /// two copies (Longhorn's data locality serves reads locally for the same reason).
     fn pick_reader(&self, offset: u64, not: Option<usize>) -> Option<usize> {
+        let local = self.local.load(Ordering::Relaxed);
+        if local != NO_SLOT && Some(local) != not && self.readable(local) {
+            return Some(local);
+        }
         let n = self.conns.len().max(1);
         let start = (offset / READ_STRIPE) as usize % n;
         (0..n).map(|k| (start + k) % n).find(|&i| Some(i) != not && self.readable(i))
