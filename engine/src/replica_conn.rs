@@ -81,7 +81,10 @@ pub struct ReplicaConn {
 
 enum Link {
     Tcp { stream: TcpStream, tx: Mutex<BufWriter<TcpStream>> },
-    Local(LocalConn),
+    /// Requests wait in `queued` until the push that follows a burst, which sends what
+    /// the TCP connections buffered first: the replicas over the network start on a
+    /// write while this thread applies it here, instead of after.
+    Local { conn: LocalConn, queued: Mutex<Vec<(Header, Bytes)>> },
 }
 
 thread_local! {
@@ -103,11 +106,11 @@ impl ReplicaConn {
     }
 
     pub fn local(addr: &str, conn: LocalConn) -> ReplicaConn {
-        ReplicaConn { addr: addr.to_string(), link: Link::Local(conn) }
+        ReplicaConn { addr: addr.to_string(), link: Link::Local { conn, queued: Mutex::new(Vec::new()) } }
     }
 
     pub fn is_local(&self) -> bool {
-        matches!(self.link, Link::Local(_))
+        matches!(self.link, Link::Local { .. })
     }
 
     /// A second handle on the socket for the reply thread (`None` in process: replies
@@ -115,22 +118,21 @@ impl ReplicaConn {
     pub fn reader(&self) -> io::Result<Option<TcpStream>> {
         match &self.link {
             Link::Tcp { stream, .. } => stream.try_clone().map(Some),
-            Link::Local(_) => Ok(None),
+            Link::Local { .. } => Ok(None),
         }
     }
 
     /// Queues a frame whose header already carries the payload's length and CRC (see
     /// [`seal`]: a write fanned out to N replicas is checksummed once, not N times). The
     /// payload is not copied when it is big (BufWriter passes large writes straight
-    /// through after draining what it holds). In process, the request is applied now.
+    /// through after draining what it holds). In process, the request is applied at the
+    /// push (now, with `push`).
     pub fn send(&self, h: Header, payload: &Bytes, push: bool) -> io::Result<()> {
         let tx = match &self.link {
             Link::Tcp { tx, .. } => tx,
-            Link::Local(l) => {
-                let was = INLINE.with(|f| f.replace(true));
-                l.request(h, payload.clone());
-                INLINE.with(|f| f.set(was));
-                return Ok(());
+            Link::Local { queued, .. } => {
+                queued.lock().unwrap_or_else(|e| e.into_inner()).push((h, payload.clone()));
+                return if push { self.push() } else { Ok(()) };
             }
         };
         debug_assert_eq!(h.payload_len as usize, payload.len());
@@ -165,7 +167,21 @@ impl ReplicaConn {
     pub fn push(&self) -> io::Result<()> {
         match &self.link {
             Link::Tcp { tx, .. } => tx.lock().unwrap_or_else(|e| e.into_inner()).flush(),
-            Link::Local(_) => Ok(()),
+            Link::Local { conn, queued } => {
+                // Taken out first: a reply applied inline may lead to another send here
+                // (a read re-sent after a drop), which must not find the lock held.
+                loop {
+                    let batch = std::mem::take(&mut *queued.lock().unwrap_or_else(|e| e.into_inner()));
+                    if batch.is_empty() {
+                        return Ok(());
+                    }
+                    let was = INLINE.with(|f| f.replace(true));
+                    for (h, p) in batch {
+                        conn.request(h, p);
+                    }
+                    INLINE.with(|f| f.set(was));
+                }
+            }
         }
     }
 
@@ -175,7 +191,7 @@ impl ReplicaConn {
             Link::Tcp { stream, .. } => {
                 let _ = stream.shutdown(Shutdown::Both);
             }
-            Link::Local(l) => l.close(),
+            Link::Local { conn, .. } => conn.close(),
         }
     }
 }

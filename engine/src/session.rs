@@ -403,8 +403,9 @@ impl Inner {
     }
 
     fn push_all(&self) {
+        // The network first, so the remote replicas work while the embedded one does.
         let mut local = false;
-        for (i, c) in self.conns.iter() {
+        for (i, c) in self.conns.iter().filter(|(_, c)| !c.is_local()).chain(self.conns.iter().filter(|(_, c)| c.is_local())) {
             local |= c.is_local();
             if let Err(e) = c.push() {
                 if self.volume.mode_of(i) != Mode::ERR {
@@ -413,7 +414,7 @@ impl Inner {
             }
         }
         if local {
-            // What the embedded replica answered inline since the last push.
+            // What the embedded replica answered inline.
             self.completer.flush();
         }
     }
