@@ -189,3 +189,64 @@ fn a_failing_embedded_replica_is_dropped_without_failing_io() {
     let log = c.engine_log();
     assert!(log.contains("replica failed and was dropped"), "the engine log names the failure:\n{log}");
 }
+
+/// `longhorn up --embedded-replica`: replica-0 lives in the engine (no process of its
+/// own), the other is a process `up` restarts and rebuilds when it is killed under fio;
+/// a clean stop leaves both heads equal and replica-0 recorded clean.
+#[test]
+fn up_serves_its_first_replica_in_the_engine() {
+    assert!(have("fio") && have("pgrep"), "fio and pgrep are needed (tests/run installs them)");
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let (data, run, sock) = (t.path().join("data"), t.path().join("run"), t.path().join("vol1.nbd"));
+    let (mut up, _) = spawn(
+        &[
+            "up", "vol1", "--size", "128M", "--replicas", "2", "--embedded-replica", "--frontend", "none",
+            "--nbd", &format!("unix:{}", sock.display()), "--data-dir", data.to_str().expect("utf8"),
+            "--run-dir", run.to_str().expect("utf8"),
+        ],
+        &t.path().join("up.log"),
+        "Ctrl-C",
+    )
+    .expect("up starts");
+    let dir = |i: usize| data.join("vol1").join(format!("replica-{i}"));
+    let pids = |i: usize| sh(&format!("pgrep -f -- 'replica serve .*--dir {}$' || true", dir(i).display()));
+    assert!(pids(0).trim().is_empty(), "replica-0 must not be a process of its own: {}", pids(0));
+    let pid1 = pids(1).trim().to_string();
+    assert!(!pid1.is_empty(), "replica-1 runs as a process");
+    let ls = || -> Vec<(String, String)> {
+        let o = std::process::Command::new(bin()).args(["replica", "ls", "-v", "vol1", "--json"]).env("LONGHORN_RUN_DIR", &run).output().expect("cli");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| (r["address"].as_str().unwrap_or("").to_string(), r["mode"].as_str().unwrap_or("").to_string()))
+            .collect()
+    };
+    let before = ls();
+    assert_eq!(before.iter().filter(|(_, m)| m == "RW").count(), 2, "{before:?}");
+
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let load = std::thread::spawn(move || {
+        fio(&format!(
+            "--name=v --ioengine=nbd --uri='{uri}' --rw=randwrite --bs=4k --iodepth=8 --size=64M --verify=crc32c \
+             --verify_fatal=1 --rate_iops=4000"
+        ))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    sh(&format!("kill -9 {pid1}"));
+    let t0 = std::time::Instant::now();
+    loop {
+        let now = ls();
+        let back = now.len() == 2 && now.iter().all(|(_, m)| m == "RW") && !pids(1).trim().is_empty() && pids(1).trim() != pid1;
+        if back {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(90), "replica-1 not rebuilt in 90 s: {now:?}\n{}", up.log_text());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (ok, errs, out) = load.join().expect("fio");
+    assert!(ok && errs == 0, "fio verify across the kill: {out}");
+    assert!(up.term(), "up stops cleanly; log:\n{}", up.log_text());
+    assert_eq!(meta(&dir(0))["Dirty"], false, "{}", meta(&dir(0)));
+    sh(&format!("cmp '{}' '{}'", head_of(&dir(0)).display(), head_of(&dir(1)).display()));
+}

@@ -81,6 +81,12 @@ pub struct UpArgs {
     /// staleReplicaTimeout, else 2880 (48 hours, Longhorn's default).
     #[arg(long)]
     pub stale_replica_timeout: Option<String>,
+    /// Serve this host's first replica (replica-0) in the engine's own process
+    /// (`engine serve --embed-replica`): reads and its share of writes cost a function
+    /// call instead of a round trip through a socket. It lives and dies with the
+    /// engine; a failed one is added back and rebuilt like any other.
+    #[arg(long)]
+    pub embedded_replica: bool,
 }
 
 pub(crate) struct Proc {
@@ -202,6 +208,9 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     if rwx && a.frontend == "none" {
         bail!("ReadWriteMany needs a block device: --frontend none cannot be shared");
     }
+    if a.embedded_replica && replicas == 0 {
+        bail!("--embedded-replica serves one of this host's replicas in the engine: --replicas must be at least 1");
+    }
     a.replicas = Some(replicas);
     let exe = std::env::current_exe().context("finding the longhorn executable")?;
     let vol_dir = a.data_dir.join(&a.volume);
@@ -257,7 +266,9 @@ pub fn run(mut a: UpArgs) -> Result<()> {
             r.stop(Duration::from_secs(30));
         }
     };
-    for i in 0..replicas {
+    // The engine's own replica (with --embedded-replica) is not a process of ours.
+    let first = usize::from(a.embedded_replica);
+    for i in first..replicas {
         let name = format!("replica-{i}");
         let dir = vol_dir.join(&name);
         match crate::autorebuild::start_replica(&cx, &name, &dir) {
@@ -284,6 +295,9 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     for ad in &addrs {
         c.args(["--replica", ad]);
     }
+    if a.embedded_replica {
+        c.arg("--embed-replica").arg(vol_dir.join("replica-0")).args(["--embed-listen", "127.0.0.1:0"]);
+    }
     if let Some(n) = &a.nbd {
         c.args(["--nbd", n]);
     }
@@ -296,6 +310,23 @@ pub fn run(mut a: UpArgs) -> Result<()> {
         }
     };
     procs.push(engine);
+    if a.embedded_replica {
+        // Watched like a remote one: never started or stopped here, added back (and
+        // so rebuilt) when the engine drops it. It is the engine's first replica.
+        let modes = crate::control_call(&a.run_dir, &a.volume, &serde_json::json!({"cmd": "replica-modes"})).map_err(|e| anyhow::anyhow!(e));
+        match modes.and_then(|v| v[0]["address"].as_str().map(String::from).ok_or_else(|| anyhow::anyhow!("the engine lists no replica"))) {
+            Ok(addr) => {
+                let mut r = Replica::remote(addr);
+                r.name = format!("replica-0 (in the engine, {})", r.addr);
+                reps.insert(0, r);
+            }
+            Err(e) => {
+                stop_all(&mut procs, &mut reps);
+                return Err(e.context("asking the engine for its embedded replica"));
+            }
+        }
+    }
+    let addrs: Vec<String> = reps.iter().map(|r| r.addr.clone()).collect();
     println!("volume {} is up: {} replicas, {} bytes", a.volume, replicas + remote, a.size);
     println!("  data:      {}", vol_dir.display());
     println!("  logs:      {}", log_dir.display());
