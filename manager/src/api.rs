@@ -84,7 +84,7 @@ pub async fn get_volume(State(m): State<Shared>, h: HeaderMap, Path(name): Path<
 /// (`longhorn up --spec` uses the same); the error's first word is the field.
 fn spec_of(b: &Map<String, Value>) -> ApiResult<crate::spec::Spec> {
     let mut o = Map::new();
-    for k in ["numberOfReplicas", "staleReplicaTimeout", "fromBackup", "recurringJobs", "accessMode"] {
+    for k in ["numberOfReplicas", "staleReplicaTimeout", "fromBackup", "recurringJobs", "accessMode", "dataLocality"] {
         if let Some(v) = b.get(k).filter(|v| !v.is_null()) {
             o.insert(k.to_string(), v.clone());
         }
@@ -123,7 +123,7 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
     input::only(
         &b,
         &[
-            "name", "size", "numberOfReplicas", "staleReplicaTimeout", "fromBackup", "recurringJobs", "accessMode", "frontend", "disableFrontend",
+            "name", "size", "numberOfReplicas", "staleReplicaTimeout", "fromBackup", "recurringJobs", "accessMode", "dataLocality", "frontend", "disableFrontend",
             "replicaAddresses", "secret", "healthyReplicas",
         ],
     )?;
@@ -184,7 +184,15 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
     if n < remote.len() {
         return Err(ApiError::bad("numberOfReplicas", format!("numberOfReplicas: {n} is fewer than the {} replicaAddresses", remote.len())));
     }
+    let locality = spec.data_locality.clone().unwrap_or_else(|| "disabled".into());
+    if locality == "strict-local" && (n != 1 || !remote.is_empty()) {
+        return Err(ApiError::bad(
+            "dataLocality",
+            format!("dataLocality: strict-local keeps the volume's one replica on this host, in the engine's process; numberOfReplicas must be 1 and there can be no replicaAddresses (numberOfReplicas {n}, {} replicaAddresses)", remote.len()),
+        ));
+    }
     let mut st = VolumeState {
+        data_locality: locality,
         name: name.clone(),
         size: size.unwrap_or(0),
         number_of_replicas: n,
@@ -360,7 +368,7 @@ async fn hand_off(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<V
     Ok(json!({
         "type": "volumeHandOff", "name": name, "size": st.size.to_string(), "numberOfReplicas": st.number_of_replicas,
         "staleReplicaTimeout": st.stale_replica_timeout, "accessMode": st.access_mode, "recurringJobs": st.recurring_jobs,
-        "replicaAddresses": st.remote_replicas, "healthyReplicas": st.healthy_replicas, "secret": secret.trim(),
+        "dataLocality": st.locality(), "replicaAddresses": st.remote_replicas, "healthyReplicas": st.healthy_replicas, "secret": secret.trim(),
     }))
 }
 

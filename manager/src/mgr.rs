@@ -275,6 +275,7 @@ impl Mgr {
                 run_dir: &run_dir,
                 frontend: &frontend,
                 stale_minutes: st2.stale_replica_timeout,
+                embedded_replica: st2.embedded_replica(),
                 recurring_jobs: &st2.recurring_jobs,
                 share: (st2.access_mode == "rwx").then(|| (ip.to_string(), port, clients.clone())),
                 log: &log,

@@ -52,6 +52,8 @@ pub struct UpArgs<'a> {
     pub run_dir: &'a Path,
     pub frontend: &'a str,
     pub stale_minutes: u64,
+    /// Serve replica-0 in the engine's process (`up --embedded-replica`).
+    pub embedded_replica: bool,
     pub recurring_jobs: &'a serde_json::Value,
     /// ReadWriteMany: the share's address, NFS port, and the file naming who may mount.
     pub share: Option<(String, u16, PathBuf)>,
@@ -86,6 +88,9 @@ pub fn spawn_up(a: &UpArgs) -> Result<(i32, u64)> {
         .args(["--recurring-jobs", &jobs]);
     for r in a.remote_replicas {
         c.args(["--remote-replica", r]);
+    }
+    if a.embedded_replica {
+        c.arg("--embedded-replica");
     }
     if let Some((bind, port, clients)) = &a.share {
         c.args(["--access-mode", "rwx", "--share-bind", bind, "--share-port", &port.to_string()]).arg("--share-clients").arg(clients);

@@ -19,6 +19,10 @@ pub struct Spec {
     pub from_backup: Option<String>,
     pub recurring_jobs: Option<Value>,
     pub access_mode: Option<String>,
+    /// Longhorn's dataLocality: `disabled`, `best-effort` (a replica on the engine's
+    /// host, served in the engine's process when the host keeps one) or `strict-local`
+    /// (the one replica, there).
+    pub data_locality: Option<String>,
 }
 
 fn number(v: &Value, field: &str) -> Result<u64> {
@@ -67,6 +71,10 @@ pub fn from_value(v: &Value) -> Result<Spec> {
                 Some(m @ ("ReadWriteOnce" | "ReadWriteMany" | "rwo" | "rwx")) => s.access_mode = Some(m.to_string()),
                 _ => bail!("accessMode: must be ReadWriteOnce or ReadWriteMany, not {v}"),
             },
+            "dataLocality" => match v.as_str() {
+                Some(m @ ("disabled" | "best-effort" | "strict-local")) => s.data_locality = Some(m.to_string()),
+                _ => bail!("dataLocality: must be disabled, best-effort or strict-local, not {v}"),
+            },
             other => bail!("unknown volume spec parameter {other:?}"),
         }
     }
@@ -81,6 +89,7 @@ impl Spec {
             "fromBackup": self.from_backup,
             "recurringJobs": self.recurring_jobs,
             "accessMode": self.access_mode,
+            "dataLocality": self.data_locality,
         })
     }
 }
@@ -96,13 +105,15 @@ mod tests {
         assert_eq!(s.number_of_replicas, Some(2));
         assert_eq!(s.stale_replica_timeout, Some(30));
         assert!(s.from_backup.is_none());
-        let s = parse(r#"{"numberOfReplicas":3,"recurringJobs":[]}"#).expect("parses");
+        let s = parse(r#"{"numberOfReplicas":3,"recurringJobs":[],"dataLocality":"best-effort"}"#).expect("parses");
         assert_eq!(s.number_of_replicas, Some(3));
+        assert_eq!(s.data_locality.as_deref(), Some("best-effort"));
         for (bad, field) in [
             (r#"{"numberOfReplicas":"x"}"#, "numberOfReplicas"),
             (r#"{"numberOfReplicas":0}"#, "numberOfReplicas"),
             (r#"{"recurringJobs":"[{\"name\":\"x\",\"task\":\"clone\",\"cron\":\"* * * * *\",\"retain\":1}]"}"#, "task"),
             (r#"{"replicas":3}"#, "replicas"),
+            (r#"{"dataLocality":"nearby"}"#, "dataLocality"),
         ] {
             let e = parse(bad).expect_err("rejected").to_string();
             assert!(e.contains(field), "{bad}: {e}");

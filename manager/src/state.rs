@@ -51,6 +51,10 @@ pub struct VolumeState {
     /// that fell behind and rebuild the others from them, losing acknowledged writes.
     #[serde(default)]
     pub healthy_replicas: Vec<String>,
+    /// Longhorn's dataLocality (`disabled`, `best-effort`, `strict-local`); "" is
+    /// disabled (volumes recorded before it existed).
+    #[serde(default)]
+    pub data_locality: String,
     /// ReadWriteMany: the NFS port of its share on this host's address, chosen at the
     /// first attach and kept, so clients' mounts find it again after a restart.
     #[serde(default)]
@@ -70,6 +74,20 @@ impl VolumeState {
     /// How many replicas run on this host, under `longhorn up`.
     pub fn local_replicas(&self) -> usize {
         self.number_of_replicas.saturating_sub(self.remote_replicas.len())
+    }
+
+    pub fn locality(&self) -> &str {
+        if self.data_locality.is_empty() {
+            "disabled"
+        } else {
+            &self.data_locality
+        }
+    }
+
+    /// Whether `up` serves replica-0 in the engine's process: the volume asks for a
+    /// replica on the engine's host and this host keeps one.
+    pub fn embedded_replica(&self) -> bool {
+        self.locality() != "disabled" && self.local_replicas() > 0
     }
 }
 

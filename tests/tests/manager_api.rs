@@ -88,6 +88,8 @@ fn every_volume_snapshot_backup_and_job_action_over_http() {
         (json!({"name": "v1", "size": "64Mi", "recurringJobs": [{"name": "s", "task": "snapshot", "cron": "61 * * * *", "retain": 1}]}), "recurringJobs"),
         (json!({"name": "v1", "size": "64Mi", "recurringJobs": [{"name": "s", "task": "clone", "cron": "* * * * *", "retain": 1}]}), "recurringJobs"),
         (json!({"name": "v1", "size": "64Mi", "fromBackup": "not a url"}), "fromBackup"),
+        (json!({"name": "v1", "size": "64Mi", "dataLocality": "nearby"}), "dataLocality"),
+        (json!({"name": "v1", "size": "64Mi", "dataLocality": "strict-local", "numberOfReplicas": 2}), "dataLocality"),
     ] {
         refused(&m, "POST", vols, Some(&body), 400, Some(field));
     }
@@ -634,4 +636,35 @@ fn detach_of_a_mounted_volume_is_refused_at_once() {
     assert!(clean, "e2fsck: {out}");
     action(&m, "mv", "detach", json!({}));
     assert_eq!(m.volume("mv")["state"], "detached");
+}
+
+/// dataLocality (Longhorn's parameter): best-effort serves replica-0 in the engine's
+/// process (no replica process for it), strict-local the volume's only replica; the
+/// data is the data either way, and the volume is healthy.
+#[test]
+fn data_locality_serves_a_replica_in_the_engine() {
+    for tool in ["nbdcopy", "qemu-img", "pgrep"] {
+        assert!(have(tool), "{tool} is not installed (tests/run installs it)");
+    }
+    let t = tmp("lh-api-");
+    let m = Manager::start(t.path());
+    let src = t.path().join("src.bin");
+    random_file(&src, 32 * MB);
+    for (name, locality, n) in [("near", "best-effort", 2), ("only", "strict-local", 1)] {
+        let v = m.post("/v1/volumes", &json!({"name": name, "size": "32Mi", "numberOfReplicas": n, "dataLocality": locality, "frontend": "", "disableFrontend": true}));
+        assert_eq!(v["dataLocality"], locality, "{v}");
+        action(&m, name, "attach", json!({"disableFrontend": true}));
+        let v = m.wait_volume(name, 60, "attached and healthy", attached_healthy);
+        assert_eq!(v["replicas"].as_array().map(|a| a.len()), Some(n), "{v}");
+        let procs = |i: usize| sh(&format!("pgrep -f -- 'replica serve .*--dir {}$' || true", m.data.join(name).join(format!("replica-{i}")).display()));
+        assert!(procs(0).trim().is_empty(), "{name}: replica-0 runs in the engine, not as a process: {}", procs(0));
+        if n == 2 {
+            assert!(!procs(1).trim().is_empty(), "{name}: replica-1 is a process of its own");
+        }
+        let nbd = m.nbd(name);
+        sh(&format!("nbdcopy '{}' '{nbd}'", src.display()));
+        sh(&format!("qemu-img compare -f raw -F raw '{}' '{nbd}'", src.display()));
+        action(&m, name, "detach", json!({}));
+        m.wait_volume(name, 60, "detached", |v| v["state"] == "detached");
+    }
 }

@@ -208,6 +208,13 @@ pub fn run(mut a: UpArgs) -> Result<()> {
     if rwx && a.frontend == "none" {
         bail!("ReadWriteMany needs a block device: --frontend none cannot be shared");
     }
+    match spec.data_locality.as_deref() {
+        Some("strict-local") if replicas != 1 || remote > 0 => {
+            bail!("dataLocality strict-local keeps the volume's one replica here, in the engine: numberOfReplicas must be 1, with no --remote-replica")
+        }
+        Some("best-effort" | "strict-local") if replicas > 0 => a.embedded_replica = true,
+        _ => {}
+    }
     if a.embedded_replica && replicas == 0 {
         bail!("--embedded-replica serves one of this host's replicas in the engine: --replicas must be at least 1");
     }
