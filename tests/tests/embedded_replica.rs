@@ -60,6 +60,22 @@ fn embedded_replica_holds_what_the_others_hold() {
     embed(&mut c, &e0, &free_addr());
     assert_eq!(modes(&c).iter().filter(|(_, m)| m == "RW").count(), 3, "{:?}", modes(&c));
     fio_verify(&c.uri(), "--fsync=7");
+    // Snapshots while fio writes: every replica, the embedded one too, rotates its head
+    // in the same I/O pause.
+    let uri = c.uri();
+    let w = std::thread::spawn(move || {
+        fio(&format!(
+            "--name=s --ioengine=nbd --uri='{uri}' --rw=randwrite --bs=4k --iodepth=16 --size=64M --verify=crc32c \
+             --verify_fatal=1 --do_verify=1 --rate_iops=5000"
+        ))
+    });
+    for s in ["s1", "s2", "s3"] {
+        std::thread::sleep(Duration::from_millis(500));
+        let o = c.cli(&["snapshot", "create", s, "-v", "vol1"]);
+        assert!(o.status.success(), "snapshot {s} under fio: {o:?}\n{}", c.engine_log());
+    }
+    let (ok, errs, out) = w.join().expect("fio");
+    assert!(ok && errs == 0, "fio verify across the snapshots: {out}");
     let img = c.path("image.raw");
     random_file(&img, size);
     sh(&format!("nbdcopy '{}' '{}'", img.display(), c.uri()));
@@ -68,6 +84,10 @@ fn embedded_replica_holds_what_the_others_hold() {
     assert_eq!(meta(&e0)["Dirty"], false, "a clean stop records the embedded replica clean: {}", meta(&e0));
     for i in 0..2 {
         sh(&format!("cmp '{}' '{}'", head_of(&e0).display(), c.head_file(i).display()));
+        for s in ["s1", "s2", "s3"] {
+            let f = format!("volume-snap-{s}.img");
+            sh(&format!("cmp '{}' '{}'", e0.join(&f).display(), c.replicas[i].dir.join(&f).display()));
+        }
     }
 
     // One replica, the embedded one alone: fio verify again; then the directory serves
@@ -162,6 +182,12 @@ fn a_second_engine_is_refused_by_the_embedded_replica() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "a second engine must not start on a replica the first serves itself:\n{err}");
     assert!(err.contains("another engine"), "the refusal says why:\n{err}");
+    // Nor may a replica process serve the same directory meanwhile.
+    let o = std::process::Command::new(bin())
+        .args(["replica", "serve", "--dir", &e0.display().to_string(), "--volume", "vol1", "--size", &(64 * MB).to_string(), "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("replica serve");
+    assert!(!o.status.success(), "a replica process started on the directory the engine serves:\n{}", String::from_utf8_lossy(&o.stderr));
     // The first engine still serves.
     let (ok, errs, out) = fio(&format!(
         "--name=w --ioengine=nbd --uri='{}' --rw=write --bs=64k --size=8M --verify=crc32c --do_verify=1",
