@@ -330,10 +330,18 @@ impl Driver {
         need("node_id", &r.node_id)?;
         let cap = check_cap(r.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume_capability: missing"))?)?;
         let _busy = self.hold(&r.volume_id)?;
-        let (m, v) = self.find(&r.volume_id)?.ok_or_else(|| Status::not_found(format!("volume {:?}: not found", r.volume_id)))?;
-        if self.manager_of(&r.node_id).is_none() {
+        let Some(to) = self.manager_of(&r.node_id) else {
             return Err(Status::not_found(format!("node {:?}: no manager of this driver runs there", r.node_id)));
-        }
+        };
+        let (m, v) = match self.find(&r.volume_id) {
+            Ok(Some(found)) => found,
+            Ok(None) => return Err(Status::not_found(format!("volume {:?}: not found", r.volume_id))),
+            // Its host does not answer: served from here if that host is lost.
+            Err(e) => match self.take_over(&r.volume_id, to)? {
+                Some(v) => (to, v),
+                None => return Err(e),
+            },
+        };
         if cap.multi_node() && v["accessMode"] != "rwx" {
             return Err(Status::already_exists(format!(
                 "volume {:?} was made ReadWriteOnce; MULTI_NODE_MULTI_WRITER needs a ReadWriteMany volume",
@@ -439,7 +447,14 @@ impl Driver {
             return Ok(csi::ControllerUnpublishVolumeResponse {});
         }
         let _busy = self.hold(&r.volume_id)?;
-        let Some((m, v)) = self.find(&r.volume_id)? else {
+        let found = match self.find(&r.volume_id) {
+            Ok(f) => f,
+            // Its host is lost: nothing there to detach, and a take-over waits on the
+            // replicas' lease for an engine that might still run there.
+            Err(_) if self.lost_owner(&r.volume_id).is_some() => return Ok(csi::ControllerUnpublishVolumeResponse {}),
+            Err(e) => return Err(e),
+        };
+        let Some((m, v)) = found else {
             return Ok(csi::ControllerUnpublishVolumeResponse {});
         };
         if v["state"] == "detached" {

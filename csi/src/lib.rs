@@ -19,6 +19,7 @@ pub mod manager;
 pub mod mount;
 pub mod node;
 pub mod placement;
+pub mod failover;
 
 use anyhow::{bail, Context, Result};
 /// The CSI v1 messages, clients and service traits (re-exported for the tests' clients).
@@ -52,6 +53,9 @@ pub struct Config {
     /// Longhorn's replica-soft-anti-affinity: with fewer hosts than replicas, put
     /// several on one host instead of refusing the volume.
     pub soft_anti_affinity: bool,
+    /// How long a host's manager goes unanswered before its volumes are served
+    /// elsewhere (see `failover`).
+    pub failover_after: std::time::Duration,
 }
 
 /// A socket path from the forms the sidecars pass: `unix:///csi/csi.sock`,
@@ -70,6 +74,9 @@ pub struct Driver {
     pub frontend: Option<String>,
     pub soft_anti_affinity: bool,
     busy: Mutex<HashSet<String>>,
+    pub failover_after: std::time::Duration,
+    /// Hosts whose manager did not answer, since when (see `failover`).
+    down_since: Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// One call's hold on a volume (or snapshot) name; dropped when the call ends.
@@ -95,6 +102,8 @@ impl Driver {
             frontend: c.frontend.clone(),
             soft_anti_affinity: c.soft_anti_affinity,
             busy: Mutex::new(HashSet::new()),
+            failover_after: c.failover_after,
+            down_since: Mutex::new(Default::default()),
         }
     }
 

@@ -139,6 +139,8 @@ impl Driver {
             "staleReplicaTimeout": h["staleReplicaTimeout"], "accessMode": h["accessMode"],
             "recurringJobs": h["recurringJobs"], "replicaAddresses": h["replicaAddresses"], "secret": h["secret"],
             "healthyReplicas": h["healthyReplicas"],
+            // The new record is the volume from now on (see `failover`).
+            "generation": h["generation"].as_u64().unwrap_or(0) + 1,
         });
         if body["recurringJobs"].is_null() {
             body["recurringJobs"] = json!([]);
@@ -188,12 +190,36 @@ use std::time::Instant;
 impl Driver {
     fn reconcile(&self, failed: &mut HashMap<(String, String), Instant>) {
         let mut still = std::collections::HashSet::new();
+        let mut seen: HashMap<String, Vec<(&Manager, Value)>> = HashMap::new();
         for owner in &self.managers {
-            let Ok(vols) = owner.volumes() else { continue };
-            for v in vols {
+            match owner.volumes() {
+                Ok(vols) => {
+                    self.note_reachable(owner, true);
+                    for v in vols.into_iter().filter(|v| v["state"] != "handedOff") {
+                        if let Some(n) = v["name"].as_str() {
+                            seen.entry(n.to_string()).or_default().push((owner, v));
+                        }
+                    }
+                }
+                Err(_) => self.note_reachable(owner, false),
+            }
+        }
+        let lists: Vec<(&Manager, Vec<Value>)> = self
+            .managers
+            .iter()
+            .filter_map(|m| m.call("GET", "/v1/replicas", None).ok().map(|l| (m, l["data"].as_array().cloned().unwrap_or_default())))
+            .collect();
+        // A lost host back with the record of a volume served elsewhere since: gone
+        // first, so nothing below acts on it.
+        for (owner, v) in self.settle_records(seen) {
+            {
                 let Some(name) = v["name"].as_str() else { continue };
                 let remote: Vec<String> = v["replicaAddresses"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(String::from)).collect();
-                if remote.is_empty() || v["state"] != "attached" {
+                if remote.is_empty() {
+                    continue;
+                }
+                self.keep_record_copies(owner, &v, &lists);
+                if v["state"] != "attached" {
                     continue;
                 }
                 // A replica is lost while the engine does not have it healthy (ERR, or

@@ -124,9 +124,13 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
         &b,
         &[
             "name", "size", "numberOfReplicas", "staleReplicaTimeout", "fromBackup", "recurringJobs", "accessMode", "dataLocality", "frontend", "disableFrontend",
-            "replicaAddresses", "secret", "healthyReplicas",
+            "replicaAddresses", "secret", "healthyReplicas", "generation",
         ],
     )?;
+    let generation = match b.get("generation").filter(|v| !v.is_null()) {
+        None => 0,
+        Some(v) => v.as_u64().ok_or_else(|| ApiError::bad("generation", "generation: a whole number"))?,
+    };
     let name = input::req_str(&b, "name")?.to_string();
     input::name("name", &name)?;
     let spec = spec_of(&b)?;
@@ -192,6 +196,7 @@ pub async fn create_volume(State(m): State<Shared>, h: HeaderMap, b: Result<Byte
         ));
     }
     let mut st = VolumeState {
+        generation,
         data_locality: locality,
         name: name.clone(),
         size: size.unwrap_or(0),
@@ -368,7 +373,7 @@ async fn hand_off(m: &Shared, name: &str, b: &Map<String, Value>) -> ApiResult<V
     Ok(json!({
         "type": "volumeHandOff", "name": name, "size": st.size.to_string(), "numberOfReplicas": st.number_of_replicas,
         "staleReplicaTimeout": st.stale_replica_timeout, "accessMode": st.access_mode, "recurringJobs": st.recurring_jobs,
-        "dataLocality": st.locality(), "replicaAddresses": st.remote_replicas, "healthyReplicas": st.healthy_replicas, "secret": secret.trim(),
+        "dataLocality": st.locality(), "generation": st.generation, "replicaAddresses": st.remote_replicas, "healthyReplicas": st.healthy_replicas, "secret": secret.trim(),
     }))
 }
 

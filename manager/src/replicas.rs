@@ -45,6 +45,11 @@ pub struct ReplicaState {
     pub pid: Option<i32>,
     #[serde(default)]
     pub start_time: Option<u64>,
+    /// A copy of the volume's record as its owner (the manager of the host serving
+    /// it) last had it, kept here by the CSI controller: if that host is lost, the
+    /// controller serves the volume elsewhere from this copy (see `check_record`).
+    #[serde(default)]
+    pub record: Option<Value>,
 }
 
 /// The manager's bookkeeping of one replica: its record and when to try a restart.
@@ -230,7 +235,7 @@ fn json_of(m: &Shared, e: &Entry) -> Value {
     json!({
         "type": "replicaInstance", "id": key(&st.volume, &st.name), "volume": st.volume, "name": st.name,
         "size": st.size.to_string(), "address": st.address, "running": alive(st), "created": st.created,
-        "dataPath": data_path(&m.cfg.data_dir, &st.volume, &st.name).display().to_string(),
+        "dataPath": data_path(&m.cfg.data_dir, &st.volume, &st.name).display().to_string(), "record": st.record,
         "links": {"self": format!("/v1/replicas/{}/{}", st.volume, st.name)}, "actions": {},
     })
 }
@@ -291,6 +296,7 @@ pub async fn create(State(m): State<Shared>, h: HeaderMap, b: Result<Bytes, Byte
             created: longhorn_replica::meta::now_rfc3339(),
             pid: None,
             start_time: None,
+            record: None,
         };
         // The record first: a manager killed before the process starts knows of it,
         // lists it and can delete it.
@@ -339,12 +345,14 @@ pub async fn action(
 ) -> ApiResult<Json<Value>> {
     input::name("volume", &volume)?;
     input::name("name", &name)?;
+    let b = crate::api::body(&h, b)?;
     match q.get("action").map(String::as_str) {
         Some("expand") => {}
-        Some(other) => return Err(ApiError::bad("action", format!("action: unknown replica action {other:?}"))),
-        None => return Err(ApiError::bad("action", "action: required (?action=expand)")),
+        Some("record") => return keep_record(&m, &volume, &name, &b).await.map(Json),
+        Some("secret") => return secret_of(&m, &volume, &name, &b).await.map(Json),
+        Some(other) => return Err(ApiError::bad("action", format!("action: unknown replica action {other:?} (expand, record, secret)"))),
+        None => return Err(ApiError::bad("action", "action: required (?action=expand, record or secret)")),
     }
-    let b = crate::api::body(&h, b)?;
     input::only(&b, &["size"])?;
     let size = input::size("size", b.get("size").ok_or_else(|| ApiError::bad("size", "size: required"))?)?;
     let _ops = m.ops.lock().await;
@@ -392,6 +400,78 @@ pub async fn action(
     let g = m.replicas();
     let e = g.get(&key(&volume, &name)).ok_or_else(|| ApiError::not_found(format!("replica {volume}/{name}")))?;
     Ok(Json(json_of(&m, e)))
+}
+
+/// The fields of a volume record copy (`record` action), as the owner's volume JSON
+/// names them, with the owner's host name and the record's generation.
+const RECORD_FIELDS: [&str; 9] =
+    ["owner", "generation", "size", "numberOfReplicas", "staleReplicaTimeout", "accessMode", "recurringJobs", "replicaAddresses", "healthyReplicas"];
+
+/// Checks a record copy before it is kept: a copy is what a take-over would serve the
+/// volume from, so nothing in it may be malformed.
+fn check_record(r: &Value) -> ApiResult<()> {
+    let o = r.as_object().ok_or_else(|| ApiError::bad("record", "record: an object"))?;
+    if let Some(k) = o.keys().find(|k| !RECORD_FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::bad("record", format!("record: unknown field {k:?} ({})", RECORD_FIELDS.join(", "))));
+    }
+    let bad = |f: &str, why: &str| ApiError::bad("record", format!("record.{f}: {why}"));
+    let owner = o.get("owner").and_then(Value::as_str).ok_or_else(|| bad("owner", "the owner's host name, required"))?;
+    if owner.is_empty() || owner.len() > 253 {
+        return Err(bad("owner", "1 to 253 characters"));
+    }
+    o.get("generation").and_then(Value::as_u64).ok_or_else(|| bad("generation", "a whole number, required"))?;
+    let size = o.get("size").ok_or_else(|| bad("size", "required"))?;
+    input::size("record.size", size)?;
+    let n = o.get("numberOfReplicas").and_then(Value::as_u64).filter(|n| (1..=32).contains(n));
+    n.ok_or_else(|| bad("numberOfReplicas", "1 to 32, required"))?;
+    o.get("staleReplicaTimeout").and_then(Value::as_u64).filter(|n| *n >= 1).ok_or_else(|| bad("staleReplicaTimeout", "minutes, at least 1, required"))?;
+    if !matches!(o.get("accessMode").and_then(Value::as_str), Some("rwo" | "rwx")) {
+        return Err(bad("accessMode", "rwo or rwx, required"));
+    }
+    let jobs = o.get("recurringJobs").ok_or_else(|| bad("recurringJobs", "required"))?;
+    longhorn_engine::jobs::parse_jobs(jobs).map_err(|e| bad("recurringJobs", &e.to_string()))?;
+    for f in ["replicaAddresses", "healthyReplicas"] {
+        let list = o.get(f).and_then(Value::as_array).ok_or_else(|| bad(f, "a list of addresses IP:PORT, required"))?;
+        if list.len() > 32 || !list.iter().all(|a| a.as_str().is_some_and(|a| a.parse::<std::net::SocketAddr>().is_ok())) {
+            return Err(bad(f, "a list of at most 32 addresses IP:PORT"));
+        }
+    }
+    Ok(())
+}
+
+/// `record` `{"record": {...}}`: keeps the CSI controller's copy of the volume's record
+/// with this replica (see `ReplicaState::record`). Idempotent.
+async fn keep_record(m: &Shared, volume: &str, name: &str, b: &serde_json::Map<String, Value>) -> ApiResult<Value> {
+    input::only(b, &["record"])?;
+    let rec = b.get("record").ok_or_else(|| ApiError::bad("record", "record: required"))?;
+    check_record(rec)?;
+    let _ops = m.ops.lock().await;
+    let k = key(volume, name);
+    let mut st = m.replicas().get(&k).map(|e| e.st.clone()).ok_or_else(|| ApiError::not_found(format!("replica {k}")))?;
+    if st.record.as_ref() != Some(rec) {
+        st.record = Some(rec.clone());
+        let (state_dir, st2) = (m.cfg.state_dir.clone(), st.clone());
+        blocking(move || save(&state_dir, &st2).map_err(ApiError::internal)).await??;
+        if let Some(e) = m.replicas().get_mut(&k) {
+            e.st.record = st.record.clone();
+        }
+    }
+    let g = m.replicas();
+    let e = g.get(&k).ok_or_else(|| ApiError::not_found(format!("replica {k}")))?;
+    Ok(json_of(m, e))
+}
+
+/// `secret` `{}`: the volume's secret this replica holds, for the controller serving
+/// the volume from a lost host's record copy (the same secret the lost host held).
+async fn secret_of(m: &Shared, volume: &str, name: &str, b: &serde_json::Map<String, Value>) -> ApiResult<Value> {
+    input::only(b, &[])?;
+    let k = key(volume, name);
+    if m.replicas().get(&k).is_none() {
+        return Err(ApiError::not_found(format!("replica {k}")));
+    }
+    let path = vol_dir(&m.cfg.data_dir, volume).join("volume.key");
+    let secret = std::fs::read_to_string(&path).map_err(|e| ApiError::internal(anyhow!("reading {}: {e}", path.display())))?;
+    Ok(json!({"type": "volumeSecret", "name": volume, "secret": secret.trim()}))
 }
 
 /// `DELETE /v1/replicas/{volume}/{name}`: stops the replica and deletes its data. The

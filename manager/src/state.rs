@@ -51,6 +51,12 @@ pub struct VolumeState {
     /// that fell behind and rebuild the others from them, losing acknowledged writes.
     #[serde(default)]
     pub healthy_replicas: Vec<String>,
+    /// Which incarnation of a volume whose replicas live on other hosts this record
+    /// is: each move of its engine to another host, and each take-over from a lost
+    /// host, records it one higher. Of two records of one volume the higher is the
+    /// volume; the other is a lost host's, returned.
+    #[serde(default)]
+    pub generation: u64,
     /// Longhorn's dataLocality (`disabled`, `best-effort`, `strict-local`); "" is
     /// disabled (volumes recorded before it existed).
     #[serde(default)]

@@ -256,7 +256,7 @@ pub fn volume(m: &Mgr, e: &Entry, base: &str) -> Value {
         "size": st.size.to_string(), "actualSize": actual,
         "numberOfReplicas": st.number_of_replicas, "staleReplicaTimeout": st.stale_replica_timeout,
         "replicaAddresses": st.remote_replicas, "healthyReplicas": st.healthy_replicas,
-        "accessMode": st.access_mode, "fromBackup": st.from_backup, "dataLocality": st.locality(),
+        "accessMode": st.access_mode, "fromBackup": st.from_backup, "dataLocality": st.locality(), "generation": st.generation,
         "frontend": st.frontend, "disableFrontend": st.disable_frontend,
         "state": state, "robustness": if st.attached && state == "attached" { robustness(e) } else { "unknown" },
         "created": st.created,

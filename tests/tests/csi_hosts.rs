@@ -30,6 +30,29 @@ fn replicas_of(m: &Manager, vol: &str) -> Vec<Value> {
     m.get("/v1/replicas")["data"].as_array().into_iter().flatten().filter(|r| r["volume"] == vol).cloned().collect()
 }
 
+/// NodeStageVolume at `sa`, then NodePublishVolume at `pa`, on node plugin `d`.
+fn stage_and_publish(d: &Driver, vol: &str, cap: &csi::VolumeCapability, sa: &Path, pa: &Path) {
+    ok(
+        "NodeStage",
+        d.rt.block_on(d.node().node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: vol.into(),
+            staging_target_path: sa.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })),
+    );
+    ok(
+        "NodePublish",
+        d.rt.block_on(d.node().node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: vol.into(),
+            staging_target_path: sa.display().to_string(),
+            target_path: pa.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })),
+    );
+}
+
 fn sum(path: &Path) -> String {
     sh(&format!("sha256sum < '{}'", path.display()))
 }
@@ -292,25 +315,7 @@ fn a_lost_hosts_replica_is_rebuilt_on_another_host_after_the_stale_timeout() {
     ma.wait_volume(vol, 60, "healthy", |v| v["robustness"] == "healthy");
     let (sa, pa) = (base.join("staging"), base.join("pod"));
     cleanup.mounts.extend([sa.clone(), pa.clone()]);
-    ok(
-        "NodeStage",
-        node_a.rt.block_on(node_a.node().node_stage_volume(csi::NodeStageVolumeRequest {
-            volume_id: vol.into(),
-            staging_target_path: sa.display().to_string(),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        })),
-    );
-    ok(
-        "NodePublish",
-        node_a.rt.block_on(node_a.node().node_publish_volume(csi::NodePublishVolumeRequest {
-            volume_id: vol.into(),
-            staging_target_path: sa.display().to_string(),
-            target_path: pa.display().to_string(),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        })),
-    );
+    stage_and_publish(&node_a, vol, &cap, &sa, &pa);
     sh(&format!("head -c 6000000 /dev/urandom > '{}/data.bin' && sync", pa.display()));
     let data_sum = sum(&pa.join("data.bin"));
 
@@ -357,5 +362,114 @@ fn a_lost_hosts_replica_is_rebuilt_on_another_host_after_the_stale_timeout() {
     ok("ControllerUnpublish", rt.block_on(ctl.controller().controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest { volume_id: vol.into(), node_id: "host-a".into(), ..Default::default() })));
     ok("DeleteVolume", rt.block_on(ctl.controller().delete_volume(csi::DeleteVolumeRequest { volume_id: vol.into(), ..Default::default() })));
     assert!(holders().is_empty(), "replicas left after the delete: {:?}", holders());
+    drop(cleanup);
+}
+
+/// The host serving a volume is lost (its network cut, every process on it killed):
+/// Kubernetes' force-detach (ControllerUnpublish for that node) succeeds once the host
+/// has not answered for --failover-after, and ControllerPublish on another node serves
+/// the volume there from the record copy its replicas' hosts keep, with the files
+/// written before the loss. When the lost host's manager comes back, its old record of
+/// the volume is removed and its replica is rebuilt into the volume.
+#[test]
+fn a_lost_engine_hosts_volume_is_served_from_another_host() {
+    for tool in ["mkfs.ext4", "e2fsck", "mount", "umount", "mountpoint", "nsenter", "ip", "pkill"] {
+        assert!(have(tool), "{tool} is not installed (tests/run installs it)");
+    }
+    let t = tempfile::Builder::new().prefix("lh-csi5-").tempdir_in(test_root()).expect("temp dir");
+    let base = std::fs::canonicalize(t.path()).expect("the test directory");
+    let mut cleanup = Cleanup { mounts: Vec::new(), dir: base.clone() };
+    let net = Net::new(&["a", "b", "c"]);
+    let (token, mut mans) = start_hosts_tls(&base, &net, &["a", "b", "c"]);
+    let all: Vec<(String, String)> = ["a", "b", "c"].iter().zip(&mans).map(|(h, m)| (format!("host-{h}"), m.url.clone())).collect();
+    let all: Vec<(&str, &str)> = all.iter().map(|(h, u)| (h.as_str(), u.as_str())).collect();
+    let tok = token.to_str().expect("utf8");
+    let ca_file = base.join("tls/ca.pem");
+    let ca = ca_file.to_str().expect("utf8");
+    // The controller must outlive host A: it runs on C.
+    let ctl = Driver::start_in(&base, Some((&net, "c")), "controller", "host-c", &all, &["--mode", "controller", "--token-file", tok, "--manager-ca", ca, "--failover-after", "5"]);
+    let node = |h: &str, i: usize| Driver::start_in(&base, Some((&net, h)), &format!("node-{h}"), &format!("host-{h}"), &all[i..i + 1], &["--mode", "node", "--token-file", tok, "--manager-ca", ca]);
+    let (node_a, node_b) = (node("a", 0), node("b", 1));
+    let rt = &ctl.rt;
+    let vol = "pvc-lost-1";
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
+    ok(
+        "CreateVolume",
+        rt.block_on(ctl.controller().create_volume(csi::CreateVolumeRequest {
+            name: vol.into(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: 64 << 20, limit_bytes: 0 }),
+            volume_capabilities: vec![cap.clone()],
+            parameters: HashMap::from([("numberOfReplicas".to_string(), "3".to_string())]),
+            ..Default::default()
+        })),
+    );
+    let publish = |n: &str| {
+        rt.block_on(ctl.controller().controller_publish_volume(csi::ControllerPublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: n.into(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        }))
+    };
+    ok("ControllerPublish on A", publish("host-a"));
+    mans[0].wait_volume(vol, 60, "healthy on A", |v| v["robustness"] == "healthy");
+    let (sa, pa, sb, pb) = (base.join("staging-a"), base.join("pod-a"), base.join("staging-b"), base.join("pod-b"));
+    cleanup.mounts.extend([sa.clone(), pa.clone(), sb.clone(), pb.clone()]);
+    stage_and_publish(&node_a, vol, &cap, &sa, &pa);
+    sh(&format!("head -c 6000000 /dev/urandom > '{}/data.bin' && sync", pa.display()));
+    let data_sum = sum(&pa.join("data.bin"));
+    // The replicas' hosts keep a copy of the volume's record, naming A.
+    wait_for("the record copies on B and C", Duration::from_secs(30), || {
+        [&mans[1], &mans[2]].iter().all(|m| replicas_of(m, vol).iter().any(|r| r["record"]["owner"] == "host-a"))
+    });
+
+    // Host A is lost.
+    net.cut("a");
+    sh(&format!("ip netns pids {} | xargs -r kill -9", net.ns("a")));
+    let _ = sh_try(&format!("pkill -9 -f -- '{}/host-a/'", base.display()));
+    // Kubernetes force-detaches from the lost node; then publishes on B.
+    wait_for("ControllerUnpublish from the lost host A", Duration::from_secs(60), || {
+        rt.block_on(ctl.controller().controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: "host-a".into(),
+            ..Default::default()
+        }))
+        .is_ok()
+    });
+    let t0 = Instant::now();
+    loop {
+        match publish("host-b") {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(120), "ControllerPublish on B after A was lost: {e:?}\ncontroller log:\n{}", ctl.log_text());
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    let v = mans[1].volume(vol);
+    assert_eq!(v["state"], "attached", "{v}");
+    assert!(v["generation"].as_u64().is_some_and(|g| g >= 1), "the taken-over record is a generation up: {v}");
+    assert!(ctl.log_text().contains("took over the volume of a lost host"), "{}", ctl.log_text());
+    stage_and_publish(&node_b, vol, &cap, &sb, &pb);
+    assert_eq!(sum(&pb.join("data.bin")), data_sum, "the file written on A before the loss");
+    sh(&format!("head -c 3000000 /dev/urandom > '{}/more.bin' && sync", pb.display()));
+    let more_sum = sum(&pb.join("more.bin"));
+
+    // Host A comes back: its manager with the old record, which goes.
+    let _ = sh_try(&format!("umount -l '{}'; umount -l '{}'", pa.display(), sa.display()));
+    net.heal("a");
+    let certs = longhorn_tests::manager::Certs { ca: base.join("tls/ca.pem"), cert: base.join("tls/cert.pem"), key: base.join("tls/key.pem") };
+    let old = std::mem::replace(&mut mans[0], Manager::start_on_host(&base.join("host-a"), &net, "a", &token, Some(&certs)));
+    std::mem::forget(old);
+    wait_for("host A's old record of the volume removed", Duration::from_secs(90), || mans[0].call("GET", &format!("/v1/volumes/{vol}"), None).0 == 404);
+    wait_for("the volume healthy on B, A's replica rebuilt", Duration::from_secs(120), || mans[1].volume(vol)["robustness"] == "healthy");
+    assert_eq!(sum(&pb.join("data.bin")), data_sum);
+    assert_eq!(sum(&pb.join("more.bin")), more_sum);
+    ok("NodeUnpublish", node_b.rt.block_on(node_b.node().node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: vol.into(), target_path: pb.display().to_string() })));
+    ok("NodeUnstage", node_b.rt.block_on(node_b.node().node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: vol.into(), staging_target_path: sb.display().to_string() })));
+    let (clean, out) = sh_try(&format!("e2fsck -fn /dev/longhorn/{vol}"));
+    assert!(clean, "e2fsck after the take-over: {out}");
+    ok("ControllerUnpublish", rt.block_on(ctl.controller().controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest { volume_id: vol.into(), node_id: "host-b".into(), ..Default::default() })));
+    ok("DeleteVolume", rt.block_on(ctl.controller().delete_volume(csi::DeleteVolumeRequest { volume_id: vol.into(), ..Default::default() })));
     drop(cleanup);
 }

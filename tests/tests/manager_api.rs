@@ -668,3 +668,44 @@ fn data_locality_serves_a_replica_in_the_engine() {
         m.wait_volume(name, 60, "detached", |v| v["state"] == "detached");
     }
 }
+
+/// A replica kept for another host's engine holds the CSI controller's copy of its
+/// volume's record (what a take-over from a lost host serves the volume from) and
+/// gives back the volume's secret; a malformed copy is refused, naming the field, and
+/// nothing of it is kept.
+#[test]
+fn a_replica_keeps_a_copy_of_its_volumes_record() {
+    let t = tmp("lh-api-");
+    let m = Manager::start(t.path());
+    let secret = "ab".repeat(32);
+    let r = m.post("/v1/replicas", &json!({"volume": "v9", "name": "r0", "size": "16Mi", "secret": secret}));
+    assert_eq!(r["record"], Value::Null, "{r}");
+    let path = "/v1/replicas/v9/r0?action=record";
+    let good = json!({
+        "owner": "host-a", "generation": 2, "size": "16777216", "numberOfReplicas": 3, "staleReplicaTimeout": 30,
+        "accessMode": "rwo", "recurringJobs": [], "replicaAddresses": ["10.0.0.1:9600", "10.0.0.2:9600"], "healthyReplicas": ["10.0.0.1:9600"],
+    });
+    let mut bads = Vec::new();
+    for (k, v) in [("owner", json!("")), ("generation", json!(-1)), ("numberOfReplicas", json!(0)), ("accessMode", json!("rox")),
+                   ("replicaAddresses", json!(["nowhere"])), ("recurringJobs", json!([{"name": "c", "task": "clone", "cron": "* * * * *", "retain": 1}])), ("color", json!("red"))] {
+        let mut b = good.clone();
+        b[k] = v;
+        bads.push(b);
+    }
+    let mut missing = good.clone();
+    missing.as_object_mut().expect("object").remove("owner");
+    bads.push(missing);
+    for b in bads {
+        refused(&m, "POST", path, Some(&json!({"record": b})), 400, Some("record"));
+    }
+    refused(&m, "POST", path, Some(&json!({})), 400, Some("record"));
+    assert_eq!(m.get("/v1/replicas/v9/r0")["record"], Value::Null, "a refused copy was kept");
+    let kept = m.post(path, &json!({"record": good}));
+    assert_eq!(kept["record"], good, "{kept}");
+    assert_eq!(m.get("/v1/replicas")["data"][0]["record"], good);
+    let s = m.post("/v1/replicas/v9/r0?action=secret", &json!({}));
+    assert_eq!((s["type"].as_str(), s["secret"].as_str()), (Some("volumeSecret"), Some(secret.as_str())), "{s}");
+    refused(&m, "POST", "/v1/replicas/v9/r0?action=secret", Some(&json!({"x": 1})), 400, Some("x"));
+    refused(&m, "POST", "/v1/replicas/v9/r0?action=steal", Some(&json!({})), 400, Some("action"));
+    refused(&m, "POST", "/v1/replicas/v9/nope?action=secret", Some(&json!({})), 404, None);
+}

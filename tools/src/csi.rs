@@ -35,6 +35,12 @@ pub struct CsiArgs {
     /// replicas, put several on one host (else the volume is refused).
     #[arg(long)]
     replica_soft_anti_affinity: bool,
+    /// Seconds a host's manager must go unanswered before the controller serves the
+    /// volumes recorded there from another host (their record copies on the replicas'
+    /// hosts); the replicas' engine lease still refuses a second engine while the first
+    /// is alive and reaches them.
+    #[arg(long, default_value_t = 60)]
+    failover_after: u64,
 }
 
 pub fn run(a: CsiArgs) -> Result<()> {
@@ -81,5 +87,6 @@ pub fn run(a: CsiArgs) -> Result<()> {
         node: a.mode != "controller",
         frontend: a.frontend,
         soft_anti_affinity: a.replica_soft_anti_affinity,
+        failover_after: std::time::Duration::from_secs(a.failover_after.max(1)),
     })
 }
