@@ -159,7 +159,18 @@ impl Driver {
                 tracing::warn!(volume = name, "recorded by several hosts at the same generation; left alone");
                 continue;
             }
+            let addrs = |v: &Value| -> Vec<String> { v["replicaAddresses"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(String::from)).collect() };
+            let winner = addrs(&recs[0].1);
             for (m, v) in &recs[1..] {
+                // Only a record of the same volume goes: all its replicas on other hosts
+                // (removing it deletes no data) and some of them the winner's. A volume
+                // of that name made on a host by hand is not this one.
+                let mine = addrs(v);
+                let spread = !mine.is_empty() && mine.len() as u64 == v["numberOfReplicas"].as_u64().unwrap_or(0);
+                if !spread || !mine.iter().any(|a| winner.contains(a)) {
+                    tracing::warn!(volume = name, host = m.host, "another volume of this name, not one of its records; left alone");
+                    continue;
+                }
                 tracing::warn!(volume = name, host = m.host, generation = v["generation"].as_u64().unwrap_or(0), top, "removing the record of a volume served elsewhere since (its host was lost)");
                 match m.call("DELETE", &format!("/v1/volumes/{name}"), None) {
                     Ok(_) => tracing::info!(volume = name, host = m.host, "removed the old record"),
