@@ -136,6 +136,11 @@ pub struct Store {
     /// before the pwrite would let a flush clear it while the write is still on its way
     /// and the next flush skip a write that was acknowledged in between.
     synced: AtomicU64,
+    /// Bytes written to the head since the last flush began.
+    since_flush: AtomicU64,
+    /// The last flush came within [`WRITE_BEHIND_MAX`] bytes of the one before: start
+    /// writeback of each write as it is made (see `write_behind`).
+    write_behind: AtomicBool,
     /// `volume.meta` says Dirty:false; the next write must set it again first.
     clean: AtomicBool,
     /// The `written` count when every replica last agreed: at the last clean close or
@@ -215,12 +220,30 @@ impl Revision {
         *written = v;
     }
 
-    fn sync(&self) -> io::Result<()> {
-        // SAFETY: the mapping is valid for its length.
-        let r = unsafe { libc::msync(self.map as *mut libc::c_void, meta::REVISION_COUNTER_LEN, libc::MS_SYNC) };
+    /// Puts the counter's page on its way to the disk (`wait`: and waits for that
+    /// write), without a device flush: the head's fdatasync that follows ends in one
+    /// (ext4 and XFS flush the device cache on every fdatasync), and a flush covers every
+    /// write completed before it. One device flush per FLUSH instead of three (the
+    /// head's, msync's, fdatasync's). Between flushes the page may reach the disk before
+    /// the head's data, as it always could through background writeback of the mapping:
+    /// the counter is trusted only as far as the last completed flush, which covers both
+    /// files.
+    fn write_out(&self, wait: bool) -> io::Result<()> {
+        let flags = if wait {
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER
+        } else {
+            libc::SYNC_FILE_RANGE_WRITE
+        };
+        // SAFETY: a plain syscall on a descriptor we own.
+        let r = unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, meta::REVISION_COUNTER_LEN as libc::off64_t, flags) };
         if r != 0 {
             return Err(io::Error::last_os_error());
         }
+        Ok(())
+    }
+
+    /// The counter alone made durable, when the head has nothing to sync.
+    fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
 }
@@ -316,6 +339,15 @@ pub(crate) static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
 /// loop on a plain file shows the same (9 us per 4 KiB write after 1 MiB fills, 4 us
 /// after 64 KiB ones, 2 us after 4 KiB ones).
 const WRITE_PIECE: usize = 256 * 1024;
+
+/// Write-behind: while the client flushes at least once every this many bytes, each
+/// write's writeback starts as it is made, as an O_DIRECT server's would, instead of
+/// all at the flush. A client that writes more between flushes (or never flushes) keeps
+/// the page cache's absorption of rewrites and its large, merged writeback. Measured
+/// (tools/bench, 4k random writes QD32 with a flush every 32 writes, 1 replica): 14315
+/// -> 23198 IOPS; the same without flushes fell 75089 -> 31848 with write-behind
+/// always on, hence the switch.
+const WRITE_BEHIND_MAX: u64 = 16 << 20;
 
 /// Writes `data` at `offset` of a head layer in pieces of at most [`WRITE_PIECE`].
 fn write_pieces(layer: &Layer, data: &[u8], offset: u64) -> io::Result<()> {
@@ -523,6 +555,8 @@ impl Store {
             progress: Mutex::new(Default::default()),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
+            since_flush: AtomicU64::new(0),
+            write_behind: AtomicBool::new(false),
             clean: AtomicBool::new(false),
             settled_at: AtomicU64::new(if was_dirty { u64::MAX } else { 0 }),
             sync_failed: Mutex::new(None),
@@ -761,6 +795,28 @@ impl Store {
         Ok(())
     }
 
+    /// Starts writeback of a write just made, while the client flushes often (see
+    /// [`WRITE_BEHIND_MAX`]): the device works on it while the next writes arrive, and
+    /// the flush that follows waits for less. It waits for nothing itself; an error here
+    /// shows again at the flush, which is what reports it.
+    fn write_behind(&self, head: &Layer, offset: u64, len: u64) {
+        let since = self.since_flush.fetch_add(len, Ordering::Relaxed) + len;
+        if !self.write_behind.load(Ordering::Relaxed) {
+            return;
+        }
+        if since > WRITE_BEHIND_MAX {
+            self.write_behind.store(false, Ordering::Relaxed);
+            return;
+        }
+        // SAFETY: a plain syscall on a descriptor the layer owns.
+        let r = unsafe {
+            libc::sync_file_range(head.file.as_raw_fd(), offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if r != 0 {
+            tracing::debug!(path = %head.path.display(), offset, "write-behind: {}", io::Error::last_os_error());
+        }
+    }
+
     /// Counts a change to the head as done (its pwrite or punch has returned).
     fn wrote(&self) {
         self.written.fetch_add(1, Ordering::AcqRel);
@@ -771,6 +827,7 @@ impl Store {
         self.dirty()?;
         crate::fault::slow_write(offset);
         write_pieces(head, data, offset)?;
+        self.write_behind(head, offset, data.len() as u64);
         self.wrote();
         chain.maps_mut().top.insert(offset, offset + data.len() as u64, chain.head_index());
         Ok(())
@@ -927,6 +984,8 @@ impl Store {
     }
 
     fn sync_all(&self, chain: &Chain) -> io::Result<()> {
+        let since = self.since_flush.swap(0, Ordering::Relaxed);
+        self.write_behind.store(since <= WRITE_BEHIND_MAX, Ordering::Relaxed);
         // Read before any sync starts: every write counted here has returned from its
         // pwrite, so the syncs below cover it.
         let upto = self.written.load(Ordering::Acquire);
@@ -943,15 +1002,23 @@ impl Store {
                 return Err(io::Error::new(e.kind(), format!("syncing a snapshot layer: {e}")));
             }
         }
+        let counter_err = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", self.dir.join(meta::REVISION_COUNTER).display()));
         if upto != self.synced.load(Ordering::Acquire) {
             let head = chain.head();
             crate::fault::sync_fails().map_err(|e| io_err(head, 0, e))?;
+            // The counter's write and the head's run side by side; the counter's must
+            // have completed before the head's fdatasync flushes the device.
+            self.revision.write_out(false).map_err(counter_err)?;
+            // SAFETY: a plain syscall on a descriptor the layer owns.
+            if unsafe { libc::sync_file_range(head.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) } != 0 {
+                return Err(io_err(head, 0, io::Error::last_os_error()));
+            }
+            self.revision.write_out(true).map_err(counter_err)?;
             head.file.sync_data().map_err(|e| io_err(head, 0, e))?;
             self.synced.fetch_max(upto, Ordering::AcqRel);
+            return Ok(());
         }
-        self.revision.sync().map_err(|e| {
-            io::Error::new(e.kind(), format!("{}: {e}", self.dir.join(meta::REVISION_COUNTER).display()))
-        })
+        self.revision.sync().map_err(counter_err)
     }
 
     /// The engine vouches that every write this replica took is on the others too

@@ -137,7 +137,7 @@ fn every_acked_flush_covers_every_write_acked_before_it() {
 #[test]
 fn removing_a_snapshot_under_the_head_makes_the_head_durable_before_punching() {
     let t = tempfile::tempdir_in(test_root()).expect("tmp");
-    let size = 8 * MB;
+    let size = 32 * MB;
     let (mut rp, addr, dir) = replica(t.path(), size, &[]);
     let mut c = ReplicaClient::connect(&addr, "vol1", size);
     c.write(0, &[b'A'; 65536]);
@@ -146,6 +146,12 @@ fn removing_a_snapshot_under_the_head_makes_the_head_durable_before_punching() {
     let snap = serde_json::json!({"name": "s1", "user_created": true}).to_string();
     let (st, p) = c.request(Op::Snapshot, 0, 0, snap.as_bytes()).expect("snapshot");
     assert_eq!(st, 0, "{}", String::from_utf8_lossy(&p));
+    // A client that flushes often has its writes written behind (store.rs,
+    // WRITE_BEHIND_MAX: 16 MiB); past that much since the last flush they stay in the
+    // page cache, as this test needs.
+    for i in 0..17u64 {
+        c.write(MB + i * MB, &vec![b'C'; MB as usize]);
+    }
     c.write(0, &[b'B'; 65536]);
     let head = dir.join("volume-head-001.img");
     assert!(unsynced_pages(&head, 0, 65536) > 0, "the head's new data is still in the page cache");
@@ -204,5 +210,28 @@ fn a_failed_sync_sticks_until_the_replica_is_rebuilt() {
     let creds = longhorn_replica::auth::Credentials::engine(None, "test-engine");
     let info = longhorn_replica::auth::client_handshake(&mut st, "vol1", size, &creds).expect("handshake");
     assert!(info.rebuilding, "the replica whose sync failed offers itself as current: {info:?}");
+    rp.kill9();
+}
+
+/// A client that flushes often (a database, a journaling filesystem) has each write's
+/// writeback started as it is made, so the next FLUSH waits for less: the pages turn
+/// clean with no FLUSH at all, long before the kernel's own writeback (30 s) would.
+#[test]
+fn writes_between_frequent_flushes_are_written_behind() {
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let size = 8 * MB;
+    let (mut rp, addr, dir) = replica(t.path(), size, &[]);
+    let mut c = ReplicaClient::connect(&addr, "vol1", size);
+    c.write(0, &[b'A'; 4096]);
+    let (st, p) = c.request(Op::Flush, 0, 0, &[]).expect("flush");
+    assert_eq!(st, 0, "{}", String::from_utf8_lossy(&p));
+    c.write(MB, &[b'B'; 65536]);
+    let head = dir.join("volume-head-000.img");
+    let t0 = std::time::Instant::now();
+    while unsynced_pages(&head, MB, 65536) > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "a write after a FLUSH still not written back after 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("[durability] written behind in {:?}", t0.elapsed());
     rp.kill9();
 }
