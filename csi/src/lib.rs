@@ -227,7 +227,7 @@ pub fn serve(c: Config) -> Result<()> {
         if let Some(dir) = c.endpoint.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let listener = tokio::net::UnixListener::bind(&c.endpoint).with_context(|| format!("binding {}", c.endpoint.display()))?;
+        let listener = bind_private(&c.endpoint)?;
         let driver = Arc::new(Driver::new(&c));
         let identity = csi::identity_server::IdentityServer::new(Identity { controller: c.controller, driver: driver.clone() });
         let controller = c.controller.then(|| csi::controller_server::ControllerServer::new(controller::Controller(driver.clone())));
@@ -259,4 +259,23 @@ pub fn serve(c: Config) -> Result<()> {
         tracing::info!("CSI driver stopped");
         Ok(())
     })
+}
+
+/// Binds the gRPC socket readable and writable by its owner only (kubelet and the
+/// node plugin run as root), whatever the umask: bound under a temporary name, made
+/// 0600, then renamed into place, so no one can connect in between.
+fn bind_private(endpoint: &std::path::Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let name = endpoint.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = endpoint.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp).with_context(|| format!("binding {}", tmp.display()))?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", tmp.display()))
+        .and_then(|_| std::fs::rename(&tmp, endpoint).with_context(|| format!("moving the socket to {}", endpoint.display())));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
 }

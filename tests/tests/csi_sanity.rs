@@ -69,6 +69,11 @@ fn csi_sanity_on_one_host() {
     let (st, v) = m.call("PUT", "/v1/settings/backup-target", Some(&json!({"value": format!("file://{}", store.display())})));
     assert_eq!(st, 200, "{v}");
     let d = Driver::start(base.as_path(), "host-a", &[("host-a", &m.url)], &[]);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&d.sock).expect("the CSI socket").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the CSI socket is mode {mode:o}, not 600 (with a permissive umask, anyone on the host could publish volumes)");
+    }
     let mounts = Mounts(Vec::new());
     let mut mounts = mounts;
     let rt = &d.rt;
