@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::os::unix::io::AsRawFd;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use tracing::{debug, info, warn};
 
 /// At most this many reads wait on the disk at once (the pool's threads, started as
@@ -93,15 +93,19 @@ struct ReadJob {
 }
 
 /// The ranges of one connection's reads still in the pool.
+///
+/// `Pending` and [`Out`] lock with parking_lot, not std: they notify after every burst
+/// and pooled read, and parking_lot's notify costs no syscall while nobody waits
+/// (std's always makes one).
 #[derive(Default)]
 struct Pending {
-    reads: Mutex<Vec<(u64, u64)>>,
-    cv: Condvar,
+    reads: parking_lot::Mutex<Vec<(u64, u64)>>,
+    cv: parking_lot::Condvar,
 }
 
 impl Pending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
-        self.reads.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Vec<(u64, u64)>> {
+        self.reads.lock()
     }
 
     /// Records a read for the pool; waits first while the connection's pooled reads
@@ -110,7 +114,7 @@ impl Pending {
     fn add(&self, start: u64, end: u64) {
         let mut r = self.lock();
         while r.iter().map(|&(s, e)| (e - s) as usize).sum::<usize>() >= MAX_QUEUED {
-            r = self.cv.wait(r).unwrap_or_else(|e| e.into_inner());
+            self.cv.wait(&mut r);
         }
         r.push((start, end));
     }
@@ -138,7 +142,7 @@ impl Pending {
     fn wait(&self, range: Option<(u64, u64)>) {
         let mut r = self.lock();
         while r.iter().any(|&(s, e)| range.is_none_or(|(a, b)| s < b && a < e)) {
-            r = self.cv.wait(r).unwrap_or_else(|e| e.into_inner());
+            self.cv.wait(&mut r);
         }
     }
 }
@@ -165,8 +169,8 @@ struct Out {
     /// `None` for an engine in this process (see [`LocalConn`]): replies go to `sink`.
     stream: Option<TcpStream>,
     sink: Option<Sink>,
-    st: Mutex<OutState>,
-    cv: Condvar,
+    st: parking_lot::Mutex<OutState>,
+    cv: parking_lot::Condvar,
 }
 
 /// Where an in-process engine takes its replies (see [`LocalConn`]).
@@ -197,15 +201,15 @@ enum SendMode {
 
 impl Out {
     fn new(stream: TcpStream) -> Arc<Out> {
-        Arc::new(Out { stream: Some(stream), sink: None, st: Mutex::new(OutState::default()), cv: Condvar::new() })
+        Arc::new(Out { stream: Some(stream), sink: None, st: parking_lot::Mutex::new(OutState::default()), cv: parking_lot::Condvar::new() })
     }
 
     fn local(sink: Sink) -> Arc<Out> {
-        Arc::new(Out { stream: None, sink: Some(sink), st: Mutex::new(OutState::default()), cv: Condvar::new() })
+        Arc::new(Out { stream: None, sink: Some(sink), st: parking_lot::Mutex::new(OutState::default()), cv: parking_lot::Condvar::new() })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, OutState> {
-        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, OutState> {
+        self.st.lock()
     }
 
     fn queue(&self, h: Header, payload: Bytes) {
@@ -292,7 +296,7 @@ impl Out {
             {
                 let mut st = self.lock();
                 while !(st.handoff && !st.writing) && !st.closed && !st.broken {
-                    st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                    self.cv.wait(&mut st);
                 }
                 if st.closed || st.broken {
                     return;
@@ -316,7 +320,7 @@ impl Out {
                 st = self.lock();
                 continue;
             }
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            self.cv.wait(&mut st);
         }
         Ok(())
     }
