@@ -26,8 +26,14 @@ impl Volume {
             return Err(format!("replica {addr} is already in the volume"));
         }
         let (_, info) = self.dialer().connect(addr).map_err(|e| e.to_string())?;
-        let source = (0..self.replicas.len())
-            .find(|&i| self.mode_of(i) == Mode::RW)
+        // The new replica dials the source itself: one on another host cannot reach a
+        // source on a unix socket or loopback here, so it gets one it can when there is.
+        let healthy: Vec<usize> = (0..self.replicas.len()).filter(|&i| self.mode_of(i) == Mode::RW).collect();
+        let source = healthy
+            .iter()
+            .copied()
+            .find(|&i| host_local(addr) || !host_local(&self.addr_of(i)))
+            .or_else(|| healthy.first().copied())
             .ok_or_else(|| format!("volume {} has no healthy replica to rebuild from", self.name()))?;
         let source_addr = self.addr_of(source);
         let name = crate::snapshot::new_uuid();
@@ -133,4 +139,29 @@ impl Volume {
 /// The rebuild thread's hold on the control lock.
 fn ctl_guard_owner(v: &Arc<Volume>) -> std::sync::MutexGuard<'_, ()> {
     v.control.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether only this host can reach `addr`: a unix socket or a loopback address.
+fn host_local(addr: &str) -> bool {
+    if longhorn_replica::net::unix_path(addr).is_some() {
+        return true;
+    }
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_local;
+
+    #[test]
+    fn host_local_addresses() {
+        assert!(host_local("unix:/var/lib/longhorn/v/replica-1.sock"));
+        assert!(host_local("127.0.0.1:9502"));
+        assert!(host_local("[::1]:9502"));
+        assert!(host_local("localhost:9502"));
+        assert!(!host_local("10.0.0.7:9502"));
+        assert!(!host_local("[fd00::7]:9502"));
+        assert!(!host_local("node-b:9502"));
+    }
 }

@@ -7,7 +7,8 @@ use longhorn_replica::proto::{self, Header, Op, ReplicaInfo, HEADER_LEN};
 use longhorn_replica::server::LocalConn;
 use std::cell::Cell;
 use std::io::{self, BufWriter, IoSlice, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use longhorn_replica::net::Stream;
+use std::net::Shutdown;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -24,17 +25,11 @@ pub struct Dialer {
 }
 
 impl Dialer {
-    /// Connects to `addr` and does the handshake. Returns the stream (no read timeout)
-    /// and what the replica says about itself.
-    pub fn connect(&self, addr: &str) -> io::Result<(TcpStream, ReplicaInfo)> {
-        let sa = addr
-            .to_socket_addrs()
-            .map_err(|e| io::Error::new(e.kind(), format!("replica address {addr}: {e}")))?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("replica address {addr} resolves to nothing")))?;
-        let mut s = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT)
-            .map_err(|e| io::Error::new(e.kind(), format!("replica {addr}: connect: {e}")))?;
-        s.set_nodelay(true)?;
+    /// Connects to `addr` (`HOST:PORT`, or `unix:PATH` for a replica on this host) and
+    /// does the handshake. Returns the stream (no read timeout) and what the replica
+    /// says about itself.
+    pub fn connect(&self, addr: &str) -> io::Result<(Stream, ReplicaInfo)> {
+        let mut s = Stream::connect(addr, CONNECT_TIMEOUT).map_err(|e| io::Error::new(e.kind(), format!("replica {e}")))?;
         let info = auth::client_handshake(&mut s, &self.volume, self.size, &self.creds).map_err(|e| e.into_io(addr))?;
         s.set_read_timeout(None)?;
         Ok((s, info))
@@ -80,7 +75,7 @@ pub struct ReplicaConn {
 }
 
 enum Link {
-    Tcp { stream: TcpStream, tx: Mutex<BufWriter<TcpStream>> },
+    Tcp { stream: Stream, tx: Mutex<BufWriter<Stream>> },
     /// Requests wait in `queued` until the push that follows a burst, which sends what
     /// the TCP connections buffered first: the replicas over the network start on a
     /// write while this thread applies it here, instead of after.
@@ -100,7 +95,7 @@ pub fn inline() -> bool {
 }
 
 impl ReplicaConn {
-    pub fn new(addr: &str, stream: TcpStream) -> io::Result<ReplicaConn> {
+    pub fn new(addr: &str, stream: Stream) -> io::Result<ReplicaConn> {
         let w = stream.try_clone()?;
         Ok(ReplicaConn { addr: addr.to_string(), link: Link::Tcp { stream, tx: Mutex::new(BufWriter::with_capacity(256 * 1024, w)) } })
     }
@@ -115,7 +110,7 @@ impl ReplicaConn {
 
     /// A second handle on the socket for the reply thread (`None` in process: replies
     /// come through the sink).
-    pub fn reader(&self) -> io::Result<Option<TcpStream>> {
+    pub fn reader(&self) -> io::Result<Option<Stream>> {
         match &self.link {
             Link::Tcp { stream, .. } => stream.try_clone().map(Some),
             Link::Local { .. } => Ok(None),

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use longhorn_replica::proto::{self, FrameError, Header, Op, FLAG_FUA, HEADER_LEN, MAX_IO};
 use std::collections::HashMap;
 use std::io::BufReader;
-use std::net::TcpStream;
+use longhorn_replica::net::Stream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -419,7 +419,7 @@ impl Inner {
         }
     }
 
-    fn reply_loop(self: Arc<Self>, idx: usize, stream: TcpStream) {
+    fn reply_loop(self: Arc<Self>, idx: usize, stream: Stream) {
         let mut rd = BufReader::with_capacity(256 * 1024, stream);
         loop {
             match proto::read_frame(&mut rd) {

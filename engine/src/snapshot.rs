@@ -6,7 +6,7 @@ use longhorn_replica::proto::{self, Header, Op, SnapshotRequest};
 use longhorn_replica::snapshot::{check_name, SnapshotInfo};
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::TcpStream;
+use longhorn_replica::net::Stream;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -39,7 +39,7 @@ pub struct SnapshotResult {
     pub replicas: usize,
 }
 
-fn exchange(s: &mut TcpStream, addr: &str, op: Op, payload: &[u8]) -> Result<Vec<u8>, String> {
+fn exchange(s: &mut Stream, addr: &str, op: Op, payload: &[u8]) -> Result<Vec<u8>, String> {
     let mut buf = Vec::new();
     proto::put_frame(&mut buf, Header::request(op, 1, 0, 0), payload);
     s.write_all(&buf).map_err(|e| format!("replica {addr}: {op:?}: {e}"))?;
@@ -97,7 +97,7 @@ impl Volume {
 
     fn run_on(
         &self,
-        conns: Vec<(usize, String, Result<TcpStream, String>)>,
+        conns: Vec<(usize, String, Result<Stream, String>)>,
         op: Op,
         payload: &[u8],
         timeout: Duration,

@@ -44,7 +44,7 @@ pub struct ReplicaState {
     removed: AtomicBool,
     /// A connection kept open and pinged, so this engine holds the replica's lease even
     /// with no client connected (see `longhorn_replica::server::LEASE`).
-    lease: Mutex<Option<std::net::TcpStream>>,
+    lease: Mutex<Option<longhorn_replica::net::Stream>>,
 }
 
 impl ReplicaState {
@@ -646,7 +646,7 @@ fn keep_leases(v: Weak<Volume>) {
 }
 
 /// One request on a replica's lease connection, waiting at most `t` for the answer.
-fn lease_call(s: &mut std::net::TcpStream, op: proto::Op, t: Duration) -> io::Result<bytes::Bytes> {
+fn lease_call(s: &mut longhorn_replica::net::Stream, op: proto::Op, t: Duration) -> io::Result<bytes::Bytes> {
     use std::io::Write;
     s.set_read_timeout(Some(t))?;
     let mut b = Vec::new();

@@ -27,7 +27,7 @@ use crate::proto::{self, Challenge, Header, Hello, Op, ReplicaInfo};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use std::io::{self, Write};
-use std::net::TcpStream;
+use crate::net::Stream;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
@@ -216,7 +216,7 @@ impl HandshakeError {
     }
 }
 
-fn read_frame_timed(s: &mut TcpStream) -> Result<(Header, bytes::Bytes), HandshakeError> {
+fn read_frame_timed(s: &mut Stream) -> Result<(Header, bytes::Bytes), HandshakeError> {
     proto::read_frame(s).map_err(|e| match e {
         proto::FrameError::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
             HandshakeError::TimedOut(HANDSHAKE_TIMEOUT)
@@ -227,7 +227,7 @@ fn read_frame_timed(s: &mut TcpStream) -> Result<(Header, bytes::Bytes), Handsha
 
 /// The client's side, on a fresh connection: reads the challenge, sends the Hello,
 /// checks the reply. Leaves the stream's read timeout at [`HANDSHAKE_TIMEOUT`].
-pub fn client_handshake(s: &mut TcpStream, volume: &str, size: u64, creds: &Credentials) -> Result<ReplicaInfo, HandshakeError> {
+pub fn client_handshake(s: &mut Stream, volume: &str, size: u64, creds: &Credentials) -> Result<ReplicaInfo, HandshakeError> {
     s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| HandshakeError::Frame(e.into()))?;
     let (h, p) = read_frame_timed(s)?;
     if h.op != Op::Hello || !h.is_reply() {

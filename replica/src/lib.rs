@@ -8,6 +8,7 @@ pub mod extent;
 pub mod fault;
 pub mod meta;
 pub mod names;
+pub mod net;
 pub mod proto;
 pub mod rebuild;
 pub mod server;

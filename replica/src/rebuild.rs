@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::net::TcpStream;
+use crate::net::Stream;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::RwLock;
@@ -428,12 +428,22 @@ fn check_sync_request(req: &SyncRequest) -> Result<(), String> {
 }
 
 /// A replica address: `host:port`, or `[v6]:port`, with a host of letters, digits, `.`,
-/// `-` (or an IPv6 literal) and a non-zero port.
+/// `-` (or an IPv6 literal) and a non-zero port; or `unix:PATH` with an absolute path
+/// that fits a socket address.
 pub fn check_addr(addr: &str) -> Result<(), String> {
     if addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.port() != 0) {
         return Ok(());
     }
-    let bad = || format!("source address {addr:?} is not host:port");
+    if let Some(p) = crate::net::unix_path(addr) {
+        let s = p.as_os_str().as_encoded_bytes();
+        // sun_path is 108 bytes with the terminating NUL.
+        return if p.is_absolute() && s.len() < 108 && !s.contains(&0) {
+            Ok(())
+        } else {
+            Err(format!("source address {addr:?}: a unix socket path must be absolute, under 108 bytes, without NUL"))
+        };
+    }
+    let bad = || format!("source address {addr:?} is not host:port or unix:PATH");
     let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
     let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
     let host_ok = !host.is_empty()
@@ -465,7 +475,7 @@ pub fn hex(b: &[u8]) -> String {
 
 /// A client of the source replica.
 struct Source {
-    s: TcpStream,
+    s: Stream,
     addr: String,
     next: u64,
 }
@@ -473,13 +483,8 @@ struct Source {
 impl Source {
     /// Connects as a rebuild peer, proving (and checking) the volume's secret.
     fn connect(addr: &str, volume: &str, size: u64, creds: &Credentials) -> io::Result<Source> {
-        let sa = std::net::ToSocketAddrs::to_socket_addrs(addr)
-            .map_err(|e| io::Error::new(e.kind(), format!("source replica {addr}: {e}")))?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("source replica {addr} resolves to nothing")))?;
-        let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(5))
-            .map_err(|e| io::Error::new(e.kind(), format!("source replica {addr}: {e}")))?;
-        s.set_nodelay(true)?;
+        let mut s = Stream::connect(addr, Duration::from_secs(5))
+            .map_err(|e| io::Error::new(e.kind(), format!("source replica: {e}")))?;
         // The handshake also checks that whatever answers is a replica of this very volume.
         let info = auth::client_handshake(&mut s, volume, size, creds).map_err(|e| e.into_io(addr))?;
         if info.rebuilding {

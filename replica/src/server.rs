@@ -27,7 +27,8 @@ use crate::proto::{self, FrameError, Header, Hello, Op, FLAG_FUA, FLAG_REPLY, HE
 use crate::store::Store;
 use bytes::{Bytes, BytesMut};
 use std::io::{self, BufReader, IoSlice, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use crate::net::{Listener, Stream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -64,11 +65,28 @@ pub struct ReplicaServer {
 /// another may take over (the old one's connections are then refused every request).
 pub const LEASE: Duration = Duration::from_secs(15);
 
+/// How long a new engine waits for the threads of a holder whose connections are all
+/// closed by its end (a killed engine) to finish, before it is refused (see `acquire`).
+const DEAD_HOLDER_WAIT: Duration = Duration::from_secs(3);
+
 /// One engine at a time: the one whose connections write to this replica.
 struct Lease {
     engine: String,
     conns: usize,
     gen: u64,
+    /// The holder's connections, to tell a dead holder from a live one (see `acquire`).
+    outs: Vec<std::sync::Weak<Out>>,
+}
+
+impl Lease {
+    /// Whether every connection of the holder is closed by its far end: its process is
+    /// gone (killed: the kernel closed its sockets), though the threads serving those
+    /// connections here may not have finished yet. Unknown (an in-process engine, no
+    /// connection recorded) counts as alive.
+    fn holder_gone(&self) -> bool {
+        let live: Vec<Arc<Out>> = self.outs.iter().filter_map(|w| w.upgrade()).collect();
+        !live.is_empty() && live.iter().all(|o| o.peer_closed())
+    }
 }
 
 /// What a connection may do, fixed by its handshake.
@@ -167,7 +185,7 @@ const MAX_QUEUED: usize = 64 << 20;
 /// of this connection, made the first time it is needed.
 struct Out {
     /// `None` for an engine in this process (see [`LocalConn`]): replies go to `sink`.
-    stream: Option<TcpStream>,
+    stream: Option<Stream>,
     sink: Option<Sink>,
     st: parking_lot::Mutex<OutState>,
     cv: parking_lot::Condvar,
@@ -200,7 +218,7 @@ enum SendMode {
 }
 
 impl Out {
-    fn new(stream: TcpStream) -> Arc<Out> {
+    fn new(stream: Stream) -> Arc<Out> {
         Arc::new(Out { stream: Some(stream), sink: None, st: parking_lot::Mutex::new(OutState::default()), cv: parking_lot::Condvar::new() })
     }
 
@@ -325,6 +343,15 @@ impl Out {
         Ok(())
     }
 
+    /// Whether the far end closed the connection (a poll that waits for nothing).
+    fn peer_closed(&self) -> bool {
+        let Some(s) = &self.stream else { return false };
+        let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: poll on one pollfd we own, with a zero timeout.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
     fn close(&self) {
         self.lock().closed = true;
         self.cv.notify_all();
@@ -336,7 +363,7 @@ impl Out {
 
 /// Writes `segs`, consuming what was sent. With `no_wait`, stops (Ok) when the socket
 /// would block, leaving the rest in `segs`.
-fn write_segments(s: &TcpStream, segs: &mut Vec<Bytes>, no_wait: bool) -> io::Result<()> {
+fn write_segments(s: &Stream, segs: &mut Vec<Bytes>, no_wait: bool) -> io::Result<()> {
     let mut i = 0;
     let r = loop {
         if i >= segs.len() {
@@ -367,7 +394,7 @@ fn write_segments(s: &TcpStream, segs: &mut Vec<Bytes>, no_wait: bool) -> io::Re
 
 /// One `sendmsg` that never waits (the descriptor stays blocking for the connection's
 /// own thread).
-fn send_dontwait(s: &TcpStream, iov: &[IoSlice]) -> io::Result<usize> {
+fn send_dontwait(s: &Stream, iov: &[IoSlice]) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is valid; it then points at `iov`, which outlives the call.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
@@ -434,12 +461,12 @@ impl ReplicaServer {
     }
 
     /// Accepts engine connections until the process ends.
-    pub fn serve(self: &Arc<Self>, listener: TcpListener) {
-        for conn in listener.incoming() {
-            match conn {
+    pub fn serve(self: &Arc<Self>, listener: Listener) {
+        loop {
+            match listener.accept() {
                 Ok(stream) => {
                     let srv = self.clone();
-                    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+                    let peer = stream.peer();
                     let r = std::thread::Builder::new().name("replica-conn".into()).spawn(move || {
                         match srv.connection(stream, &peer) {
                             Ok(()) | Err(FrameError::Closed) => info!(%peer, "engine connection closed"),
@@ -458,8 +485,10 @@ impl ReplicaServer {
         }
     }
 
-    fn connection(self: &Arc<Self>, stream: TcpStream, peer: &str) -> Result<(), FrameError> {
-        stream.set_nodelay(true)?;
+    fn connection(self: &Arc<Self>, stream: Stream, peer: &str) -> Result<(), FrameError> {
+        if let Stream::Tcp(s) = &stream {
+            s.set_nodelay(true)?;
+        }
         let out = Out::new(stream.try_clone()?);
         let mut rd = BufReader::with_capacity(256 * 1024, stream);
         let result = self.conversation(&mut rd, &out, peer);
@@ -467,7 +496,7 @@ impl ReplicaServer {
         result
     }
 
-    fn conversation(self: &Arc<Self>, rd: &mut BufReader<TcpStream>, out: &Arc<Out>, peer: &str) -> Result<(), FrameError> {
+    fn conversation(self: &Arc<Self>, rd: &mut BufReader<Stream>, out: &Arc<Out>, peer: &str) -> Result<(), FrameError> {
         let Some(who) = self.handshake(rd, out, peer)? else { return Ok(()) };
         let result = self.serve_requests(rd, out, who);
         if let Peer::Engine { gen } = who {
@@ -477,7 +506,7 @@ impl ReplicaServer {
     }
 
     /// The challenge, the client's proof and the lease (see `auth`). `None`: refused.
-    fn handshake(&self, rd: &mut BufReader<TcpStream>, out: &Arc<Out>, peer: &str) -> Result<Option<Peer>, FrameError> {
+    fn handshake(&self, rd: &mut BufReader<Stream>, out: &Arc<Out>, peer: &str) -> Result<Option<Peer>, FrameError> {
         let c = auth::challenge(self.key.as_deref())?;
         let mut ch = Header::request(Op::Hello, 0, 0, 0);
         ch.flags = FLAG_REPLY;
@@ -522,7 +551,7 @@ impl ReplicaServer {
         }
         let who = match hello.role.as_str() {
             auth::ROLE_PEER => Peer::Replica,
-            auth::ROLE_ENGINE | "" => match self.acquire(&hello.engine, peer) {
+            auth::ROLE_ENGINE | "" => match self.acquire(&hello.engine, peer, out) {
                 Ok(gen) => Peer::Engine { gen },
                 Err(why) => return refuse(libc::EBUSY, why),
             },
@@ -538,7 +567,7 @@ impl ReplicaServer {
         Ok(Some(who))
     }
 
-    fn serve_requests(self: &Arc<Self>, rd: &mut BufReader<TcpStream>, out: &Arc<Out>, who: Peer) -> Result<(), FrameError> {
+    fn serve_requests(self: &Arc<Self>, rd: &mut BufReader<Stream>, out: &Arc<Out>, who: Peer) -> Result<(), FrameError> {
         let mut buf = BytesMut::new();
         let pending = Arc::new(Pending::default());
         let result = self.requests(rd, out, who, &pending, &mut buf);
@@ -549,7 +578,7 @@ impl ReplicaServer {
 
     fn requests(
         self: &Arc<Self>,
-        rd: &mut BufReader<TcpStream>,
+        rd: &mut BufReader<Stream>,
         out: &Arc<Out>,
         who: Peer,
         pending: &Arc<Pending>,
@@ -589,32 +618,50 @@ impl ReplicaServer {
     }
 
     /// Takes or joins the engine lease for `engine` (see [`LEASE`]).
-    fn acquire(&self, engine: &str, peer: &str) -> Result<u64, String> {
+    /// An engine killed a moment ago still holds the lease until the threads serving
+    /// its connections here see them closed; a new engine asking meanwhile was refused
+    /// for nothing (a restart right after a crash failed that way under load). So when
+    /// the far end closed every one of the holder's connections, the holder is gone,
+    /// and the new engine waits (up to [`DEAD_HOLDER_WAIT`]) for those threads to finish
+    /// instead of being refused. It still takes over only once they have: a request the
+    /// dead engine sent is applied before the new engine's first, never after.
+    fn acquire(&self, engine: &str, peer: &str, out: &Arc<Out>) -> Result<u64, String> {
+        let waited = std::time::Instant::now();
         let mut l = self.lease.lock().unwrap_or_else(|e| e.into_inner());
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let idle = Duration::from_millis(now.saturating_sub(self.last_seen.load(Ordering::Acquire)));
-        match l.as_mut() {
-            Some(cur) if cur.engine == engine => {
-                cur.conns += 1;
-                return Ok(cur.gen);
+        loop {
+            let now = self.epoch.elapsed().as_millis() as u64;
+            let idle = Duration::from_millis(now.saturating_sub(self.last_seen.load(Ordering::Acquire)));
+            match l.as_mut() {
+                Some(cur) if cur.engine == engine => {
+                    cur.conns += 1;
+                    cur.outs.retain(|w| w.strong_count() > 0);
+                    cur.outs.push(Arc::downgrade(out));
+                    return Ok(cur.gen);
+                }
+                Some(cur) if cur.conns > 0 && idle < LEASE => {
+                    if cur.holder_gone() && waited.elapsed() < DEAD_HOLDER_WAIT {
+                        drop(l);
+                        std::thread::sleep(Duration::from_millis(5));
+                        l = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    }
+                    return Err(format!(
+                        "another engine ({}) serves this replica (last request {} ms ago); a second engine is refused",
+                        cur.engine,
+                        idle.as_millis()
+                    ));
+                }
+                Some(cur) => {
+                    warn!(%peer, new = engine, old = %cur.engine, open = cur.conns, idle_ms = idle.as_millis() as u64, "an engine takes over the replica");
+                }
+                None => {}
             }
-            Some(cur) if cur.conns > 0 && idle < LEASE => {
-                return Err(format!(
-                    "another engine ({}) serves this replica (last request {} ms ago); a second engine is refused",
-                    cur.engine,
-                    idle.as_millis()
-                ));
-            }
-            Some(cur) => {
-                warn!(%peer, new = engine, old = %cur.engine, open = cur.conns, idle_ms = idle.as_millis() as u64, "an engine takes over the replica");
-            }
-            None => {}
+            let gen = self.lease_gen.load(Ordering::Acquire) + 1;
+            *l = Some(Lease { engine: engine.to_string(), conns: 1, gen, outs: vec![Arc::downgrade(out)] });
+            self.lease_gen.store(gen, Ordering::Release);
+            self.last_seen.store(now, Ordering::Release);
+            return Ok(gen);
         }
-        let gen = self.lease_gen.load(Ordering::Acquire) + 1;
-        *l = Some(Lease { engine: engine.to_string(), conns: 1, gen });
-        self.lease_gen.store(gen, Ordering::Release);
-        self.last_seen.store(now, Ordering::Release);
-        Ok(gen)
     }
 
     fn release(&self, gen: u64) {
@@ -903,8 +950,9 @@ impl ReplicaServer {
                 self.store.size()
             ));
         }
-        let gen = self.acquire(engine, "in-process")?;
-        Ok(LocalConn { srv: self.clone(), out: Out::local(sink), pending: Arc::new(Pending::default()), gen, buf: Mutex::new(BytesMut::new()) })
+        let out = Out::local(sink);
+        let gen = self.acquire(engine, "in-process", &out)?;
+        Ok(LocalConn { srv: self.clone(), out, pending: Arc::new(Pending::default()), gen, buf: Mutex::new(BytesMut::new()) })
     }
 }
 

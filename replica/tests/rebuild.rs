@@ -24,7 +24,7 @@ fn source(dir: &Path, size: u64) -> (Arc<Store>, String) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr").to_string();
     let srv = ReplicaServer::new(st.clone(), None);
-    std::thread::spawn(move || srv.serve(l));
+    std::thread::spawn(move || srv.serve(longhorn_replica::net::Listener::Tcp(l)));
     (st, addr)
 }
 

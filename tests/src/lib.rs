@@ -131,10 +131,15 @@ pub fn ready(mut child: Child, log: &Path, word: &str) -> Result<(Proc, String),
 /// `longhorn replica serve` of `volume` on `dir` on a free loopback port, with extra
 /// environment (fault points); returns the process and its address.
 pub fn serve_replica(dir: &Path, volume: &str, size: u64, log: &Path, env: &[(String, String)]) -> (Proc, String) {
+    serve_replica_on(dir, volume, size, log, env, "127.0.0.1:0")
+}
+
+/// As [`serve_replica`], listening on `listen` (`HOST:PORT` or `unix:PATH`).
+pub fn serve_replica_on(dir: &Path, volume: &str, size: u64, log: &Path, env: &[(String, String)], listen: &str) -> (Proc, String) {
     spawn_env(
         &[
             "replica", "serve", "--dir", dir.to_str().expect("utf8"), "--volume", volume, "--size", &size.to_string(),
-            "--listen", "127.0.0.1:0",
+            "--listen", listen,
         ],
         log,
         "listening",
@@ -167,6 +172,8 @@ pub struct Cluster {
     /// Extra arguments and environment for `engine serve` (set before `start_engine`).
     pub engine_extra: Vec<String>,
     pub engine_env: Vec<(String, String)>,
+    /// Replicas started from now on listen on unix sockets (`DIR.sock`), not TCP.
+    pub unix: bool,
 }
 
 pub const MB: u64 = 1 << 20;
@@ -178,12 +185,24 @@ impl Cluster {
         c
     }
 
+    /// As [`Cluster::new`], the replicas on unix sockets (`replica serve --listen
+    /// unix:DIR.sock`), as `longhorn up` starts them.
+    pub fn new_unix(volume: &str, size: u64, n: usize) -> Cluster {
+        let mut c = Cluster::without_engine(volume, size, 0);
+        c.unix = true;
+        for i in 0..n {
+            c.add_replica(&format!("r{i}"));
+        }
+        c.start_engine();
+        c
+    }
+
     /// Replicas only; the caller sets `engine_extra` and calls `start_engine`.
     pub fn without_engine(volume: &str, size: u64, n: usize) -> Cluster {
         let tmp = tempfile::Builder::new().prefix("lh-test-").tempdir_in(test_root()).expect("tempdir");
         let secret = tmp.path().join("volume.key");
         longhorn_replica::auth::Key::generate(&secret).expect("volume secret");
-        let mut c = Cluster { tmp, secret, volume: volume.to_string(), size, replicas: Vec::new(), engine: None, engine_extra: Vec::new(), engine_env: Vec::new() };
+        let mut c = Cluster { tmp, secret, volume: volume.to_string(), size, replicas: Vec::new(), engine: None, engine_extra: Vec::new(), engine_env: Vec::new(), unix: false };
         for i in 0..n {
             c.add_replica(&format!("r{i}"));
         }
@@ -201,7 +220,8 @@ impl Cluster {
     fn spawn_replica(&self, dir: &Path, log: &str, env: &[(String, String)]) -> Replica {
         let mut env = env.to_vec();
         env.push(self.secret_env());
-        let (proc, addr) = serve_replica(dir, &self.volume, self.size, &self.path(log), &env);
+        let listen = if self.unix { format!("unix:{}.sock", dir.display()) } else { "127.0.0.1:0".to_string() };
+        let (proc, addr) = serve_replica_on(dir, &self.volume, self.size, &self.path(log), &env, &listen);
         Replica { proc, addr, dir: dir.to_path_buf() }
     }
 
@@ -382,7 +402,7 @@ pub const NBDSH: &str = "/usr/bin/python3 -m nbd";
 
 /// A bare replica-protocol client, for driving a replica without an engine.
 pub struct ReplicaClient {
-    pub s: std::net::TcpStream,
+    pub s: longhorn_replica::net::Stream,
     next: u64,
 }
 
@@ -400,7 +420,7 @@ impl ReplicaClient {
         size: u64,
         creds: &longhorn_replica::auth::Credentials,
     ) -> Result<ReplicaClient, longhorn_replica::auth::HandshakeError> {
-        let mut s = std::net::TcpStream::connect(addr).expect("connect to replica");
+        let mut s = longhorn_replica::net::Stream::connect(addr, Duration::from_secs(5)).expect("connect to replica");
         longhorn_replica::auth::client_handshake(&mut s, volume, size, creds)?;
         s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
         Ok(ReplicaClient { s, next: 1 })

@@ -16,20 +16,26 @@ fn replicas(run: &Path) -> Vec<Value> {
     serde_json::from_slice::<Value>(&o.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
 }
 
-/// The pid of the replica process serving `dir`.
-fn replica_pid(dir: &Path) -> i32 {
+/// The pid of the replica process serving `dir`, if one runs.
+fn try_replica_pid(dir: &Path) -> Option<i32> {
     let out = sh(&format!("pgrep -f -- 'replica serve .*--dir {}$' || true", dir.display()));
-    out.lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("no replica process for {}", dir.display()))
+    out.lines().next().and_then(|l| l.trim().parse().ok())
 }
 
-/// Waits until the volume has `n` replicas, all RW, none at an address in `old`.
-fn wait_healthy(run: &Path, n: usize, old: &[String], up: &Proc, what: &str) -> Duration {
+fn replica_pid(dir: &Path) -> i32 {
+    try_replica_pid(dir).unwrap_or_else(|| panic!("no replica process for {}", dir.display()))
+}
+
+/// Waits until the volume has `n` replicas, all RW, and `dir` is served by a process
+/// other than `old_pid` (its address may be the same: `up` puts replicas on unix
+/// sockets beside their directories).
+fn wait_healthy(run: &Path, n: usize, dir: &Path, old_pid: i32, up: &Proc, what: &str) -> Duration {
     let t = Instant::now();
     loop {
         let ls = replicas(run);
         let rw = ls.iter().filter(|r| r["mode"] == "RW").count();
-        let stale = ls.iter().any(|r| old.iter().any(|o| r["address"] == o.as_str()));
-        if ls.len() == n && rw == n && !stale {
+        let replaced = try_replica_pid(dir).is_some_and(|p| p != old_pid);
+        if ls.len() == n && rw == n && replaced {
             return t.elapsed();
         }
         assert!(t.elapsed() < Duration::from_secs(120), "{what}: not healthy in 120 s: {ls:?}\n{}", up.log_text());
@@ -37,15 +43,21 @@ fn wait_healthy(run: &Path, n: usize, old: &[String], up: &Proc, what: &str) -> 
     }
 }
 
-fn address_of(run: &Path, port_of_dir: &Path) -> String {
-    let pid = replica_pid(port_of_dir);
+/// The address the engine lists for the replica in `dir`: its unix socket beside the
+/// directory, or (a path too long for one) the TCP port its process listens on.
+fn address_of(run: &Path, dir: &Path) -> String {
     let ls = replicas(run);
+    let unix = format!("unix:{}.sock", dir.display());
+    if ls.iter().any(|r| r["address"] == unix.as_str()) {
+        return unix;
+    }
+    let pid = replica_pid(dir);
     let ss = sh(&format!("ss -Htlnp | grep 'pid={pid},' || true"));
     ls.iter()
         .filter_map(|r| r["address"].as_str())
         .find(|a| ss.contains(a))
         .map(|s| s.to_string())
-        .unwrap_or_else(|| panic!("address of {}: {ss} {ls:?}", port_of_dir.display()))
+        .unwrap_or_else(|| panic!("address of {}: {ss} {ls:?}", dir.display()))
 }
 
 #[test]
@@ -82,9 +94,10 @@ fn up_rebuilds_failed_replicas_by_itself() {
     // 1. kill -9 under writes.
     let a = load();
     std::thread::sleep(Duration::from_secs(1));
-    let old1 = address_of(&run, &dir(1));
-    sh(&format!("kill -9 {}", replica_pid(&dir(1))));
-    let took = wait_healthy(&run, 3, &[old1], &up, "after kill -9");
+    assert_eq!(address_of(&run, &dir(1)), format!("unix:{}.sock", dir(1).display()), "up serves its replicas on unix sockets");
+    let old1 = replica_pid(&dir(1));
+    sh(&format!("kill -9 {old1}"));
+    let took = wait_healthy(&run, 3, &dir(1), old1, &up, "after kill -9");
     eprintln!("[auto-rebuild] killed replica back to RW in {:.1} s", took.as_secs_f64());
     let (ok, errs, out) = a.join().expect("fio");
     assert!(ok && errs == 0, "fio verify across the kill: {out}");
@@ -92,10 +105,9 @@ fn up_rebuilds_failed_replicas_by_itself() {
     // 2. A hung replica: the engine drops it after its I/O timeout; up kills and restarts it.
     let b = load();
     std::thread::sleep(Duration::from_secs(1));
-    let old2 = address_of(&run, &dir(2));
     let hung = replica_pid(&dir(2));
     sh(&format!("kill -STOP {hung}"));
-    let took = wait_healthy(&run, 3, &[old2], &up, "after SIGSTOP");
+    let took = wait_healthy(&run, 3, &dir(2), hung, &up, "after SIGSTOP");
     eprintln!("[auto-rebuild] hung replica replaced and RW in {:.1} s", took.as_secs_f64());
     assert!(!Path::new(&format!("/proc/{hung}")).exists() || sh(&format!("cat /proc/{hung}/stat")).contains(" Z "), "the hung process is gone");
     let (ok, errs, out) = b.join().expect("fio");
@@ -103,10 +115,10 @@ fn up_rebuilds_failed_replicas_by_itself() {
 
     // 3. A replica whose directory is ruined cannot restart; once failed for longer than
     // staleReplicaTimeout (15 s here) its directory is deleted and it is built afresh.
-    let old0 = address_of(&run, &dir(0));
+    let old0 = replica_pid(&dir(0));
     std::fs::write(dir(0).join("volume.meta"), b"{ not json").expect("ruin volume.meta");
-    sh(&format!("kill -9 {}", replica_pid(&dir(0))));
-    let took = wait_healthy(&run, 3, &[old0], &up, "after a ruined directory");
+    sh(&format!("kill -9 {old0}"));
+    let took = wait_healthy(&run, 3, &dir(0), old0, &up, "after a ruined directory");
     eprintln!("[auto-rebuild] ruined replica rebuilt from scratch after {:.1} s", took.as_secs_f64());
     assert!(took >= Duration::from_secs(14), "rebuilt before the stale timeout: {took:?}");
     assert!(up.log_text().contains("from scratch (stale)"), "{}", up.log_text());

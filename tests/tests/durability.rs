@@ -206,7 +206,7 @@ fn a_failed_sync_sticks_until_the_replica_is_rebuilt() {
     assert_eq!((meta()["Dirty"].clone(), meta()["Rebuilding"].clone()), (serde_json::json!(true), serde_json::json!(true)), "{}", meta());
     // Served again (no fault now): it tells an engine it must be rebuilt.
     let (mut rp, addr2) = serve_replica(&dir, "vol1", size, &t.path().join("r2.log"), &[]);
-    let mut st = std::net::TcpStream::connect(&addr2).expect("connect");
+    let mut st = longhorn_replica::net::Stream::connect(&addr2, std::time::Duration::from_secs(5)).expect("connect");
     let creds = longhorn_replica::auth::Credentials::engine(None, "test-engine");
     let info = longhorn_replica::auth::client_handshake(&mut st, "vol1", size, &creds).expect("handshake");
     assert!(info.rebuilding, "the replica whose sync failed offers itself as current: {info:?}");

@@ -23,9 +23,21 @@ fn chain(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn rebuild_under_fio_then_incremental_return() {
+    rebuild_story(Cluster::new("vol1", 256 * MB, 3));
+}
+
+/// The same over unix sockets; the returning replica comes back on the same path (its
+/// dead socket file replaced).
+#[test]
+fn rebuild_under_fio_then_incremental_return_over_unix_sockets() {
+    let c = Cluster::new_unix("vol1", 256 * MB, 3);
+    assert!(c.replicas.iter().all(|r| r.addr.starts_with("unix:")), "replicas on unix sockets");
+    rebuild_story(c);
+}
+
+fn rebuild_story(mut c: Cluster) {
     assert!(have("fio") && have("nbdcopy"), "fio and nbdcopy are needed (tests/run installs them)");
-    let size = 256 * MB;
-    let mut c = Cluster::new("vol1", size, 3);
+    let size = c.size;
     let img = c.path("base.raw");
     random_file(&img, size);
     sh(&format!("nbdcopy '{}' '{}'", img.display(), c.uri()));
@@ -58,8 +70,12 @@ fn rebuild_under_fio_then_incremental_return() {
     );
 
     // The dead replica comes back with its old directory: only what changed is sent.
+    let before = c.replicas[1].addr.clone();
     c.restart_replica(1);
     let back = c.replicas[1].addr.clone();
+    if c.unix {
+        assert_eq!(back, before, "a replica on a unix socket comes back on its path");
+    }
     let r = c.add_and_wait(&back);
     assert_eq!(r["mode"], "RW", "{r}");
     let p = &r["progress"];

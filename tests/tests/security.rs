@@ -140,6 +140,36 @@ fn a_second_engine_is_refused_and_a_stale_one_is_fenced() {
     assert!(t.elapsed() < Duration::from_secs(10), "a restart after kill -9 waited for the lease");
 }
 
+/// A killed engine's connections are closed by the kernel at once, but the replica's
+/// threads serving them may not have run yet (under load they had not, and the engine
+/// restarted right after a crash was refused). A new engine asking then waits for those
+/// threads instead of being refused, and takes over only after them: the dead engine's
+/// last write (held here mid-request by a slow-write fault point) is applied before the
+/// new engine's first request, never after it.
+#[test]
+fn a_new_engine_takes_over_from_a_dead_one_after_its_last_request() {
+    use longhorn_replica::proto::{self, Header};
+    use std::io::Write;
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let size = 8 * MB;
+    let off = MB;
+    let slow = vec![("LONGHORN_SLOW_WRITE".to_string(), format!("{off}:1500"))];
+    let (mut rp, addr) = serve_replica(&t.path().join("r"), "vol1", size, &t.path().join("r.log"), &slow);
+    let mut a = ReplicaClient::connect_as(&addr, "vol1", size, &Credentials::engine(None, "engine-a")).expect("engine A");
+    let mut b = Vec::new();
+    proto::put_frame(&mut b, Header::request(Op::Write, 7, off, 4096), &[b'A'; 4096]);
+    a.s.write_all(&b).expect("send A's write");
+    // A's write is now held inside the replica; A dies.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(a);
+    let mut e = ReplicaClient::connect_as(&addr, "vol1", size, &Credentials::engine(None, "engine-b"))
+        .unwrap_or_else(|e| panic!("engine B refused while engine A is dead: {e}\n{}", rp.log_text()));
+    let (st, data) = e.request(Op::Read, off, 4096, &[]).expect("B reads");
+    assert_eq!(st, 0);
+    assert!(data == vec![b'A'; 4096], "B took over before A's last write was applied: it could land over B's writes");
+    rp.kill9();
+}
+
 /// Sends one raw request line to the engine's control socket.
 fn control_raw(c: &Cluster, line: &str) -> serde_json::Value {
     use std::io::{BufRead, Write};

@@ -19,7 +19,6 @@ use longhorn_replica::{ReplicaServer, Store};
 use serde_json::{json, Value};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,8 +150,9 @@ pub struct ReplicaServeArgs {
     /// match an existing one.
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
-    /// Address to listen on; port 0 picks a free port. The chosen address is printed
-    /// on stdout as `listening ADDR`.
+    /// Address to listen on: HOST:PORT (port 0 picks a free port), or unix:PATH for
+    /// engines on this host (a socket only root can use; cheaper than TCP loopback).
+    /// The address is printed on stdout as `listening ADDR`.
     #[arg(long, default_value = "127.0.0.1:9502")]
     pub listen: String,
     /// The volume's secret (64 hex digits, mode 0600): engines and rebuild peers must
@@ -167,7 +167,7 @@ pub struct EngineServeArgs {
     pub volume: String,
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
-    /// A replica address; repeat for each replica.
+    /// A replica address (HOST:PORT, or unix:PATH for one on this host); repeat for each replica.
     #[arg(long = "replica")]
     pub replicas: Vec<String>,
     /// Serve this replica directory (created when empty) in the engine's own process,
@@ -330,7 +330,7 @@ fn start_replica_server(
     listen: &str,
     key: Option<Arc<longhorn_replica::auth::Key>>,
     flag: &str,
-) -> Result<(Arc<ReplicaServer>, std::net::SocketAddr)> {
+) -> Result<(Arc<ReplicaServer>, String)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // Before anything is written in it: the volume's data is for root's eyes only.
     longhorn_replica::store::restrict_dir(dir).with_context(|| format!("making {} private (0700)", dir.display()))?;
@@ -353,9 +353,9 @@ fn start_replica_server(
     if store.was_dirty() {
         info!(dir = %dir.display(), "replica was not closed cleanly last time (Dirty)");
     }
-    let listener = TcpListener::bind(listen).with_context(|| format!("{flag} {listen}: listening"))?;
+    let listener = longhorn_replica::net::Listener::bind(listen).with_context(|| format!("{flag} {listen}: listening"))?;
     let addr = listener.local_addr().context("local address")?;
-    if key.is_none() && !addr.ip().is_loopback() {
+    if key.is_none() && !listener.is_host_local() {
         bail!("{flag} {addr}: without --secret-file anyone who reaches this address could act as the volume's engine; give the volume's secret to listen beyond loopback");
     }
     if key.is_none() {

@@ -33,7 +33,7 @@ use longhorn_replica::proto::{self, Header, Op};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
-use std::net::TcpStream;
+use longhorn_replica::net::Stream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -182,7 +182,7 @@ pub fn parse_backup_url(url: &str) -> Option<(String, String, String)> {
 }
 
 /// One request on a replica connection of the backup's own.
-fn replica_call(s: &mut TcpStream, addr: &str, op: Op, offset: u64, count: u32, payload: &[u8]) -> Result<Vec<u8>, BackupError> {
+fn replica_call(s: &mut Stream, addr: &str, op: Op, offset: u64, count: u32, payload: &[u8]) -> Result<Vec<u8>, BackupError> {
     let fail = |what: String| BackupError::Failed(format!("replica {addr}: {op:?} at {offset}: {what}"));
     let mut buf = Vec::new();
     proto::put_frame(&mut buf, Header::request(op, 1, offset, count), payload);
@@ -196,7 +196,7 @@ fn replica_call(s: &mut TcpStream, addr: &str, op: Op, offset: u64, count: u32, 
 
 /// Every range of `SNAPSHOT_RANGES`, page by page (a fragmented volume has more than
 /// one reply holds).
-fn snapshot_ranges(s: &mut TcpStream, addr: &str, rq: &ExportRequest) -> Result<SnapshotRanges, BackupError> {
+fn snapshot_ranges(s: &mut Stream, addr: &str, rq: &ExportRequest) -> Result<SnapshotRanges, BackupError> {
     let payload = serde_json::to_vec(rq).map_err(|e| BackupError::Failed(format!("encoding SnapshotRanges: {e}")))?;
     let mut out: Option<SnapshotRanges> = None;
     let mut at = 0;
@@ -220,7 +220,7 @@ fn snapshot_ranges(s: &mut TcpStream, addr: &str, rq: &ExportRequest) -> Result<
     Ok(r)
 }
 
-fn connect(v: &Volume, addr: &str) -> Result<TcpStream, BackupError> {
+fn connect(v: &Volume, addr: &str) -> Result<Stream, BackupError> {
     let (s, _) = v.dialer().connect(addr).map_err(|e| BackupError::Failed(e.to_string()))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
     Ok(s)
