@@ -4,8 +4,9 @@
 //! Both carry the same byte stream (the frames of [`crate::proto`], checksums and the
 //! handshake of [`crate::auth`] included); only the socket differs. On this machine a
 //! unix-socket round trip across vCPUs is ~44 us against TCP loopback's 60-70, and a
-//! 1 MiB send skips the TCP stack and its softirq work: a 3-replica write moves every
-//! byte three times, so a co-located replica is worth the cheaper socket.
+//! 1 MiB send skips the TCP stack and its softirq work; small reads over several
+//! connections are slower, though (README, "Transports"), so it is a choice, not the
+//! default.
 //!
 //! Invariants:
 //! - A unix listener's socket file is 0600 from the moment it can be connected to (bound
@@ -46,8 +47,7 @@ impl Stream {
     /// TCP_NODELAY (frames are written whole, one per burst).
     pub fn connect(addr: &str, timeout: Duration) -> io::Result<Stream> {
         if let Some(p) = unix_path(addr) {
-            // A unix connect does not wait on the network: it succeeds or fails at once.
-            let s = UnixStream::connect(p).map_err(|e| io::Error::new(e.kind(), format!("{addr}: connect: {e}")))?;
+            let s = connect_unix(p, timeout).map_err(|e| io::Error::new(e.kind(), format!("{addr}: connect: {e}")))?;
             let s = Stream::Unix(s);
             s.widen_send_buffer();
             return Ok(s);
@@ -240,6 +240,52 @@ impl Listener {
     }
 }
 
+/// A unix connect within `timeout`. std's waits without end while the listener's
+/// backlog is full (a replica stopped or hung stops accepting, and every engine retry
+/// takes a slot), so the connect is made non-blocking: it succeeds or fails at once, or
+/// says EAGAIN while the backlog is full, and is tried again until the deadline.
+fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: an all-zero sockaddr_un is a valid value.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= sa.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the path does not fit a unix socket address (107 bytes, no NUL)"));
+    }
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, b) in sa.sun_path.iter_mut().zip(bytes) {
+        *d = *b as libc::c_char;
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nothing else owns; the stream closes it.
+    let s = unsafe { UnixStream::from_raw_fd(fd) };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // SAFETY: connect on our socket with a sockaddr_un of `len` bytes that outlives the call.
+        let r = unsafe { libc::connect(fd, (&sa as *const libc::sockaddr_un).cast(), len) };
+        if r == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EAGAIN) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Some(libc::EAGAIN) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("not accepting connections (backlog full) for {timeout:?}")))
+            }
+            _ => return Err(e),
+        }
+    }
+    s.set_nonblocking(false)?;
+    Ok(s)
+}
+
 fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let ctx = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()));
@@ -292,6 +338,24 @@ mod tests {
         // The dead listener's file is still there; a new one replaces it.
         assert!(p.exists());
         let _l2 = Listener::bind(&addr).unwrap();
+        // A listener that stops accepting (a stopped replica) with its backlog full: the
+        // connect gives up at its deadline instead of waiting for ever.
+        let full = d.join("full.sock");
+        let lf = Listener::bind(&format!("unix:{}", full.display())).unwrap();
+        let Listener::Unix(ul, _) = &lf else { unreachable!() };
+        // SAFETY: listen(2) again on our own socket only changes its backlog.
+        assert_eq!(unsafe { libc::listen(ul.as_raw_fd(), 0) }, 0);
+        let faddr = format!("unix:{}", full.display());
+        let mut held = Vec::new();
+        let err = loop {
+            match Stream::connect(&faddr, Duration::from_millis(200)) {
+                Ok(s) => held.push(s),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 16, "the backlog never filled");
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        drop((held, lf));
         std::fs::write(d.join("plain"), b"x").unwrap();
         let e = Listener::bind(&format!("unix:{}", d.join("plain").display())).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");

@@ -186,7 +186,7 @@ impl Cluster {
     }
 
     /// As [`Cluster::new`], the replicas on unix sockets (`replica serve --listen
-    /// unix:DIR.sock`), as `longhorn up` starts them.
+    /// unix:DIR.sock`).
     pub fn new_unix(volume: &str, size: u64, n: usize) -> Cluster {
         let mut c = Cluster::without_engine(volume, size, 0);
         c.unix = true;

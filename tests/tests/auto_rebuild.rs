@@ -27,8 +27,8 @@ fn replica_pid(dir: &Path) -> i32 {
 }
 
 /// Waits until the volume has `n` replicas, all RW, and `dir` is served by a process
-/// other than `old_pid` (its address may be the same: `up` puts replicas on unix
-/// sockets beside their directories).
+/// other than `old_pid` (followed by process, not address: a replica on a unix socket
+/// keeps its address across a restart).
 fn wait_healthy(run: &Path, n: usize, dir: &Path, old_pid: i32, up: &Proc, what: &str) -> Duration {
     let t = Instant::now();
     loop {
@@ -94,7 +94,6 @@ fn up_rebuilds_failed_replicas_by_itself() {
     // 1. kill -9 under writes.
     let a = load();
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(address_of(&run, &dir(1)), format!("unix:{}.sock", dir(1).display()), "up serves its replicas on unix sockets");
     let old1 = replica_pid(&dir(1));
     sh(&format!("kill -9 {old1}"));
     let took = wait_healthy(&run, 3, &dir(1), old1, &up, "after kill -9");

@@ -1,8 +1,8 @@
 //! Replicas on the engine's host reached over unix sockets (`replica serve --listen
-//! unix:PATH`, as `longhorn up` starts them). Everything a volume does over them is the
-//! same code as over TCP and is tested so: `rebuild.rs` (a rebuild under fio verify and
-//! an incremental return on the same socket path), `auto_rebuild.rs` (`longhorn up`).
-//! Here: nobody but root can connect, as the README promises.
+//! unix:PATH`). Everything a volume does over them is the same code as over TCP, and
+//! `rebuild.rs` runs its rebuild story over them too (a rebuild under fio verify, an
+//! incremental return on the same socket path). Here: nobody but root can connect, as
+//! the README promises.
 
 use longhorn_tests::*;
 
