@@ -216,17 +216,7 @@ pub fn serve(c: Config) -> Result<()> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
-        // A socket left by a driver that died is replaced; any other file is not ours.
-        if let Ok(md) = std::fs::symlink_metadata(&c.endpoint) {
-            use std::os::unix::fs::FileTypeExt;
-            if !md.file_type().is_socket() {
-                bail!("{} exists and is not a socket", c.endpoint.display());
-            }
-            std::fs::remove_file(&c.endpoint).with_context(|| format!("removing the old socket {}", c.endpoint.display()))?;
-        }
-        if let Some(dir) = c.endpoint.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
+        // A socket left by a driver that died is replaced; a live one or any other file is not ours.
         let listener = bind_private(&c.endpoint)?;
         let driver = Arc::new(Driver::new(&c));
         let identity = csi::identity_server::IdentityServer::new(Identity { controller: c.controller, driver: driver.clone() });
@@ -262,20 +252,10 @@ pub fn serve(c: Config) -> Result<()> {
 }
 
 /// Binds the gRPC socket readable and writable by its owner only (kubelet and the
-/// node plugin run as root), whatever the umask: bound under a temporary name, made
-/// 0600, then renamed into place, so no one can connect in between.
+/// node plugin run as root), whatever the umask; a stale socket is replaced, one another
+/// driver still serves is refused (see [`longhorn_replica::net::bind_private_unix`]).
 fn bind_private(endpoint: &std::path::Path) -> Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    let name = endpoint.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = endpoint.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = tokio::net::UnixListener::bind(&tmp).with_context(|| format!("binding {}", tmp.display()))?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("making {} private", tmp.display()))
-        .and_then(|_| std::fs::rename(&tmp, endpoint).with_context(|| format!("moving the socket to {}", endpoint.display())));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(listener)
+    let l = longhorn_replica::net::bind_private_unix(endpoint).context("binding the CSI endpoint")?;
+    l.set_nonblocking(true).context("making the CSI endpoint non-blocking")?;
+    tokio::net::UnixListener::from_std(l).context("registering the CSI endpoint")
 }

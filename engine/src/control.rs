@@ -9,7 +9,7 @@
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,16 +38,12 @@ impl ControlServer {
                 .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
         }
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{}: another engine is already serving this volume", path.display()),
-                ));
+        let l = longhorn_replica::net::bind_private_unix(path).map_err(|e| match e.kind() {
+            io::ErrorKind::AddrInUse => {
+                io::Error::new(e.kind(), format!("{}: another engine is already serving this volume", path.display()))
             }
-            let _ = std::fs::remove_file(path);
-        }
-        let l = bind_private(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            _ => e,
+        })?;
         std::thread::Builder::new().name("control".into()).spawn(move || {
             for c in l.incoming() {
                 match c {
@@ -64,29 +60,6 @@ impl ControlServer {
         })?;
         Ok(ControlServer { path: path.to_path_buf() })
     }
-}
-
-/// Binds a unix socket at `path` that only its owner may connect to: it is bound in a
-/// fresh mode-0700 directory beside `path`, made 0600, then renamed into place, so no
-/// umask and no moment leaves it open to others. A directory this creates for `path` is
-/// made 0700; an existing one is left as it is.
-pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let mut r = [0u8; 4];
-    longhorn_replica::auth::fill_random(&mut r)?;
-    let tmp = dir.join(format!(".s{}", longhorn_replica::auth::hex(&r)));
-    std::fs::DirBuilder::new().mode(0o700).create(&tmp)?;
-    let inner = tmp.join("s");
-    let bound = (|| {
-        let l = UnixListener::bind(&inner)?;
-        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&inner, path)?;
-        Ok(l)
-    })();
-    let _ = std::fs::remove_file(&inner);
-    let _ = std::fs::remove_dir(&tmp);
-    bound
 }
 
 impl Drop for ControlServer {

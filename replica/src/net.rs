@@ -206,7 +206,7 @@ impl Listener {
     /// Listens on `addr`: `unix:PATH` (see the module invariants) or `HOST:PORT`.
     pub fn bind(addr: &str) -> io::Result<Listener> {
         match unix_path(addr) {
-            Some(p) => bind_unix(p).map(|l| Listener::Unix(l, p.to_path_buf())),
+            Some(p) => bind_private_unix(p).map(|l| Listener::Unix(l, p.to_path_buf())),
             None => TcpListener::bind(addr).map(Listener::Tcp),
         }
     }
@@ -286,30 +286,76 @@ fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
     Ok(s)
 }
 
-fn bind_unix(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+/// The longest path a unix socket address holds (`sun_path` less its NUL).
+pub const UNIX_PATH_MAX: usize = 107;
+
+/// Binds a unix socket at `path` that only its owner (root, for every socket of this
+/// project) may connect to. The one place the project makes a listening unix socket:
+/// replicas, the engine's control socket, the NBD export and the CSI endpoint use it.
+///
+/// - An empty path, or one longer than [`UNIX_PATH_MAX`] bytes (clients could not dial
+///   it), is refused with the reason.
+/// - A missing parent directory is made, mode 0700; an existing one is left as it is.
+/// - Something other than a socket at `path` is refused; a socket a process still
+///   answers on is refused (`AddrInUse`); a dead process's socket is replaced.
+/// - The socket is bound in a fresh mode-0700 directory beside `path`, made 0600 and
+///   renamed into place, so no umask and no moment leaves it open to others. The
+///   directory is reached through `/proc/self/fd` when its path would not fit a socket
+///   address, so any `path` that fits can be bound.
+pub fn bind_private_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
     let ctx = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()));
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if !m.file_type().is_socket() {
+    let len = path.as_os_str().as_bytes().len();
+    if len == 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty unix socket path"));
+    }
+    if len > UNIX_PATH_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: {len} bytes, longer than the {UNIX_PATH_MAX} a unix socket address holds", path.display()),
+        ));
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name_ok = path.file_name().is_some_and(|n| n != "." && n != "..");
+    if !name_ok {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{}: names a directory, not a socket", path.display())));
+    }
+    if !dir.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| ctx("creating its directory", e))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{}: exists and is not a socket", path.display())));
         }
-        if UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{}: another process listens there", path.display())));
+        Ok(_) if UnixStream::connect(path).is_ok() => {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{}: another process listens on this socket", path.display())));
         }
         // A dead process's socket: the rename below replaces it.
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ctx("checking", e)),
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let l = UnixListener::bind(&tmp).map_err(|e| ctx("binding", e))?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| ctx("making the socket private", e))
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| ctx("moving the socket into place", e)));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(l)
+    let mut r = [0u8; 6];
+    crate::auth::fill_random(&mut r)?;
+    let tmp = dir.join(format!(".lh-sock-{}", crate::auth::hex(&r)));
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(|e| ctx("making a private directory beside it", e))?;
+    let inner = tmp.join("s");
+    let bound = (|| {
+        let l = if inner.as_os_str().as_bytes().len() <= UNIX_PATH_MAX {
+            UnixListener::bind(&inner)
+        } else {
+            let d = std::fs::File::open(&tmp)?;
+            UnixListener::bind(format!("/proc/self/fd/{}/s", d.as_raw_fd()))
+        }
+        .map_err(|e| ctx("binding", e))?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600)).map_err(|e| ctx("making the socket private", e))?;
+        std::fs::rename(&inner, path).map_err(|e| ctx("moving the socket into place", e))?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&tmp);
+    bound
 }
 
 #[cfg(test)]
@@ -359,6 +405,39 @@ mod tests {
         std::fs::write(d.join("plain"), b"x").unwrap();
         let e = Listener::bind(&format!("unix:{}", d.join("plain").display())).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn unix_listener_takes_any_path_that_fits_and_names_what_does_not() {
+        let d = std::env::temp_dir().join(format!("lh-net-len-{}", std::process::id()));
+        let e = bind_private_unix(Path::new("")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("empty"), "{e}");
+        // A path of exactly 107 bytes, in directories that do not exist yet: its
+        // temporary name is longer than 107, so it is bound through /proc/self/fd.
+        let base = d.join("sub");
+        let pad = UNIX_PATH_MAX - base.as_os_str().len() - 1;
+        let p = base.join("x".repeat(pad));
+        assert_eq!(p.as_os_str().len(), UNIX_PATH_MAX);
+        let l = Listener::bind(&format!("unix:{}", p.display())).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&base).unwrap().permissions().mode() & 0o777, 0o700);
+        let mut c = Stream::connect(&l.local_addr().unwrap(), Duration::from_secs(1)).unwrap();
+        let mut s = l.accept().unwrap();
+        c.write_all(b"long").unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"long");
+        // Nothing but the socket is left beside it.
+        let names: Vec<_> = std::fs::read_dir(&base).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        let too_long = base.join("y".repeat(pad + 1));
+        let e = bind_private_unix(&too_long).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("108 bytes"), "{e}");
+        assert!(!too_long.exists());
+        drop((c, s, l));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -10,7 +10,7 @@ use longhorn_engine::api::BlockBackend;
 use std::io::{self, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -262,40 +262,10 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 fn bind_unix(path: &Path) -> io::Result<(Listener, String)> {
-    if path.as_os_str().is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "empty unix socket path",
-        ));
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            // Only replace it if nobody is serving on it.
-            if UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!(
-                        "{}: another server is listening on this socket",
-                        path.display()
-                    ),
-                ));
-            }
-            std::fs::remove_file(path).map_err(|e| {
-                with_context(e, format!("removing stale socket {}", path.display()))
-            })?;
-        }
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{}: exists and is not a socket", path.display()),
-            ))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(with_context(e, format!("checking {}", path.display()))),
-    }
-    // Root only (mode 0600), like the engine's control socket.
-    let listener = longhorn_engine::control::bind_private(path)
-        .map_err(|e| with_context(e, format!("binding unix socket {}", path.display())))?;
+    // Root only (mode 0600), like the engine's control socket; a live server's socket
+    // is refused, a stale one replaced.
+    let listener = longhorn_replica::net::bind_private_unix(path)
+        .map_err(|e| with_context(e, "binding the NBD socket".into()))?;
     let m = std::fs::symlink_metadata(path)
         .map_err(|e| with_context(e, format!("checking {}", path.display())))?;
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
