@@ -422,7 +422,7 @@ impl Inner {
     fn reply_loop(self: Arc<Self>, idx: usize, stream: Stream) {
         let mut rd = BufReader::with_capacity(256 * 1024, stream);
         loop {
-            match proto::read_frame(&mut rd) {
+            match proto::read_frame_buffered(&mut rd) {
                 Ok((h, payload)) => {
                     if let Some(reason) = self.on_reply(idx, h, payload) {
                         self.completer.flush();

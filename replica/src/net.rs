@@ -286,6 +286,68 @@ fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
     Ok(s)
 }
 
+/// A socket whose `Read` is read(2) on its own descriptor, no layer between (no TLS):
+/// [`read_payload`] reads its descriptor directly, which is only the same bytes then.
+pub trait RawSocket: Read + AsRawFd {}
+impl RawSocket for Stream {}
+impl RawSocket for TcpStream {}
+impl RawSocket for UnixStream {}
+
+/// Payloads at least this long skip the `BufReader`: read(2) straight into the
+/// payload's own memory saves a copy; shorter ones are taken through the buffer, whose
+/// one refill also brings the frames behind them.
+const DIRECT_READ_MIN: usize = 64 * 1024;
+
+/// Reads exactly `n` bytes from `rd` into a new buffer that is never zeroed first.
+///
+/// `Read::read_to_end` and `read_exact` zero memory before a plain `Read` fills it (stable
+/// Rust cannot lend uninitialised memory to a `Read`); for a 1 MiB payload that was a
+/// memset per replica per write, and per 1 MiB read in the engine. read(2) only writes
+/// what it returns, so here it fills the spare capacity directly. The end of the stream
+/// before `n` bytes is `UnexpectedEof`, naming how many came.
+pub fn read_payload<S: RawSocket>(rd: &mut io::BufReader<S>, n: usize) -> io::Result<Vec<u8>> {
+    use std::io::BufRead;
+    let mut buf: Vec<u8> = Vec::with_capacity(n);
+    while buf.len() < n {
+        let want = n - buf.len();
+        if rd.buffer().is_empty() && want >= DIRECT_READ_MIN {
+            let spare = &mut buf.spare_capacity_mut()[..want];
+            // SAFETY: read(2) writes at most `spare.len()` bytes into memory we own and
+            // returns how many; only those are marked initialised below.
+            let r = unsafe { libc::read(rd.get_ref().as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                return Err(payload_eof(buf.len(), n));
+            }
+            // SAFETY: the kernel initialised `r` (≤ want) bytes after the current length.
+            unsafe { buf.set_len(buf.len() + r as usize) };
+        } else {
+            let b = match rd.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if b.is_empty() {
+                return Err(payload_eof(buf.len(), n));
+            }
+            let k = b.len().min(want);
+            buf.extend_from_slice(&b[..k]);
+            rd.consume(k);
+        }
+    }
+    Ok(buf)
+}
+
+fn payload_eof(got: usize, n: usize) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, format!("the stream ends after {got} of {n} payload bytes"))
+}
+
 /// The longest path a unix socket address holds (`sun_path` less its NUL).
 pub const UNIX_PATH_MAX: usize = 107;
 
@@ -439,5 +501,30 @@ mod tests {
         assert!(!too_long.exists());
         drop((c, s, l));
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn payloads_read_whole_whether_buffered_direct_or_split() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // Frames of 10 bytes, 100 KiB, 4 KiB and 1 MiB, written in odd-sized pieces.
+        let sizes = [10usize, 100 << 10, 4 << 10, 1 << 20];
+        let data: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(k, &n)| (0..n).map(|i| (i * 31 + k) as u8).collect()).collect();
+        let all: Vec<u8> = data.concat();
+        let w = std::thread::spawn(move || {
+            let mut a = a;
+            for piece in all.chunks(77_777) {
+                a.write_all(piece).unwrap();
+            }
+            a.write_all(b"tail").unwrap();
+        });
+        let mut rd = io::BufReader::with_capacity(8 << 10, b);
+        for (want, &n) in data.iter().zip(&sizes) {
+            let got = read_payload(&mut rd, n).unwrap();
+            assert!(got == *want, "payload of {n} bytes differs");
+        }
+        w.join().unwrap();
+        let e = read_payload(&mut rd, 1 << 20).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("after 4 of 1048576"), "{e}");
     }
 }

@@ -238,25 +238,34 @@ pub fn checksum(payload: &[u8]) -> u32 {
 
 /// Reads one whole frame: header, then payload, checking the CRC.
 pub fn read_frame<R: Read>(r: &mut R) -> Result<(Header, Bytes), FrameError> {
+    let h = read_header(r)?;
+    let n = h.payload_len as usize;
+    let mut buf = Vec::with_capacity(n);
+    let got = r.by_ref().take(n as u64).read_to_end(&mut buf)?;
+    if got != n {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("frame payload ends after {got} of {n} bytes")).into());
+    }
+    checked(h, Bytes::from(buf))
+}
+
+/// [`read_frame`] from a buffered socket, the replica's and the engine's request and
+/// reply loops: the payload is read into memory that is never zeroed first
+/// ([`crate::net::read_payload`]). The same header rules and checksum.
+pub fn read_frame_buffered<S: crate::net::RawSocket>(rd: &mut std::io::BufReader<S>) -> Result<(Header, Bytes), FrameError> {
+    let h = read_header(rd)?;
+    let payload = if h.payload_len == 0 { Bytes::new() } else { Bytes::from(crate::net::read_payload(rd, h.payload_len as usize)?) };
+    checked(h, payload)
+}
+
+fn read_header<R: Read>(r: &mut R) -> Result<Header, FrameError> {
     let mut hb = [0u8; HEADER_LEN];
     if let Err(e) = r.read_exact(&mut hb) {
         return Err(if e.kind() == io::ErrorKind::UnexpectedEof { FrameError::Closed } else { e.into() });
     }
-    let h = Header::decode(&hb)?;
-    let payload = if h.payload_len == 0 {
-        Bytes::new()
-    } else {
-        // Read into capacity that is never zeroed first (`read_to_end` fills spare
-        // capacity through `read_buf`): zeroing a 1 MiB payload only to overwrite it cost
-        // a memset per replica per write, and one per 1 MiB read in the engine.
-        let n = h.payload_len as usize;
-        let mut buf = Vec::with_capacity(n);
-        let got = r.by_ref().take(n as u64).read_to_end(&mut buf)?;
-        if got != n {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("frame payload ends after {got} of {n} bytes")).into());
-        }
-        Bytes::from(buf)
-    };
+    Header::decode(&hb)
+}
+
+fn checked(h: Header, payload: Bytes) -> Result<(Header, Bytes), FrameError> {
     let got = checksum(&payload);
     if got != h.crc {
         return Err(FrameError::BadChecksum { op: h.op, id: h.id, want: h.crc, got });

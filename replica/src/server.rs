@@ -514,7 +514,7 @@ impl ReplicaServer {
         out.send(SendMode::Blocking)?;
         // A client that connects and says nothing is not waited for.
         rd.get_ref().set_read_timeout(Some(auth::HANDSHAKE_TIMEOUT))?;
-        let (h, payload) = proto::read_frame(rd)?;
+        let (h, payload) = proto::read_frame_buffered(rd)?;
         rd.get_ref().set_read_timeout(None)?;
         if h.op != Op::Hello {
             warn!(%peer, "first request was {:?}, not Hello", h.op);
@@ -585,7 +585,7 @@ impl ReplicaServer {
         buf: &mut BytesMut,
     ) -> Result<(), FrameError> {
         loop {
-            let (h, payload) = proto::read_frame(rd)?;
+            let (h, payload) = proto::read_frame_buffered(rd)?;
             pending.before(&h);
             match who {
                 Peer::Engine { gen } => {

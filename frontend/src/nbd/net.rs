@@ -81,6 +81,9 @@ impl AsRawFd for Stream {
     }
 }
 
+// Read is read(2) on the descriptor: payloads may be read from it directly.
+impl longhorn_replica::net::RawSocket for Stream {}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
