@@ -1,5 +1,8 @@
 //! The transports a replica is reached over: TCP (`HOST:PORT`, any host) or a unix
-//! socket (`unix:PATH`, a replica on the engine's own host).
+//! socket (`unix:PATH`, a replica on the engine's own host). The project's other
+//! sockets use the same pieces (this is the lowest crate): the NBD server's connections
+//! are a [`Stream`], and every listening unix socket (replica, engine control, NBD
+//! export, CSI endpoint) is bound by [`bind_private_unix`].
 //!
 //! Both carry the same byte stream (the frames of [`crate::proto`], checksums and the
 //! handshake of [`crate::auth`] included); only the socket differs. On this machine a
@@ -117,13 +120,60 @@ impl Stream {
         tracing::debug!("cannot widen a unix socket's send buffer: {}", io::Error::last_os_error());
     }
 
-    /// The peer, for logs: its address for TCP; `unix` (a unix peer has no name).
+    /// The peer, for logs: `tcp:ADDR`, or `unix:pid=N` (a unix peer has no name; its
+    /// process, from SO_PEERCRED, is what an operator can look up).
     pub fn peer(&self) -> String {
         match self {
-            Stream::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into()),
-            Stream::Unix(_) => "unix".into(),
+            Stream::Tcp(s) => match s.peer_addr() {
+                Ok(a) => format!("tcp:{a}"),
+                Err(_) => "tcp:?".into(),
+            },
+            Stream::Unix(s) => match peer_pid(s.as_raw_fd()) {
+                Some(pid) => format!("unix:pid={pid}"),
+                None => "unix:?".into(),
+            },
         }
     }
+
+    /// Sends all of `buf`, waiting as needed.
+    pub fn send_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match sendmsg(self.as_raw_fd(), &[IoSlice::new(buf)], 0) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `sendmsg(2)` of `bufs` with `flags` (`MSG_DONTWAIT` to never wait on a descriptor
+/// that stays blocking for its other users) and `MSG_NOSIGNAL` always: a peer that went
+/// away must give `EPIPE`, never kill the process.
+pub fn sendmsg(fd: RawFd, bufs: &[IoSlice<'_>], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: msghdr is plain data; all-zero is a valid "no name, no control" header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is guaranteed ABI-compatible with `struct iovec` on unix.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    // SAFETY: msg points at `bufs.len()` valid iovecs that outlive the call.
+    let n = unsafe { libc::sendmsg(fd, &msg, flags | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Process id of a unix socket peer (SO_PEERCRED), if the kernel tells us.
+fn peer_pid(fd: RawFd) -> Option<i32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred/len are valid for writes of the sizes given.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid)
 }
 
 impl AsRawFd for Stream {
@@ -298,16 +348,18 @@ impl RawSocket for UnixStream {}
 /// one refill also brings the frames behind them.
 const DIRECT_READ_MIN: usize = 64 * 1024;
 
-/// Reads exactly `n` bytes from `rd` into a new buffer that is never zeroed first.
+/// Reads exactly `n` bytes from `rd` into `buf`, memory that is never zeroed first.
 ///
 /// `Read::read_to_end` and `read_exact` zero memory before a plain `Read` fills it (stable
 /// Rust cannot lend uninitialised memory to a `Read`); for a 1 MiB payload that was a
 /// memset per replica per write, and per 1 MiB read in the engine. read(2) only writes
-/// what it returns, so here it fills the spare capacity directly. The end of the stream
-/// before `n` bytes is `UnexpectedEof`, naming how many came.
-pub fn read_payload<S: RawSocket>(rd: &mut io::BufReader<S>, n: usize) -> io::Result<Vec<u8>> {
+/// what it returns, so here it fills the spare capacity directly. `buf` is cleared
+/// first; the end of the stream before `n` bytes is `UnexpectedEof`, with what came
+/// left in `buf`.
+pub fn read_payload<S: RawSocket>(rd: &mut io::BufReader<S>, n: usize, buf: &mut Vec<u8>) -> io::Result<()> {
     use std::io::BufRead;
-    let mut buf: Vec<u8> = Vec::with_capacity(n);
+    buf.clear();
+    buf.reserve_exact(n);
     while buf.len() < n {
         let want = n - buf.len();
         if rd.buffer().is_empty() && want >= DIRECT_READ_MIN {
@@ -341,7 +393,7 @@ pub fn read_payload<S: RawSocket>(rd: &mut io::BufReader<S>, n: usize) -> io::Re
             rd.consume(k);
         }
     }
-    Ok(buf)
+    Ok(())
 }
 
 fn payload_eof(got: usize, n: usize) -> io::Error {
@@ -519,12 +571,15 @@ mod tests {
         });
         let mut rd = io::BufReader::with_capacity(8 << 10, b);
         for (want, &n) in data.iter().zip(&sizes) {
-            let got = read_payload(&mut rd, n).unwrap();
+            let mut got = Vec::new();
+            read_payload(&mut rd, n, &mut got).unwrap();
             assert!(got == *want, "payload of {n} bytes differs");
         }
         w.join().unwrap();
-        let e = read_payload(&mut rd, 1 << 20).unwrap_err();
+        let mut got = Vec::new();
+        let e = read_payload(&mut rd, 1 << 20, &mut got).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(got, b"tail");
         assert!(e.to_string().contains("after 4 of 1048576"), "{e}");
     }
 }

@@ -253,7 +253,13 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<(Header, Bytes), FrameError> {
 /// ([`crate::net::read_payload`]). The same header rules and checksum.
 pub fn read_frame_buffered<S: crate::net::RawSocket>(rd: &mut std::io::BufReader<S>) -> Result<(Header, Bytes), FrameError> {
     let h = read_header(rd)?;
-    let payload = if h.payload_len == 0 { Bytes::new() } else { Bytes::from(crate::net::read_payload(rd, h.payload_len as usize)?) };
+    let payload = if h.payload_len == 0 {
+        Bytes::new()
+    } else {
+        let mut buf = Vec::new();
+        crate::net::read_payload(rd, h.payload_len as usize, &mut buf)?;
+        Bytes::from(buf)
+    };
     checked(h, payload)
 }
 

@@ -370,7 +370,7 @@ fn write_segments(s: &Stream, segs: &mut Vec<Bytes>, no_wait: bool) -> io::Resul
             break Ok(());
         }
         let iov: Vec<IoSlice> = segs[i..].iter().take(64).map(|b| IoSlice::new(b)).collect();
-        let n = if no_wait { send_dontwait(s, &iov) } else { (&*s).write_vectored(&iov) };
+        let n = if no_wait { crate::net::sendmsg(s.as_raw_fd(), &iov, libc::MSG_DONTWAIT) } else { (&*s).write_vectored(&iov) };
         let mut n = match n {
             Ok(0) => break Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed while writing replies")),
             Ok(n) => n,
@@ -390,21 +390,6 @@ fn write_segments(s: &Stream, segs: &mut Vec<Bytes>, no_wait: bool) -> io::Resul
     };
     segs.drain(..i);
     r
-}
-
-/// One `sendmsg` that never waits (the descriptor stays blocking for the connection's
-/// own thread).
-fn send_dontwait(s: &Stream, iov: &[IoSlice]) -> io::Result<usize> {
-    // SAFETY: an all-zero msghdr is valid; it then points at `iov`, which outlives the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = iov.len() as _;
-    // SAFETY: sendmsg on a socket we own, with a valid msghdr.
-    let n = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
 }
 
 fn errno_of(e: &io::Error) -> u32 {

@@ -1,6 +1,6 @@
 //! Fixed newstyle negotiation, up to the point where transmission starts.
 
-use super::net::Stream;
+use longhorn_replica::net::Stream;
 use super::proto::*;
 use super::transmission::Conn;
 use bytes::BufMut;

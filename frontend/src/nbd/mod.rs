@@ -1,7 +1,7 @@
 //! NBD server: protocol constants ([`proto`]), listener and connection life cycle
-//! ([`server`]), negotiation and the transmission phase (private modules).
+//! ([`server`]), negotiation and the transmission phase (private modules). Sockets are
+//! the replicas' `longhorn_replica::net::Stream`: one stream type over TCP and unix.
 mod handshake;
-mod net;
 pub mod proto;
 pub mod server;
 mod transmission;

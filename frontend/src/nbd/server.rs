@@ -4,7 +4,7 @@
 //! a slow, stuck or malicious client only ever holds up itself.
 
 use super::handshake::{negotiate, HandshakeError, HANDSHAKE_TIMEOUT};
-use super::net::Stream;
+use longhorn_replica::net::Stream;
 use super::transmission::{linger, serve};
 use longhorn_engine::api::BlockBackend;
 use std::io::{self, BufReader};
@@ -358,13 +358,13 @@ fn handle_connection(stream: Stream, backend: Arc<dyn BlockBackend>) {
             if matches!(e, HandshakeError::Protocol(_)) {
                 linger(&stream, &mut rd);
             }
-            stream.shutdown(Shutdown::Both);
+            let _ = stream.shutdown(Shutdown::Both);
             return;
         }
     };
     if let Err(e) = timeouts(None) {
         warn!(peer = %peer, "cannot clear socket timeouts: {e}; closing");
-        stream.shutdown(Shutdown::Both);
+        let _ = stream.shutdown(Shutdown::Both);
         return;
     }
     debug!(peer = %peer, base_allocation = ready.base_allocation, "NBD transmission phase");

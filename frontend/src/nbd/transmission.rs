@@ -21,7 +21,7 @@
 //! Memory is bounded per connection: the reader stops admitting new requests while
 //! in-flight requests plus unsent replies pin more than [`MAX_BUFFERED`] bytes.
 
-use super::net::{sendmsg, Stream};
+use longhorn_replica::net::{sendmsg, Stream};
 use super::proto::*;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use longhorn_engine::api::{Completer, IoOp, IoResult, Session};
@@ -388,7 +388,7 @@ impl Conn {
             out.queued = 0;
             out.draining = false;
             // Makes the reader's blocking read return, so the connection winds down.
-            self.sock.shutdown(Shutdown::Both);
+            let _ = self.sock.shutdown(Shutdown::Both);
         }
         self.progress_cv.notify_all();
         self.drain_cv.notify_all();
@@ -722,15 +722,17 @@ impl Reader<'_> {
                 }
                 self.before_read(len);
                 // Into memory never zeroed first (a memset per 1 MiB write otherwise).
-                let payload = match longhorn_replica::net::read_payload(self.rd, len) {
-                    Ok(p) => p,
+                let mut payload = Vec::new();
+                match longhorn_replica::net::read_payload(self.rd, len, &mut payload) {
+                    Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                         return Some(End::Protocol(format!(
-                            "connection closed in the middle of a WRITE payload ({e}); request dropped"
+                            "connection closed in the middle of a WRITE payload ({} of {len} bytes); request dropped",
+                            payload.len()
                         )))
                     }
                     Err(e) => return Some(End::ReadError(e)),
-                };
+                }
                 if self.validate(&req, NBD_CMD_FLAG_FUA, NBD_ENOSPC) {
                     if len == 0 {
                         self.reply_ok(&req, Kind::Write);
@@ -838,7 +840,7 @@ pub(crate) fn serve(
         Ok(h) => h,
         Err(e) => {
             warn!(peer = %peer, "cannot start the reply thread: {e}; closing the connection");
-            conn.sock.shutdown(Shutdown::Both);
+            let _ = conn.sock.shutdown(Shutdown::Both);
             return;
         }
     };
@@ -873,7 +875,7 @@ pub(crate) fn serve(
         }
     };
     if !graceful {
-        conn.sock.shutdown(Shutdown::Both);
+        let _ = conn.sock.shutdown(Shutdown::Both);
     }
     // Bound how long a client that stopped reading can hold us up from here on.
     let _ = conn.sock.set_write_timeout(Some(CLOSE_WRITE_TIMEOUT));
@@ -897,7 +899,7 @@ pub(crate) fn serve(
     if graceful {
         linger(&conn.sock, rd);
     }
-    conn.sock.shutdown(Shutdown::Both);
+    let _ = conn.sock.shutdown(Shutdown::Both);
     info!(peer = %peer, requests, rejected, "NBD client disconnected: {reason}");
 }
 
@@ -905,7 +907,7 @@ pub(crate) fn serve(
 /// kernel does not answer unread data with a reset that could destroy our last
 /// replies before the client reads them.
 pub(crate) fn linger(sock: &Stream, rd: &mut BufReader<Stream>) {
-    sock.shutdown(Shutdown::Write);
+    let _ = sock.shutdown(Shutdown::Write);
     let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut budget: usize = 64 * 1024 * 1024;
