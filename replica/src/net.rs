@@ -338,14 +338,21 @@ fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
 
 /// A socket whose `Read` is read(2) on its own descriptor, no layer between (no TLS):
 /// [`read_payload`] reads its descriptor directly, which is only the same bytes then.
-pub trait RawSocket: Read + AsRawFd {}
-impl RawSocket for Stream {}
-impl RawSocket for TcpStream {}
-impl RawSocket for UnixStream {}
+///
+/// # Safety
+/// Implement it only for a type whose `Read` is exactly read(2) on `as_raw_fd()`.
+pub unsafe trait RawSocket: Read + AsRawFd {}
+// SAFETY: each reads with read(2)/recv(2) on its own descriptor and nothing else.
+unsafe impl RawSocket for Stream {}
+// SAFETY: as above.
+unsafe impl RawSocket for TcpStream {}
+// SAFETY: as above.
+unsafe impl RawSocket for UnixStream {}
 
-/// Payloads at least this long skip the `BufReader`: read(2) straight into the
-/// payload's own memory saves a copy; shorter ones are taken through the buffer, whose
-/// one refill also brings the frames behind them.
+/// Payloads at least this long (and at least the `BufReader`'s capacity) skip the
+/// buffer: read(2) straight into the payload's own memory saves a copy; shorter ones
+/// are taken through the buffer, whose one refill also brings the frames behind them
+/// (which is what lets a reader answer a burst with one reply write).
 const DIRECT_READ_MIN: usize = 64 * 1024;
 
 /// Reads exactly `n` bytes from `rd` into `buf`, memory that is never zeroed first.
@@ -362,7 +369,7 @@ pub fn read_payload<S: RawSocket>(rd: &mut io::BufReader<S>, n: usize, buf: &mut
     buf.reserve_exact(n);
     while buf.len() < n {
         let want = n - buf.len();
-        if rd.buffer().is_empty() && want >= DIRECT_READ_MIN {
+        if rd.buffer().is_empty() && want >= DIRECT_READ_MIN.max(rd.capacity()) {
             let spare = &mut buf.spare_capacity_mut()[..want];
             // SAFETY: read(2) writes at most `spare.len()` bytes into memory we own and
             // returns how many; only those are marked initialised below.
@@ -403,23 +410,11 @@ fn payload_eof(got: usize, n: usize) -> io::Error {
 /// The longest path a unix socket address holds (`sun_path` less its NUL).
 pub const UNIX_PATH_MAX: usize = 107;
 
-/// Binds a unix socket at `path` that only its owner (root, for every socket of this
-/// project) may connect to. The one place the project makes a listening unix socket:
-/// replicas, the engine's control socket, the NBD export and the CSI endpoint use it.
-///
-/// - An empty path, or one longer than [`UNIX_PATH_MAX`] bytes (clients could not dial
-///   it), is refused with the reason.
-/// - A missing parent directory is made, mode 0700; an existing one is left as it is.
-/// - Something other than a socket at `path` is refused; a socket a process still
-///   answers on is refused (`AddrInUse`); a dead process's socket is replaced.
-/// - The socket is bound in a fresh mode-0700 directory beside `path`, made 0600 and
-///   renamed into place, so no umask and no moment leaves it open to others. The
-///   directory is reached through `/proc/self/fd` when its path would not fit a socket
-///   address, so any `path` that fits can be bound.
-pub fn bind_private_unix(path: &Path) -> io::Result<UnixListener> {
+/// Checks a unix socket path without touching the filesystem: not empty, a file name
+/// (not `.` or `..`), and short enough for a socket address ([`UNIX_PATH_MAX`]). For
+/// callers that must refuse a bad address before doing anything else.
+pub fn check_unix_path(path: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-    let ctx = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()));
     let len = path.as_os_str().as_bytes().len();
     if len == 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty unix socket path"));
@@ -430,29 +425,65 @@ pub fn bind_private_unix(path: &Path) -> io::Result<UnixListener> {
             format!("{}: {len} bytes, longer than the {UNIX_PATH_MAX} a unix socket address holds", path.display()),
         ));
     }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name_ok = path.file_name().is_some_and(|n| n != "." && n != "..");
-    if !name_ok {
+    if !path.file_name().is_some_and(|n| n != "." && n != "..") {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{}: names a directory, not a socket", path.display())));
     }
+    Ok(())
+}
+
+/// Prefix of the private directories [`bind_private_unix`] binds in; the process id
+/// follows, so one left by a killed process can be told from one in use.
+const BIND_DIR_PREFIX: &str = ".lh-sock-";
+
+/// Binds a unix socket at `path` that only its owner (root, for every socket of this
+/// project) may connect to. The one place the project makes a listening unix socket:
+/// replicas, the engine's control socket, the NBD export and the CSI endpoint use it.
+///
+/// - A path [`check_unix_path`] refuses is refused with its reason.
+/// - A missing parent directory is made, mode 0700; an existing one is left as it is.
+/// - Something other than a socket at `path` is refused; a socket a process answers on
+///   (or that accepts nothing within a second: a stopped process with a full backlog)
+///   is refused (`AddrInUse`); a dead process's socket is removed.
+/// - The socket is bound in a fresh mode-0700 directory beside `path`, made 0600 and
+///   moved into place with `RENAME_NOREPLACE`, so no umask and no moment leaves it open
+///   to others, and of two processes binding one path at once the second is refused
+///   instead of silently replacing the first's socket. The directory is reached through
+///   `/proc/self/fd` when its path would not fit a socket address, so any `path` that
+///   fits can be bound. Such directories left by killed processes are removed.
+pub fn bind_private_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    let ctx = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()));
+    check_unix_path(path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.exists() {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| ctx("creating its directory", e))?;
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_socket() => {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{}: exists and is not a socket", path.display())));
+    sweep_bind_dirs(dir);
+    let in_use = || io::Error::new(io::ErrorKind::AddrInUse, format!("{}: another process listens on this socket", path.display()));
+    // Whether a socket file at `path` is held by a live process; a dead one's is removed.
+    let clear = || -> io::Result<()> {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if !m.file_type().is_socket() => {
+                Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{}: exists and is not a socket", path.display())))
+            }
+            Ok(_) => match connect_unix(path, Duration::from_secs(1)) {
+                Ok(_) => Err(in_use()),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(in_use()),
+                Err(_) => match std::fs::remove_file(path) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(ctx("removing a dead process's socket", e)),
+                },
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ctx("checking", e)),
         }
-        Ok(_) if UnixStream::connect(path).is_ok() => {
-            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{}: another process listens on this socket", path.display())));
-        }
-        // A dead process's socket: the rename below replaces it.
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(ctx("checking", e)),
-    }
-    let mut r = [0u8; 6];
+    };
+    clear()?;
+    let mut r = [0u8; 4];
     crate::auth::fill_random(&mut r)?;
-    let tmp = dir.join(format!(".lh-sock-{}", crate::auth::hex(&r)));
+    let tmp = dir.join(format!("{BIND_DIR_PREFIX}{}-{}", std::process::id(), crate::auth::hex(&r)));
     std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(|e| ctx("making a private directory beside it", e))?;
     let inner = tmp.join("s");
     let bound = (|| {
@@ -464,12 +495,54 @@ pub fn bind_private_unix(path: &Path) -> io::Result<UnixListener> {
         }
         .map_err(|e| ctx("binding", e))?;
         std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600)).map_err(|e| ctx("making the socket private", e))?;
-        std::fs::rename(&inner, path).map_err(|e| ctx("moving the socket into place", e))?;
+        // A socket another process placed since `clear` is checked again, once: a live
+        // one refuses us, a dead one is removed and the move tried again.
+        match rename_noreplace(&inner, path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                clear()?;
+                rename_noreplace(&inner, path).map_err(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => in_use(),
+                    _ => ctx("moving the socket into place", e),
+                })?
+            }
+            r => r.map_err(|e| ctx("moving the socket into place", e))?,
+        }
         Ok(l)
     })();
     let _ = std::fs::remove_file(&inner);
     let _ = std::fs::remove_dir(&tmp);
     bound
+}
+
+/// rename(2) that fails with `AlreadyExists` instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"));
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Removes the private bind directories (and the socket in one) that processes killed
+/// mid-bind left in `dir`; ones whose process lives are left alone.
+fn sweep_bind_dirs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(BIND_DIR_PREFIX)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        // SAFETY: kill with signal 0 only asks whether the process exists.
+        let alive = pid == std::process::id() as i32 || unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+        if !alive {
+            let _ = std::fs::remove_file(e.path().join("s"));
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -515,6 +588,9 @@ mod tests {
             assert!(held.len() < 16, "the backlog never filled");
         };
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        // Its path is still not taken over: a stopped process may go on.
+        let e = Listener::bind(&faddr).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
         drop((held, lf));
         std::fs::write(d.join("plain"), b"x").unwrap();
         let e = Listener::bind(&format!("unix:{}", d.join("plain").display())).unwrap_err();
@@ -581,5 +657,33 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(got, b"tail");
         assert!(e.to_string().contains("after 4 of 1048576"), "{e}");
+    }
+
+    #[test]
+    fn a_bind_never_replaces_a_socket_and_sweeps_what_killed_binds_left() {
+        let d = std::env::temp_dir().join(format!("lh-net-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        // What a process killed mid-bind leaves, and what one binding right now has.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let left = d.join(format!("{BIND_DIR_PREFIX}{dead}-00000000"));
+        let busy = d.join(format!("{BIND_DIR_PREFIX}{}-00000000", std::process::id()));
+        for x in [&left, &busy] {
+            std::fs::create_dir_all(x).unwrap();
+            std::fs::write(x.join("s"), b"").unwrap();
+        }
+        let p = d.join("a.sock");
+        let _l = bind_private_unix(&p).unwrap();
+        assert!(!left.exists(), "a dead process's bind directory stays");
+        assert!(busy.exists(), "a live process's bind directory was removed");
+        // The move into place never replaces: a socket placed at the path meanwhile
+        // (another process binding at the same moment) makes it fail, not vanish.
+        let other = d.join("b.sock");
+        std::fs::write(&other, b"x").unwrap();
+        let e = rename_noreplace(&busy.join("s"), &other).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read(&other).unwrap(), b"x");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

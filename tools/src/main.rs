@@ -331,12 +331,14 @@ fn start_replica_server(
     key: Option<Arc<longhorn_replica::auth::Key>>,
     flag: &str,
 ) -> Result<(Arc<ReplicaServer>, String)> {
-    // The address first: one that cannot be used leaves no empty replica directory behind.
-    let listener = longhorn_replica::net::Listener::bind(listen).with_context(|| format!("{flag} {listen}: listening"))?;
-    let addr = listener.local_addr().context("local address")?;
-    if key.is_none() && !listener.is_host_local() {
-        bail!("{flag} {addr}: without --secret-file anyone who reaches this address could act as the volume's engine; give the volume's secret to listen beyond loopback");
+    // A malformed address is refused before the replica directory is made. It is bound
+    // only once the store is open: a connection accepted into the backlog meanwhile
+    // would look like a ready replica to whoever waits for one (the manager does).
+    match longhorn_replica::net::unix_path(listen) {
+        Some(p) => longhorn_replica::net::check_unix_path(p),
+        None => std::net::ToSocketAddrs::to_socket_addrs(listen).map(|_| ()),
     }
+    .with_context(|| format!("{flag} {listen}"))?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // Before anything is written in it: the volume's data is for root's eyes only.
     longhorn_replica::store::restrict_dir(dir).with_context(|| format!("making {} private (0700)", dir.display()))?;
@@ -358,6 +360,11 @@ fn start_replica_server(
     }
     if store.was_dirty() {
         info!(dir = %dir.display(), "replica was not closed cleanly last time (Dirty)");
+    }
+    let listener = longhorn_replica::net::Listener::bind(listen).with_context(|| format!("{flag} {listen}: listening"))?;
+    let addr = listener.local_addr().context("local address")?;
+    if key.is_none() && !listener.is_host_local() {
+        bail!("{flag} {addr}: without --secret-file anyone who reaches this address could act as the volume's engine; give the volume's secret to listen beyond loopback");
     }
     if key.is_none() {
         warn!(%addr, "no --secret-file: any local process can connect as an engine");
