@@ -51,6 +51,8 @@ struct Pending {
     started: Instant,
     /// A write carrying data (counted in the volume's stats; zeroes and trims are not).
     data: bool,
+    /// Flushes that joined this one (see `join_flush`): their tags, settled with it.
+    joined: Vec<u64>,
 }
 
 /// Zeroing or trimming a long range, sent to the replicas in pieces: passed whole, a
@@ -86,6 +88,9 @@ pub(crate) struct Inner {
     closed: AtomicBool,
     /// The slot of the replica embedded in this process, or [`NO_SLOT`].
     local: AtomicUsize,
+    /// The last flush sent to the replicas: its id and the volume's `mutations` count
+    /// read before it was sent.
+    last_flush: Mutex<(u64, u64)>,
 }
 
 const NO_SLOT: usize = usize::MAX;
@@ -118,6 +123,7 @@ impl EngineSession {
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             local: AtomicUsize::new(NO_SLOT),
+            last_flush: Mutex::new((0, u64::MAX)),
         });
         // Registered and connected as one step against slots being added (rebuild,
         // salvage), which attach to the sessions registered at that moment.
@@ -267,6 +273,9 @@ impl Inner {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let targets: Vec<usize> = {
             let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+            if kind == Kind::Flush && self.join_flush(&mut ops, tag, id) {
+                return;
+            }
             let targets: Vec<usize> = match kind {
                 Kind::Read | Kind::BlockStatus => self.pick_reader(offset, None).into_iter().collect(),
                 _ => (0..self.conns.len()).filter(|&i| self.writable(i)).collect(),
@@ -278,7 +287,7 @@ impl Inner {
             }
             let waiting = targets.iter().fold(0, |m, &i| m | bit(i));
             let data = pop == Op::Write;
-            ops.insert(id, Pending { tag, group: 0, kind, offset, len, waiting, acked_rw: 0, err: 0, started: Instant::now(), data });
+            ops.insert(id, Pending { tag, group: 0, kind, offset, len, waiting, acked_rw: 0, err: 0, started: Instant::now(), data, joined: Vec::new() });
             targets
         };
         let mut h = Header::request(pop, id, offset, len);
@@ -300,6 +309,45 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// A flush that arrives while this session's last flush is still on its way, with
+    /// no write, zeroing or trim completed anywhere in the volume since that one was
+    /// sent, joins it instead of being sent again: every write it must cover completed
+    /// before that flush was sent, so that flush covers it (each replica syncs all it
+    /// has applied when the flush reaches it). Clients flush back to back (fio's --fsync
+    /// at a queue depth sends one flush for every two or three writes); each would cost
+    /// a frame to every replica and back. Returns false, having noted `id` as the last
+    /// flush, when this one must be sent.
+    fn join_flush(&self, ops: &mut HashMap<u64, Pending>, tag: u64, id: u64) -> bool {
+        let seen = self.volume.mutations.load(Ordering::Acquire);
+        let mut last = self.last_flush.lock().unwrap_or_else(|e| e.into_inner());
+        if last.1 == seen {
+            if let Some(p) = ops.get_mut(&last.0) {
+                p.joined.push(tag);
+                return true;
+            }
+        }
+        *last = (id, seen);
+        false
+    }
+
+    /// A write, zeroing, trim or flush every target has answered or left, taken out of
+    /// `ops`: counted (before the frontend hears of it, see `Volume::mutations`) and
+    /// settled, with the flushes that joined it.
+    fn settle_mutation(&self, p: Pending) {
+        if p.kind == Kind::Mutate {
+            self.volume.mutations.fetch_add(1, Ordering::AcqRel);
+        }
+        let r = mutate_result(&p);
+        for &t in &p.joined {
+            let r = match r {
+                IoResult::Err(e) => IoResult::Err(e),
+                _ => IoResult::Done,
+            };
+            self.finish(t, r);
+        }
+        self.settle(p.tag, p.group, r);
     }
 
     fn done(&self, tag: u64, r: IoResult) {
@@ -347,7 +395,7 @@ impl Inner {
                 return Err(libc::EIO);
             }
             let waiting = targets.iter().fold(0, |m, &i| m | bit(i));
-            let p = Pending { tag: 0, group: gid, kind: Kind::Mutate, offset, len, waiting, acked_rw: 0, err: 0, started: Instant::now(), data: false };
+            let p = Pending { tag: 0, group: gid, kind: Kind::Mutate, offset, len, waiting, acked_rw: 0, err: 0, started: Instant::now(), data: false, joined: Vec::new() };
             ops.insert(id, p);
             targets
         };
@@ -501,13 +549,12 @@ impl Inner {
                 }
                 if p.waiting == 0 {
                     let counted = (p.data && p.acked_rw != 0).then_some((p.len, p.started));
-                    let (tag, group, r) = (p.tag, p.group, mutate_result(p));
-                    ops.remove(&h.id);
+                    let Some(p) = ops.remove(&h.id) else { return None };
                     drop(ops);
                     if let Some((len, started)) = counted {
                         self.volume.stats.write(len as u64, started);
                     }
-                    self.settle(tag, group, r);
+                    self.settle_mutation(p);
                 }
             }
         }
@@ -517,6 +564,7 @@ impl Inner {
     /// Settles every request waiting on replica `idx`, which has just been marked ERR.
     pub(crate) fn drop_replica(&self, idx: usize) {
         let mut finished = Vec::new();
+        let mut settled = Vec::new();
         let mut resend = Vec::new();
         {
             let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
@@ -540,9 +588,9 @@ impl Inner {
                     },
                     Kind::Mutate | Kind::Flush => {
                         if p.waiting == 0 {
-                            let (tag, group, r) = (p.tag, p.group, mutate_result(p));
-                            ops.remove(&id);
-                            finished.push((tag, group, r));
+                            if let Some(p) = ops.remove(&id) {
+                                settled.push(p);
+                            }
                         }
                     }
                 }
@@ -561,6 +609,9 @@ impl Inner {
         }
         for (tag, group, r) in finished {
             self.settle(tag, group, r);
+        }
+        for p in settled {
+            self.settle_mutation(p);
         }
         self.completer.flush();
     }

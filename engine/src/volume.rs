@@ -167,6 +167,10 @@ pub struct Volume {
     /// added and attached to the sessions (and, in salvage, until it turns RW): so every
     /// session has a connection to every slot that takes writes.
     pub(crate) membership: Mutex<()>,
+    /// Writes, zeroings and trims completed so far, across all sessions: counted before
+    /// the frontend hears of one, so a flush that reads an unchanged count knows no write
+    /// completed since it last read it (see `session`'s flush joining).
+    pub(crate) mutations: AtomicU64,
 }
 
 /// Counters of the requests the volume completed, for the manager's metrics (throughput,
@@ -324,6 +328,7 @@ impl Volume {
             stats: IoStats::default(),
             at_fault: Mutex::new(None),
             membership: Mutex::new(()),
+            mutations: AtomicU64::new(0),
         });
         let rw = v.healthy();
         info!(volume = name, size, replicas = v.replicas.len(), healthy = rw, revision = newest, engine = %id, "volume started");
