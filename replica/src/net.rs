@@ -245,18 +245,25 @@ impl Write for Stream {
     }
 }
 
-/// A replica's listening socket.
+/// A listening socket: a replica's, or the NBD export's. A unix one removes its socket
+/// file when dropped, only while the file is still its own (same device and inode): a
+/// process that has since bound the path keeps its socket.
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    Unix { listener: UnixListener, path: PathBuf, id: (u64, u64) },
 }
 
 impl Listener {
     /// Listens on `addr`: `unix:PATH` (see the module invariants) or `HOST:PORT`.
     pub fn bind(addr: &str) -> io::Result<Listener> {
+        use std::os::unix::fs::MetadataExt;
         match unix_path(addr) {
-            Some(p) => bind_private_unix(p).map(|l| Listener::Unix(l, p.to_path_buf())),
+            Some(p) => {
+                let listener = bind_private_unix(p)?;
+                let m = std::fs::symlink_metadata(p).map_err(|e| io::Error::new(e.kind(), format!("{}: checking the bound socket: {e}", p.display())))?;
+                Ok(Listener::Unix { listener, path: p.to_path_buf(), id: (m.dev(), m.ino()) })
+            }
             None => TcpListener::bind(addr).map(Listener::Tcp),
         }
     }
@@ -265,7 +272,7 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<String> {
         match self {
             Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()),
-            Listener::Unix(_, p) => Ok(format!("{UNIX_PREFIX}{}", p.display())),
+            Listener::Unix { path, .. } => Ok(format!("{UNIX_PREFIX}{}", path.display())),
         }
     }
 
@@ -273,19 +280,62 @@ impl Listener {
     pub fn is_host_local(&self) -> bool {
         match self {
             Listener::Tcp(l) => l.local_addr().is_ok_and(|a| a.ip().is_loopback()),
-            Listener::Unix(..) => true,
+            Listener::Unix { .. } => true,
         }
     }
 
+    /// For an accept loop that polls the listener beside a wake-up descriptor.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(on),
+            Listener::Unix { listener, .. } => listener.set_nonblocking(on),
+        }
+    }
+
+    /// The next connection, blocking whatever the listener is; TCP without Nagle's delay
+    /// (small frames are answered one by one).
     pub fn accept(&self) -> io::Result<Stream> {
         match self {
-            Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            Listener::Unix { listener, .. } => {
+                let (s, _) = listener.accept()?;
+                s.set_nonblocking(false)?;
                 // Reads of 1 MiB go back the same way.
                 let s = Stream::Unix(s);
                 s.widen_send_buffer();
-                s
-            }),
+                Ok(s)
+            }
+        }
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix { listener, .. } => listener.as_raw_fd(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Listener::Unix { path, id, .. } = self {
+            match std::fs::symlink_metadata(&*path) {
+                Ok(m) if (m.dev(), m.ino()) == *id => {
+                    if let Err(e) = std::fs::remove_file(&*path) {
+                        tracing::warn!(path = %path.display(), "cannot remove the socket file: {e}");
+                    }
+                }
+                // Gone already, or another process's socket now.
+                _ => {}
+            }
         }
     }
 }
@@ -568,14 +618,21 @@ mod tests {
         let e = Listener::bind(&addr).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
         drop((c, s, l));
-        // The dead listener's file is still there; a new one replaces it.
+        assert!(!p.exists(), "a listener removes its own socket file when dropped");
+        // A dead process's socket (std's listener leaves its file behind) is replaced.
+        drop(UnixListener::bind(&p).unwrap());
         assert!(p.exists());
-        let _l2 = Listener::bind(&addr).unwrap();
+        let l2 = Listener::bind(&addr).unwrap();
+        // A file that is no longer the listener's own is left alone.
+        std::fs::remove_file(&p).unwrap();
+        drop(UnixListener::bind(&p).unwrap());
+        drop(l2);
+        assert!(p.exists(), "a dropped listener removed a socket it had not made");
         // A listener that stops accepting (a stopped replica) with its backlog full: the
         // connect gives up at its deadline instead of waiting for ever.
         let full = d.join("full.sock");
         let lf = Listener::bind(&format!("unix:{}", full.display())).unwrap();
-        let Listener::Unix(ul, _) = &lf else { unreachable!() };
+        let Listener::Unix { listener: ul, .. } = &lf else { unreachable!() };
         // SAFETY: listen(2) again on our own socket only changes its backlog.
         assert_eq!(unsafe { libc::listen(ul.as_raw_fd(), 0) }, 0);
         let faddr = format!("unix:{}", full.display());

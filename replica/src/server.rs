@@ -471,9 +471,6 @@ impl ReplicaServer {
     }
 
     fn connection(self: &Arc<Self>, stream: Stream, peer: &str) -> Result<(), FrameError> {
-        if let Stream::Tcp(s) = &stream {
-            s.set_nodelay(true)?;
-        }
         let out = Out::new(stream.try_clone()?);
         let mut rd = BufReader::with_capacity(256 * 1024, stream);
         let result = self.conversation(&mut rd, &out, peer);

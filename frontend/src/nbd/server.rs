@@ -4,15 +4,14 @@
 //! a slow, stuck or malicious client only ever holds up itself.
 
 use super::handshake::{negotiate, HandshakeError, HANDSHAKE_TIMEOUT};
-use longhorn_replica::net::Stream;
+use longhorn_replica::net::{Listener, Stream};
 use super::transmission::{linger, serve};
 use longhorn_engine::api::BlockBackend;
 use std::io::{self, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -21,41 +20,6 @@ use tracing::{debug, info, warn};
 
 /// Size of the per-connection read buffer: several maximal pipelined requests.
 const READ_BUFFER: usize = 256 * 1024;
-
-enum Listener {
-    Tcp(TcpListener),
-    Unix {
-        listener: UnixListener,
-        path: PathBuf,
-        /// (dev, ino) of the socket file we created, so we only ever remove our own.
-        id: (u64, u64),
-    },
-}
-
-impl Listener {
-    fn fd(&self) -> RawFd {
-        match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Unix { listener, .. } => listener.as_raw_fd(),
-        }
-    }
-
-    fn accept(&self) -> io::Result<Stream> {
-        match self {
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
-                s.set_nonblocking(false)?;
-                s.set_nodelay(true)?;
-                Ok(Stream::Tcp(s))
-            }
-            Listener::Unix { listener, .. } => {
-                let (s, _) = listener.accept()?;
-                s.set_nonblocking(false)?;
-                Ok(Stream::Unix(s))
-            }
-        }
-    }
-}
 
 /// An NBD server for one volume, bound but not yet accepting.
 pub struct NbdServer {
@@ -108,15 +72,8 @@ impl NbdServer {
     /// clients disconnect.
     pub fn spawn(self) -> io::Result<NbdServerHandle> {
         let (wake_rd, wake_wr) = pipe().map_err(|e| with_context(e, "creating a pipe".into()))?;
-        match &self.listener {
-            Listener::Tcp(l) => l.set_nonblocking(true)?,
-            Listener::Unix { listener, .. } => listener.set_nonblocking(true)?,
-        }
+        self.listener.set_nonblocking(true)?;
         let uri = self.uri.clone();
-        let unix = match &self.listener {
-            Listener::Unix { path, id, .. } => Some((path.clone(), *id)),
-            Listener::Tcp(_) => None,
-        };
         let thread = std::thread::Builder::new()
             .name("nbd-accept".to_string())
             .spawn(move || self.accept_loop(wake_rd))
@@ -126,7 +83,6 @@ impl NbdServer {
             uri,
             wake: Some(wake_wr),
             thread: Some(thread),
-            unix,
         })
     }
 
@@ -135,7 +91,7 @@ impl NbdServer {
         loop {
             let mut fds = [
                 libc::pollfd {
-                    fd: self.listener.fd(),
+                    fd: self.listener.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -198,7 +154,6 @@ pub struct NbdServerHandle {
     uri: String,
     wake: Option<OwnedFd>,
     thread: Option<JoinHandle<()>>,
-    unix: Option<(PathBuf, (u64, u64))>,
 }
 
 impl std::fmt::Debug for NbdServerHandle {
@@ -229,16 +184,6 @@ impl NbdServerHandle {
                 warn!(uri = %self.uri, "NBD accept thread panicked");
             }
         }
-        if let Some((path, id)) = self.unix.take() {
-            match std::fs::symlink_metadata(&path) {
-                Ok(m) if (m.dev(), m.ino()) == id => {
-                    if let Err(e) = std::fs::remove_file(&path) {
-                        warn!(path = %path.display(), "cannot remove the NBD socket file: {e}");
-                    }
-                }
-                _ => {} // gone already, or replaced by someone else's socket
-            }
-        }
         info!(uri = %self.uri, "NBD server stopped accepting connections");
     }
 }
@@ -263,24 +208,15 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 fn bind_unix(path: &Path) -> io::Result<(Listener, String)> {
     // Root only (mode 0600), like the engine's control socket; a live server's socket
-    // is refused, a stale one replaced.
-    let listener = longhorn_replica::net::bind_private_unix(path)
+    // is refused, a stale one replaced; the listener removes its file when it stops.
+    let listener = Listener::bind(&format!("{}{}", longhorn_replica::net::UNIX_PREFIX, path.display()))
         .map_err(|e| with_context(e, "binding the NBD socket".into()))?;
-    let m = std::fs::symlink_metadata(path)
-        .map_err(|e| with_context(e, format!("checking {}", path.display())))?;
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let uri = format!(
         "nbd+unix:///?socket={}",
         percent_encode(&abs.to_string_lossy())
     );
-    Ok((
-        Listener::Unix {
-            listener,
-            path: path.to_path_buf(),
-            id: (m.dev(), m.ino()),
-        },
-        uri,
-    ))
+    Ok((listener, uri))
 }
 
 fn bind_tcp(addr: &str) -> io::Result<(Listener, String)> {
