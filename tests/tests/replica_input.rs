@@ -298,3 +298,24 @@ fn a_peer_that_stops_reading_stalls_only_itself() {
     assert!(rp.alive());
     rp.kill9();
 }
+
+/// A malformed `--listen` is refused with the address named, before anything is made:
+/// no replica directory is left behind to be mistaken for a replica later. A unix
+/// address whose path cannot be a socket address (too long) is refused the same way.
+#[test]
+fn a_bad_listen_address_is_refused_before_the_replica_directory_is_made() {
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let size = (4 * MB).to_string();
+    let long = format!("unix:{}/{}", t.path().display(), "s".repeat(120));
+    for (i, listen) in ["no-port-here", "127.0.0.1:notaport", "unix:", long.as_str()].iter().enumerate() {
+        let dir = t.path().join(format!("r{i}"));
+        let out = std::process::Command::new(bin())
+            .args(["replica", "serve", "--dir", dir.to_str().expect("utf8"), "--volume", "vol1", "--size", &size, "--listen", listen])
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--listen {listen:?} was accepted");
+        assert!(err.contains("--listen"), "the error names the flag for {listen:?}: {err}");
+        assert!(!dir.exists(), "--listen {listen:?}: the replica directory was made anyway");
+    }
+}
