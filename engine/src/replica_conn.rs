@@ -5,12 +5,14 @@ use bytes::Bytes;
 use longhorn_replica::auth::{self, Credentials};
 use longhorn_replica::proto::{self, Header, Op, ReplicaInfo, HEADER_LEN};
 use longhorn_replica::server::LocalConn;
+use longhorn_replica::shm::Pool;
 use std::cell::Cell;
 use std::io::{self, BufWriter, IoSlice, Write};
 use longhorn_replica::net::Stream;
 use std::net::Shutdown;
 use std::sync::Mutex;
 use std::time::Duration;
+use tracing::warn;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -60,6 +62,41 @@ impl Dialer {
     }
 }
 
+/// Whether `addr` names a replica on this host: a unix socket, or a loopback address
+/// (a replica in a network namespace of its own is reached by another address, and is
+/// treated as the other host it stands for).
+pub fn on_this_host(addr: &str) -> bool {
+    if addr.starts_with("unix:") {
+        return true;
+    }
+    let host = match addr.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => return false,
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Offers `pool` to the replica on a fresh connection `s`, before any I/O on it: the
+/// replica maps it and big writes go through it, or refuses (another pid namespace,
+/// another user) and they go inline. Err only when the connection itself failed.
+pub fn offer_pool(s: &mut Stream, addr: &str, pool: &Pool) -> io::Result<bool> {
+    let a = serde_json::to_vec(&pool.attach()).map_err(io::Error::other)?;
+    let mut buf = Vec::new();
+    proto::put_frame(&mut buf, Header::request(Op::ShareMemory, 0, 0, 0), &a);
+    s.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    s.write_all(&buf)?;
+    let (h, p) = proto::read_frame(s).map_err(|e| io::Error::other(format!("replica {addr}: SHARE_MEMORY: {e}")))?;
+    s.set_read_timeout(None)?;
+    if h.op != Op::ShareMemory || h.id != 0 {
+        return Err(io::Error::other(format!("replica {addr}: a {:?} reply to SHARE_MEMORY", h.op)));
+    }
+    if h.status != 0 {
+        warn!(replica = addr, "the replica does not share memory with this engine ({}): big writes go through its socket", String::from_utf8_lossy(&p));
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 /// Fills in a header's payload length and CRC.
 pub fn seal(mut h: Header, payload: &[u8]) -> Header {
     h.payload_len = payload.len() as u32;
@@ -72,6 +109,8 @@ pub fn seal(mut h: Header, payload: &[u8]) -> Header {
 pub struct ReplicaConn {
     pub addr: String,
     link: Link,
+    /// The replica mapped the session's payload pool (see `offer_pool`).
+    shared: bool,
 }
 
 enum Link {
@@ -95,13 +134,18 @@ pub fn inline() -> bool {
 }
 
 impl ReplicaConn {
-    pub fn new(addr: &str, stream: Stream) -> io::Result<ReplicaConn> {
+    pub fn new(addr: &str, stream: Stream, shared: bool) -> io::Result<ReplicaConn> {
         let w = stream.try_clone()?;
-        Ok(ReplicaConn { addr: addr.to_string(), link: Link::Tcp { stream, tx: Mutex::new(BufWriter::with_capacity(256 * 1024, w)) } })
+        Ok(ReplicaConn { addr: addr.to_string(), link: Link::Tcp { stream, tx: Mutex::new(BufWriter::with_capacity(256 * 1024, w)) }, shared })
     }
 
     pub fn local(addr: &str, conn: LocalConn) -> ReplicaConn {
-        ReplicaConn { addr: addr.to_string(), link: Link::Local { conn, queued: Mutex::new(Vec::new()) } }
+        ReplicaConn { addr: addr.to_string(), link: Link::Local { conn, queued: Mutex::new(Vec::new()) }, shared: false }
+    }
+
+    /// Big writes reach this replica through the session's pool.
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 
     pub fn is_local(&self) -> bool {

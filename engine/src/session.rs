@@ -20,12 +20,13 @@ use crate::replica_conn::{self, ReplicaConn};
 use crate::slots::Slots;
 use crate::volume::{Mode, Volume};
 use bytes::Bytes;
-use longhorn_replica::proto::{self, FrameError, Header, Op, FLAG_FUA, HEADER_LEN, MAX_IO};
+use longhorn_replica::proto::{self, FrameError, Header, Op, ReplicaInfo, FLAG_FUA, HEADER_LEN, MAX_IO};
+use longhorn_replica::shm::{self, Pool};
 use std::collections::HashMap;
 use std::io::BufReader;
 use longhorn_replica::net::Stream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
@@ -91,6 +92,9 @@ pub(crate) struct Inner {
     /// The last flush sent to the replicas: its id and the volume's `mutations` count
     /// read before it was sent.
     last_flush: Mutex<(u64, u64)>,
+    /// Memory shared with the replicas on this host for big writes' data, made when the
+    /// first of them is connected (`None` inside: it could not be made).
+    pool: OnceLock<Option<Arc<Pool>>>,
 }
 
 const NO_SLOT: usize = usize::MAX;
@@ -124,6 +128,7 @@ impl EngineSession {
             closed: AtomicBool::new(false),
             local: AtomicUsize::new(NO_SLOT),
             last_flush: Mutex::new((0, u64::MAX)),
+            pool: OnceLock::new(),
         });
         // Registered and connected as one step against slots being added (rebuild,
         // salvage), which attach to the sessions registered at that moment.
@@ -165,8 +170,12 @@ impl Inner {
             self.local.store(i, Ordering::Relaxed);
             return Ok(());
         }
-        let (s, _) = self.volume.dialer().connect(&addr)?;
-        let c = ReplicaConn::new(&addr, s)?;
+        let (mut s, info) = self.volume.dialer().connect(&addr)?;
+        let shared = match self.pool_for(&addr, &info) {
+            Some(pool) => replica_conn::offer_pool(&mut s, &addr, &pool)?,
+            None => false,
+        };
+        let c = ReplicaConn::new(&addr, s, shared)?;
         let rd = c.reader()?.ok_or_else(|| std::io::Error::other("a TCP connection without a socket"))?;
         if self.conns.set(i, Arc::new(c)).is_err() {
             return Err(std::io::Error::other(format!("replica slot {i} already connected")));
@@ -174,6 +183,39 @@ impl Inner {
         let me = self.clone();
         std::thread::Builder::new().name(format!("replica-reply-{i}")).spawn(move || me.reply_loop(i, rd))?;
         Ok(())
+    }
+}
+
+impl Inner {
+    /// The pool to offer the replica at `addr`, if it is on this host and takes one.
+    fn pool_for(&self, addr: &str, info: &ReplicaInfo) -> Option<Arc<Pool>> {
+        if !self.volume.options().shared_memory || !info.shared_writes || !replica_conn::on_this_host(addr) {
+            return None;
+        }
+        self.pool
+            .get_or_init(|| match Pool::new(shm::POOL_LEN) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    warn!("no memory shared with the replicas on this host ({e}): big writes go through their sockets");
+                    None
+                }
+            })
+            .clone()
+    }
+
+    /// A write's data put once into the pool for every target that reads it from
+    /// there: the WRITE_SHARED header and descriptor to send them instead. `h` carries
+    /// the data's CRC already. None: no such target, too small, or no room.
+    fn share(&self, id: u64, h: &Header, body: &Bytes, targets: &[usize]) -> Option<(Header, Bytes)> {
+        if h.op != Op::Write || body.len() < shm::MIN_SHARED {
+            return None;
+        }
+        let readers = targets.iter().filter(|&&i| self.conns.get(i).is_some_and(|c| c.is_shared())).count() as u32;
+        let pool = self.pool.get()?.as_ref()?;
+        let offset = pool.put(id, body, readers)?;
+        let d = shm::Descriptor { offset, crc: h.crc }.encode();
+        let sh = replica_conn::seal(Header { op: Op::WriteShared, ..*h }, &d);
+        Some((sh, Bytes::copy_from_slice(&d)))
     }
 }
 
@@ -302,9 +344,14 @@ impl Inner {
         } else {
             h
         };
+        let shared = self.share(id, &h, &body, &targets);
         for i in targets {
             if let Some(c) = self.conns.get(i) {
-                if let Err(e) = c.send(h, &body, false) {
+                let sent = match &shared {
+                    Some((sh, d)) if c.is_shared() => c.send(*sh, d, false),
+                    _ => c.send(h, &body, false),
+                };
+                if let Err(e) = sent {
                     self.volume.fail_replica(i, &format!("send failed: {e}"));
                 }
             }
@@ -472,6 +519,13 @@ impl Inner {
         loop {
             match proto::read_frame_buffered(&mut rd) {
                 Ok((h, payload)) => {
+                    if h.op == Op::WriteShared {
+                        // The replica is done with the data (it replies after applying
+                        // it, or failing to): the region may be written again.
+                        if let Some(Some(pool)) = self.pool.get() {
+                            pool.release(h.id);
+                        }
+                    }
                     if let Some(reason) = self.on_reply(idx, h, payload) {
                         self.completer.flush();
                         self.volume.fail_replica(idx, &reason);

@@ -119,6 +119,9 @@ pub struct VolumeOptions {
     /// The replica this process serves itself (`engine serve --embed-replica`): the
     /// sessions reach it by function call instead of TCP.
     pub embedded: Option<Embedded>,
+    /// Offer replicas on this host a memory pool for big writes' data (see
+    /// `longhorn_replica::shm`) instead of sending it through their sockets.
+    pub shared_memory: bool,
 }
 
 /// A replica served by the engine's own process, known to the volume by the address
@@ -137,7 +140,7 @@ impl std::fmt::Debug for Embedded {
 
 impl Default for VolumeOptions {
     fn default() -> Self {
-        VolumeOptions { io_timeout: Duration::from_secs(8), secret: None, auto_rebuild: false, auto_salvage: false, embedded: None }
+        VolumeOptions { io_timeout: Duration::from_secs(8), secret: None, auto_rebuild: false, auto_salvage: false, embedded: None, shared_memory: true }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod net;
 pub mod proto;
 pub mod rebuild;
 pub mod server;
+pub mod shm;
 pub mod snapshot;
 pub mod store;
 

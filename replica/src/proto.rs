@@ -57,6 +57,10 @@
 //!   Until its next write the replica reports itself settled (`ReplicaInfo::unsettled`
 //!   false), so a later engine may serve it with the other settled ones on equal
 //!   revision counters. An engine never sends it to a replica that is not RW.
+//! - SHARE_MEMORY (engine only, JSON `shm::Attach`) and WRITE_SHARED (a WRITE whose
+//!   data waits in memory both processes map; payload: a `shm::Descriptor`) are for a
+//!   replica on the engine's host; `shm` states their rules. A replica that knows them
+//!   says so in `ReplicaInfo::shared_writes`; an engine sends them to no other.
 //! - Every name a peer sends that becomes a file name (snapshot, rebuild files) must
 //!   pass `meta::check_layer_name`; anything else is refused with EINVAL.
 //! - `payload_len` is at most [`MAX_PAYLOAD`]; `count` at most [`MAX_IO`].
@@ -87,6 +91,7 @@ pub enum Op {
     Flush = 6,
     Ping = 7,
     BlockStatus = 8,
+    WriteShared = 9,
     Info = 16,
     Revision = 17,
     SetMode = 18,
@@ -104,6 +109,7 @@ pub enum Op {
     SnapshotRead = 30,
     SnapshotRanges = 31,
     Settle = 32,
+    ShareMemory = 33,
 }
 
 impl Op {
@@ -117,6 +123,7 @@ impl Op {
             6 => Op::Flush,
             7 => Op::Ping,
             8 => Op::BlockStatus,
+            9 => Op::WriteShared,
             16 => Op::Info,
             17 => Op::Revision,
             18 => Op::SetMode,
@@ -134,6 +141,7 @@ impl Op {
             30 => Op::SnapshotRead,
             31 => Op::SnapshotRanges,
             32 => Op::Settle,
+            33 => Op::ShareMemory,
             _ => return None,
         })
     }
@@ -343,6 +351,9 @@ pub struct ReplicaInfo {
     /// The head holds data (written since the last snapshot).
     #[serde(default)]
     pub head_has_data: bool,
+    /// The replica takes SHARE_MEMORY and WRITE_SHARED (see `shm`).
+    #[serde(default)]
+    pub shared_writes: bool,
     /// In the Hello reply: the replica's proof of the volume's secret (see `auth`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub mac: String,

@@ -24,6 +24,7 @@
 
 use crate::auth::{self, Key};
 use crate::proto::{self, FrameError, Header, Hello, Op, FLAG_FUA, FLAG_REPLY, HEADER_LEN};
+use crate::shm::{Attach, Mapping};
 use crate::store::Store;
 use bytes::{Bytes, BytesMut};
 use std::io::{self, BufReader, IoSlice, Write};
@@ -151,7 +152,9 @@ impl Pending {
     fn before(&self, h: &Header) {
         match h.op {
             Op::Read | Op::Flush | Op::Ping => {}
-            Op::Write | Op::WriteZeroes | Op::Trim => self.wait(Some((h.offset, h.offset.saturating_add(h.count as u64)))),
+            Op::Write | Op::WriteShared | Op::WriteZeroes | Op::Trim => {
+                self.wait(Some((h.offset, h.offset.saturating_add(h.count as u64))))
+            }
             _ => self.wait(None),
         }
     }
@@ -566,8 +569,10 @@ impl ReplicaServer {
         pending: &Arc<Pending>,
         buf: &mut BytesMut,
     ) -> Result<(), FrameError> {
+        // The engine's payload pool, once it has offered one (see `shm`).
+        let mut shared: Option<Arc<Mapping>> = None;
         loop {
-            let (h, payload) = proto::read_frame_buffered(rd)?;
+            let (h, mut payload) = proto::read_frame_buffered(rd)?;
             pending.before(&h);
             match who {
                 Peer::Engine { gen } => {
@@ -590,6 +595,31 @@ impl ReplicaServer {
                         continue;
                     }
                 }
+            }
+            match h.op {
+                Op::ShareMemory => {
+                    let mut r = reply_of(&h);
+                    match self.share_memory(&payload, shared.is_some()) {
+                        Ok(m) => {
+                            shared = Some(m);
+                            out.queue(r, Bytes::new());
+                        }
+                        Err(e) => {
+                            warn!("refused the engine's shared memory: {e}");
+                            r.status = errno_of(&e);
+                            out.queue(r, Bytes::from(e.to_string()));
+                        }
+                    }
+                    out.send(SendMode::Blocking)?;
+                    continue;
+                }
+                Op::WriteShared => {
+                    // The data is not where the descriptor says, or nothing was
+                    // shared: as with a bad checksum, nothing of this stream is trusted.
+                    let m = shared.as_ref().ok_or_else(|| FrameError::Io(io::Error::other("WRITE_SHARED before SHARE_MEMORY")))?;
+                    payload = m.payload(h.count, &payload).map_err(|e| FrameError::Io(io::Error::other(format!("id {}: {e}", h.id))))?;
+                }
+                _ => {}
             }
             self.handle(out, pending, h, payload, buf);
             if rd.buffer().len() < HEADER_LEN {
@@ -655,7 +685,21 @@ impl ReplicaServer {
 
     fn info(&self) -> crate::proto::ReplicaInfo {
         let mode = self.mode.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        self.store.info(&mode)
+        let mut info = self.store.info(&mode);
+        info.shared_writes = true;
+        info
+    }
+
+    /// Maps the pool a SHARE_MEMORY names (one per connection).
+    fn share_memory(&self, payload: &[u8], already: bool) -> io::Result<Arc<Mapping>> {
+        if already {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "this connection already shares memory"));
+        }
+        let a: Attach = serde_json::from_slice(payload)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("malformed SHARE_MEMORY: {e}")))?;
+        let m = Mapping::open(&a)?;
+        info!(pid = a.pid, bytes = a.len, "the engine shares memory for write payloads on this connection");
+        Ok(m)
     }
 
     fn info_json(&self) -> Vec<u8> {
@@ -665,7 +709,7 @@ impl ReplicaServer {
     fn handle(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, h: Header, payload: Bytes, buf: &mut BytesMut) {
         let mut r = reply_of(&h);
         let stopping = self.stopping.load(Ordering::Acquire);
-        let io_op = matches!(h.op, Op::Read | Op::Write | Op::WriteZeroes | Op::Trim | Op::Flush);
+        let io_op = matches!(h.op, Op::Read | Op::Write | Op::WriteShared | Op::WriteZeroes | Op::Trim | Op::Flush);
         if stopping && io_op {
             r.status = libc::ESHUTDOWN as u32;
             out.queue(r, Bytes::new());
@@ -686,7 +730,8 @@ impl ReplicaServer {
                     }
                 }
             }
-            Op::Write => {
+            // WRITE_SHARED's payload was fetched from the pool by `requests`.
+            Op::Write | Op::WriteShared => {
                 if payload.len() != h.count as usize {
                     Err(io::Error::new(
                         io::ErrorKind::InvalidInput,
@@ -755,6 +800,7 @@ impl ReplicaServer {
                     serde_json::to_vec(&p).map_err(io::Error::other)
                 })
                 .map(Bytes::from),
+            Op::ShareMemory => Err(io::Error::new(io::ErrorKind::InvalidInput, "SHARE_MEMORY is for a data connection over a socket")),
             Op::Settle => {
                 self.store.settle();
                 Ok(Bytes::new())

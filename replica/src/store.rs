@@ -1107,6 +1107,7 @@ impl Store {
             rebuilding: m.rebuilding,
             progress: Some(self.rebuild_progress()).filter(|p| p.bytes_total > 0 || p.active || !p.error.is_empty()),
             head_has_data: false,
+            shared_writes: false,
             mac: String::new(),
         }
     }

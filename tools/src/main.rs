@@ -203,6 +203,10 @@ pub struct EngineServeArgs {
     /// they answer again (after a network partition of the engine, say).
     #[arg(long)]
     pub auto_salvage: bool,
+    /// Send every payload through the replicas' sockets, even to a replica on this host
+    /// that could read big writes from memory shared with the engine.
+    #[arg(long)]
+    pub no_shared_memory: bool,
     #[arg(long, default_value = DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
     pub run_dir: PathBuf,
     /// The volume's recurring jobs (a JSON list as in a StorageClass's recurringJobs);
@@ -404,6 +408,7 @@ fn engine_serve(a: EngineServeArgs) -> Result<()> {
         auto_rebuild: a.auto_rebuild,
         auto_salvage: a.auto_salvage,
         embedded: embedded.clone(),
+        shared_memory: !a.no_shared_memory,
     };
     let volume = Volume::start(&a.volume, a.size, &replicas, opts).context("starting the volume")?;
     let nbd_listen = a.nbd.clone().unwrap_or_else(|| format!("unix:{}", a.run_dir.join(format!("{}.nbd", a.volume)).display()));

@@ -1,0 +1,368 @@
+//! Shared-memory payloads for a replica on the engine's own host.
+//!
+//! A write sent through a socket is copied twice per replica (into the kernel by the
+//! engine, out of it by the replica). For a replica on the same host the engine can
+//! instead copy the data once into a memory file both processes map, and send over the
+//! socket only a small descriptor naming where it is. With three local replicas one
+//! copy serves all three.
+//!
+//! # Rules
+//!
+//! - The engine makes the pool: a memfd (`memfd_create`, name prefix [`MEMFD_NAME`])
+//!   of `data_len + TAIL` bytes, sealed against shrinking and growing, whose last
+//!   [`TAIL`] bytes hold a 32-byte random nonce. It offers the pool on a data
+//!   connection, after the handshake and before any I/O, with SHARE_MEMORY and a JSON
+//!   [`Attach`]: its pid, the fd number, `data_len` and the nonce (hex).
+//! - The replica maps it read-only through `/proc/PID/fd/FD` and accepts it only when
+//!   the file is a memfd owned by the replica's own user, carries both seals, has
+//!   exactly the size announced, and ends with the nonce announced: a wrong pid (the
+//!   engine in another pid namespace) or a file that is not the pool is refused with
+//!   an error reply, and the engine sends payloads inline as before. One attach per
+//!   connection.
+//! - WRITE_SHARED has a WRITE's header (offset, count, FUA); its payload is a 16-byte
+//!   [`Descriptor`]: the data's offset in the pool and the CRC32C of the `count` bytes
+//!   there. The frame's own CRC covers the descriptor as for any payload. A descriptor
+//!   out of bounds or whose CRC does not match the memory is a damaged stream: the
+//!   replica logs it and closes the connection, never applying the write.
+//! - The engine writes a region only while no replica holds it: a region is lent to
+//!   the replicas it was sent to and comes back when each of them has replied to that
+//!   WRITE_SHARED (a replica replies only after it is done with the memory). A region
+//!   lent to a connection that dies never comes back: a replica still reading it
+//!   cannot see it change. The pool shrinks by that much; when no region fits, the
+//!   write goes inline.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+/// The pool's memfd name (shown as `/memfd:longhorn-shm` in /proc): checked by the
+/// replica before it maps the file.
+pub const MEMFD_NAME: &str = "longhorn-shm";
+/// Bytes after the data area: the nonce, then zeros to a page.
+pub const TAIL: u64 = 4096;
+const NONCE_LEN: usize = 32;
+/// The pool is lent out in units of this many bytes.
+pub const UNIT: u64 = 64 << 10;
+/// Writes smaller than this go inline: a descriptor round trip saves nothing there.
+pub const MIN_SHARED: usize = 64 << 10;
+/// Size of the data area an engine session makes.
+pub const POOL_LEN: u64 = 16 << 20;
+/// Encoded length of a [`Descriptor`].
+pub const DESCRIPTOR_LEN: usize = 16;
+const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
+/// SHARE_MEMORY's payload: where the replica finds the pool.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Attach {
+    pub pid: u32,
+    pub fd: i32,
+    /// The data area's length; the file is this plus [`TAIL`].
+    pub len: u64,
+    /// 32 bytes, hex, found at `len` in the file.
+    pub nonce: String,
+}
+
+/// WRITE_SHARED's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptor {
+    pub offset: u64,
+    pub crc: u32,
+}
+
+impl Descriptor {
+    pub fn encode(&self) -> [u8; DESCRIPTOR_LEN] {
+        let mut b = [0u8; DESCRIPTOR_LEN];
+        b[0..8].copy_from_slice(&self.offset.to_le_bytes());
+        b[8..12].copy_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Descriptor, String> {
+        if b.len() != DESCRIPTOR_LEN {
+            return Err(format!("shared-memory descriptor of {} bytes (expected {DESCRIPTOR_LEN})", b.len()));
+        }
+        if b[12..16] != [0; 4] {
+            return Err("shared-memory descriptor with its reserved bytes set".into());
+        }
+        let mut o = [0u8; 8];
+        o.copy_from_slice(&b[0..8]);
+        Ok(Descriptor { offset: u64::from_le_bytes(o), crc: u32::from_le_bytes([b[8], b[9], b[10], b[11]]) })
+    }
+}
+
+/// A shared mapping, unmapped when the last user lets go.
+struct Map {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// The mapping is plain memory; who may write which part is the pool's business.
+unsafe impl Send for Map {}
+unsafe impl Sync for Map {}
+
+impl Map {
+    fn new(fd: &impl AsRawFd, len: usize, prot: libc::c_int) -> io::Result<Map> {
+        // SAFETY: a fresh mapping of a file we hold open; the kernel picks the address.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Map { ptr: p.cast(), len })
+    }
+
+    fn slice(&self, off: usize, len: usize) -> &[u8] {
+        assert!(off.checked_add(len).is_some_and(|e| e <= self.len));
+        // SAFETY: in bounds (checked above) of a mapping that lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) }
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped; no slice outlives `self`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Lent regions: which units each request holds and how many replicas still read it.
+struct Lending {
+    used: Vec<bool>,
+    loans: HashMap<u64, (usize, usize, u32)>,
+}
+
+/// The engine's pool (one per session).
+pub struct Pool {
+    file: OwnedFd,
+    map: Map,
+    data_len: u64,
+    nonce: [u8; NONCE_LEN],
+    lending: Mutex<Lending>,
+}
+
+impl Pool {
+    pub fn new(data_len: u64) -> io::Result<Pool> {
+        let name = std::ffi::CString::new(MEMFD_NAME).map_err(io::Error::other)?;
+        // SAFETY: a valid C string; the fd returned is ours.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        if fd < 0 {
+            return Err(io::Error::new(io::Error::last_os_error().kind(), format!("memfd_create: {}", io::Error::last_os_error())));
+        }
+        // SAFETY: `fd` was just returned to us and is owned by nothing else.
+        let file = unsafe { OwnedFd::from_raw_fd(fd) };
+        let total = data_len + TAIL;
+        // SAFETY: plain syscalls on our fd.
+        if unsafe { libc::ftruncate(fd, total as libc::off_t) } != 0 || unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, SEALS) } != 0 {
+            return Err(io::Error::new(io::Error::last_os_error().kind(), format!("sizing and sealing the pool: {}", io::Error::last_os_error())));
+        }
+        let map = Map::new(&file, total as usize, libc::PROT_READ | libc::PROT_WRITE)?;
+        let mut nonce = [0u8; NONCE_LEN];
+        crate::auth::fill_random(&mut nonce)?;
+        // SAFETY: the tail is ours, in bounds, and no one reads it before the attach.
+        unsafe { std::ptr::copy_nonoverlapping(nonce.as_ptr(), map.ptr.add(data_len as usize), NONCE_LEN) };
+        let units = (data_len / UNIT) as usize;
+        Ok(Pool { file, map, data_len, nonce, lending: Mutex::new(Lending { used: vec![false; units], loans: HashMap::new() }) })
+    }
+
+    /// What a replica needs to map this pool.
+    pub fn attach(&self) -> Attach {
+        Attach { pid: std::process::id(), fd: self.file.as_raw_fd(), len: self.data_len, nonce: crate::auth::hex(&self.nonce) }
+    }
+
+    /// Copies `data` into a free region lent to `readers` replicas under request `id`;
+    /// returns the region's offset, or None when no region that big is free.
+    pub fn put(&self, id: u64, data: &[u8], readers: u32) -> Option<u64> {
+        let n = (data.len() as u64).div_ceil(UNIT) as usize;
+        if n == 0 || readers == 0 {
+            return None;
+        }
+        let start = {
+            let mut l = self.lending.lock().unwrap_or_else(|e| e.into_inner());
+            let mut run = 0;
+            let mut found = None;
+            for (i, &u) in l.used.iter().enumerate() {
+                run = if u { 0 } else { run + 1 };
+                if run == n {
+                    found = Some(i + 1 - n);
+                    break;
+                }
+            }
+            let s = found?;
+            l.used[s..s + n].iter_mut().for_each(|u| *u = true);
+            l.loans.insert(id, (s, n, readers));
+            s
+        };
+        let off = start as u64 * UNIT;
+        // SAFETY: the region was just marked ours and no replica has been told of it;
+        // it lies inside the data area (units cover data_len only).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.ptr.add(off as usize), data.len()) };
+        Some(off)
+    }
+
+    /// One replica is done with request `id`'s region; the last one frees it.
+    pub fn release(&self, id: u64) {
+        let mut l = self.lending.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(loan) = l.loans.get_mut(&id) else { return };
+        loan.2 -= 1;
+        if loan.2 == 0 {
+            let (s, n, _) = *loan;
+            l.loans.remove(&id);
+            l.used[s..s + n].iter_mut().for_each(|u| *u = false);
+        }
+    }
+
+    /// Units lent out now (tests, and the log when the pool runs dry).
+    pub fn units_lent(&self) -> usize {
+        self.lending.lock().unwrap_or_else(|e| e.into_inner()).used.iter().filter(|&&u| u).count()
+    }
+}
+
+/// A replica's read-only view of an engine's pool.
+pub struct Mapping {
+    map: Map,
+    data_len: u64,
+}
+
+fn refuse(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what)
+}
+
+impl Mapping {
+    /// Maps the pool `a` names, checking it is what it claims (see the module rules).
+    pub fn open(a: &Attach) -> io::Result<Arc<Mapping>> {
+        let path = format!("/proc/{}/fd/{}", a.pid, a.fd);
+        let target = std::fs::read_link(&path).map_err(|e| refuse(format!("shared memory {path}: {e}")))?;
+        if !target.to_string_lossy().starts_with(&format!("/memfd:{MEMFD_NAME}")) {
+            return Err(refuse(format!("shared memory {path} is {}, not the engine's pool", target.display())));
+        }
+        let file = File::open(&path).map_err(|e| refuse(format!("shared memory {path}: {e}")))?;
+        let md = file.metadata()?;
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if md.uid() != me {
+            return Err(refuse(format!("shared memory {path} belongs to uid {}, not {me}", md.uid())));
+        }
+        let total = a.len.checked_add(TAIL).ok_or_else(|| refuse("shared memory length overflows".into()))?;
+        if a.len == 0 || md.len() != total {
+            return Err(refuse(format!("shared memory {path} is {} bytes, the engine said {}", md.len(), total)));
+        }
+        // SAFETY: a plain fcntl on a file we hold.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & SEALS != SEALS {
+            return Err(refuse(format!("shared memory {path} is not sealed against resizing")));
+        }
+        let map = Map::new(&file, total as usize, libc::PROT_READ)?;
+        if crate::auth::hex(map.slice(a.len as usize, NONCE_LEN)) != a.nonce {
+            return Err(refuse(format!("shared memory {path} does not carry the engine's nonce")));
+        }
+        Ok(Arc::new(Mapping { map, data_len: a.len }))
+    }
+
+    /// The `count` bytes a WRITE_SHARED payload names, checked against their CRC. The
+    /// bytes are not copied: they stay in the pool, which the engine leaves alone until
+    /// this replica replies.
+    pub fn payload(self: &Arc<Self>, count: u32, desc: &[u8]) -> Result<Bytes, String> {
+        let d = Descriptor::decode(desc)?;
+        if d.offset.checked_add(count as u64).is_none_or(|e| e > self.data_len) {
+            return Err(format!("shared-memory region {}+{count} outside the {}-byte pool", d.offset, self.data_len));
+        }
+        let data = self.map.slice(d.offset as usize, count as usize);
+        let got = crate::proto::checksum(data);
+        if got != d.crc {
+            return Err(format!("shared-memory payload checksum mismatch: descriptor says {:#010x}, memory has {got:#010x}", d.crc));
+        }
+        Ok(Bytes::from_owner(View { map: self.clone(), off: d.offset as usize, len: count as usize }))
+    }
+}
+
+/// A region of a mapping, kept mapped while any `Bytes` refers to it.
+struct View {
+    map: Arc<Mapping>,
+    off: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for View {
+    fn as_ref(&self) -> &[u8] {
+        self.map.map.slice(self.off, self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attach_ok() -> (Pool, Arc<Mapping>) {
+        let p = Pool::new(1 << 20).expect("pool");
+        let m = Mapping::open(&p.attach()).expect("the replica maps the pool");
+        (p, m)
+    }
+
+    #[test]
+    fn put_read_release() {
+        let (p, m) = attach_ok();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
+        let off = p.put(1, &data, 2).expect("room");
+        assert_eq!(p.units_lent(), 4);
+        let d = Descriptor { offset: off, crc: crate::proto::checksum(&data) }.encode();
+        let got = m.payload(data.len() as u32, &d).expect("payload");
+        assert_eq!(&got[..], &data[..]);
+        p.release(1);
+        assert_eq!(p.units_lent(), 4, "one reader still holds it");
+        p.release(1);
+        assert_eq!(p.units_lent(), 0);
+    }
+
+    #[test]
+    fn a_full_pool_says_so_and_lent_regions_never_overlap() {
+        let p = Pool::new(4 * UNIT).expect("pool");
+        let a = p.put(1, &[1u8; 2 * UNIT as usize], 1).expect("room");
+        let b = p.put(2, &[2u8; UNIT as usize + 1], 1).expect("room");
+        assert!(a + 2 * UNIT <= b || b + 2 * UNIT <= a);
+        assert_eq!(p.put(3, &[3u8; 10], 1), None, "all four units are lent");
+        p.release(1);
+        assert!(p.put(3, &[3u8; 10], 1).is_some());
+        assert_eq!(p.put(4, &[], 1), None);
+    }
+
+    #[test]
+    fn bad_descriptors_are_refused() {
+        let (p, m) = attach_ok();
+        let data = vec![9u8; 4096];
+        let off = p.put(1, &data, 1).expect("room");
+        let crc = crate::proto::checksum(&data);
+        let wrong_crc = Descriptor { offset: off, crc: crc ^ 1 }.encode();
+        assert!(m.payload(4096, &wrong_crc).unwrap_err().contains("checksum"));
+        let outside = Descriptor { offset: (1 << 20) - 100, crc }.encode();
+        assert!(m.payload(4096, &outside).unwrap_err().contains("outside"));
+        let wrapping = Descriptor { offset: u64::MAX - 10, crc }.encode();
+        assert!(m.payload(4096, &wrapping).unwrap_err().contains("outside"));
+        assert!(m.payload(4096, &[0u8; 15]).is_err());
+        let mut reserved = Descriptor { offset: off, crc }.encode();
+        reserved[15] = 1;
+        assert!(m.payload(4096, &reserved).is_err());
+    }
+
+    #[test]
+    fn an_attach_that_names_the_wrong_file_is_refused() {
+        let p = Pool::new(1 << 20).expect("pool");
+        let good = p.attach();
+        let mut a = good.clone();
+        a.nonce = crate::auth::hex(&[0u8; 32]);
+        assert!(Mapping::open(&a).err().expect("refused").to_string().contains("nonce"));
+        let mut a = good.clone();
+        a.len += UNIT;
+        assert!(Mapping::open(&a).err().expect("refused").to_string().contains("bytes"));
+        // A file that is not a memfd (stdin is whatever the test runner gave us, or a
+        // regular file opened here).
+        let f = File::open("/proc/self/status").expect("open");
+        let a = Attach { pid: std::process::id(), fd: f.as_raw_fd(), len: 1 << 20, nonce: good.nonce.clone() };
+        assert!(Mapping::open(&a).err().expect("refused").to_string().contains("not the engine's pool"));
+        let a = Attach { pid: u32::MAX, ..good };
+        assert!(Mapping::open(&a).is_err());
+    }
+}
