@@ -203,18 +203,28 @@ impl Inner {
             .clone()
     }
 
-    /// A write's data put once into the pool for every target that reads it from
-    /// there: the WRITE_SHARED header and descriptor to send them instead. `h` carries
-    /// the data's CRC already. None: no such target, too small, or no room.
+    /// What to send the targets that share the pool instead of `h`: a write's data put
+    /// there once for all of them (WRITE_SHARED; `h` carries the data's CRC already),
+    /// or a region lent for a read's data (READ_SHARED). None: no such target, too
+    /// small, or no room.
     fn share(&self, id: u64, h: &Header, body: &Bytes, targets: &[usize]) -> Option<(Header, Bytes)> {
-        if h.op != Op::Write || body.len() < shm::MIN_SHARED {
+        let (op, len) = match h.op {
+            Op::Write => (Op::WriteShared, body.len()),
+            Op::Read => (Op::ReadShared, h.count as usize),
+            _ => return None,
+        };
+        if len < shm::MIN_SHARED {
             return None;
         }
         let readers = targets.iter().filter(|&&i| self.conns.get(i).is_some_and(|c| c.is_shared())).count() as u32;
         let pool = self.pool.get()?.as_ref()?;
-        let offset = pool.put(id, body, readers)?;
-        let d = shm::Descriptor { offset, crc: h.crc }.encode();
-        let sh = replica_conn::seal(Header { op: Op::WriteShared, ..*h }, &d);
+        let d = if op == Op::WriteShared {
+            shm::Descriptor { offset: pool.put(id, body, readers)?, crc: h.crc }
+        } else {
+            shm::Descriptor { offset: pool.lend(id, len, readers)?, crc: 0 }
+        };
+        let d = d.encode();
+        let sh = replica_conn::seal(Header { op, ..*h }, &d);
         Some((sh, Bytes::copy_from_slice(&d)))
     }
 }
@@ -518,11 +528,21 @@ impl Inner {
         let mut rd = BufReader::with_capacity(256 * 1024, stream);
         loop {
             match proto::read_frame_buffered(&mut rd) {
-                Ok((h, payload)) => {
-                    if h.op == Op::WriteShared {
-                        // The replica is done with the data (it replies after applying
-                        // it, or failing to): the region may be written again.
-                        if let Some(Some(pool)) = self.pool.get() {
+                Ok((h, mut payload)) => {
+                    if let (Op::WriteShared | Op::ReadShared, Some(Some(pool))) = (h.op, self.pool.get()) {
+                        if h.op == Op::ReadShared && h.status == 0 {
+                            // The data stays in the region until the client has it.
+                            match pool.take(h.id, h.count, &payload) {
+                                Ok(data) => payload = data,
+                                Err(why) => {
+                                    self.completer.flush();
+                                    self.volume.fail_replica(idx, &format!("bad reply stream: {why}"));
+                                    return;
+                                }
+                            }
+                        } else {
+                            // The replica is done with the region (it replies after
+                            // applying the data, or failing to): it may be written again.
                             pool.release(h.id);
                         }
                     }

@@ -57,9 +57,10 @@
 //!   Until its next write the replica reports itself settled (`ReplicaInfo::unsettled`
 //!   false), so a later engine may serve it with the other settled ones on equal
 //!   revision counters. An engine never sends it to a replica that is not RW.
-//! - SHARE_MEMORY (engine only, JSON `shm::Attach`) and WRITE_SHARED (a WRITE whose
-//!   data waits in memory both processes map; payload: a `shm::Descriptor`) are for a
-//!   replica on the engine's host; `shm` states their rules. A replica that knows them
+//! - SHARE_MEMORY (engine only, JSON `shm::Attach`), WRITE_SHARED (a WRITE whose data
+//!   waits in memory both processes map) and READ_SHARED (a READ whose data the replica
+//!   puts there), both with a `shm::Descriptor` for payload, are for a replica on the
+//!   engine's host; `shm` states their rules. A replica that knows them
 //!   says so in `ReplicaInfo::shared_writes`; an engine sends them to no other.
 //! - Every name a peer sends that becomes a file name (snapshot, rebuild files) must
 //!   pass `meta::check_layer_name`; anything else is refused with EINVAL.
@@ -92,6 +93,7 @@ pub enum Op {
     Ping = 7,
     BlockStatus = 8,
     WriteShared = 9,
+    ReadShared = 10,
     Info = 16,
     Revision = 17,
     SetMode = 18,
@@ -124,6 +126,7 @@ impl Op {
             7 => Op::Ping,
             8 => Op::BlockStatus,
             9 => Op::WriteShared,
+            10 => Op::ReadShared,
             16 => Op::Info,
             17 => Op::Revision,
             18 => Op::SetMode,
@@ -351,7 +354,7 @@ pub struct ReplicaInfo {
     /// The head holds data (written since the last snapshot).
     #[serde(default)]
     pub head_has_data: bool,
-    /// The replica takes SHARE_MEMORY and WRITE_SHARED (see `shm`).
+    /// The replica takes SHARE_MEMORY, WRITE_SHARED and READ_SHARED (see `shm`).
     #[serde(default)]
     pub shared_writes: bool,
     /// In the Hello reply: the replica's proof of the volume's secret (see `auth`).

@@ -24,7 +24,7 @@
 
 use crate::auth::{self, Key};
 use crate::proto::{self, FrameError, Header, Hello, Op, FLAG_FUA, FLAG_REPLY, HEADER_LEN};
-use crate::shm::{Attach, Mapping};
+use crate::shm::{Attach, Descriptor, Mapping};
 use crate::store::Store;
 use bytes::{Bytes, BytesMut};
 use std::io::{self, BufReader, IoSlice, Write};
@@ -109,6 +109,8 @@ struct ReadJob {
     out: Arc<Out>,
     pending: Arc<Pending>,
     header: Header,
+    /// READ_SHARED: the engine's pool and the offset of the region lent for the data.
+    into: Option<(Arc<Mapping>, u64)>,
 }
 
 /// The ranges of one connection's reads still in the pool.
@@ -151,7 +153,7 @@ impl Pending {
     /// zeroing or trim waits for the pooled reads it overlaps, a control request for all.
     fn before(&self, h: &Header) {
         match h.op {
-            Op::Read | Op::Flush | Op::Ping => {}
+            Op::Read | Op::ReadShared | Op::Flush | Op::Ping => {}
             Op::Write | Op::WriteShared | Op::WriteZeroes | Op::Trim => {
                 self.wait(Some((h.offset, h.offset.saturating_add(h.count as u64))))
             }
@@ -406,6 +408,11 @@ fn errno_of(e: &io::Error) -> u32 {
     }
 }
 
+/// A READ_SHARED reply's payload: where the data is, and its CRC.
+fn shared_reply(offset: u64, data: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(&Descriptor { offset, crc: proto::checksum(data) }.encode())
+}
+
 fn reply_of(h: &Header) -> Header {
     Header { op: h.op, flags: FLAG_REPLY, id: h.id, offset: h.offset, count: h.count, payload_len: 0, status: 0, crc: 0 }
 }
@@ -597,6 +604,16 @@ impl ReplicaServer {
                 }
             }
             match h.op {
+                Op::ReadShared => {
+                    let m = shared.as_ref().ok_or_else(|| FrameError::Io(io::Error::other("READ_SHARED before SHARE_MEMORY")))?;
+                    self.read_shared(out, pending, h, m, &payload)
+                        .map_err(|e| FrameError::Io(io::Error::other(format!("id {}: {e}", h.id))))?;
+                    if rd.buffer().len() < HEADER_LEN {
+                        out.send(SendMode::Blocking)?;
+                    }
+                    out.wait_room()?;
+                    continue;
+                }
                 Op::ShareMemory => {
                     let mut r = reply_of(&h);
                     match self.share_memory(&payload, shared.is_some()) {
@@ -690,6 +707,29 @@ impl ReplicaServer {
         info
     }
 
+    /// A READ_SHARED: the data goes into the region of the engine's pool the request
+    /// names, the reply says where and with what CRC. Err (a region outside the pool)
+    /// ends the connection.
+    fn read_shared(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, h: Header, m: &Arc<Mapping>, desc: &[u8]) -> Result<(), String> {
+        let (off, dst) = m.region(h.count, desc)?;
+        let mut r = reply_of(&h);
+        if self.stopping.load(Ordering::Acquire) {
+            r.status = libc::ESHUTDOWN as u32;
+            out.queue(r, Bytes::new());
+            return Ok(());
+        }
+        match self.store.read_cached_to(h.offset, dst) {
+            Ok(()) => out.queue(r, shared_reply(off, dst)),
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                r.status = errno_of(&e);
+                out.queue(r, Bytes::from(e.to_string()));
+            }
+            // Not all cached: a reader waits for the disk, as for a READ.
+            Err(_) => self.to_reader(out, pending, h, Some((m.clone(), off))),
+        }
+        Ok(())
+    }
+
     /// Maps the pool a SHARE_MEMORY names (one per connection).
     fn share_memory(&self, payload: &[u8], already: bool) -> io::Result<Arc<Mapping>> {
         if already {
@@ -726,7 +766,7 @@ impl ReplicaServer {
                         Err(e) if e.kind() == io::ErrorKind::InvalidInput => Err(e),
                         // Not all cached (or the fast path failed): the pool reads it and
                         // gives the real answer.
-                        Err(_) => return self.to_reader(out, pending, h),
+                        Err(_) => return self.to_reader(out, pending, h, None),
                     }
                 }
             }
@@ -800,7 +840,9 @@ impl ReplicaServer {
                     serde_json::to_vec(&p).map_err(io::Error::other)
                 })
                 .map(Bytes::from),
-            Op::ShareMemory => Err(io::Error::new(io::ErrorKind::InvalidInput, "SHARE_MEMORY is for a data connection over a socket")),
+            Op::ShareMemory | Op::ReadShared => {
+                Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{:?} is for a data connection over a socket", h.op)))
+            }
             Op::Settle => {
                 self.store.settle();
                 Ok(Bytes::new())
@@ -857,7 +899,7 @@ impl ReplicaServer {
     }
 
     /// Sends a read to the pool, starting another reader when none is idle.
-    fn to_reader(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, header: Header) {
+    fn to_reader(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, header: Header, into: Option<(Arc<Mapping>, u64)>) {
         let end = header.offset.saturating_add(header.count as u64);
         pending.add(header.offset, end);
         let rd = &self.readers;
@@ -871,10 +913,10 @@ impl ReplicaServer {
         }
         if rd.started.load(Ordering::Acquire) == 0 {
             // No reader at all: read here rather than leave the request unanswered.
-            return self.read_job(ReadJob { out: out.clone(), pending: pending.clone(), header }, &mut BytesMut::new());
+            return self.read_job(ReadJob { out: out.clone(), pending: pending.clone(), header, into }, &mut BytesMut::new());
         }
         // The pool's receiver lives as long as the server: this cannot fail.
-        let _ = rd.tx.send(ReadJob { out: out.clone(), pending: pending.clone(), header });
+        let _ = rd.tx.send(ReadJob { out: out.clone(), pending: pending.clone(), header, into });
     }
 
     fn reader(&self) {
@@ -891,9 +933,18 @@ impl ReplicaServer {
     fn read_job(&self, job: ReadJob, buf: &mut BytesMut) {
         let h = job.header;
         let mut r = reply_of(&h);
-        buf.reserve(h.count as usize);
-        match self.store.read_into(h.offset, h.count as usize, buf) {
-            Ok(()) => job.out.queue(r, buf.split().freeze()),
+        let res = match &job.into {
+            Some((m, off)) => m
+                .region(h.count, &Descriptor { offset: *off, crc: 0 }.encode())
+                .map_err(io::Error::other)
+                .and_then(|(off, dst)| self.store.read_to(h.offset, dst).map(|()| shared_reply(off, dst))),
+            None => {
+                buf.reserve(h.count as usize);
+                self.store.read_into(h.offset, h.count as usize, buf).map(|()| buf.split().freeze())
+            }
+        };
+        match res {
+            Ok(data) => job.out.queue(r, data),
             Err(e) => {
                 debug!(offset = h.offset, count = h.count, "read failed: {e}");
                 r.status = errno_of(&e);

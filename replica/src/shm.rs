@@ -13,7 +13,7 @@
 //!   [`TAIL`] bytes hold a 32-byte random nonce. It offers the pool on a data
 //!   connection, after the handshake and before any I/O, with SHARE_MEMORY and a JSON
 //!   [`Attach`]: its pid, the fd number, `data_len` and the nonce (hex).
-//! - The replica maps it read-only through `/proc/PID/fd/FD` and accepts it only when
+//! - The replica maps it (read and write, for READ_SHARED) through `/proc/PID/fd/FD` and accepts it only when
 //!   the file is a memfd owned by the replica's own user, carries both seals, has
 //!   exactly the size announced, and ends with the nonce announced: a wrong pid (the
 //!   engine in another pid namespace) or a file that is not the pool is refused with
@@ -24,6 +24,13 @@
 //!   there. The frame's own CRC covers the descriptor as for any payload. A descriptor
 //!   out of bounds or whose CRC does not match the memory is a damaged stream: the
 //!   replica logs it and closes the connection, never applying the write.
+//! - READ_SHARED has a READ's header; its payload is a [`Descriptor`] naming the region
+//!   the engine lent for the data (CRC 0). The replica reads into it and replies with a
+//!   descriptor of the same offset and the CRC32C of the `count` bytes it put there (an
+//!   error reply carries a reason, as any). The engine takes the data only from the
+//!   region it lent under that id and checks the CRC; a reply that names another
+//!   region or does not match is a damaged stream, and the replica is dropped. The
+//!   region comes back when the engine is done with the data (sent to its client).
 //! - The engine writes a region only while no replica holds it: a region is lent to
 //!   the replicas it was sent to and comes back when each of them has replied to that
 //!   WRITE_SHARED (a replica replies only after it is done with the memory). A region
@@ -34,7 +41,6 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -50,7 +56,7 @@ pub const UNIT: u64 = 64 << 10;
 /// Writes smaller than this go inline: a descriptor round trip saves nothing there.
 pub const MIN_SHARED: usize = 64 << 10;
 /// Size of the data area an engine session makes.
-pub const POOL_LEN: u64 = 16 << 20;
+pub const POOL_LEN: u64 = 32 << 20;
 /// Encoded length of a [`Descriptor`].
 pub const DESCRIPTOR_LEN: usize = 16;
 const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
@@ -175,7 +181,17 @@ impl Pool {
     /// Copies `data` into a free region lent to `readers` replicas under request `id`;
     /// returns the region's offset, or None when no region that big is free.
     pub fn put(&self, id: u64, data: &[u8], readers: u32) -> Option<u64> {
-        let n = (data.len() as u64).div_ceil(UNIT) as usize;
+        let off = self.lend(id, data.len(), readers)?;
+        // SAFETY: the region was just lent to us and no replica has been told of it; it
+        // lies inside the data area (units cover data_len only).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.ptr.add(off as usize), data.len()) };
+        Some(off)
+    }
+
+    /// Takes a free region of `len` bytes for request `id`, to come back after
+    /// `readers` calls of [`Pool::release`]; its offset, or None when none is free.
+    pub fn lend(&self, id: u64, len: usize, readers: u32) -> Option<u64> {
+        let n = (len as u64).div_ceil(UNIT) as usize;
         if n == 0 || readers == 0 {
             return None;
         }
@@ -195,11 +211,39 @@ impl Pool {
             l.loans.insert(id, (s, n, readers));
             s
         };
-        let off = start as u64 * UNIT;
-        // SAFETY: the region was just marked ours and no replica has been told of it;
-        // it lies inside the data area (units cover data_len only).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.ptr.add(off as usize), data.len()) };
-        Some(off)
+        Some(start as u64 * UNIT)
+    }
+
+    /// The data a READ_SHARED reply to request `id` says the replica put in the region
+    /// lent for it: checked against the region and the CRC, and kept there (no copy)
+    /// until the returned bytes are dropped, which gives the region back. On Err the
+    /// region is given back at once (the replica has replied: it is done with it).
+    pub fn take(self: &Arc<Self>, id: u64, count: u32, desc: &[u8]) -> Result<Bytes, String> {
+        let lent = {
+            let l = self.lending.lock().unwrap_or_else(|e| e.into_inner());
+            l.loans.get(&id).map(|&(s, n, _)| (s as u64 * UNIT, n as u64 * UNIT))
+        };
+        let Some((off, room)) = lent else {
+            return Err(format!("READ_SHARED reply for id {id}, which has no region"));
+        };
+        let d = match Descriptor::decode(desc) {
+            Ok(d) if d.offset == off && count as u64 <= room => d,
+            Ok(d) => {
+                self.release(id);
+                return Err(format!("READ_SHARED reply names region {}+{count}; {off}+{room} was lent", d.offset));
+            }
+            Err(e) => {
+                self.release(id);
+                return Err(e);
+            }
+        };
+        let data = self.map.slice(off as usize, count as usize);
+        let got = crate::proto::checksum(data);
+        if got != d.crc {
+            self.release(id);
+            return Err(format!("READ_SHARED data checksum mismatch for id {id}: reply says {:#010x}, memory has {got:#010x}", d.crc));
+        }
+        Ok(Bytes::from_owner(Loan { pool: self.clone(), id, off: off as usize, len: count as usize }))
     }
 
     /// One replica is done with request `id`'s region; the last one frees it.
@@ -220,7 +264,28 @@ impl Pool {
     }
 }
 
-/// A replica's read-only view of an engine's pool.
+/// Read data in a region of the pool, which comes back when the last copy of the
+/// `Bytes` holding it goes.
+struct Loan {
+    pool: Arc<Pool>,
+    id: u64,
+    off: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Loan {
+    fn as_ref(&self) -> &[u8] {
+        self.pool.map.slice(self.off, self.len)
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        self.pool.release(self.id);
+    }
+}
+
+/// A replica's view of an engine's pool.
 pub struct Mapping {
     map: Map,
     data_len: u64,
@@ -238,7 +303,11 @@ impl Mapping {
         if !target.to_string_lossy().starts_with(&format!("/memfd:{MEMFD_NAME}")) {
             return Err(refuse(format!("shared memory {path} is {}, not the engine's pool", target.display())));
         }
-        let file = File::open(&path).map_err(|e| refuse(format!("shared memory {path}: {e}")))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| refuse(format!("shared memory {path}: {e}")))?;
         let md = file.metadata()?;
         use std::os::unix::fs::MetadataExt;
         // SAFETY: geteuid cannot fail.
@@ -255,7 +324,7 @@ impl Mapping {
         if seals < 0 || seals & SEALS != SEALS {
             return Err(refuse(format!("shared memory {path} is not sealed against resizing")));
         }
-        let map = Map::new(&file, total as usize, libc::PROT_READ)?;
+        let map = Map::new(&file, total as usize, libc::PROT_READ | libc::PROT_WRITE)?;
         if crate::auth::hex(map.slice(a.len as usize, NONCE_LEN)) != a.nonce {
             return Err(refuse(format!("shared memory {path} does not carry the engine's nonce")));
         }
@@ -279,6 +348,22 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// The region a READ_SHARED names, for the replica to read `count` bytes into.
+    /// The caller writes it only while it answers that request: the engine lent it
+    /// for this and touches it again only after the reply.
+    pub fn region(&self, count: u32, desc: &[u8]) -> Result<(u64, &mut [u8]), String> {
+        let d = Descriptor::decode(desc)?;
+        if d.offset.checked_add(count as u64).is_none_or(|e| e > self.data_len) {
+            return Err(format!("shared-memory region {}+{count} outside the {}-byte pool", d.offset, self.data_len));
+        }
+        // SAFETY: in bounds (checked above) of a writable mapping that lives as long as
+        // `self`; no one else writes the region while it is lent (the module rules).
+        let s = unsafe { std::slice::from_raw_parts_mut(self.map.ptr.add(d.offset as usize), count as usize) };
+        Ok((d.offset, s))
+    }
+}
+
 /// A region of a mapping, kept mapped while any `Bytes` refers to it.
 struct View {
     map: Arc<Mapping>,
@@ -295,6 +380,7 @@ impl AsRef<[u8]> for View {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
 
     fn attach_ok() -> (Pool, Arc<Mapping>) {
         let p = Pool::new(1 << 20).expect("pool");
@@ -327,6 +413,34 @@ mod tests {
         p.release(1);
         assert!(p.put(3, &[3u8; 10], 1).is_some());
         assert_eq!(p.put(4, &[], 1), None);
+    }
+
+    #[test]
+    fn a_read_region_comes_back_when_its_bytes_go() {
+        let p = Arc::new(Pool::new(1 << 20).expect("pool"));
+        let m = Mapping::open(&p.attach()).expect("the replica maps the pool");
+        let off = p.lend(5, 100_000, 1).expect("room");
+        let ask = Descriptor { offset: off, crc: 0 }.encode();
+        let (at, dst) = m.region(100_000, &ask).expect("region");
+        dst.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+        let crc = crate::proto::checksum(dst);
+        let reply = Descriptor { offset: at, crc }.encode();
+        let data = p.take(5, 100_000, &reply).expect("data");
+        assert!(data.iter().enumerate().all(|(i, &b)| b == i as u8));
+        let copy = data.clone();
+        drop(data);
+        assert_eq!(p.units_lent(), 2, "a copy of the bytes still holds it");
+        drop(copy);
+        assert_eq!(p.units_lent(), 0);
+        // A reply naming another region, a bad CRC, an id never lent: refused, given back.
+        let off = p.lend(6, 4096, 1).expect("room");
+        assert!(p.take(6, 4096, &Descriptor { offset: off + UNIT, crc: 0 }.encode()).is_err());
+        assert_eq!(p.units_lent(), 0);
+        let off = p.lend(7, 4096, 1).expect("room");
+        assert!(p.take(7, 4096, &Descriptor { offset: off, crc: 1 }.encode()).unwrap_err().contains("checksum"));
+        assert_eq!(p.units_lent(), 0);
+        assert!(p.take(8, 4096, &Descriptor { offset: 0, crc: 0 }.encode()).is_err());
+        assert!(m.region(4096, &Descriptor { offset: (1 << 20) - 10, crc: 0 }.encode()).is_err());
     }
 
     #[test]

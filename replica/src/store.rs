@@ -623,6 +623,28 @@ impl Store {
         unsafe { fill_spare(buf, len, |dst| read_raw(&chain, offset, dst, len)) }
     }
 
+    /// As [`Store::read_into`], into memory the caller lends (a region of an engine's
+    /// shared pool, see `shm`).
+    pub fn read_to(&self, offset: u64, dst: &mut [u8]) -> io::Result<()> {
+        self.check_range(offset, dst.len() as u64)?;
+        let chain = self.chain();
+        // SAFETY: `dst` is valid for its length, and read_raw writes only inside it.
+        unsafe { read_raw(&chain, offset, dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// As [`Store::read_cached`], into memory the caller lends.
+    pub fn read_cached_to(&self, offset: u64, dst: &mut [u8]) -> io::Result<()> {
+        self.check_range(offset, dst.len() as u64)?;
+        let chain = self.chain();
+        // SAFETY: as in read_to.
+        unsafe {
+            for_segments(&chain, offset, dst.len(), dst.as_mut_ptr(), |layer, p, n, at| match layer {
+                None => Ok(std::ptr::write_bytes(p, 0, n)),
+                Some(l) => read_nowait(&l.file, p, n, at),
+            })
+        }
+    }
+
     /// Reads like [`Store::read_into`], but only from the page cache: `WouldBlock` when
     /// any part of the range would wait for the disk (nothing is waited for then, though
     /// the kernel may start reading ahead). Lets the server answer cached reads inline

@@ -1,7 +1,7 @@
-//! Big writes to replicas on the engine's host go through memory the engine shares
-//! with them (`longhorn_replica::shm`): the data must arrive exactly as over the
-//! socket, on every replica, and a replica must refuse memory that is not the pool
-//! the engine said, or a descriptor pointing outside it.
+//! Big writes and reads between the engine and replicas on its host go through memory
+//! the engine shares with them (`longhorn_replica::shm`): the data must arrive exactly
+//! as over the socket, on every replica and back, and a replica must refuse memory that
+//! is not the pool the engine said, or a descriptor pointing outside it.
 
 use longhorn_replica::proto::Op;
 use longhorn_replica::shm::{Attach, Descriptor, Pool};
@@ -106,7 +106,7 @@ fn a_replica_refuses_memory_and_descriptors_it_cannot_trust() {
     );
     let addr = c.replicas[0].addr.clone();
     let connect = || ReplicaClient::connect_as(&addr, "vol1", 16 * MB, &creds).expect("handshake");
-    let pool = Pool::new(1 << 20).expect("pool");
+    let pool = std::sync::Arc::new(Pool::new(1 << 20).expect("pool"));
     let data = vec![0x5Au8; 128 << 10];
 
     // Before SHARE_MEMORY: the stream is not trusted.
@@ -143,6 +143,15 @@ fn a_replica_refuses_memory_and_descriptors_it_cannot_trust() {
     let (st, back) = cl.request(Op::Read, 1 << 20, data.len() as u32, &[]).expect("read");
     assert_eq!(st, 0);
     assert!(back == data, "the shared write did not land as sent");
+    // And back through the pool: the replica reads into the region lent, the reply
+    // says where and with what CRC.
+    let off = pool.lend(8, data.len(), 1).expect("room");
+    let ask = Descriptor { offset: off, crc: 0 }.encode();
+    let (st, reply) = cl.request(Op::ReadShared, 1 << 20, data.len() as u32, &ask).expect("answered");
+    assert_eq!(st, 0, "{}", String::from_utf8_lossy(&reply));
+    let got = pool.take(8, data.len() as u32, &reply).expect("the reply names the region, with the data's CRC");
+    assert!(got[..] == data[..], "READ_SHARED put other bytes in the region");
+    drop(got);
 
     // A CRC that does not match the memory: the connection ends, nothing is written.
     let wrong = Descriptor { offset: off, crc: longhorn_replica::proto::checksum(&data) ^ 1 }.encode();
@@ -159,4 +168,9 @@ fn a_replica_refuses_memory_and_descriptors_it_cannot_trust() {
     assert!(back.iter().all(|&b| b == 0), "a refused shared write left data behind");
     let log = c.replicas[0].proc.log_text();
     assert!(log.contains("checksum mismatch") && log.contains("outside"), "the replica's log does not say why:\n{log}");
+    // A READ_SHARED outside the pool ends the connection too.
+    let mut cl = connect();
+    let (st, _) = cl.request(Op::ShareMemory, 0, 0, &serde_json::to_vec(&good).expect("json")).expect("answered");
+    assert_eq!(st, 0);
+    assert!(cl.request(Op::ReadShared, 0, 1 << 20, &outside).is_err(), "a read into memory outside the pool was answered");
 }
