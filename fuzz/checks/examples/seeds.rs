@@ -115,7 +115,16 @@ fn frames() -> Vec<Vec<u8>> {
     e.flags = FLAG_REPLY;
     e.status = 5;
     put_frame(&mut b, e, b"input/output error");
-    vec![a, b]
+    // Shared memory: the attach, a write and a read through the pool, and a reply.
+    let mut c = Vec::new();
+    put_frame(&mut c, Header::request(Op::ShareMemory, 0, 0, 0), br#"{"pid":1234,"fd":7,"len":33554432,"nonce":"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"}"#);
+    let d = |offset: u64, crc: u32| longhorn_replica::shm::Descriptor { offset, crc }.encode();
+    put_frame(&mut c, Header::request(Op::WriteShared, 10, 1 << 20, 65536), &d(65536, 0x1234_5678));
+    put_frame(&mut c, Header::request(Op::ReadShared, 11, 0, 131072), &d(0, 0));
+    let mut rs = Header::request(Op::ReadShared, 11, 0, 131072);
+    rs.flags = FLAG_REPLY;
+    put_frame(&mut c, rs, &d(0, 0x0bad_cafe));
+    vec![a, b, c]
 }
 
 const INFO: &str = r#"{"volume":"vol1","size":1073741824,"sector_size":512,"revision":12,"was_dirty":false,"head":"volume-head-002.img","parent":"volume-snap-s1.img","chain":["volume-snap-s1.img","volume-head-002.img"],"mode":"RW","rebuilding":false,"progress":{"active":false,"bytes_total":10,"bytes_done":5,"bytes_sent":1,"elapsed_ms":3,"error":""},"head_has_data":true}"#;

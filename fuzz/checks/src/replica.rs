@@ -6,7 +6,9 @@ use longhorn_replica::proto::{
     checksum, decode_extents, encode_extents, put_frame, read_frame, FrameError, Header, Hello, Op, ReplicaInfo,
     SnapshotRequest, HEADER_LEN, MAX_PAYLOAD,
 };
+use longhorn_replica::shm::{Attach, Descriptor, Mapping, Pool};
 use serde::de::DeserializeOwned;
+use std::sync::{Arc, OnceLock};
 use serde::Serialize;
 
 /// A stream of frames, decoded as a connection would until the first error. Every
@@ -45,9 +47,36 @@ pub fn replica_frame(data: &[u8]) {
             Op::Hello if !h.is_reply() => json_round_trip::<Hello>(&payload, |a, b| a.volume == b.volume && a.size == b.size),
             Op::Hello => json_round_trip::<ReplicaInfo>(&payload, |a, b| a == b),
             Op::Snapshot | Op::SnapshotRemove | Op::SnapshotRevert if !h.is_reply() => snapshot_request(&payload),
+            Op::ShareMemory if !h.is_reply() => json_round_trip::<Attach>(&payload, |a, b| a == b),
+            Op::WriteShared | Op::ReadShared => shared_descriptor(h.count, &payload),
             _ => {}
         }
     }
+}
+
+/// A WRITE_SHARED or READ_SHARED descriptor against a real pool, as a replica and an
+/// engine resolve it: accepted only inside the pool, and what decodes encodes back.
+fn shared_descriptor(count: u32, payload: &[u8]) {
+    static POOL: OnceLock<Option<(Arc<Pool>, Arc<Mapping>)>> = OnceLock::new();
+    let Some((pool, map)) = POOL.get_or_init(|| {
+        let p = Arc::new(Pool::new(1 << 20).ok()?);
+        let m = Mapping::open(&p.attach()).ok()?;
+        Some((p, m))
+    }) else {
+        return;
+    };
+    let Ok(d) = Descriptor::decode(payload) else {
+        assert!(map.payload(count, payload).is_err() && map.region(count, payload).is_err());
+        return;
+    };
+    assert_eq!(&d.encode()[..], payload);
+    let inside = d.offset.checked_add(count as u64).is_some_and(|e| e <= 1 << 20);
+    if let Ok(b) = map.payload(count, payload) {
+        assert!(inside && b.len() == count as usize && checksum(&b) == d.crc);
+    }
+    assert_eq!(map.region(count, payload).is_ok(), inside);
+    // An engine given this as a READ_SHARED reply for a request it never lent for.
+    assert!(pool.take(u64::MAX, count, payload).is_err());
 }
 
 /// decode(encode(x)) == x for a payload that decodes.
