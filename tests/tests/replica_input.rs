@@ -161,6 +161,7 @@ fn fake_source(volume: &str, size: u64) -> String {
         rebuilding: false,
         progress: None,
         head_has_data: false,
+        shared_writes: false,
         mac: String::new(),
     };
     std::thread::spawn(move || {
