@@ -95,6 +95,8 @@ pub(crate) struct Inner {
     /// Memory shared with the replicas on this host for big writes' data, made when the
     /// first of them is connected (`None` inside: it could not be made).
     pool: OnceLock<Option<Arc<Pool>>>,
+    /// The pool was found full once (logged once per session).
+    pool_dry: AtomicBool,
 }
 
 const NO_SLOT: usize = usize::MAX;
@@ -129,6 +131,7 @@ impl EngineSession {
             local: AtomicUsize::new(NO_SLOT),
             last_flush: Mutex::new((0, u64::MAX)),
             pool: OnceLock::new(),
+            pool_dry: AtomicBool::new(false),
         });
         // Registered and connected as one step against slots being added (rebuild,
         // salvage), which attach to the sessions registered at that moment.
@@ -171,10 +174,19 @@ impl Inner {
             return Ok(());
         }
         let (mut s, info) = self.volume.dialer().connect(&addr)?;
-        let shared = match self.pool_for(&addr, &info) {
-            Some(pool) => replica_conn::offer_pool(&mut s, &addr, &pool)?,
-            None => false,
-        };
+        let mut shared = false;
+        if let Some(pool) = self.pool_for(&addr, &info) {
+            match replica_conn::offer_pool(&mut s, &addr, &pool) {
+                Ok(ok) => shared = ok,
+                Err(e) => {
+                    // Where the exchange stopped is unknown: a fresh connection,
+                    // payloads inline, rather than a replica dropped for it.
+                    warn!(replica = %addr, "offering shared memory failed ({e}): connecting again without it");
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                    s = self.volume.dialer().connect(&addr)?.0;
+                }
+            }
+        }
         let c = ReplicaConn::new(&addr, s, shared)?;
         let rd = c.reader()?.ok_or_else(|| std::io::Error::other("a TCP connection without a socket"))?;
         if self.conns.set(i, Arc::new(c)).is_err() {
@@ -216,13 +228,16 @@ impl Inner {
         if len < shm::MIN_SHARED {
             return None;
         }
-        let readers = targets.iter().filter(|&&i| self.conns.get(i).is_some_and(|c| c.is_shared())).count() as u32;
+        let holders = targets.iter().filter(|&&i| self.conns.get(i).is_some_and(|c| c.is_shared())).fold(0, |m, &i| m | bit(i));
         let pool = self.pool.get()?.as_ref()?;
-        let d = if op == Op::WriteShared {
-            shm::Descriptor { offset: pool.put(id, body, readers)?, crc: h.crc }
-        } else {
-            shm::Descriptor { offset: pool.lend(id, len, readers)?, crc: 0 }
+        let offset = if op == Op::WriteShared { pool.put(id, body, holders) } else { pool.lend(id, len, holders) };
+        let Some(offset) = offset else {
+            if holders != 0 && !self.pool_dry.swap(true, Ordering::Relaxed) {
+                warn!(lent_bytes = pool.units_lent() as u64 * shm::UNIT, "the shared-memory pool is full: big requests go through the sockets until regions come back");
+            }
+            return None;
         };
+        let d = shm::Descriptor { offset, crc: if op == Op::WriteShared { h.crc } else { 0 } };
         let d = d.encode();
         let sh = replica_conn::seal(Header { op, ..*h }, &d);
         Some((sh, Bytes::copy_from_slice(&d)))
@@ -530,20 +545,29 @@ impl Inner {
             match proto::read_frame_buffered(&mut rd) {
                 Ok((h, mut payload)) => {
                     if let (Op::WriteShared | Op::ReadShared, Some(Some(pool))) = (h.op, self.pool.get()) {
-                        if h.op == Op::ReadShared && h.status == 0 {
+                        // A reply for a region not lent to this replica, or a second
+                        // one, is a damaged stream: it must not free what another
+                        // replica or the client still uses.
+                        let bad = if h.op == Op::ReadShared && h.status == 0 {
                             // The data stays in the region until the client has it.
-                            match pool.take(h.id, h.count, &payload) {
-                                Ok(data) => payload = data,
-                                Err(why) => {
-                                    self.completer.flush();
-                                    self.volume.fail_replica(idx, &format!("bad reply stream: {why}"));
-                                    return;
+                            match pool.take(h.id, idx, h.count, &payload) {
+                                Ok(data) => {
+                                    payload = data;
+                                    None
                                 }
+                                Err(why) => Some(why),
                             }
-                        } else {
+                        } else if pool.release(h.id, idx) {
                             // The replica is done with the region (it replies after
                             // applying the data, or failing to): it may be written again.
-                            pool.release(h.id);
+                            None
+                        } else {
+                            Some(format!("{:?} reply for id {}, for which no region was lent to this replica", h.op, h.id))
+                        };
+                        if let Some(why) = bad {
+                            self.completer.flush();
+                            self.volume.fail_replica(idx, &format!("bad reply stream: {why}"));
+                            return;
                         }
                     }
                     if let Some(reason) = self.on_reply(idx, h, payload) {

@@ -622,9 +622,11 @@ impl ReplicaServer {
                             out.queue(r, Bytes::new());
                         }
                         Err(e) => {
+                            // The reason stays here: it may name another process's
+                            // files, and an engine may be on another host.
                             warn!("refused the engine's shared memory: {e}");
                             r.status = errno_of(&e);
-                            out.queue(r, Bytes::from(e.to_string()));
+                            out.queue(r, Bytes::from_static(b"the replica cannot use that shared memory (its log says why)"));
                         }
                     }
                     out.send(SendMode::Blocking)?;
@@ -711,6 +713,9 @@ impl ReplicaServer {
     /// names, the reply says where and with what CRC. Err (a region outside the pool)
     /// ends the connection.
     fn read_shared(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, h: Header, m: &Arc<Mapping>, desc: &[u8]) -> Result<(), String> {
+        if h.count > proto::MAX_IO {
+            return Err(format!("READ_SHARED of {} bytes (at most {})", h.count, proto::MAX_IO));
+        }
         let (off, dst) = m.region(h.count, desc)?;
         let mut r = reply_of(&h);
         if self.stopping.load(Ordering::Acquire) {

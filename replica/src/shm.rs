@@ -36,7 +36,13 @@
 //!   WRITE_SHARED (a replica replies only after it is done with the memory). A region
 //!   lent to a connection that dies never comes back: a replica still reading it
 //!   cannot see it change. The pool shrinks by that much; when no region fits, the
-//!   write goes inline.
+//!   request goes inline. A WRITE_SHARED or READ_SHARED reply for a region not lent to
+//!   the replica sending it, or a second one, frees nothing: the replica is dropped.
+//! - Trust: a replica that maps the pool can write all of it (one mapping serves
+//!   writes and reads). It runs as the engine's user on the engine's host (the owner
+//!   check), so it could already reach the engine's memory (`/proc/PID/mem`, ptrace):
+//!   the pool opens nothing new. A refused SHARE_MEMORY gets a fixed reason; the real
+//!   one, which may name another process's files, stays in the replica's log.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -134,10 +140,29 @@ impl Drop for Map {
     }
 }
 
-/// Lent regions: which units each request holds and how many replicas still read it.
+/// Lent regions: which units each request holds, which replicas (bits of `holders`,
+/// the engine's replica slots) it was lent to and have not replied, and whether the
+/// engine's client still holds read data in it.
+struct Loan {
+    start: usize,
+    units: usize,
+    holders: u32,
+    in_use: bool,
+}
+
 struct Lending {
     used: Vec<bool>,
-    loans: HashMap<u64, (usize, usize, u32)>,
+    loans: HashMap<u64, Loan>,
+}
+
+impl Lending {
+    fn free_if_done(&mut self, id: u64) {
+        if let Some(l) = self.loans.get(&id).filter(|l| l.holders == 0 && !l.in_use) {
+            let (s, n) = (l.start, l.units);
+            self.loans.remove(&id);
+            self.used[s..s + n].iter_mut().for_each(|u| *u = false);
+        }
+    }
 }
 
 /// The engine's pool (one per session).
@@ -178,21 +203,23 @@ impl Pool {
         Attach { pid: std::process::id(), fd: self.file.as_raw_fd(), len: self.data_len, nonce: crate::auth::hex(&self.nonce) }
     }
 
-    /// Copies `data` into a free region lent to `readers` replicas under request `id`;
-    /// returns the region's offset, or None when no region that big is free.
-    pub fn put(&self, id: u64, data: &[u8], readers: u32) -> Option<u64> {
-        let off = self.lend(id, data.len(), readers)?;
+    /// Copies `data` into a free region lent to the replicas in `holders` (a bit per
+    /// replica slot) under request `id`; returns the region's offset, or None when no
+    /// region that big is free.
+    pub fn put(&self, id: u64, data: &[u8], holders: u32) -> Option<u64> {
+        let off = self.lend(id, data.len(), holders)?;
         // SAFETY: the region was just lent to us and no replica has been told of it; it
         // lies inside the data area (units cover data_len only).
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.ptr.add(off as usize), data.len()) };
         Some(off)
     }
 
-    /// Takes a free region of `len` bytes for request `id`, to come back after
-    /// `readers` calls of [`Pool::release`]; its offset, or None when none is free.
-    pub fn lend(&self, id: u64, len: usize, readers: u32) -> Option<u64> {
+    /// Takes a free region of `len` bytes for request `id`, lent to the replicas in
+    /// `holders`, to come back when each has replied ([`Pool::release`], or
+    /// [`Pool::take`] and the data dropped); its offset, or None when none is free.
+    pub fn lend(&self, id: u64, len: usize, holders: u32) -> Option<u64> {
         let n = (len as u64).div_ceil(UNIT) as usize;
-        if n == 0 || readers == 0 {
+        if n == 0 || holders == 0 {
             return None;
         }
         let start = {
@@ -208,54 +235,65 @@ impl Pool {
             }
             let s = found?;
             l.used[s..s + n].iter_mut().for_each(|u| *u = true);
-            l.loans.insert(id, (s, n, readers));
+            l.loans.insert(id, Loan { start: s, units: n, holders, in_use: false });
             s
         };
         Some(start as u64 * UNIT)
     }
 
-    /// The data a READ_SHARED reply to request `id` says the replica put in the region
-    /// lent for it: checked against the region and the CRC, and kept there (no copy)
-    /// until the returned bytes are dropped, which gives the region back. On Err the
-    /// region is given back at once (the replica has replied: it is done with it).
-    pub fn take(self: &Arc<Self>, id: u64, count: u32, desc: &[u8]) -> Result<Bytes, String> {
-        let lent = {
-            let l = self.lending.lock().unwrap_or_else(|e| e.into_inner());
-            l.loans.get(&id).map(|&(s, n, _)| (s as u64 * UNIT, n as u64 * UNIT))
+    /// The data a READ_SHARED reply from replica `who` to request `id` says it put in
+    /// the region lent to it: checked against the region and the CRC, and kept there
+    /// (no copy) until the returned bytes are dropped, which gives the region back. On
+    /// Err the region is given back at once if it was lent to `who` (it has replied: it
+    /// is done with it); a reply for a region not lent to `who`, or a second one, is Err
+    /// and changes nothing.
+    pub fn take(self: &Arc<Self>, id: u64, who: usize, count: u32, desc: &[u8]) -> Result<Bytes, String> {
+        let (off, room) = {
+            let mut l = self.lending.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(loan) = l.loans.get_mut(&id).filter(|l| l.holders & bit(who) != 0) else {
+                return Err(format!("READ_SHARED reply for id {id}, for which no region was lent to this replica"));
+            };
+            // Answered: whatever follows, this replica is done with it, and the data
+            // (if good) is the client's until dropped.
+            loan.holders &= !bit(who);
+            loan.in_use = true;
+            (loan.start as u64 * UNIT, loan.units as u64 * UNIT)
         };
-        let Some((off, room)) = lent else {
-            return Err(format!("READ_SHARED reply for id {id}, which has no region"));
+        let give_back = |why: String| {
+            self.done_with(id);
+            Err(why)
         };
         let d = match Descriptor::decode(desc) {
             Ok(d) if d.offset == off && count as u64 <= room => d,
-            Ok(d) => {
-                self.release(id);
-                return Err(format!("READ_SHARED reply names region {}+{count}; {off}+{room} was lent", d.offset));
-            }
-            Err(e) => {
-                self.release(id);
-                return Err(e);
-            }
+            Ok(d) => return give_back(format!("READ_SHARED reply names region {}+{count}; {off}+{room} was lent", d.offset)),
+            Err(e) => return give_back(e),
         };
         let data = self.map.slice(off as usize, count as usize);
         let got = crate::proto::checksum(data);
         if got != d.crc {
-            self.release(id);
-            return Err(format!("READ_SHARED data checksum mismatch for id {id}: reply says {:#010x}, memory has {got:#010x}", d.crc));
+            return give_back(format!("READ_SHARED data checksum mismatch for id {id}: reply says {:#010x}, memory has {got:#010x}", d.crc));
         }
-        Ok(Bytes::from_owner(Loan { pool: self.clone(), id, off: off as usize, len: count as usize }))
+        Ok(Bytes::from_owner(ReadData { pool: self.clone(), id, off: off as usize, len: count as usize }))
     }
 
-    /// One replica is done with request `id`'s region; the last one frees it.
-    pub fn release(&self, id: u64) {
+    /// Replica `who` replied to request `id` and is done with its region; the last
+    /// reply frees it. False when no region of `id` was lent to `who` (or it already
+    /// replied): the caller treats that reply as a damaged stream.
+    pub fn release(&self, id: u64, who: usize) -> bool {
         let mut l = self.lending.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(loan) = l.loans.get_mut(&id) else { return };
-        loan.2 -= 1;
-        if loan.2 == 0 {
-            let (s, n, _) = *loan;
-            l.loans.remove(&id);
-            l.used[s..s + n].iter_mut().for_each(|u| *u = false);
+        let Some(loan) = l.loans.get_mut(&id).filter(|l| l.holders & bit(who) != 0) else { return false };
+        loan.holders &= !bit(who);
+        l.free_if_done(id);
+        true
+    }
+
+    /// The engine's client is done with read data in `id`'s region.
+    fn done_with(&self, id: u64) {
+        let mut l = self.lending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(loan) = l.loans.get_mut(&id) {
+            loan.in_use = false;
         }
+        l.free_if_done(id);
     }
 
     /// Units lent out now (tests, and the log when the pool runs dry).
@@ -264,24 +302,28 @@ impl Pool {
     }
 }
 
+fn bit(who: usize) -> u32 {
+    1u32.checked_shl(who as u32).unwrap_or(0)
+}
+
 /// Read data in a region of the pool, which comes back when the last copy of the
 /// `Bytes` holding it goes.
-struct Loan {
+struct ReadData {
     pool: Arc<Pool>,
     id: u64,
     off: usize,
     len: usize,
 }
 
-impl AsRef<[u8]> for Loan {
+impl AsRef<[u8]> for ReadData {
     fn as_ref(&self) -> &[u8] {
         self.pool.map.slice(self.off, self.len)
     }
 }
 
-impl Drop for Loan {
+impl Drop for ReadData {
     fn drop(&mut self) {
-        self.pool.release(self.id);
+        self.pool.done_with(self.id);
     }
 }
 
@@ -303,12 +345,19 @@ impl Mapping {
         if !target.to_string_lossy().starts_with(&format!("/memfd:{MEMFD_NAME}")) {
             return Err(refuse(format!("shared memory {path} is {}, not the engine's pool", target.display())));
         }
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking and no controlling tty: whatever the engine names, opening it
+        // must not wait or take over a terminal before the checks below refuse it.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&path)
             .map_err(|e| refuse(format!("shared memory {path}: {e}")))?;
         let md = file.metadata()?;
+        if !md.is_file() {
+            return Err(refuse(format!("shared memory {path} is not a memory file")));
+        }
         use std::os::unix::fs::MetadataExt;
         // SAFETY: geteuid cannot fail.
         let me = unsafe { libc::geteuid() };
@@ -392,14 +441,17 @@ mod tests {
     fn put_read_release() {
         let (p, m) = attach_ok();
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
-        let off = p.put(1, &data, 2).expect("room");
+        // Lent to replicas 0 and 2.
+        let off = p.put(1, &data, 0b101).expect("room");
         assert_eq!(p.units_lent(), 4);
         let d = Descriptor { offset: off, crc: crate::proto::checksum(&data) }.encode();
         let got = m.payload(data.len() as u32, &d).expect("payload");
         assert_eq!(&got[..], &data[..]);
-        p.release(1);
-        assert_eq!(p.units_lent(), 4, "one reader still holds it");
-        p.release(1);
+        assert!(p.release(1, 0));
+        assert!(!p.release(1, 0), "replica 0 replied twice");
+        assert!(!p.release(1, 1), "replica 1 was never lent it");
+        assert_eq!(p.units_lent(), 4, "replica 2 still holds it");
+        assert!(p.release(1, 2));
         assert_eq!(p.units_lent(), 0);
     }
 
@@ -410,7 +462,7 @@ mod tests {
         let b = p.put(2, &[2u8; UNIT as usize + 1], 1).expect("room");
         assert!(a + 2 * UNIT <= b || b + 2 * UNIT <= a);
         assert_eq!(p.put(3, &[3u8; 10], 1), None, "all four units are lent");
-        p.release(1);
+        assert!(p.release(1, 0));
         assert!(p.put(3, &[3u8; 10], 1).is_some());
         assert_eq!(p.put(4, &[], 1), None);
     }
@@ -425,7 +477,10 @@ mod tests {
         dst.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
         let crc = crate::proto::checksum(dst);
         let reply = Descriptor { offset: at, crc }.encode();
-        let data = p.take(5, 100_000, &reply).expect("data");
+        assert!(p.take(5, 1, 100_000, &reply).is_err(), "replica 1 was not lent it");
+        let data = p.take(5, 0, 100_000, &reply).expect("data");
+        assert!(p.take(5, 0, 100_000, &reply).is_err(), "a second reply takes nothing");
+        assert!(!p.release(5, 0), "nor does an error reply after it");
         assert!(data.iter().enumerate().all(|(i, &b)| b == i as u8));
         let copy = data.clone();
         drop(data);
@@ -434,12 +489,12 @@ mod tests {
         assert_eq!(p.units_lent(), 0);
         // A reply naming another region, a bad CRC, an id never lent: refused, given back.
         let off = p.lend(6, 4096, 1).expect("room");
-        assert!(p.take(6, 4096, &Descriptor { offset: off + UNIT, crc: 0 }.encode()).is_err());
+        assert!(p.take(6, 0, 4096, &Descriptor { offset: off + UNIT, crc: 0 }.encode()).is_err());
         assert_eq!(p.units_lent(), 0);
         let off = p.lend(7, 4096, 1).expect("room");
-        assert!(p.take(7, 4096, &Descriptor { offset: off, crc: 1 }.encode()).unwrap_err().contains("checksum"));
+        assert!(p.take(7, 0, 4096, &Descriptor { offset: off, crc: 1 }.encode()).unwrap_err().contains("checksum"));
         assert_eq!(p.units_lent(), 0);
-        assert!(p.take(8, 4096, &Descriptor { offset: 0, crc: 0 }.encode()).is_err());
+        assert!(p.take(8, 0, 4096, &Descriptor { offset: 0, crc: 0 }.encode()).is_err());
         assert!(m.region(4096, &Descriptor { offset: (1 << 20) - 10, crc: 0 }.encode()).is_err());
     }
 

@@ -149,7 +149,7 @@ fn a_replica_refuses_memory_and_descriptors_it_cannot_trust() {
     let ask = Descriptor { offset: off, crc: 0 }.encode();
     let (st, reply) = cl.request(Op::ReadShared, 1 << 20, data.len() as u32, &ask).expect("answered");
     assert_eq!(st, 0, "{}", String::from_utf8_lossy(&reply));
-    let got = pool.take(8, data.len() as u32, &reply).expect("the reply names the region, with the data's CRC");
+    let got = pool.take(8, 0, data.len() as u32, &reply).expect("the reply names the region, with the data's CRC");
     assert!(got[..] == data[..], "READ_SHARED put other bytes in the region");
     drop(got);
 

@@ -76,7 +76,7 @@ fn shared_descriptor(count: u32, payload: &[u8]) {
     }
     assert_eq!(map.region(count, payload).is_ok(), inside);
     // An engine given this as a READ_SHARED reply for a request it never lent for.
-    assert!(pool.take(u64::MAX, count, payload).is_err());
+    assert!(pool.take(u64::MAX, 0, count, payload).is_err());
 }
 
 /// decode(encode(x)) == x for a payload that decodes.
