@@ -71,4 +71,13 @@ pub trait Session: Send + Sync {
     /// Send everything queued by `submit` to the replicas (one syscall per replica).
     /// Call when the frontend has no more requests ready to read.
     fn push(&self);
+    /// Memory to receive a write's `len` bytes of data into before submitting them
+    /// (frozen, as the `Write`'s data): memory the replicas on this host read straight
+    /// from, saving a copy. None: take your own.
+    fn write_buffer(&self, _len: usize) -> Option<WriteBuffer> {
+        None
+    }
 }
+
+/// See [`Session::write_buffer`].
+pub use longhorn_replica::shm::Staged as WriteBuffer;

@@ -219,7 +219,7 @@ impl Inner {
     /// there once for all of them (WRITE_SHARED; `h` carries the data's CRC already),
     /// or a region lent for a read's data (READ_SHARED). None: no such target, too
     /// small, or no room.
-    fn share(&self, id: u64, h: &Header, body: &Bytes, targets: &[usize]) -> Option<(Header, Bytes)> {
+    fn share(&self, id: u64, h: &Header, body: &Bytes, targets: &[usize], staged: Option<u64>) -> Option<(Header, Bytes)> {
         let (op, len) = match h.op {
             Op::Write => (Op::WriteShared, body.len()),
             Op::Read => (Op::ReadShared, h.count as usize),
@@ -230,7 +230,13 @@ impl Inner {
         }
         let holders = targets.iter().filter(|&&i| self.conns.get(i).is_some_and(|c| c.is_shared())).fold(0, |m, &i| m | bit(i));
         let pool = self.pool.get()?.as_ref()?;
-        let offset = if op == Op::WriteShared { pool.put(id, body, holders) } else { pool.lend(id, len, holders) };
+        let offset = match (op, staged) {
+            _ if holders == 0 => return None,
+            // Already in the pool: lent as it is, no copy.
+            (Op::WriteShared, Some(off)) => pool.lend_staged(id, holders).then_some(off),
+            (Op::WriteShared, None) => pool.put(id, body, holders),
+            _ => pool.lend(id, len, holders),
+        };
         let Some(offset) = offset else {
             if holders != 0 && !self.pool_dry.swap(true, Ordering::Relaxed) {
                 warn!(lent_bytes = pool.units_lent() as u64 * shm::UNIT, "the shared-memory pool is full: big requests go through the sockets until regions come back");
@@ -260,6 +266,16 @@ impl Session for EngineSession {
 
     fn push(&self) {
         self.inner.push_all();
+    }
+
+    fn write_buffer(&self, len: usize) -> Option<crate::api::WriteBuffer> {
+        let i = &self.inner;
+        if len < shm::MIN_SHARED || len > MAX_IO as usize || !i.conns.iter().any(|(_, c)| c.is_shared()) {
+            return None;
+        }
+        let pool = i.pool.get()?.as_ref()?;
+        // The request's id, taken now: the region is found again by it at submit.
+        pool.stage(i.next_id.fetch_add(1, Ordering::Relaxed), len)
     }
 }
 
@@ -337,7 +353,12 @@ impl Inner {
             self.groups.lock().unwrap_or_else(|e| e.into_inner()).insert(gid, g);
             return self.pump(gid);
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // A write received into the pool (`write_buffer`) keeps the id it was staged for.
+        let staged = match (&op, self.pool.get()) {
+            (IoOp::Write { data, .. }, Some(Some(pool))) if data.len() >= shm::MIN_SHARED => pool.staged_at(data),
+            _ => None,
+        };
+        let id = staged.map_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed), |(id, _)| id);
         let targets: Vec<usize> = {
             let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
             if kind == Kind::Flush && self.join_flush(&mut ops, tag, id) {
@@ -369,7 +390,7 @@ impl Inner {
         } else {
             h
         };
-        let shared = self.share(id, &h, &body, &targets);
+        let shared = self.share(id, &h, &body, &targets, staged.map(|(_, off)| off));
         for i in targets {
             if let Some(c) = self.conns.get(i) {
                 let sent = match &shared {

@@ -218,8 +218,15 @@ impl Pool {
     /// `holders`, to come back when each has replied ([`Pool::release`], or
     /// [`Pool::take`] and the data dropped); its offset, or None when none is free.
     pub fn lend(&self, id: u64, len: usize, holders: u32) -> Option<u64> {
+        if holders == 0 {
+            return None;
+        }
+        self.alloc(id, len, holders, false)
+    }
+
+    fn alloc(&self, id: u64, len: usize, holders: u32, in_use: bool) -> Option<u64> {
         let n = (len as u64).div_ceil(UNIT) as usize;
-        if n == 0 || holders == 0 {
+        if n == 0 {
             return None;
         }
         let start = {
@@ -235,10 +242,44 @@ impl Pool {
             }
             let s = found?;
             l.used[s..s + n].iter_mut().for_each(|u| *u = true);
-            l.loans.insert(id, Loan { start: s, units: n, holders, in_use: false });
+            l.loans.insert(id, Loan { start: s, units: n, holders, in_use });
             s
         };
         Some(start as u64 * UNIT)
+    }
+
+    /// A region for the data of the write that will be request `id`, for the engine's
+    /// client to be received straight into (no copy into the pool later). It stays the
+    /// client's until the frozen bytes are dropped, and is lent to replicas with
+    /// [`Pool::lend_staged`] meanwhile.
+    pub fn stage(self: &Arc<Self>, id: u64, len: usize) -> Option<Staged> {
+        let off = self.alloc(id, len, 0, true)?;
+        Some(Staged { data: ReadData { pool: self.clone(), id, off: off as usize, len } })
+    }
+
+    /// The request id and offset of the staged region `data` lies in, if it is one
+    /// (its bytes start a region still held by the client, not yet lent).
+    pub fn staged_at(&self, data: &[u8]) -> Option<(u64, u64)> {
+        let base = self.map.ptr as usize;
+        let p = data.as_ptr() as usize;
+        if p < base || p + data.len() > base + self.data_len as usize || (p - base) as u64 % UNIT != 0 {
+            return None;
+        }
+        let unit = (p - base) / UNIT as usize;
+        let l = self.lending.lock().unwrap_or_else(|e| e.into_inner());
+        l.loans.iter().find(|(_, l)| l.start == unit && l.in_use && l.holders == 0).map(|(&id, _)| (id, (p - base) as u64))
+    }
+
+    /// Lends staged region `id` to the replicas in `holders`.
+    pub fn lend_staged(&self, id: u64, holders: u32) -> bool {
+        let mut l = self.lending.lock().unwrap_or_else(|e| e.into_inner());
+        match l.loans.get_mut(&id).filter(|l| l.in_use && l.holders == 0) {
+            Some(loan) => {
+                loan.holders = holders;
+                true
+            }
+            None => false,
+        }
     }
 
     /// The data a READ_SHARED reply from replica `who` to request `id` says it put in
@@ -306,8 +347,27 @@ fn bit(who: usize) -> u32 {
     1u32.checked_shl(who as u32).unwrap_or(0)
 }
 
-/// Read data in a region of the pool, which comes back when the last copy of the
-/// `Bytes` holding it goes.
+/// A staged region being filled by the engine's client (see [`Pool::stage`]).
+pub struct Staged {
+    data: ReadData,
+}
+
+impl Staged {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: in bounds of the pool's data area (allocated so), and ours alone: no
+        // replica has been told of the region, and nothing else writes it until the
+        // frozen bytes are dropped.
+        unsafe { std::slice::from_raw_parts_mut(self.data.pool.map.ptr.add(self.data.off), self.data.len) }
+    }
+
+    /// The filled region as the write's data.
+    pub fn freeze(self) -> Bytes {
+        Bytes::from_owner(self.data)
+    }
+}
+
+/// Data in a region of the pool (read, or staged for a write), which comes back when
+/// the last copy of the `Bytes` holding it goes and every replica lent it replied.
 struct ReadData {
     pool: Arc<Pool>,
     id: u64,
@@ -496,6 +556,30 @@ mod tests {
         assert_eq!(p.units_lent(), 0);
         assert!(p.take(8, 0, 4096, &Descriptor { offset: 0, crc: 0 }.encode()).is_err());
         assert!(m.region(4096, &Descriptor { offset: (1 << 20) - 10, crc: 0 }.encode()).is_err());
+    }
+
+    #[test]
+    fn a_staged_write_is_lent_without_a_copy_and_comes_back_last() {
+        let p = Arc::new(Pool::new(1 << 20).expect("pool"));
+        let m = Mapping::open(&p.attach()).expect("the replica maps the pool");
+        let mut st = p.stage(9, 70_000).expect("room");
+        st.as_mut_slice().fill(0xAB);
+        let data = st.freeze();
+        let (id, off) = p.staged_at(&data).expect("staged");
+        assert_eq!(id, 9);
+        assert_eq!(p.staged_at(&data[1..]), None, "not the start of a region");
+        assert_eq!(p.staged_at(&[0u8; 10]), None, "not in the pool");
+        assert!(p.lend_staged(9, 0b11));
+        assert!(!p.lend_staged(9, 0b11), "lent once");
+        let d = Descriptor { offset: off, crc: crate::proto::checksum(&data) }.encode();
+        assert!(m.payload(70_000, &d).expect("payload").iter().all(|&b| b == 0xAB));
+        assert!(p.release(9, 0) && p.release(9, 1));
+        assert_eq!(p.units_lent(), 2, "the client still holds the bytes");
+        drop(data);
+        assert_eq!(p.units_lent(), 0);
+        // Dropped unsent: it comes back too.
+        drop(p.stage(10, 4096).expect("room"));
+        assert_eq!(p.units_lent(), 0);
     }
 
     #[test]

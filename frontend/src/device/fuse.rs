@@ -10,7 +10,6 @@
 
 use super::loopdev::LoopDevice;
 use super::{Ctx, DeviceConfig, DeviceError, Result};
-use bytes::Bytes;
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags, KernelConfig, LockOwner,
     MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
@@ -305,7 +304,7 @@ impl Filesystem for VolumeFs {
         // O_SYNC/O_DSYNC opens get FUA writes (the loop driver itself flushes instead).
         let fua = flags.0 & (libc::O_DSYNC | libc::O_SYNC) != 0;
         let n = data.len() as u32;
-        self.submit(Pending::Write(reply, n), IoOp::Write { offset, data: Bytes::copy_from_slice(data), fua });
+        self.submit(Pending::Write(reply, n), IoOp::Write { offset, data: crate::device::write_data(self.session.as_ref(), data), fua });
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {

@@ -19,7 +19,6 @@
 //! then aborts the queues' commands, which ends the queue threads) and deletes it.
 
 use super::{DeviceConfig, DeviceError, Result};
-use bytes::Bytes;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
@@ -439,7 +438,7 @@ fn run_queue(vol: &str, qid: u16, dev: &UblkDev, setup: QueueSetup) {
                 // An empty write carries a preflush: it is a flush.
                 sys::UBLK_IO_OP_WRITE if bytes == 0 => Some(IoOp::Flush),
                 sys::UBLK_IO_OP_WRITE if bytes as usize <= bufs[t].len() => {
-                    Some(IoOp::Write { offset, data: Bytes::copy_from_slice(&bufs[t].as_slice()[..bytes as usize]), fua })
+                    Some(IoOp::Write { offset, data: super::write_data(session.as_ref(), &bufs[t].as_slice()[..bytes as usize]), fua })
                 }
                 sys::UBLK_IO_OP_FLUSH => Some(IoOp::Flush),
                 sys::UBLK_IO_OP_DISCARD => Some(IoOp::Trim { offset, len: bytes, fua }),

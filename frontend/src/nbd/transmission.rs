@@ -721,14 +721,28 @@ impl Reader<'_> {
                     return Some(End::Protocol(msg));
                 }
                 self.before_read(len);
-                // Into memory never zeroed first (a memset per 1 MiB write otherwise).
-                let mut payload = Vec::new();
-                match longhorn_replica::net::read_payload(self.rd, len, &mut payload) {
+                // Straight into memory the replicas on this host read (no copy later),
+                // or into memory never zeroed first (a memset per 1 MiB write otherwise).
+                let (got, have, payload) = match self.session.write_buffer(len) {
+                    Some(mut buf) => {
+                        let want = buf.as_mut_slice().len();
+                        match read_full(self.rd, buf.as_mut_slice()) {
+                            Ok(n) if n == want => (Ok(()), n, buf.freeze()),
+                            Ok(n) => (Err(io::ErrorKind::UnexpectedEof.into()), n, Bytes::new()),
+                            Err(e) => (Err(e), 0, Bytes::new()),
+                        }
+                    }
+                    None => {
+                        let mut v = Vec::new();
+                        let r = longhorn_replica::net::read_payload(self.rd, len, &mut v);
+                        (r, v.len(), Bytes::from(v))
+                    }
+                };
+                match got {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                         return Some(End::Protocol(format!(
-                            "connection closed in the middle of a WRITE payload ({} of {len} bytes); request dropped",
-                            payload.len()
+                            "connection closed in the middle of a WRITE payload ({have} of {len} bytes); request dropped"
                         )))
                     }
                     Err(e) => return Some(End::ReadError(e)),
@@ -739,7 +753,7 @@ impl Reader<'_> {
                     } else {
                         let op = IoOp::Write {
                             offset: req.offset,
-                            data: Bytes::from(payload),
+                            data: payload,
                             fua,
                         };
                         if !self.submit(&req, Kind::Write, op) {
@@ -919,3 +933,4 @@ pub(crate) fn linger(sock: &Stream, rd: &mut BufReader<Stream>) {
         }
     }
 }
+
