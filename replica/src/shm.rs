@@ -148,6 +148,8 @@ struct Loan {
     units: usize,
     holders: u32,
     in_use: bool,
+    /// Staged for a write and not lent yet (see [`Pool::stage`]): read data never is.
+    staged: bool,
 }
 
 struct Lending {
@@ -224,7 +226,7 @@ impl Pool {
         self.alloc(id, len, holders, false)
     }
 
-    fn alloc(&self, id: u64, len: usize, holders: u32, in_use: bool) -> Option<u64> {
+    fn alloc(&self, id: u64, len: usize, holders: u32, staged: bool) -> Option<u64> {
         let n = (len as u64).div_ceil(UNIT) as usize;
         if n == 0 {
             return None;
@@ -242,7 +244,7 @@ impl Pool {
             }
             let s = found?;
             l.used[s..s + n].iter_mut().for_each(|u| *u = true);
-            l.loans.insert(id, Loan { start: s, units: n, holders, in_use });
+            l.loans.insert(id, Loan { start: s, units: n, holders, in_use: staged, staged });
             s
         };
         Some(start as u64 * UNIT)
@@ -267,15 +269,16 @@ impl Pool {
         }
         let unit = (p - base) / UNIT as usize;
         let l = self.lending.lock().unwrap_or_else(|e| e.into_inner());
-        l.loans.iter().find(|(_, l)| l.start == unit && l.in_use && l.holders == 0).map(|(&id, _)| (id, (p - base) as u64))
+        l.loans.iter().find(|(_, l)| l.start == unit && l.staged).map(|(&id, _)| (id, (p - base) as u64))
     }
 
     /// Lends staged region `id` to the replicas in `holders`.
     pub fn lend_staged(&self, id: u64, holders: u32) -> bool {
         let mut l = self.lending.lock().unwrap_or_else(|e| e.into_inner());
-        match l.loans.get_mut(&id).filter(|l| l.in_use && l.holders == 0) {
+        match l.loans.get_mut(&id).filter(|l| l.staged) {
             Some(loan) => {
                 loan.holders = holders;
+                loan.staged = false;
                 true
             }
             None => false,
@@ -542,6 +545,7 @@ mod tests {
         assert!(p.take(5, 0, 100_000, &reply).is_err(), "a second reply takes nothing");
         assert!(!p.release(5, 0), "nor does an error reply after it");
         assert!(data.iter().enumerate().all(|(i, &b)| b == i as u8));
+        assert_eq!(p.staged_at(&data), None, "read data is never taken for a staged write");
         let copy = data.clone();
         drop(data);
         assert_eq!(p.units_lent(), 2, "a copy of the bytes still holds it");
