@@ -238,7 +238,7 @@ impl Inner {
             _ => pool.lend(id, len, holders),
         };
         let Some(offset) = offset else {
-            if holders != 0 && !self.pool_dry.swap(true, Ordering::Relaxed) {
+            if !self.pool_dry.swap(true, Ordering::Relaxed) {
                 warn!(lent_bytes = pool.units_lent() as u64 * shm::UNIT, "the shared-memory pool is full: big requests go through the sockets until regions come back");
             }
             return None;

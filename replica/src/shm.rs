@@ -447,10 +447,7 @@ impl Mapping {
     /// bytes are not copied: they stay in the pool, which the engine leaves alone until
     /// this replica replies.
     pub fn payload(self: &Arc<Self>, count: u32, desc: &[u8]) -> Result<Bytes, String> {
-        let d = Descriptor::decode(desc)?;
-        if d.offset.checked_add(count as u64).is_none_or(|e| e > self.data_len) {
-            return Err(format!("shared-memory region {}+{count} outside the {}-byte pool", d.offset, self.data_len));
-        }
+        let d = self.locate(count, desc)?;
         let data = self.map.slice(d.offset as usize, count as usize);
         let got = crate::proto::checksum(data);
         if got != d.crc {
@@ -465,14 +462,22 @@ impl Mapping {
     /// The caller writes it only while it answers that request: the engine lent it
     /// for this and touches it again only after the reply.
     pub fn region(&self, count: u32, desc: &[u8]) -> Result<(u64, &mut [u8]), String> {
-        let d = Descriptor::decode(desc)?;
-        if d.offset.checked_add(count as u64).is_none_or(|e| e > self.data_len) {
-            return Err(format!("shared-memory region {}+{count} outside the {}-byte pool", d.offset, self.data_len));
-        }
+        let d = self.locate(count, desc)?;
         // SAFETY: in bounds (checked above) of a writable mapping that lives as long as
         // `self`; no one else writes the region while it is lent (the module rules).
         let s = unsafe { std::slice::from_raw_parts_mut(self.map.ptr.add(d.offset as usize), count as usize) };
         Ok((d.offset, s))
+    }
+}
+
+impl Mapping {
+    /// The descriptor `desc`, when `count` bytes at its offset lie inside the pool.
+    fn locate(&self, count: u32, desc: &[u8]) -> Result<Descriptor, String> {
+        let d = Descriptor::decode(desc)?;
+        if d.offset.checked_add(count as u64).is_none_or(|e| e > self.data_len) {
+            return Err(format!("shared-memory region {}+{count} outside the {}-byte pool", d.offset, self.data_len));
+        }
+        Ok(d)
     }
 }
 
