@@ -207,6 +207,10 @@ pub struct EngineServeArgs {
     /// that could read big writes from memory shared with the engine.
     #[arg(long)]
     pub no_shared_memory: bool,
+    /// Keep the engine's threads under the default scheduling policy (SCHED_OTHER)
+    /// instead of SCHED_BATCH (see `batch_scheduling`).
+    #[arg(long)]
+    pub normal_scheduling: bool,
     #[arg(long, default_value = DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
     pub run_dir: PathBuf,
     /// The volume's recurring jobs (a JSON list as in a StorageClass's recurringJobs);
@@ -380,8 +384,29 @@ fn start_replica_server(
     Ok((server, addr))
 }
 
+/// Puts this thread, and so every thread it starts afterwards, under SCHED_BATCH: the
+/// same share of the CPU, but a thread it wakes does not preempt the one running. The
+/// engine's threads hand requests to each other, to replicas and to clients all the
+/// time; woken straight onto the CPU, each takes one or two requests and sleeps again.
+/// Two NBD connections of 4 KiB random reads here: 32-40k IOPS at 36-41 us of CPU per
+/// request under SCHED_OTHER, 128-146k at 7 us under SCHED_BATCH (one connection and
+/// QD1 latency level). Fairness and nice levels are unchanged, and no privilege is
+/// needed. What it costs: a woken engine thread can wait up to one scheduler slice
+/// (a few ms) for a busy CPU instead of taking it at once.
+fn batch_scheduling() {
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sets the policy of the calling thread (pid 0) from a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &p) } != 0 {
+        warn!("cannot switch the engine to SCHED_BATCH ({}): its threads keep the default policy", std::io::Error::last_os_error());
+    }
+}
+
 fn engine_serve(a: EngineServeArgs) -> Result<()> {
     use longhorn_frontend::device::{Device, DeviceConfig, DeviceError, FrontendKind};
+    // First: threads inherit the policy of the thread that starts them.
+    if !a.normal_scheduling {
+        batch_scheduling();
+    }
     let sigs = stop_signals()?;
     let kind: FrontendKind = a.frontend.parse().map_err(|e: String| anyhow!("--frontend: {e}"))?;
     let secret = match &a.secret_file {
