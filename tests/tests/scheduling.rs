@@ -64,14 +64,21 @@ fn engine_threads_run_under_sched_batch() {
     assert!(other.is_empty(), "engine threads not under SCHED_BATCH: {other:?} (all: {seen:?})");
 }
 
+/// `--normal-scheduling`, or LONGHORN_NORMAL_SCHEDULING=1 in the environment (how
+/// engines started by `longhorn up` or the manager are told).
 #[test]
 fn normal_scheduling_keeps_the_default_policy() {
     assert!(have("fio"), "fio is needed (tests/run installs it)");
-    let mut c = Cluster::without_engine("vol1", 64 * MB, 1);
-    c.engine_extra.push("--normal-scheduling".into());
-    c.start_engine();
-    let seen = threads_under_load(&c);
-    assert!(seen.values().filter(|(n, _)| n.starts_with("nbd-conn")).count() >= 2, "no NBD connection threads seen: {seen:?}");
-    let other: Vec<_> = seen.values().filter(|(_, p)| *p != SCHED_OTHER).collect();
-    assert!(other.is_empty(), "engine threads not under SCHED_OTHER with --normal-scheduling: {other:?} (all: {seen:?})");
+    for how in ["flag", "env"] {
+        let mut c = Cluster::without_engine("vol1", 64 * MB, 1);
+        match how {
+            "flag" => c.engine_extra.push("--normal-scheduling".into()),
+            _ => c.engine_env.push(("LONGHORN_NORMAL_SCHEDULING".into(), "1".into())),
+        }
+        c.start_engine();
+        let seen = threads_under_load(&c);
+        assert!(seen.values().filter(|(n, _)| n.starts_with("nbd-conn")).count() >= 2, "no NBD connection threads seen: {seen:?}");
+        let other: Vec<_> = seen.values().filter(|(_, p)| *p != SCHED_OTHER).collect();
+        assert!(other.is_empty(), "engine threads not under SCHED_OTHER ({how}): {other:?} (all: {seen:?})");
+    }
 }

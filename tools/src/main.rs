@@ -208,8 +208,9 @@ pub struct EngineServeArgs {
     #[arg(long)]
     pub no_shared_memory: bool,
     /// Keep the engine's threads under the default scheduling policy (SCHED_OTHER)
-    /// instead of SCHED_BATCH (see `batch_scheduling`).
-    #[arg(long)]
+    /// instead of SCHED_BATCH (see `batch_scheduling`). From the environment too, so
+    /// engines that `longhorn up` or the manager start can be told.
+    #[arg(long, env = "LONGHORN_NORMAL_SCHEDULING", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     pub normal_scheduling: bool,
     #[arg(long, default_value = DEFAULT_RUN_DIR, env = "LONGHORN_RUN_DIR")]
     pub run_dir: PathBuf,
