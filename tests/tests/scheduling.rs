@@ -28,8 +28,13 @@ fn policies(pid: i32) -> BTreeMap<i32, (String, u32)> {
     out
 }
 
+/// How many NBD connection threads `seen` holds.
+fn conn_threads(seen: &BTreeMap<i32, (String, u32)>) -> usize {
+    seen.values().filter(|(n, _)| n.starts_with("nbd-conn")).count()
+}
+
 /// Runs fio with two NBD connections against `c` for a few seconds and returns the
-/// engine's threads as seen halfway through.
+/// engine's threads as seen while both connections were open.
 fn threads_under_load(c: &Cluster) -> BTreeMap<i32, (String, u32)> {
     let pid = c.engine.as_ref().expect("engine").proc.pid();
     let uri = c.uri();
@@ -45,12 +50,13 @@ fn threads_under_load(c: &Cluster) -> BTreeMap<i32, (String, u32)> {
     for _ in 0..60 {
         std::thread::sleep(std::time::Duration::from_millis(100));
         seen = policies(pid);
-        if seen.values().filter(|(n, _)| n.starts_with("nbd-conn")).count() >= 2 || fio.is_finished() {
+        if conn_threads(&seen) >= 2 || fio.is_finished() {
             break;
         }
     }
     let (ok, errs, out) = fio.join().expect("fio thread");
     assert!(ok && errs == 0, "fio verify failed:\n{out}");
+    assert!(conn_threads(&seen) >= 2, "no NBD connection threads seen: {seen:?}");
     seen
 }
 
@@ -59,7 +65,6 @@ fn engine_threads_run_under_sched_batch() {
     assert!(have("fio"), "fio is needed (tests/run installs it)");
     let c = Cluster::new("vol1", 64 * MB, 1);
     let seen = threads_under_load(&c);
-    assert!(seen.values().filter(|(n, _)| n.starts_with("nbd-conn")).count() >= 2, "no NBD connection threads seen: {seen:?}");
     let other: Vec<_> = seen.values().filter(|(_, p)| *p != SCHED_BATCH).collect();
     assert!(other.is_empty(), "engine threads not under SCHED_BATCH: {other:?} (all: {seen:?})");
 }
@@ -77,8 +82,7 @@ fn normal_scheduling_keeps_the_default_policy() {
         }
         c.start_engine();
         let seen = threads_under_load(&c);
-        assert!(seen.values().filter(|(n, _)| n.starts_with("nbd-conn")).count() >= 2, "no NBD connection threads seen: {seen:?}");
-        let other: Vec<_> = seen.values().filter(|(_, p)| *p != SCHED_OTHER).collect();
+            let other: Vec<_> = seen.values().filter(|(_, p)| *p != SCHED_OTHER).collect();
         assert!(other.is_empty(), "engine threads not under SCHED_OTHER ({how}): {other:?} (all: {seen:?})");
     }
 }
