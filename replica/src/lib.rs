@@ -15,6 +15,7 @@ pub mod server;
 pub mod shm;
 pub mod snapshot;
 pub mod store;
+mod uring;
 
 pub use server::ReplicaServer;
 pub use store::{Store, StoreError};

@@ -179,7 +179,7 @@ impl Store {
         *self.sync_failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.set_revision(b.revision);
         *chain = Chain {
-            layers: vec![store::Layer { name: new_head.clone(), path, file: f }],
+            layers: vec![store::Layer { name: new_head.clone(), path, file: std::sync::Arc::new(f) }],
             maps: RwLock::new(Maps { top: crate::extent::ExtentMap::new(), below: crate::extent::ExtentMap::new() }),
         };
         *st = Some(RebuildState { snapshot: b.snapshot.clone(), new_head, held: Vec::new(), held_bytes: 0, old_head });

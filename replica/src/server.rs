@@ -26,6 +26,7 @@ use crate::auth::{self, Key};
 use crate::proto::{self, FrameError, Header, Hello, Op, FLAG_FUA, FLAG_REPLY, HEADER_LEN};
 use crate::shm::{Attach, Descriptor, Mapping};
 use crate::store::Store;
+use crate::uring::{Done, Dst, MissRing, Started};
 use bytes::{Bytes, BytesMut};
 use std::io::{self, BufReader, IoSlice, Write};
 use crate::net::{Listener, Stream};
@@ -59,6 +60,8 @@ pub struct ReplicaServer {
     last_seen: AtomicU64,
     epoch: Instant,
     readers: Readers,
+    /// Connections keep their misses in an io_uring (see `uring`) unless this is off.
+    rings: AtomicBool,
 }
 
 /// How long an engine that holds connections but sends nothing keeps the volume. An
@@ -152,12 +155,17 @@ impl Pending {
     /// Keeps a connection's order where it matters before `h` is applied: a write,
     /// zeroing or trim waits for the pooled reads it overlaps, a control request for all.
     fn before(&self, h: &Header) {
+        if let Some(range) = Self::waits_for(h) {
+            self.wait(range)
+        }
+    }
+
+    /// What `h` must wait for: nothing, the reads overlapping a range, or all (`None`).
+    fn waits_for(h: &Header) -> Option<Option<(u64, u64)>> {
         match h.op {
-            Op::Read | Op::ReadShared | Op::Flush | Op::Ping => {}
-            Op::Write | Op::WriteShared | Op::WriteZeroes | Op::Trim => {
-                self.wait(Some((h.offset, h.offset.saturating_add(h.count as u64))))
-            }
-            _ => self.wait(None),
+            Op::Read | Op::ReadShared | Op::Flush | Op::Ping => None,
+            Op::Write | Op::WriteShared | Op::WriteZeroes | Op::Trim => Some(Some((h.offset, h.offset.saturating_add(h.count as u64)))),
+            _ => Some(None),
         }
     }
 
@@ -413,6 +421,19 @@ fn shared_reply(offset: u64, data: &[u8]) -> Bytes {
     Bytes::copy_from_slice(&Descriptor { offset, crc: proto::checksum(data) }.encode())
 }
 
+/// Queues the reply to a read the page cache missed.
+fn reply_read(out: &Out, h: Header, res: io::Result<Bytes>) {
+    let mut r = reply_of(&h);
+    match res {
+        Ok(data) => out.queue(r, data),
+        Err(e) => {
+            debug!(offset = h.offset, count = h.count, "read failed: {e}");
+            r.status = errno_of(&e);
+            out.queue(r, Bytes::from(e.to_string()));
+        }
+    }
+}
+
 fn reply_of(h: &Header) -> Header {
     Header { op: h.op, flags: FLAG_REPLY, id: h.id, offset: h.offset, count: h.count, payload_len: 0, status: 0, crc: 0 }
 }
@@ -435,6 +456,7 @@ impl ReplicaServer {
                 let (tx, rx) = crossbeam_channel::unbounded();
                 Readers { tx, rx, started: AtomicUsize::new(0), idle: AtomicUsize::new(0) }
             },
+            rings: AtomicBool::new(true),
         });
         let s2 = srv.clone();
         std::thread::Builder::new()
@@ -443,6 +465,12 @@ impl ReplicaServer {
             .map(|_| ())
             .unwrap_or_else(|e| warn!("cannot start the sync thread: {e}"));
         srv
+    }
+
+    /// Sends the misses of connections made from now on to the reader pool instead of an
+    /// io_uring of their own (`replica serve --no-io-uring`).
+    pub fn read_misses_with_threads(&self) {
+        self.rings.store(false, Ordering::Relaxed);
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -578,9 +606,36 @@ impl ReplicaServer {
     ) -> Result<(), FrameError> {
         // The engine's payload pool, once it has offered one (see `shm`).
         let mut shared: Option<Arc<Mapping>> = None;
+        let mut ring = match who {
+            Peer::Engine { .. } => self.miss_ring(rd.get_ref()),
+            Peer::Replica => None,
+        };
         loop {
+            if let Some(r) = ring.as_mut() {
+                // Misses in flight finish only when this thread reaps them: it waits for
+                // them and for its socket together, sending replies as they come.
+                while r.busy() && rd.buffer().len() < HEADER_LEN {
+                    let readable = r.reap(true, true).map_err(FrameError::Io)?;
+                    self.finish_misses(out, r);
+                    out.send(SendMode::Blocking)?;
+                    if readable {
+                        break;
+                    }
+                }
+                while !r.has_room() {
+                    r.reap(true, false).map_err(FrameError::Io)?;
+                    self.finish_misses(out, r);
+                }
+            }
             let (h, mut payload) = proto::read_frame_buffered(rd)?;
             pending.before(&h);
+            if let (Some(r), Some(range)) = (ring.as_mut(), Pending::waits_for(&h)) {
+                // The same order as `pending.before` keeps for the pool's reads.
+                while r.overlaps(range) {
+                    r.reap(true, false).map_err(FrameError::Io)?;
+                    self.finish_misses(out, r);
+                }
+            }
             match who {
                 Peer::Engine { gen } => {
                     if self.lease_gen.load(Ordering::Acquire) != gen {
@@ -606,10 +661,10 @@ impl ReplicaServer {
             match h.op {
                 Op::ReadShared => {
                     let m = shared.as_ref().ok_or_else(|| FrameError::Io(io::Error::other("READ_SHARED before SHARE_MEMORY")))?;
-                    self.read_shared(out, pending, h, m, &payload)
+                    self.read_shared(out, pending, ring.as_mut(), h, m, &payload)
                         .map_err(|e| FrameError::Io(io::Error::other(format!("id {}: {e}", h.id))))?;
                     if rd.buffer().len() < HEADER_LEN {
-                        out.send(SendMode::Blocking)?;
+                        self.burst_end(out, ring.as_mut())?;
                     }
                     out.wait_room()?;
                     continue;
@@ -640,9 +695,9 @@ impl ReplicaServer {
                 }
                 _ => {}
             }
-            self.handle(out, pending, h, payload, buf);
+            self.handle(out, pending, ring.as_mut(), h, payload, buf);
             if rd.buffer().len() < HEADER_LEN {
-                out.send(SendMode::Blocking)?;
+                self.burst_end(out, ring.as_mut())?;
             }
             out.wait_room()?;
         }
@@ -712,7 +767,15 @@ impl ReplicaServer {
     /// A READ_SHARED: the data goes into the region of the engine's pool the request
     /// names, the reply says where and with what CRC. Err (a region outside the pool)
     /// ends the connection.
-    fn read_shared(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, h: Header, m: &Arc<Mapping>, desc: &[u8]) -> Result<(), String> {
+    fn read_shared(
+        self: &Arc<Self>,
+        out: &Arc<Out>,
+        pending: &Arc<Pending>,
+        ring: Option<&mut MissRing>,
+        h: Header,
+        m: &Arc<Mapping>,
+        desc: &[u8],
+    ) -> Result<(), String> {
         if h.count > proto::MAX_IO {
             return Err(format!("READ_SHARED of {} bytes (at most {})", h.count, proto::MAX_IO));
         }
@@ -729,8 +792,8 @@ impl ReplicaServer {
                 r.status = errno_of(&e);
                 out.queue(r, Bytes::from(e.to_string()));
             }
-            // Not all cached: a reader waits for the disk, as for a READ.
-            Err(_) => self.to_reader(out, pending, h, Some((m.clone(), off))),
+            // Not all cached: the disk is waited for, as for a READ.
+            Err(_) => self.miss(out, pending, ring, h, Some((m.clone(), off))),
         }
         Ok(())
     }
@@ -751,7 +814,7 @@ impl ReplicaServer {
         serde_json::to_vec(&self.info()).unwrap_or_default()
     }
 
-    fn handle(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, h: Header, payload: Bytes, buf: &mut BytesMut) {
+    fn handle(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, ring: Option<&mut MissRing>, h: Header, payload: Bytes, buf: &mut BytesMut) {
         let mut r = reply_of(&h);
         let stopping = self.stopping.load(Ordering::Acquire);
         let io_op = matches!(h.op, Op::Read | Op::Write | Op::WriteShared | Op::WriteZeroes | Op::Trim | Op::Flush);
@@ -769,9 +832,9 @@ impl ReplicaServer {
                     match self.store.read_cached(h.offset, h.count as usize, buf) {
                         Ok(()) => Ok(buf.split().freeze()),
                         Err(e) if e.kind() == io::ErrorKind::InvalidInput => Err(e),
-                        // Not all cached (or the fast path failed): the pool reads it and
-                        // gives the real answer.
-                        Err(_) => return self.to_reader(out, pending, h, None),
+                        // Not all cached (or the fast path failed): read where the disk
+                        // can be waited for, which also gives the real answer.
+                        Err(_) => return self.miss(out, pending, ring, h, None),
                     }
                 }
             }
@@ -903,6 +966,80 @@ impl ReplicaServer {
         }
     }
 
+    /// A read the page cache could not answer: to the connection's ring when it has one
+    /// (see `uring`), to the reader pool otherwise.
+    fn miss(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, ring: Option<&mut MissRing>, h: Header, into: Option<(Arc<Mapping>, u64)>) {
+        let Some(r) = ring else { return self.to_reader(out, pending, h, into) };
+        let dst = match into {
+            Some((m, off)) => Dst::Shared(m, off),
+            None => Dst::Owned(BytesMut::new()),
+        };
+        match r.start(&self.store, h, dst) {
+            Started::InFlight => {}
+            Started::Now(d) => self.finish_miss(out, d),
+            Started::TooBig(h, dst) => {
+                let into = match dst {
+                    Dst::Shared(m, off) => Some((m, off)),
+                    Dst::Owned(_) => None,
+                };
+                self.to_reader(out, pending, h, into)
+            }
+        }
+    }
+
+    /// The connection's ring for misses, or `None` (the pool serves) where io_uring is
+    /// not allowed; said once per process.
+    fn miss_ring(&self, sock: &Stream) -> Option<MissRing> {
+        if !self.rings.load(Ordering::Relaxed) {
+            return None;
+        }
+        static SAID: AtomicBool = AtomicBool::new(false);
+        match MissRing::new(sock) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                if !SAID.swap(true, Ordering::Relaxed) {
+                    warn!("io_uring is not available ({e}); reads the page cache misses go to a pool of reader threads");
+                }
+                None
+            }
+        }
+    }
+
+    /// The end of a burst of requests: what the ring finished joins the replies, and all
+    /// of them go in one send.
+    fn burst_end(&self, out: &Arc<Out>, ring: Option<&mut MissRing>) -> Result<(), FrameError> {
+        if let Some(r) = ring {
+            r.reap(false, false).map_err(FrameError::Io)?;
+            self.finish_misses(out, r);
+        }
+        out.send(SendMode::Blocking)?;
+        Ok(())
+    }
+
+    fn finish_misses(&self, out: &Out, r: &mut MissRing) {
+        for d in r.take() {
+            self.finish_miss(out, d);
+        }
+    }
+
+    /// Answers a miss the ring finished; one it could not read whole is read again here,
+    /// the blocking way, for the real answer.
+    fn finish_miss(&self, out: &Out, d: Done) {
+        let h = d.header;
+        let res = match d.dst {
+            Dst::Shared(m, off) => m
+                .region(h.count, &Descriptor { offset: off, crc: 0 }.encode())
+                .map_err(io::Error::other)
+                .and_then(|(off, dst)| {
+                    let read = if d.retry { self.store.read_to(h.offset, dst) } else { Ok(()) };
+                    read.map(|()| shared_reply(off, dst))
+                }),
+            Dst::Owned(mut b) if d.retry => self.store.read_into(h.offset, h.count as usize, &mut b).map(|()| b.freeze()),
+            Dst::Owned(b) => Ok(b.freeze()),
+        };
+        reply_read(out, h, res);
+    }
+
     /// Sends a read to the pool, starting another reader when none is idle.
     fn to_reader(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, header: Header, into: Option<(Arc<Mapping>, u64)>) {
         let end = header.offset.saturating_add(header.count as u64);
@@ -937,7 +1074,6 @@ impl ReplicaServer {
 
     fn read_job(&self, job: ReadJob, buf: &mut BytesMut) {
         let h = job.header;
-        let mut r = reply_of(&h);
         let res = match &job.into {
             Some((m, off)) => m
                 .region(h.count, &Descriptor { offset: *off, crc: 0 }.encode())
@@ -948,14 +1084,7 @@ impl ReplicaServer {
                 self.store.read_into(h.offset, h.count as usize, buf).map(|()| buf.split().freeze())
             }
         };
-        match res {
-            Ok(data) => job.out.queue(r, data),
-            Err(e) => {
-                debug!(offset = h.offset, count = h.count, "read failed: {e}");
-                r.status = errno_of(&e);
-                job.out.queue(r, Bytes::from(e.to_string()));
-            }
-        }
+        reply_read(&job.out, h, res);
         job.pending.done(h.offset, h.offset.saturating_add(h.count as u64));
         // Never waits on a peer, as the sync thread: a slow one must not hold a reader.
         if let Err(e) = job.out.send(SendMode::NoWait) {
@@ -1051,7 +1180,7 @@ impl LocalConn {
         }
         self.srv.last_seen.store(self.srv.epoch.elapsed().as_millis() as u64, Ordering::Release);
         let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
-        self.srv.handle(&self.out, &self.pending, h, payload, &mut buf);
+        self.srv.handle(&self.out, &self.pending, None, h, payload, &mut buf);
     }
 
     /// No reply reaches the sink after this (a request still in the pool is dropped).

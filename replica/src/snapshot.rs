@@ -305,7 +305,7 @@ impl Store {
         let last = chain.layers.len() - 1;
         chain.layers[last].name = snap.clone();
         chain.layers[last].path = dir.join(&snap);
-        chain.layers.push(store::Layer { name: new_head.clone(), path: new_head_path, file: f });
+        chain.layers.push(store::Layer { name: new_head.clone(), path: new_head_path, file: std::sync::Arc::new(f) });
         let mut maps = chain.maps_mut();
         maps.below = maps.top.clone();
         drop(maps);

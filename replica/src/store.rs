@@ -27,7 +27,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// The filesystem block: the unit of allocation in the layer files.
 pub const BLOCK: u64 = 4096;
@@ -74,7 +74,9 @@ pub fn lock_dir(dir: &Path) -> Result<File, StoreError> {
 pub(crate) struct Layer {
     pub(crate) name: String,
     pub(crate) path: PathBuf,
-    pub(crate) file: File,
+    /// Shared so a read the kernel still holds (see `uring`) keeps the descriptor open
+    /// while the chain drops the layer.
+    pub(crate) file: Arc<File>,
 }
 
 pub(crate) struct Maps {
@@ -421,7 +423,7 @@ pub(crate) fn load_chain(dir: &Path, vmeta: &VolumeMeta) -> Result<Chain, StoreE
         if len != vmeta.size && !unfinished {
             return Err(StoreError::Layout { path, what: format!("file is {len} bytes, the volume is {}", vmeta.size) });
         }
-        layers.push(Layer { name: name.clone(), path, file });
+        layers.push(Layer { name: name.clone(), path, file: Arc::new(file) });
     }
     let mut maps = Maps { top: ExtentMap::new(), below: ExtentMap::new() };
     for (i, l) in layers.iter().enumerate() {
@@ -645,6 +647,27 @@ impl Store {
         }
     }
 
+    /// Lays out a read of `[offset, offset + len)` for the kernel to do later (see
+    /// `uring`): zeroes the holes in `dst` now and lists the file pieces, each holding its
+    /// file open, so the read needs neither the chain nor its lock once planned.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `len` bytes; the pieces point inside it.
+    pub(crate) unsafe fn plan_read(&self, offset: u64, dst: *mut u8, len: usize, pieces: &mut Vec<Piece>) -> io::Result<()> {
+        self.check_range(offset, len as u64)?;
+        let chain = self.chain();
+        // SAFETY: passed on from the caller.
+        unsafe {
+            for_segments(&chain, offset, len, dst, |layer, p, n, at| {
+                match layer {
+                    None => std::ptr::write_bytes(p, 0, n),
+                    Some(l) => pieces.push(Piece { file: l.file.clone(), dst: p, len: n, at }),
+                }
+                Ok(())
+            })
+        }
+    }
+
     /// Reads like [`Store::read_into`], but only from the page cache: `WouldBlock` when
     /// any part of the range would wait for the disk (nothing is waited for then, though
     /// the kernel may start reading ahead). Lets the server answer cached reads inline
@@ -662,6 +685,14 @@ impl Store {
             })
         }
     }
+}
+
+/// `len` bytes of `file` at `at`, to be read into `dst` (see [`Store::plan_read`]).
+pub(crate) struct Piece {
+    pub(crate) file: Arc<File>,
+    pub(crate) dst: *mut u8,
+    pub(crate) len: usize,
+    pub(crate) at: u64,
 }
 
 /// One `preadv2(RWF_NOWAIT)`: all of `dst` from the page cache, or `WouldBlock`. A short

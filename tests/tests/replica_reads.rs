@@ -1,7 +1,8 @@
-//! Reads the page cache cannot answer go to the replica's pool of readers, so many are
-//! on the disk at once. What a client sees must not change: every reply carries the
-//! bytes of its own request, and a read is never answered with a write sent after it
-//! on the same connection.
+//! Reads the page cache cannot answer stay in flight together, so many are on the disk
+//! at once: in the connection's io_uring, or (`--no-io-uring`, or where io_uring is not
+//! allowed) in the replica's pool of reader threads. What a client sees must not change
+//! either way: every reply carries the bytes of its own request, and a read is never
+//! answered with a write sent after it on the same connection.
 
 use longhorn_replica::proto::{self, Header, Op};
 use longhorn_tests::*;
@@ -65,12 +66,34 @@ fn pipeline(c: &mut ReplicaClient, frames: &[(Op, u64, u64, Vec<u8>)]) -> HashMa
     got
 }
 
+/// The replica's threads named `replica-read` (the pool's readers).
+fn pool_readers(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the replica's threads")
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "replica-read"))
+        .count()
+}
+
 #[test]
-fn cold_reads_return_their_own_bytes_and_never_a_later_write() {
+fn cold_reads_in_io_uring_return_their_own_bytes_and_never_a_later_write() {
+    let readers = cold_reads(&[]);
+    assert_eq!(readers, 0, "misses went to reader threads, not the connection's io_uring");
+}
+
+#[test]
+fn cold_reads_in_the_reader_pool_return_their_own_bytes_and_never_a_later_write() {
+    let readers = cold_reads(&[("LONGHORN_NO_IO_URING".to_string(), "1".to_string())]);
+    assert!(readers > 0, "with LONGHORN_NO_IO_URING=1 no reader thread served the misses");
+}
+
+/// Runs the cold-read checks against a replica started with `env`; returns how many
+/// pool readers it had started by the end.
+fn cold_reads(env: &[(String, String)]) -> usize {
     let t = tempfile::tempdir_in(test_root()).expect("tmp");
     let dir = t.path().join("r");
     let size = BLOCKS * BLOCK;
-    let (mut rp, addr) = serve_replica(&dir, "vol1", size, &t.path().join("r.log"), &[]);
+    let (mut rp, addr) = serve_replica(&dir, "vol1", size, &t.path().join("r.log"), env);
     let mut c = ReplicaClient::connect(&addr, "vol1", size);
     for b in 0..BLOCKS {
         c.write(b * BLOCK, &pattern(b, 0));
@@ -126,5 +149,8 @@ fn cold_reads_return_their_own_bytes_and_never_a_later_write() {
     }
     drop(c);
     assert!(rp.alive());
+    let readers = pool_readers(rp.pid());
+    println!("[replica] pool readers started: {readers}");
     rp.kill9();
+    readers
 }

@@ -159,6 +159,10 @@ pub struct ReplicaServeArgs {
     /// prove it. Required to listen on anything but loopback.
     #[arg(long, env = "LONGHORN_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
+    /// Read what the page cache misses with a pool of threads instead of io_uring (which
+    /// is also what happens where io_uring is not allowed). From the environment too.
+    #[arg(long, env = "LONGHORN_NO_IO_URING", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_io_uring: bool,
 }
 
 #[derive(Args)]
@@ -318,7 +322,7 @@ fn replica_serve(a: ReplicaServeArgs) -> Result<()> {
         Some(p) => Some(Arc::new(longhorn_replica::auth::Key::load(p).map_err(|e| anyhow!(e))?)),
         None => None,
     };
-    let (server, addr) = start_replica_server(&a.dir, &a.volume, a.size, &a.listen, key, "--listen")?;
+    let (server, addr) = start_replica_server(&a.dir, &a.volume, a.size, &a.listen, key, "--listen", !a.no_io_uring)?;
     println!("listening {addr}");
     std::io::stdout().flush().ok();
     let sig = wait_for_signal(sigs)?;
@@ -331,7 +335,7 @@ fn replica_serve(a: ReplicaServeArgs) -> Result<()> {
 /// Opens the replica in `dir` (created when the directory is empty), serves it on
 /// `listen` in threads of this process and returns it with the address it listens on.
 /// The directory's lock is held until the process ends. `flag` names the listen
-/// address in errors.
+/// address in errors; without `io_uring`, cache misses go to reader threads.
 fn start_replica_server(
     dir: &Path,
     volume: &str,
@@ -339,6 +343,7 @@ fn start_replica_server(
     listen: &str,
     key: Option<Arc<longhorn_replica::auth::Key>>,
     flag: &str,
+    io_uring: bool,
 ) -> Result<(Arc<ReplicaServer>, String)> {
     // A malformed address is refused before the replica directory is made. It is bound
     // only once the store is open: a connection accepted into the backlog meanwhile
@@ -379,6 +384,9 @@ fn start_replica_server(
         warn!(%addr, "no --secret-file: any local process can connect as an engine");
     }
     let server = ReplicaServer::new(Arc::new(store), key);
+    if !io_uring {
+        server.read_misses_with_threads();
+    }
     info!(dir = %dir.display(), %volume, %addr, revision = server.store().revision(), "replica serving");
     let s2 = server.clone();
     std::thread::Builder::new().name("accept".into()).spawn(move || s2.serve(listener))?;
@@ -419,7 +427,7 @@ fn engine_serve(a: EngineServeArgs) -> Result<()> {
     let embedded = match &a.embed_replica {
         None => None,
         Some(dir) => {
-            let (server, addr) = start_replica_server(dir, &a.volume, a.size, &a.embed_listen, secret.clone(), "--embed-listen")?;
+            let (server, addr) = start_replica_server(dir, &a.volume, a.size, &a.embed_listen, secret.clone(), "--embed-listen", true)?;
             let addr = addr.to_string();
             println!("embedded replica {addr}");
             replicas.insert(0, addr.clone());
