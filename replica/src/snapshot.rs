@@ -70,7 +70,8 @@ pub(crate) struct Prepared {
     snap: String,
     old_head: String,
     new_head: String,
-    file: File,
+    /// The new head, open (both its descriptors) before anything is committed.
+    layer: store::Layer,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -235,6 +236,7 @@ impl Store {
         // A head file from an earlier prepare that never committed is not in use.
         let _ = std::fs::remove_file(dir.join(&new_head));
         let f = new_head_file(&dir, &new_head, &snap, self.size(), created)?;
+        let layer = store::Layer::new(new_head.clone(), dir.join(&new_head), f).map_err(|e| MetaError::io(&dir.join(&new_head), e))?;
         fault("snapshot:new-head");
         // As Longhorn: the snapshot's meta is the head's, so its Name stays the head's.
         DiskMeta {
@@ -248,7 +250,7 @@ impl Store {
         }
         .store(&dir)?;
         fault("snapshot:snap-meta");
-        *prepared = Some(Prepared { snap, old_head, new_head, file: f });
+        *prepared = Some(Prepared { snap, old_head, new_head, layer });
         Ok(())
     }
 
@@ -271,10 +273,9 @@ impl Store {
         if !ready {
             self.prepare_snapshot(name, user_created, created, labels)?;
         }
-        let Some(Prepared { snap, old_head, new_head, file: f }) = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some(Prepared { snap, old_head, new_head, layer }) = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return Err(layout_err(&dir, "snapshot was not prepared"));
         };
-        let new_head_path = dir.join(&new_head);
         // The write lock on the chain holds off all I/O (and partial-block writes).
         let mut chain = self.chain_mut();
         let mut vm = self.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -305,7 +306,7 @@ impl Store {
         let last = chain.layers.len() - 1;
         chain.layers[last].name = snap.clone();
         chain.layers[last].path = dir.join(&snap);
-        chain.layers.push(store::Layer { name: new_head.clone(), path: new_head_path, file: std::sync::Arc::new(f) });
+        chain.layers.push(layer);
         let mut maps = chain.maps_mut();
         maps.below = maps.top.clone();
         drop(maps);

@@ -148,9 +148,103 @@ fn cold_reads(env: &[(String, String)]) -> usize {
         assert!(got[&(7000 + b)].1 == pattern(b, 1), "block {b} read beside the snapshot");
     }
     drop(c);
+
+    // An engine that goes away with misses in flight: the replica waits for the disk
+    // before it lets go of their buffers, stays up, and serves the next engine.
+    drop_cache(&dir);
+    let mut c = ReplicaClient::connect(&addr, "vol1", size);
+    let mut b = Vec::new();
+    for blk in 0..BLOCKS {
+        proto::put_frame(&mut b, Header::request(Op::Read, 11000 + blk, ((blk * 61) % BLOCKS) * BLOCK, BLOCK as u32), &[]);
+    }
+    c.s.write_all(&b).expect("send reads");
+    drop(c);
+    let mut c = ReplicaClient::connect(&addr, "vol1", size);
+    let frames: Vec<_> = (0..BLOCKS).map(|b| (Op::Read, 12000 + b, b * BLOCK, Vec::new())).collect();
+    let got = pipeline(&mut c, &frames);
+    for b in 0..BLOCKS {
+        assert!(got[&(12000 + b)].1 == pattern(b, 1), "block {b} read after an engine left with reads in flight");
+    }
+    drop(c);
     assert!(rp.alive());
     let readers = pool_readers(rp.pid());
     println!("[replica] pool readers started: {readers}");
     rp.kill9();
     readers
+}
+
+/// `read_ahead_kb` of the block device that holds `path` (None: not found).
+fn read_ahead_kb(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (maj, min) = (libc::major(dev), libc::minor(dev));
+    ["queue/read_ahead_kb", "../queue/read_ahead_kb"]
+        .iter()
+        .find_map(|q| std::fs::read_to_string(format!("/sys/dev/block/{maj}:{min}/{q}")).ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Pages of `path` cached in `[from, to)`.
+fn cached_in(path: &Path, from: u64, to: u64) -> usize {
+    let f = std::fs::File::open(path).expect("open");
+    let len = f.metadata().expect("stat").len() as usize;
+    // SAFETY: as in `cached_pages`.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        let mut v = vec![0u8; len.div_ceil(4096)];
+        assert_eq!(libc::mincore(p, len, v.as_mut_ptr()), 0, "mincore");
+        libc::munmap(p, len);
+        v[(from / 4096) as usize..(to / 4096) as usize].iter().filter(|b| **b & 1 != 0).count()
+    }
+}
+
+#[test]
+fn a_random_read_fetches_what_it_asks_for_and_a_stream_still_reads_ahead() {
+    const MIB: u64 = 1 << 20;
+    let t = tempfile::tempdir_in(test_root()).expect("tmp");
+    let dir = t.path().join("r");
+    let size = 16 * MIB;
+    let (mut rp, addr) = serve_replica(&dir, "vol1", size, &t.path().join("r.log"), &[]);
+    let mut a = ReplicaClient::connect(&addr, "vol1", size);
+    for m in 0..16 {
+        a.write(m * MIB, &vec![m as u8 + 1; MIB as usize]);
+    }
+    assert_eq!(a.request(Op::Flush, 0, 0, &[]).expect("flush").0, 0);
+    drop_cache(&dir);
+    let head = std::fs::read_dir(&dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("volume-head-")))
+        .expect("a head file");
+
+    // 256 KiB cached right before X, by one connection; then another reads 4 KiB at X,
+    // which continues nothing it read: the kernel sees cached pages before X, takes it
+    // for a stream and, through a descriptor that reads ahead, fetches a window after it.
+    let x = 4 * MIB;
+    let (st, p) = a.request(Op::Read, x - 256 * 1024, 256 * 1024, &[]).expect("read before X");
+    assert!(st == 0 && p.iter().all(|&b| b == 4), "the 256 KiB before X read back wrong");
+    let mut b = ReplicaClient::connect(&addr, "vol1", size);
+    let (st, p) = b.request(Op::Read, x, 4096, &[]).expect("read at X");
+    assert!(st == 0 && p.iter().all(|&v| v == 5), "4 KiB at X read back wrong");
+    let after = cached_in(&head, x, x + MIB);
+    println!("[replica] pages cached in the MiB from X after one 4 KiB random read: {after}");
+    assert!(after <= 2, "a 4 KiB random read brought {after} pages into the cache: it read ahead");
+
+    // A stream of 4 KiB reads on one connection still gets the kernel's readahead.
+    let y = 10 * MIB;
+    for i in 0..32 {
+        let (st, p) = b.request(Op::Read, y + i * 4096, 4096, &[]).expect("stream read");
+        assert!(st == 0 && p.iter().all(|&v| v == 11), "stream read {i} read back wrong");
+    }
+    let ahead = cached_in(&head, y + 128 * 1024, y + 2 * MIB);
+    println!("[replica] pages cached past a 128 KiB stream of 4 KiB reads: {ahead}");
+    match read_ahead_kb(&head) {
+        Some(kb) if kb >= 128 => assert!(ahead > 0, "a stream of reads got no readahead (read_ahead_kb {kb})"),
+        other => println!("[replica] device readahead {other:?} KiB: the stream's readahead is not checked"),
+    }
+    drop((a, b));
+    assert!(rp.alive());
+    rp.kill9();
 }
