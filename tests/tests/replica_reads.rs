@@ -36,18 +36,18 @@ fn drop_cache(dir: &Path) -> usize {
 
 /// Pages of `path` in the page cache (mincore over a mapping).
 fn cached_pages(path: &Path) -> usize {
-    let len = std::fs::metadata(path).expect("stat").len();
-    cached_in(path, 0, len)
-}
-
-/// The replica's head file in `dir`.
-fn head_file(dir: &Path) -> std::path::PathBuf {
-    std::fs::read_dir(dir)
-        .expect("dir")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("volume-head-")))
-        .expect("a head file")
+    let f = std::fs::File::open(path).expect("open");
+    let len = f.metadata().expect("stat").len() as usize;
+    // SAFETY: a read-only shared mapping of a file we opened, unmapped below; mincore
+    // writes one byte per page into `v`, sized for it.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        let mut v = vec![0u8; len.div_ceil(4096)];
+        assert_eq!(libc::mincore(p, len, v.as_mut_ptr()), 0, "mincore");
+        libc::munmap(p, len);
+        v.iter().filter(|b| **b & 1 != 0).count()
+    }
 }
 
 /// Sends `frames` at once and collects every reply by id.
@@ -100,7 +100,12 @@ fn cold_reads(env: &[(String, String)]) -> usize {
     }
     assert_eq!(c.request(Op::Flush, 0, 0, &[]).expect("flush").0, 0);
     assert!(drop_cache(&dir) > 0, "the replica has data files");
-    let head = head_file(&dir);
+    let head = std::fs::read_dir(&dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("volume-head-")))
+        .expect("a head file");
     let before = cached_pages(&head);
 
     // Every block is read and, right behind the read on the same connection, written
@@ -179,12 +184,11 @@ fn read_ahead_kb(path: &Path) -> Option<u64> {
         .and_then(|s| s.trim().parse().ok())
 }
 
-/// Pages of `path` cached in `[from, to)` (mincore over a mapping).
+/// Pages of `path` cached in `[from, to)`.
 fn cached_in(path: &Path, from: u64, to: u64) -> usize {
     let f = std::fs::File::open(path).expect("open");
     let len = f.metadata().expect("stat").len() as usize;
-    // SAFETY: a read-only shared mapping of a file we opened, unmapped below; mincore
-    // writes one byte per page into `v`, sized for it.
+    // SAFETY: as in `cached_pages`.
     unsafe {
         let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
         assert_ne!(p, libc::MAP_FAILED, "mmap");
@@ -208,7 +212,12 @@ fn a_random_read_fetches_what_it_asks_for_and_a_stream_still_reads_ahead() {
     }
     assert_eq!(a.request(Op::Flush, 0, 0, &[]).expect("flush").0, 0);
     drop_cache(&dir);
-    let head = head_file(&dir);
+    let head = std::fs::read_dir(&dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("volume-head-")))
+        .expect("a head file");
 
     // 256 KiB cached right before X, by one connection; then another reads 4 KiB at X,
     // which continues nothing it read: the kernel sees cached pages before X, takes it
