@@ -159,7 +159,6 @@ impl Store {
         let _ = std::fs::remove_file(&path);
         let f = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(|e| MetaError::io(&path, e))?;
         f.set_len(self.size()).map_err(|e| MetaError::io(&path, e))?;
-        let layer = store::Layer::new(new_head.clone(), path.clone(), f).map_err(|e| MetaError::io(&path, e))?;
         DiskMeta {
             name: new_head.clone(),
             recorded_name: String::new(),
@@ -180,7 +179,7 @@ impl Store {
         *self.sync_failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.set_revision(b.revision);
         *chain = Chain {
-            layers: vec![layer],
+            layers: vec![store::Layer { name: new_head.clone(), path, file: std::sync::Arc::new(f) }],
             maps: RwLock::new(Maps { top: crate::extent::ExtentMap::new(), below: crate::extent::ExtentMap::new() }),
         };
         *st = Some(RebuildState { snapshot: b.snapshot.clone(), new_head, held: Vec::new(), held_bytes: 0, old_head });

@@ -7,14 +7,12 @@
 //! go to a single sync thread that does one `fdatasync` for every flush waiting on it
 //! (group commit) and replies to each, out of order with the inline traffic.
 //!
-//! A read the page cache cannot answer (`preadv2(RWF_NOWAIT)` says it would wait) is
-//! handed to the kernel in the connection's own io_uring (`uring`) and answered when a
-//! later reap finds it done, or, where io_uring is not allowed, goes to a small pool of
-//! reader threads; either way the requests one connection pipelines reach the disk
-//! together rather than one at a time, and those replies come out of order too. Order
-//! still holds where it matters: a write, zeroing or trim waits for the misses of its
-//! connection that overlap it (a read sees no write that came after it), and every
-//! other control request waits for all of them.
+//! A read the page cache cannot answer (`preadv2(RWF_NOWAIT)` says it would wait) goes
+//! to a small pool of readers instead, so the requests one connection pipelines reach
+//! the disk together rather than one at a time; those replies come out of order too.
+//! Order still holds where it matters: a write, zeroing or trim waits for the pooled
+//! reads of its connection that overlap it (a read sees no write that came after it),
+//! and every other control request waits for all of them.
 //!
 //! Every connection starts with the handshake of `auth`. Then one engine at a time may
 //! use the replica: the first to connect takes the lease, its other connections join
@@ -177,29 +175,6 @@ impl Pending {
         while r.iter().any(|&(s, e)| range.is_none_or(|(a, b)| s < b && a < e)) {
             self.cv.wait(&mut r);
         }
-    }
-}
-
-/// Where a connection's recent reads ended: a read that starts at one of them continues
-/// a stream, where the kernel's readahead pays; any other goes through the layer's
-/// random-access descriptor and reads only what it asks for (see `Layer::random`).
-#[derive(Default)]
-struct Streams {
-    ends: [u64; 8],
-    next: usize,
-}
-
-impl Streams {
-    /// Whether a read of `[offset, offset + len)` is random; records where it ends.
-    fn random(&mut self, offset: u64, len: u32) -> bool {
-        let end = offset.saturating_add(len as u64);
-        if let Some(e) = self.ends.iter_mut().find(|e| **e == offset) {
-            *e = end;
-            return false;
-        }
-        self.ends[self.next] = end;
-        self.next = (self.next + 1) % self.ends.len();
-        true
     }
 }
 
@@ -635,7 +610,6 @@ impl ReplicaServer {
             Peer::Engine { .. } => self.miss_ring(rd.get_ref()),
             Peer::Replica => None,
         };
-        let mut streams = Streams::default();
         loop {
             if let Some(r) = ring.as_mut() {
                 // Misses in flight finish only when this thread reaps them: it waits for
@@ -684,11 +658,10 @@ impl ReplicaServer {
                     }
                 }
             }
-            let random = matches!(h.op, Op::Read | Op::ReadShared) && streams.random(h.offset, h.count);
             match h.op {
                 Op::ReadShared => {
                     let m = shared.as_ref().ok_or_else(|| FrameError::Io(io::Error::other("READ_SHARED before SHARE_MEMORY")))?;
-                    self.read_shared(out, pending, ring.as_mut(), h, m, &payload, random)
+                    self.read_shared(out, pending, ring.as_mut(), h, m, &payload)
                         .map_err(|e| FrameError::Io(io::Error::other(format!("id {}: {e}", h.id))))?;
                     if rd.buffer().len() < HEADER_LEN {
                         self.burst_end(out, ring.as_mut())?;
@@ -722,7 +695,7 @@ impl ReplicaServer {
                 }
                 _ => {}
             }
-            self.handle(out, pending, ring.as_mut(), h, payload, buf, random);
+            self.handle(out, pending, ring.as_mut(), h, payload, buf);
             if rd.buffer().len() < HEADER_LEN {
                 self.burst_end(out, ring.as_mut())?;
             }
@@ -802,7 +775,6 @@ impl ReplicaServer {
         h: Header,
         m: &Arc<Mapping>,
         desc: &[u8],
-        random: bool,
     ) -> Result<(), String> {
         if h.count > proto::MAX_IO {
             return Err(format!("READ_SHARED of {} bytes (at most {})", h.count, proto::MAX_IO));
@@ -814,14 +786,14 @@ impl ReplicaServer {
             out.queue(r, Bytes::new());
             return Ok(());
         }
-        match self.store.read_cached_to(h.offset, dst, random) {
+        match self.store.read_cached_to(h.offset, dst) {
             Ok(()) => out.queue(r, shared_reply(off, dst)),
             Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
                 r.status = errno_of(&e);
                 out.queue(r, Bytes::from(e.to_string()));
             }
             // Not all cached: the disk is waited for, as for a READ.
-            Err(_) => self.miss(out, pending, ring, h, Some((m.clone(), off)), random),
+            Err(_) => self.miss(out, pending, ring, h, Some((m.clone(), off))),
         }
         Ok(())
     }
@@ -842,18 +814,7 @@ impl ReplicaServer {
         serde_json::to_vec(&self.info()).unwrap_or_default()
     }
 
-    /// Applies one request; `random`: a read that continues no recent one (see `Streams`).
-    #[allow(clippy::too_many_arguments)]
-    fn handle(
-        self: &Arc<Self>,
-        out: &Arc<Out>,
-        pending: &Arc<Pending>,
-        ring: Option<&mut MissRing>,
-        h: Header,
-        payload: Bytes,
-        buf: &mut BytesMut,
-        random: bool,
-    ) {
+    fn handle(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, ring: Option<&mut MissRing>, h: Header, payload: Bytes, buf: &mut BytesMut) {
         let mut r = reply_of(&h);
         let stopping = self.stopping.load(Ordering::Acquire);
         let io_op = matches!(h.op, Op::Read | Op::Write | Op::WriteShared | Op::WriteZeroes | Op::Trim | Op::Flush);
@@ -868,12 +829,12 @@ impl ReplicaServer {
                     Err(io::Error::new(io::ErrorKind::InvalidInput, "read too large"))
                 } else {
                     buf.reserve(h.count as usize);
-                    match self.store.read_cached(h.offset, h.count as usize, buf, random) {
+                    match self.store.read_cached(h.offset, h.count as usize, buf) {
                         Ok(()) => Ok(buf.split().freeze()),
                         Err(e) if e.kind() == io::ErrorKind::InvalidInput => Err(e),
                         // Not all cached (or the fast path failed): read where the disk
                         // can be waited for, which also gives the real answer.
-                        Err(_) => return self.miss(out, pending, ring, h, None, random),
+                        Err(_) => return self.miss(out, pending, ring, h, None),
                     }
                 }
             }
@@ -1007,21 +968,13 @@ impl ReplicaServer {
 
     /// A read the page cache could not answer: to the connection's ring when it has one
     /// (see `uring`), to the reader pool otherwise.
-    fn miss(
-        self: &Arc<Self>,
-        out: &Arc<Out>,
-        pending: &Arc<Pending>,
-        ring: Option<&mut MissRing>,
-        h: Header,
-        into: Option<(Arc<Mapping>, u64)>,
-        random: bool,
-    ) {
+    fn miss(self: &Arc<Self>, out: &Arc<Out>, pending: &Arc<Pending>, ring: Option<&mut MissRing>, h: Header, into: Option<(Arc<Mapping>, u64)>) {
         let Some(r) = ring else { return self.to_reader(out, pending, h, into) };
         let dst = match into {
             Some((m, off)) => Dst::Shared(m, off),
             None => Dst::Owned(BytesMut::new()),
         };
-        match r.start(&self.store, h, dst, random) {
+        match r.start(&self.store, h, dst) {
             Started::InFlight => {}
             Started::Now(d) => self.finish_miss(out, d),
             Started::TooBig(h, dst) => {
@@ -1197,7 +1150,7 @@ pub struct LocalConn {
     out: Arc<Out>,
     pending: Arc<Pending>,
     gen: u64,
-    buf: Mutex<(BytesMut, Streams)>,
+    buf: Mutex<BytesMut>,
 }
 
 impl ReplicaServer {
@@ -1212,7 +1165,7 @@ impl ReplicaServer {
         }
         let out = Out::local(sink);
         let gen = self.acquire(engine, "in-process", &out)?;
-        Ok(LocalConn { srv: self.clone(), out, pending: Arc::new(Pending::default()), gen, buf: Mutex::new((BytesMut::new(), Streams::default())) })
+        Ok(LocalConn { srv: self.clone(), out, pending: Arc::new(Pending::default()), gen, buf: Mutex::new(BytesMut::new()) })
     }
 }
 
@@ -1226,10 +1179,8 @@ impl LocalConn {
             return self.out.queue(r, Bytes::from_static(b"another engine took over this replica; this engine's lease is gone"));
         }
         self.srv.last_seen.store(self.srv.epoch.elapsed().as_millis() as u64, Ordering::Release);
-        let mut g = self.buf.lock().unwrap_or_else(|e| e.into_inner());
-        let (buf, streams) = &mut *g;
-        let random = matches!(h.op, Op::Read | Op::ReadShared) && streams.random(h.offset, h.count);
-        self.srv.handle(&self.out, &self.pending, None, h, payload, buf, random);
+        let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        self.srv.handle(&self.out, &self.pending, None, h, payload, &mut buf);
     }
 
     /// No reply reaches the sink after this (a request still in the pool is dropped).

@@ -70,8 +70,7 @@ pub(crate) struct Prepared {
     snap: String,
     old_head: String,
     new_head: String,
-    /// The new head, open (both its descriptors) before anything is committed.
-    layer: store::Layer,
+    file: File,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -236,7 +235,6 @@ impl Store {
         // A head file from an earlier prepare that never committed is not in use.
         let _ = std::fs::remove_file(dir.join(&new_head));
         let f = new_head_file(&dir, &new_head, &snap, self.size(), created)?;
-        let layer = store::Layer::new(new_head.clone(), dir.join(&new_head), f).map_err(|e| MetaError::io(&dir.join(&new_head), e))?;
         fault("snapshot:new-head");
         // As Longhorn: the snapshot's meta is the head's, so its Name stays the head's.
         DiskMeta {
@@ -250,7 +248,7 @@ impl Store {
         }
         .store(&dir)?;
         fault("snapshot:snap-meta");
-        *prepared = Some(Prepared { snap, old_head, new_head, layer });
+        *prepared = Some(Prepared { snap, old_head, new_head, file: f });
         Ok(())
     }
 
@@ -273,9 +271,10 @@ impl Store {
         if !ready {
             self.prepare_snapshot(name, user_created, created, labels)?;
         }
-        let Some(Prepared { snap, old_head, new_head, layer }) = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some(Prepared { snap, old_head, new_head, file: f }) = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return Err(layout_err(&dir, "snapshot was not prepared"));
         };
+        let new_head_path = dir.join(&new_head);
         // The write lock on the chain holds off all I/O (and partial-block writes).
         let mut chain = self.chain_mut();
         let mut vm = self.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -306,7 +305,7 @@ impl Store {
         let last = chain.layers.len() - 1;
         chain.layers[last].name = snap.clone();
         chain.layers[last].path = dir.join(&snap);
-        chain.layers.push(layer);
+        chain.layers.push(store::Layer { name: new_head.clone(), path: new_head_path, file: std::sync::Arc::new(f) });
         let mut maps = chain.maps_mut();
         maps.below = maps.top.clone();
         drop(maps);

@@ -77,35 +77,6 @@ pub(crate) struct Layer {
     /// Shared so a read the kernel still holds (see `uring`) keeps the descriptor open
     /// while the chain drops the layer.
     pub(crate) file: Arc<File>,
-    /// The same file opened again, read-only, under `POSIX_FADV_RANDOM`: a read that does
-    /// not continue an earlier one goes through it and fetches what it asks for. Through
-    /// `file`, the kernel's readahead takes a random read next to cached pages for a
-    /// stream, and reads a window up to the device's `read_ahead_kb` (8 MiB on these
-    /// machines) that nobody asked for. Readahead state is per open file, so the two
-    /// never disturb each other; the page cache is the one file's.
-    pub(crate) random: Arc<File>,
-}
-
-impl Layer {
-    /// A layer of the file at `path`, open as `file`.
-    pub(crate) fn new(name: String, path: PathBuf, file: File) -> io::Result<Layer> {
-        let random = File::open(&path)?;
-        // SAFETY: fadvise on a descriptor we own; a failure only leaves readahead on.
-        let r = unsafe { libc::posix_fadvise(random.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-        if r != 0 {
-            tracing::debug!(path = %path.display(), "POSIX_FADV_RANDOM refused (errno {r}); random reads may read ahead");
-        }
-        Ok(Layer { name, path, file: Arc::new(file), random: Arc::new(random) })
-    }
-
-    /// The descriptor a read goes through (see `random`).
-    fn for_read(&self, random: bool) -> &Arc<File> {
-        if random {
-            &self.random
-        } else {
-            &self.file
-        }
-    }
 }
 
 pub(crate) struct Maps {
@@ -452,7 +423,7 @@ pub(crate) fn load_chain(dir: &Path, vmeta: &VolumeMeta) -> Result<Chain, StoreE
         if len != vmeta.size && !unfinished {
             return Err(StoreError::Layout { path, what: format!("file is {len} bytes, the volume is {}", vmeta.size) });
         }
-        layers.push(Layer::new(name.clone(), path.clone(), file).map_err(|e| MetaError::io(&path, e))?);
+        layers.push(Layer { name: name.clone(), path, file: Arc::new(file) });
     }
     let mut maps = Maps { top: ExtentMap::new(), below: ExtentMap::new() };
     for (i, l) in layers.iter().enumerate() {
@@ -664,14 +635,14 @@ impl Store {
     }
 
     /// As [`Store::read_cached`], into memory the caller lends.
-    pub fn read_cached_to(&self, offset: u64, dst: &mut [u8], random: bool) -> io::Result<()> {
+    pub fn read_cached_to(&self, offset: u64, dst: &mut [u8]) -> io::Result<()> {
         self.check_range(offset, dst.len() as u64)?;
         let chain = self.chain();
         // SAFETY: as in read_to.
         unsafe {
             for_segments(&chain, offset, dst.len(), dst.as_mut_ptr(), |layer, p, n, at| match layer {
                 None => Ok(std::ptr::write_bytes(p, 0, n)),
-                Some(l) => read_nowait(l.for_read(random), p, n, at),
+                Some(l) => read_nowait(&l.file, p, n, at),
             })
         }
     }
@@ -682,7 +653,7 @@ impl Store {
     ///
     /// # Safety
     /// `dst` must be valid for writes of `len` bytes; the pieces point inside it.
-    pub(crate) unsafe fn plan_read(&self, offset: u64, dst: *mut u8, len: usize, random: bool, pieces: &mut Vec<Piece>) -> io::Result<()> {
+    pub(crate) unsafe fn plan_read(&self, offset: u64, dst: *mut u8, len: usize, pieces: &mut Vec<Piece>) -> io::Result<()> {
         self.check_range(offset, len as u64)?;
         let chain = self.chain();
         // SAFETY: passed on from the caller.
@@ -690,7 +661,7 @@ impl Store {
             for_segments(&chain, offset, len, dst, |layer, p, n, at| {
                 match layer {
                     None => std::ptr::write_bytes(p, 0, n),
-                    Some(l) => pieces.push(Piece { file: l.for_read(random).clone(), dst: p, len: n, at }),
+                    Some(l) => pieces.push(Piece { file: l.file.clone(), dst: p, len: n, at }),
                 }
                 Ok(())
             })
@@ -701,8 +672,7 @@ impl Store {
     /// any part of the range would wait for the disk (nothing is waited for then, though
     /// the kernel may start reading ahead). Lets the server answer cached reads inline
     /// and send only misses to its readers, so one connection keeps several on the disk.
-    /// `random`: the read does not continue an earlier one (see [`Layer::random`]).
-    pub fn read_cached(&self, offset: u64, len: usize, buf: &mut BytesMut, random: bool) -> io::Result<()> {
+    pub fn read_cached(&self, offset: u64, len: usize, buf: &mut BytesMut) -> io::Result<()> {
         self.check_range(offset, len as u64)?;
         let chain = self.chain();
         // SAFETY: as in read_into; every byte is written by the kernel or zeroed.
@@ -710,7 +680,7 @@ impl Store {
             fill_spare(buf, len, |dst| {
                 for_segments(&chain, offset, len, dst, |layer, p, n, at| match layer {
                     None => Ok(std::ptr::write_bytes(p, 0, n)),
-                    Some(l) => read_nowait(l.for_read(random), p, n, at),
+                    Some(l) => read_nowait(&l.file, p, n, at),
                 })
             })
         }

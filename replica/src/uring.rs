@@ -123,9 +123,8 @@ impl MissRing {
     }
 
     /// Plans the miss `header` into `dst` and hands its pieces to the kernel (submitted
-    /// with the next reap), through the layers' random-access descriptors if `random`.
-    /// The caller has checked [`MissRing::has_room`].
-    pub(crate) fn start(&mut self, store: &Store, header: Header, mut dst: Dst, random: bool) -> Started {
+    /// with the next reap). The caller has checked [`MissRing::has_room`].
+    pub(crate) fn start(&mut self, store: &Store, header: Header, mut dst: Dst) -> Started {
         let len = header.count as usize;
         let ptr = match &mut dst {
             Dst::Owned(b) => {
@@ -141,7 +140,7 @@ impl MissRing {
         let mut pieces: Vec<Piece> = Vec::new();
         // SAFETY: `ptr` is valid for `len` bytes: the buffer's reserved capacity, or the
         // lent region of exactly the request's size.
-        if unsafe { store.plan_read(header.offset, ptr, len, random, &mut pieces) }.is_err() {
+        if unsafe { store.plan_read(header.offset, ptr, len, &mut pieces) }.is_err() {
             return Started::Now(Done { header, dst, retry: true });
         }
         if pieces.is_empty() {

@@ -353,7 +353,6 @@ fn start_replica_server(
         None => std::net::ToSocketAddrs::to_socket_addrs(listen).map(|_| ()),
     }
     .with_context(|| format!("{flag} {listen}"))?;
-    raise_open_files();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // Before anything is written in it: the volume's data is for root's eyes only.
     longhorn_replica::store::restrict_dir(dir).with_context(|| format!("making {} private (0700)", dir.display()))?;
@@ -404,22 +403,6 @@ fn start_replica_server(
 /// QD1 latency level). Fairness and nice levels are unchanged, and no privilege is
 /// needed. What it costs: a woken engine thread can wait up to one scheduler slice
 /// (a few ms) for a busy CPU instead of taking it at once.
-/// Lifts this process's soft limit on open files to the hard one: a replica holds two
-/// descriptors per layer of its chain (see `Layer::random`), and the usual soft limit of
-/// 1024 would run out near 500 snapshots, where the hard limit is far above.
-fn raise_open_files() {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: get/setrlimit on this process with a valid rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            let want = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
-                warn!("cannot raise the open-file limit from {} ({})", r.rlim_cur, std::io::Error::last_os_error());
-            }
-        }
-    }
-}
-
 fn batch_scheduling() {
     let p = libc::sched_param { sched_priority: 0 };
     // SAFETY: sets the policy of the calling thread (pid 0) from a valid sched_param.
