@@ -7,12 +7,14 @@
 //! go to a single sync thread that does one `fdatasync` for every flush waiting on it
 //! (group commit) and replies to each, out of order with the inline traffic.
 //!
-//! A read the page cache cannot answer (`preadv2(RWF_NOWAIT)` says it would wait) goes
-//! to a small pool of readers instead, so the requests one connection pipelines reach
-//! the disk together rather than one at a time; those replies come out of order too.
-//! Order still holds where it matters: a write, zeroing or trim waits for the pooled
-//! reads of its connection that overlap it (a read sees no write that came after it),
-//! and every other control request waits for all of them.
+//! A read the page cache cannot answer (`preadv2(RWF_NOWAIT)` says it would wait) is
+//! handed to the kernel in the connection's own io_uring (`uring`) and answered when a
+//! later reap finds it done, or, where io_uring is not allowed, goes to a small pool of
+//! reader threads; either way the requests one connection pipelines reach the disk
+//! together rather than one at a time, and those replies come out of order too. Order
+//! still holds where it matters: a write, zeroing or trim waits for the misses of its
+//! connection that overlap it (a read sees no write that came after it), and every
+//! other control request waits for all of them.
 //!
 //! Every connection starts with the handshake of `auth`. Then one engine at a time may
 //! use the replica: the first to connect takes the lease, its other connections join
