@@ -111,10 +111,12 @@ impl MissRing {
 
     /// Whether a miss in flight reads any of `[start, end)` (`None`: any at all).
     pub(crate) fn overlaps(&self, range: Option<(u64, u64)>) -> bool {
-        self.jobs.iter().flatten().any(|j| {
-            let (s, e) = (j.header.offset, j.header.offset.saturating_add(j.header.count as u64));
-            range.is_none_or(|(a, b)| s < b && a < e)
-        })
+        // Asked before every write: most find nothing in flight.
+        self.live > 0
+            && self.jobs.iter().flatten().any(|j| {
+                let (s, e) = (j.header.offset, j.header.offset.saturating_add(j.header.count as u64));
+                range.is_none_or(|(a, b)| s < b && a < e)
+            })
     }
 
     /// Whether a miss may be started now; when not, the caller reaps (blocking) first.
@@ -157,28 +159,24 @@ impl MissRing {
             self.jobs.push(None);
             self.jobs.len() - 1
         });
-        let sqes: Vec<_> = pieces
-            .iter()
-            .map(|p| {
-                // The slot in the high half, the length the piece must read in the low.
-                opcode::Read::new(types::Fd(p.file.as_raw_fd()), p.dst, p.len as u32)
-                    .offset(p.at)
-                    .build()
-                    .user_data(((slot as u64) << 32) | p.len as u64)
-            })
-            .collect();
-        let files: Vec<Arc<File>> = pieces.into_iter().map(|p| p.file).collect();
         // `job` owns the memory the kernel writes (its heap buffer or the lent region
-        // does not move with it), and goes in its slot before anything is reaped.
-        let mut job = Job { header, dst, left: 0, _files: files, retry: false };
-        for sqe in &sqes {
-            if let Err(e) = self.push(sqe) {
+        // does not move with it), and the files of the pieces handed over; it goes in its
+        // slot before anything is reaped.
+        let mut job = Job { header, dst, left: 0, _files: Vec::with_capacity(pieces.len()), retry: false };
+        for p in pieces {
+            // The slot in the high half, the length the piece must read in the low.
+            let sqe = opcode::Read::new(types::Fd(p.file.as_raw_fd()), p.dst, p.len as u32)
+                .offset(p.at)
+                .build()
+                .user_data(((slot as u64) << 32) | p.len as u64);
+            if let Err(e) = self.push(&sqe) {
                 warn!("cannot hand a cache-miss read to io_uring: {e}");
                 // What the kernel has is reaped as usual; the whole read is then redone.
                 job.retry = true;
                 break;
             }
             job.left += 1;
+            job._files.push(p.file);
         }
         if job.left == 0 {
             self.free.push(slot);
@@ -223,7 +221,6 @@ impl MissRing {
         }
         self.submit(usize::from(block))?;
         let mut polled = false;
-        let mut done: Vec<usize> = Vec::new();
         for cqe in self.ring.completion() {
             if cqe.user_data() == POLL {
                 self.poll_armed = false;
@@ -238,11 +235,9 @@ impl MissRing {
             }
             job.left -= 1;
             self.pieces -= 1;
-            if job.left == 0 {
-                done.push(slot);
+            if job.left > 0 {
+                continue;
             }
-        }
-        for slot in done {
             if let Some(mut job) = self.jobs[slot].take() {
                 self.free.push(slot);
                 self.live -= 1;
@@ -264,8 +259,9 @@ impl MissRing {
         let mut pfd = libc::pollfd { fd: self.sock, events: libc::POLLIN, revents: 0 };
         // SAFETY: one pollfd we own, zero timeout.
         let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        // An error or hang-up counts: the caller's read then reports it.
-        n != 0
+        // A hang-up or error on the socket counts (the caller's read then reports it);
+        // a failed poll (EINTR) does not: the caller waits again.
+        n > 0
     }
 
     /// The misses finished by the last reaps.
