@@ -3,7 +3,7 @@
 //! The I/O path is asynchronous and thread-light: a frontend opens a [`Session`] per
 //! client connection (or per queue), [`Session::submit`]s requests tagged with its own
 //! `tag`, and receives each result through its [`Completer`], called from the engine's
-//! replica-reply threads. Nothing here blocks waiting for a replica to answer.
+//! replica-reply collector thread. Nothing here blocks waiting for a replica to answer.
 //!
 //! Rules a frontend can rely on:
 //! - every submitted request is completed exactly once, with the tag it was given;

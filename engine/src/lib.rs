@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod rebuild;
 pub mod recover;
 pub mod replica_conn;
+mod replies;
 pub mod session;
 pub mod slots;
 pub mod snapshot;

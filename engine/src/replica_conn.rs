@@ -152,7 +152,7 @@ impl ReplicaConn {
         matches!(self.link, Link::Local { .. })
     }
 
-    /// A second handle on the socket for the reply thread (`None` in process: replies
+    /// A second handle on the socket for the reply collector (`None` in process: replies
     /// come through the sink).
     pub fn reader(&self) -> io::Result<Option<Stream>> {
         match &self.link {

@@ -1,10 +1,10 @@
 //! One frontend connection's I/O path: fan-out of writes, choice of read replica,
 //! collection of replies, and settling requests when a replica is dropped.
 //!
-//! Each session owns its own connection to every replica, with one reply thread per
-//! connection, so sessions share nothing on the hot path but the replica modes
-//! (atomics). A request is tracked by id with a bitmask of the replicas it still waits
-//! for:
+//! Each session owns its own connection to every replica, and one thread that collects
+//! the replies of all of them (`replies`), so sessions share nothing on the hot path
+//! but the replica modes (atomics). A request is tracked by id with a bitmask of the
+//! replicas it still waits for:
 //! - a write, write-zeroes, trim or flush completes when that mask is empty, successfully
 //!   only if at least one replica that was RW when it answered applied it (a replica
 //!   that failed it has been dropped). A WO replica is being rebuilt: its volume.meta
@@ -17,14 +17,13 @@
 
 use crate::api::{Completer, Extent, IoOp, IoResult, Session};
 use crate::replica_conn::{self, ReplicaConn};
+use crate::replies::{Collector, Handler, Lost};
 use crate::slots::Slots;
 use crate::volume::{Mode, Volume};
 use bytes::Bytes;
-use longhorn_replica::proto::{self, FrameError, Header, Op, ReplicaInfo, FLAG_FUA, HEADER_LEN, MAX_IO};
+use longhorn_replica::proto::{self, FrameError, Header, Op, ReplicaInfo, FLAG_FUA, MAX_IO};
 use longhorn_replica::shm::{self, Pool};
 use std::collections::HashMap;
-use std::io::BufReader;
-use longhorn_replica::net::Stream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -97,6 +96,8 @@ pub(crate) struct Inner {
     pool: OnceLock<Option<Arc<Pool>>>,
     /// The pool was found full once (logged once per session).
     pool_dry: AtomicBool,
+    /// Reads the replies of the replicas reached through sockets (see `replies`).
+    collector: Mutex<Option<Arc<Collector>>>,
 }
 
 const NO_SLOT: usize = usize::MAX;
@@ -132,6 +133,7 @@ impl EngineSession {
             last_flush: Mutex::new((0, u64::MAX)),
             pool: OnceLock::new(),
             pool_dry: AtomicBool::new(false),
+            collector: Mutex::new(None),
         });
         // Registered and connected as one step against slots being added (rebuild,
         // salvage), which attach to the sessions registered at that moment.
@@ -149,7 +151,8 @@ impl EngineSession {
 }
 
 impl Inner {
-    /// Opens this session's connection to replica slot `i` and starts its reply thread.
+    /// Opens this session's connection to replica slot `i` and hands its replies to the
+    /// session's collector.
     pub(crate) fn attach(self: &Arc<Self>, i: usize) -> std::io::Result<()> {
         let addr = self.volume.addr_of(i);
         if let Some(e) = self.volume.options().embedded.as_ref().filter(|e| e.addr == addr) {
@@ -189,12 +192,11 @@ impl Inner {
         }
         let c = ReplicaConn::new(&addr, s, shared)?;
         let rd = c.reader()?.ok_or_else(|| std::io::Error::other("a TCP connection without a socket"))?;
+        let col = self.collector()?;
         if self.conns.set(i, Arc::new(c)).is_err() {
             return Err(std::io::Error::other(format!("replica slot {i} already connected")));
         }
-        let me = self.clone();
-        std::thread::Builder::new().name(format!("replica-reply-{i}")).spawn(move || me.reply_loop(i, rd))?;
-        Ok(())
+        col.add(i, rd)
     }
 }
 
@@ -252,9 +254,18 @@ impl Inner {
 
 impl Drop for EngineSession {
     fn drop(&mut self) {
-        self.inner.closed.store(true, Ordering::Release);
+        // Under the collector's lock: a connection attached from now on finds the
+        // session closing and starts no collector.
+        let col = {
+            let c = self.inner.collector.lock().unwrap_or_else(|e| e.into_inner());
+            self.inner.closed.store(true, Ordering::Release);
+            c.clone()
+        };
         for (_, c) in self.inner.conns.iter() {
             c.shutdown();
+        }
+        if let Some(c) = col {
+            c.stop();
         }
     }
 }
@@ -499,7 +510,7 @@ impl Inner {
         let h = replica_conn::seal(h, &[]);
         for i in targets {
             if let Some(c) = self.conns.get(i) {
-                // Pushed now: later pieces are sent from reply threads, with no frontend
+                // Pushed now: later pieces are sent from the reply collector, with no frontend
                 // push to follow.
                 if let Err(e) = c.send(h, &Bytes::new(), true) {
                     self.volume.fail_replica(i, &format!("send failed: {e}"));
@@ -560,60 +571,21 @@ impl Inner {
         }
     }
 
-    fn reply_loop(self: Arc<Self>, idx: usize, stream: Stream) {
-        let mut rd = BufReader::with_capacity(256 * 1024, stream);
-        loop {
-            match proto::read_frame_buffered(&mut rd) {
-                Ok((h, mut payload)) => {
-                    if let (Op::WriteShared | Op::ReadShared, Some(Some(pool))) = (h.op, self.pool.get()) {
-                        // A reply for a region not lent to this replica, or a second
-                        // one, is a damaged stream: it must not free what another
-                        // replica or the client still uses.
-                        let bad = if h.op == Op::ReadShared && h.status == 0 {
-                            // The data stays in the region until the client has it.
-                            match pool.take(h.id, idx, h.count, &payload) {
-                                Ok(data) => {
-                                    payload = data;
-                                    None
-                                }
-                                Err(why) => Some(why),
-                            }
-                        } else if pool.release(h.id, idx) {
-                            // The replica is done with the region (it replies after
-                            // applying the data, or failing to): it may be written again.
-                            None
-                        } else {
-                            Some(format!("{:?} reply for id {}, for which no region was lent to this replica", h.op, h.id))
-                        };
-                        if let Some(why) = bad {
-                            self.completer.flush();
-                            self.volume.fail_replica(idx, &format!("bad reply stream: {why}"));
-                            return;
-                        }
-                    }
-                    if let Some(reason) = self.on_reply(idx, h, payload) {
-                        self.completer.flush();
-                        self.volume.fail_replica(idx, &reason);
-                        return;
-                    }
-                    if rd.buffer().len() < HEADER_LEN {
-                        self.completer.flush();
-                    }
-                }
-                Err(e) => {
-                    self.completer.flush();
-                    if self.closed.load(Ordering::Acquire) {
-                        return;
-                    }
-                    let why = match e {
-                        FrameError::Closed => "connection closed by the replica".to_string(),
-                        e => format!("bad reply stream: {e}"),
-                    };
-                    self.volume.fail_replica(idx, &why);
-                    return;
-                }
-            }
+    /// The collector for this session's socket connections, its thread started on
+    /// first use. Err once the session is closing.
+    fn collector(self: &Arc<Self>) -> std::io::Result<Arc<Collector>> {
+        let mut c = self.collector.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = c.as_ref() {
+            return Ok(c.clone());
         }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(std::io::Error::other("the session is closing"));
+        }
+        let col = Arc::new(Collector::new()?);
+        let (me, run) = (self.clone(), col.clone());
+        std::thread::Builder::new().name("replica-replies".into()).spawn(move || run.run(&*me))?;
+        *c = Some(col.clone());
+        Ok(col)
     }
 
     /// Applies one reply. Returns a reason when the replica must be dropped.
@@ -745,5 +717,42 @@ impl Inner {
             }
         }
         (0..self.conns.len()).filter(|&i| mask & bit(i) != 0).collect()
+    }
+}
+
+impl Handler for Inner {
+    fn frame(&self, idx: usize, h: Header, mut payload: Bytes) -> Option<String> {
+        if let (Op::WriteShared | Op::ReadShared, Some(Some(pool))) = (h.op, self.pool.get()) {
+            // A reply for a region not lent to this replica, or a second one, is a
+            // damaged stream: it must not free what another replica or the client
+            // still uses.
+            if h.op == Op::ReadShared && h.status == 0 {
+                // The data stays in the region until the client has it.
+                match pool.take(h.id, idx, h.count, &payload) {
+                    Ok(data) => payload = data,
+                    Err(why) => return Some(format!("bad reply stream: {why}")),
+                }
+            } else if !pool.release(h.id, idx) {
+                // Otherwise the replica is done with the region (it replies after
+                // applying the data, or failing to): it may be written again.
+                return Some(format!("bad reply stream: {:?} reply for id {}, for which no region was lent to this replica", h.op, h.id));
+            }
+        }
+        self.on_reply(idx, h, payload)
+    }
+
+    fn lost(&self, idx: usize, why: Lost) {
+        let why = match why {
+            Lost::Condemned(reason) => reason,
+            // The session is closing: its connections end, no replica failed.
+            Lost::Frame(_) if self.closed.load(Ordering::Acquire) => return,
+            Lost::Frame(FrameError::Closed) => "connection closed by the replica".to_string(),
+            Lost::Frame(e) => format!("bad reply stream: {e}"),
+        };
+        self.volume.fail_replica(idx, &why);
+    }
+
+    fn round_done(&self) {
+        self.completer.flush();
     }
 }

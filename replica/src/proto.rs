@@ -66,7 +66,7 @@
 //!   pass `meta::check_layer_name`; anything else is refused with EINVAL.
 //! - `payload_len` is at most [`MAX_PAYLOAD`]; `count` at most [`MAX_IO`].
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read};
 
@@ -290,6 +290,90 @@ fn checked(h: Header, payload: Bytes) -> Result<(Header, Bytes), FrameError> {
     Ok((h, payload))
 }
 
+/// Frames cut out of a byte stream as it arrives, for a reader that serves several
+/// connections from one thread and so can never block in the middle of a frame.
+///
+/// Bytes go in through [`Assembler::spare`] and [`Assembler::filled`]; whole frames come
+/// out of [`Assembler::next`], checked as [`read_frame`] checks them. A payload is cut
+/// out of the receive buffer without a copy. After an error the stream is damaged and
+/// the connection must be closed: `next` says nothing more about it.
+#[derive(Default)]
+pub struct Assembler {
+    buf: BytesMut,
+}
+
+/// What [`Assembler::spare`] offers at least, so a burst of small replies is taken in
+/// one receive.
+const ASSEMBLER_CHUNK: usize = 64 * 1024;
+
+impl Assembler {
+    pub fn new() -> Assembler {
+        Assembler::default()
+    }
+
+    /// Memory to receive into: room for the rest of the frame in progress (a big
+    /// payload is then received straight into the memory it is handed on in), and at
+    /// least a chunk for what follows.
+    pub fn spare(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
+        let have = self.buf.len();
+        // The rest of a frame whose header is in; its length is checked by `next`.
+        let rest = if have >= HEADER_LEN {
+            let len = u32::from_le_bytes([self.buf[28], self.buf[29], self.buf[30], self.buf[31]]).min(MAX_PAYLOAD);
+            (HEADER_LEN + len as usize).saturating_sub(have)
+        } else {
+            0
+        };
+        let need = if rest > ASSEMBLER_CHUNK { rest } else { ASSEMBLER_CHUNK / 16 };
+        if self.buf.capacity() - have < need {
+            self.buf.reserve(need.max(ASSEMBLER_CHUNK));
+        }
+        self.buf.spare_capacity_mut()
+    }
+
+    /// Marks `n` bytes of [`Assembler::spare`] as received.
+    ///
+    /// # Safety
+    /// The first `n` bytes of the last `spare` must have been written.
+    pub unsafe fn filled(&mut self, n: usize) {
+        let len = self.buf.len() + n;
+        assert!(len <= self.buf.capacity(), "more bytes received than there was room for");
+        // SAFETY: the caller wrote them; the bound is checked above.
+        unsafe { self.buf.set_len(len) };
+    }
+
+    /// Bytes received that are not yet part of a frame handed out.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next whole frame, if one has arrived.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Option<Result<(Header, Bytes), FrameError>> {
+        if self.buf.len() < HEADER_LEN {
+            return None;
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        hb.copy_from_slice(&self.buf[..HEADER_LEN]);
+        let h = match Header::decode(&hb) {
+            Ok(h) => h,
+            Err(e) => return Some(Err(e)),
+        };
+        let total = HEADER_LEN + h.payload_len as usize;
+        if self.buf.len() < total {
+            return None;
+        }
+        let payload = if h.payload_len == 0 {
+            self.buf.advance(HEADER_LEN);
+            Bytes::new()
+        } else {
+            let mut f = self.buf.split_to(total);
+            f.advance(HEADER_LEN);
+            f.freeze()
+        };
+        Some(checked(h, payload))
+    }
+}
+
 /// Appends a frame to `out` (a buffer later written with one syscall).
 pub fn put_frame(out: &mut Vec<u8>, mut h: Header, payload: &[u8]) {
     h.payload_len = payload.len() as u32;
@@ -487,6 +571,83 @@ mod tests {
                 assert_eq!(p.len(), h.payload_len as usize);
             }
         }
+    }
+
+    /// Feeds `stream` to an assembler in pieces of the given sizes (cycled) and returns
+    /// what came out, stopping at the first error.
+    fn assemble(stream: &[u8], pieces: &[usize]) -> (Vec<(Header, Bytes)>, Option<FrameError>) {
+        let mut a = Assembler::new();
+        let (mut out, mut at, mut k) = (Vec::new(), 0usize, 0usize);
+        loop {
+            while let Some(f) = a.next() {
+                match f {
+                    Ok(f) => out.push(f),
+                    Err(e) => return (out, Some(e)),
+                }
+            }
+            if at == stream.len() {
+                return (out, None);
+            }
+            let spare = a.spare();
+            let n = pieces[k % pieces.len()].min(spare.len()).min(stream.len() - at);
+            k += 1;
+            for (d, s) in spare[..n].iter_mut().zip(&stream[at..at + n]) {
+                d.write(*s);
+            }
+            // SAFETY: the first n bytes of spare were just written.
+            unsafe { a.filled(n) };
+            at += n;
+        }
+    }
+
+    #[test]
+    fn assembler_cuts_frames_however_the_bytes_arrive() {
+        let mut stream = Vec::new();
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + 3) as u8).collect();
+        let frames: Vec<(Header, Vec<u8>)> = vec![
+            (Header::request(Op::Write, 1, 0, 0), vec![]),
+            (Header::request(Op::Read, 2, 4096, 4096), vec![9u8; 4096]),
+            (Header::request(Op::Read, 3, 0, big.len() as u32), big.clone()),
+            (Header::request(Op::Flush, 4, 0, 0), vec![]),
+            (Header::request(Op::Read, 5, 0, 5), b"tail!".to_vec()),
+        ];
+        for (h, p) in &frames {
+            put_frame(&mut stream, *h, p);
+        }
+        for pieces in [&[1usize][..], &[7, 40, 3], &[65536], &[1 << 20], &[39, 41, 4095, 100_000]] {
+            let (out, err) = assemble(&stream, pieces);
+            assert!(err.is_none(), "pieces {pieces:?}: {err:?}");
+            assert_eq!(out.len(), frames.len(), "pieces {pieces:?}");
+            for ((h, p), (want_h, want_p)) in out.iter().zip(&frames) {
+                assert_eq!(h.id, want_h.id);
+                assert_eq!(&p[..], &want_p[..], "frame {} with pieces {pieces:?}", h.id);
+            }
+        }
+        // Half a frame is not a frame.
+        let (out, err) = assemble(&stream[..stream.len() - 1], &[4096]);
+        assert_eq!(out.len(), frames.len() - 1);
+        assert!(err.is_none());
+    }
+
+    #[test]
+    fn assembler_reports_damage_where_it_is() {
+        let mut stream = Vec::new();
+        put_frame(&mut stream, Header::request(Op::Read, 1, 0, 4), b"good");
+        let first = stream.len();
+        put_frame(&mut stream, Header::request(Op::Read, 2, 0, 4), b"data");
+        stream[first + HEADER_LEN] ^= 1;
+        let (out, err) = assemble(&stream, &[5]);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(err, Some(FrameError::BadChecksum { id: 2, .. })), "{err:?}");
+        stream[first] = 0;
+        let (_, err) = assemble(&stream, &[5]);
+        assert!(matches!(err, Some(FrameError::BadMagic(_))), "{err:?}");
+        let mut v = Vec::new();
+        put_frame(&mut v, Header::request(Op::Read, 1, 0, 0), b"");
+        v[28..32].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        // A length past the limit is refused from the header alone, with no room made for it.
+        let (_, err) = assemble(&v, &[HEADER_LEN]);
+        assert!(matches!(err, Some(FrameError::TooLong(_))), "{err:?}");
     }
 
     #[test]

@@ -111,6 +111,15 @@ fn fio_verify_three_replicas_and_replicas_identical() {
     }
 }
 
+/// How many of process `pid`'s threads have a name starting with `prefix`.
+fn threads_named(pid: i32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the engine's threads")
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim().starts_with(prefix)))
+        .count()
+}
+
 #[test]
 fn kill_one_of_three_replicas_during_fio() {
     require(&["fio"]);
@@ -119,6 +128,14 @@ fn kill_one_of_three_replicas_during_fio() {
     // Rate-limited so the kill lands mid-run on any machine (about 5 s of writes).
     let fio_thread = std::thread::spawn(move || fio_verify(&uri, 2, 96, "--rate_iops=5000"));
     std::thread::sleep(Duration::from_millis(1500));
+    // Each NBD connection's replies from all three replicas are read by one thread,
+    // which must also notice the kill below and drop the replica.
+    let pid = c.engine.as_ref().expect("engine").proc.pid();
+    assert_eq!(
+        (threads_named(pid, "replica-replies"), threads_named(pid, "replica-reply-")),
+        (2, 0),
+        "one reply collector per fio job's connection, none per replica"
+    );
     c.replicas[1].proc.kill9();
     let (ok, errs, out) = fio_thread.join().expect("fio thread");
     assert!(ok && errs == 0, "fio saw errors after a replica died:\n{out}\nengine log:\n{}", c.engine_log());

@@ -50,7 +50,7 @@ pub struct MemInner {
     pub fail_at: Mutex<HashMap<u64, i32>>,
     pub async_delay_ms: AtomicU64,
     /// Async mode: the one completion thread shared by all sessions, like an engine's
-    /// replica-reply threads. If a frontend's `complete`/`flush` blocked, every client
+    /// replica-reply collector. If a frontend's `complete`/`flush` blocked, every client
     /// of the volume would stall.
     worker: Mutex<Option<mpsc::Sender<Work>>>,
 }

@@ -3,7 +3,7 @@
 //! of snapshot requests.
 
 use longhorn_replica::proto::{
-    checksum, decode_extents, encode_extents, put_frame, read_frame, FrameError, Header, Hello, Op, ReplicaInfo,
+    checksum, decode_extents, Assembler, encode_extents, put_frame, read_frame, FrameError, Header, Hello, Op, ReplicaInfo,
     SnapshotRequest, HEADER_LEN, MAX_PAYLOAD,
 };
 use longhorn_replica::shm::{Attach, Descriptor, Mapping, Pool};
@@ -16,16 +16,20 @@ use serde::Serialize;
 /// CRC, and encodes back to exactly the bytes it came from.
 pub fn replica_frame(data: &[u8]) {
     let mut rest = data;
+    let mut seen = Vec::new();
     loop {
         let before = rest;
         let (h, payload) = match read_frame(&mut rest) {
             Ok(f) => f,
             Err(FrameError::Closed) => {
                 assert!(before.len() < HEADER_LEN, "Closed with a whole header left");
-                return;
+                return assembled_alike(data, &seen, false);
             }
-            Err(_) => return,
+            // A payload cut short: the stream ends inside a frame.
+            Err(FrameError::Io(_)) => return assembled_alike(data, &seen, false),
+            Err(_) => return assembled_alike(data, &seen, true),
         };
+        seen.push((h, payload.clone()));
         let used = before.len() - rest.len();
         assert_eq!(used, HEADER_LEN + h.payload_len as usize);
         assert!(h.payload_len <= MAX_PAYLOAD);
@@ -51,6 +55,46 @@ pub fn replica_frame(data: &[u8]) {
             Op::WriteShared | Op::ReadShared => shared_descriptor(h.count, &payload),
             _ => {}
         }
+    }
+}
+
+/// The same bytes through the `Assembler` a multiplexing reader uses, arriving in
+/// pieces whose sizes the bytes themselves choose: the same frames come out, and it
+/// reports damage exactly where `read_frame` did (a stream that merely ends is not
+/// damage: the rest may still come).
+fn assembled_alike(data: &[u8], want: &[(Header, bytes::Bytes)], damaged: bool) {
+    let mut a = Assembler::new();
+    let (mut got, mut at, mut k) = (Vec::new(), 0usize, 0usize);
+    let mut err = None;
+    'feed: loop {
+        while let Some(f) = a.next() {
+            match f {
+                Ok(f) => got.push(f),
+                Err(e) => {
+                    err = Some(e);
+                    break 'feed;
+                }
+            }
+        }
+        if at == data.len() {
+            break;
+        }
+        let piece = 1 + data.get(k % data.len()).copied().unwrap_or(0) as usize * 97;
+        k += 1;
+        let spare = a.spare();
+        let n = piece.min(spare.len()).min(data.len() - at);
+        for (d, s) in spare[..n].iter_mut().zip(&data[at..at + n]) {
+            d.write(*s);
+        }
+        // SAFETY: the first n bytes of spare were just written.
+        unsafe { a.filled(n) };
+        at += n;
+    }
+    assert_eq!(err.is_some(), damaged, "assembler error {err:?}");
+    assert_eq!(got.len(), want.len());
+    for ((h, p), (wh, wp)) in got.iter().zip(want) {
+        assert_eq!(h, wh);
+        assert_eq!(p, wp);
     }
 }
 
