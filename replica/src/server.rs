@@ -1026,8 +1026,9 @@ impl ReplicaServer {
 
     /// Answers a miss the ring finished; one it could not read whole is read again here,
     /// the blocking way, for the real answer.
-    fn finish_miss(&self, out: &Out, d: Done) {
+    fn finish_miss(&self, out: &Out, mut d: Done) {
         let h = d.header;
+        d.retry |= self.store.punched_since(d.planned);
         let res = match d.dst {
             Dst::Shared(m, off) => m
                 .region(h.count, &Descriptor { offset: off, crc: 0 }.encode())

@@ -144,6 +144,10 @@ pub(crate) fn remove_leftovers(dir: &Path, chain: &Chain) {
     let _ = meta::sync_dir(dir);
 }
 
+/// Extents of a snapshot punched per hold of the chain's write lock (see
+/// `punch_hidden`): I/O waits for one batch, not for the whole snapshot.
+const PUNCH_BATCH: usize = 64;
+
 impl Store {
     fn chain_mut(&self) -> std::sync::RwLockWriteGuard<'_, Chain> {
         self.chain.write().unwrap_or_else(|p| p.into_inner())
@@ -371,30 +375,41 @@ impl Store {
 
     /// Punches out of snapshot `snap` every block the head covers.
     fn punch_hidden(&self, snap: &str) -> Result<u64, StoreError> {
-        let chain = self.chain.read().unwrap_or_else(|p| p.into_inner());
-        let Some(si) = chain.layers.iter().position(|l| l.name == snap) else { return Ok(0) };
-        let head_idx = chain.head_index();
-        let covered: Vec<(u64, u64)> = {
-            let maps = chain.maps.read().unwrap_or_else(|p| p.into_inner());
-            maps.top.iter().filter(|&(_, _, l)| l == head_idx).map(|(s, e, _)| (s, e)).collect()
+        let (covered, path, file) = {
+            let chain = self.chain.read().unwrap_or_else(|p| p.into_inner());
+            let Some(si) = chain.layers.iter().position(|l| l.name == snap) else { return Ok(0) };
+            let head_idx = chain.head_index();
+            let covered: Vec<(u64, u64)> = {
+                let maps = chain.maps.read().unwrap_or_else(|p| p.into_inner());
+                maps.top.iter().filter(|&(_, _, l)| l == head_idx).map(|(s, e, _)| (s, e)).collect()
+            };
+            // The head's copy of those blocks must be on disk before the snapshot's goes:
+            // a power loss would otherwise turn them back into holes over a punched
+            // snapshot, and reads would fall through to older data.
+            let head = chain.head();
+            head.file.sync_data().map_err(|e| StoreError::Io { path: head.path.clone(), offset: 0, source: e })?;
+            fault("remove:head-synced");
+            (covered, chain.layers[si].path.clone(), chain.layers[si].file.clone())
         };
-        // The head's copy of those blocks must be on disk before the snapshot's goes: a
-        // power loss would otherwise turn them back into holes over a punched snapshot,
-        // and reads would fall through to older data.
-        let head = chain.head();
-        head.file.sync_data().map_err(|e| StoreError::Io { path: head.path.clone(), offset: 0, source: e })?;
-        fault("remove:head-synced");
-        let layer = &chain.layers[si];
-        let before = allocated_bytes(&layer.path);
-        for (s, e) in covered {
-            let (a, b) = (s.div_ceil(BLOCK) * BLOCK, e / BLOCK * BLOCK);
-            if a < b {
-                punch_hole(&layer.file, a, b - a).map_err(|e| StoreError::Io { path: layer.path.clone(), offset: a, source: e })?;
+        let before = allocated_bytes(&path);
+        // Punched under the chain's write lock, a batch at a time: a read holds the read
+        // lock from finding a block's layer to reading it, and a block found in the
+        // snapshot just before a write covered it in the head must not be read after
+        // it became a hole (a sector the write did not touch would read as zeros). Reads
+        // the kernel finishes later (`uring`) see `punched` move and are read again.
+        for batch in covered.chunks(PUNCH_BATCH) {
+            let _chain = self.chain_mut();
+            self.punched.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            for &(s, e) in batch {
+                let (a, b) = (s.div_ceil(BLOCK) * BLOCK, e / BLOCK * BLOCK);
+                if a < b {
+                    punch_hole(&file, a, b - a).map_err(|e| StoreError::Io { path: path.clone(), offset: a, source: e })?;
+                }
             }
         }
-        layer.file.sync_data().map_err(|e| StoreError::Io { path: layer.path.clone(), offset: 0, source: e })?;
+        file.sync_data().map_err(|e| StoreError::Io { path: path.clone(), offset: 0, source: e })?;
         fault("remove:punched");
-        Ok(before.saturating_sub(allocated_bytes(&layer.path)))
+        Ok(before.saturating_sub(allocated_bytes(&path)))
     }
 
     fn merge_into_child(&self, sm: &DiskMeta, cm: &DiskMeta) -> Result<(), StoreError> {
@@ -495,5 +510,48 @@ impl Store {
         let maps = chain.maps.read().unwrap_or_else(|p| p.into_inner());
         let r = maps.top.iter().any(|(_, _, l)| l == h);
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read planned for the kernel (`uring`) before a write covered its block in the
+    /// head and the snapshot under it was removed (its hidden blocks punched) would read
+    /// the punched hole: the plan is known stale and is read again, and a blocking read
+    /// sees the block's untouched sectors as they were.
+    #[test]
+    fn a_read_planned_before_a_punch_is_known_stale() {
+        let tmp = std::env::temp_dir().join(format!("lh-punch-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        Store::create(&tmp, "v", 1 << 20).expect("create");
+        let s = Store::open(&tmp, Some("v")).expect("open");
+        let old: Vec<u8> = (0..BLOCK as usize).map(|i| (i % 251) as u8 + 1).collect();
+        s.write(0, &old).expect("write");
+        s.snapshot("s1", true, "2026-12-08T00:00:00Z", None).expect("snapshot");
+        // Sector 1 of block 0, found in the snapshot.
+        let mut dst = vec![0u8; 512];
+        let mut pieces = Vec::new();
+        // SAFETY: dst is valid for 512 bytes and outlives the pieces.
+        let planned = unsafe { s.plan_read(512, dst.as_mut_ptr(), 512, &mut pieces) }.expect("plan");
+        assert_eq!(pieces.len(), 1);
+        assert!(!s.punched_since(planned));
+        // Another connection writes sector 0: the head now covers the whole block.
+        s.write(0, &[0xEE; 512]).expect("sector write");
+        let done = s.remove_snapshot("s1").expect("remove");
+        assert!(done.contains("marked s1 removed"), "{done}");
+        // The kernel's read of the plan now finds the punched hole.
+        let p = &pieces[0];
+        let n = p.file.read_at(&mut dst, p.at).expect("pread");
+        assert_eq!(n, 512);
+        assert_eq!(dst, vec![0u8; 512], "the snapshot's block was punched");
+        assert!(s.punched_since(planned), "a plan made before the punch must be read again");
+        let mut b = bytes::BytesMut::new();
+        s.read_into(512, 512, &mut b).expect("read");
+        assert_eq!(&b[..], &old[512..1024], "an untouched sector keeps its data");
+        drop(pieces);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 }

@@ -131,6 +131,12 @@ pub struct Store {
     deferred: Mutex<Vec<File>>,
     /// A snapshot prepared and awaiting its commit.
     pub(crate) prepared: Mutex<Option<crate::snapshot::Prepared>>,
+    /// Batches of a snapshot's hidden blocks punched so far (`snapshot::punch_hidden`),
+    /// counted under the chain's write lock before each batch. A read the kernel does
+    /// after its plan was made (`plan_read`) may have found a block in the snapshot that
+    /// a write then covered in the head and the punch emptied: planned under an older
+    /// count, it must be read again.
+    pub(crate) punched: AtomicU64,
     /// Writes (and zeroings, punches) completed so far. Counted after the pwrite returns,
     /// so a flush that reads `n` here knows the first `n` writes are in the file.
     written: AtomicU64,
@@ -571,6 +577,7 @@ impl Store {
             rebuilding: AtomicBool::new(false),
             rebuild: Mutex::new(None),
             progress: Mutex::new(Default::default()),
+            punched: AtomicU64::new(0),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             counter_synced: AtomicU64::new(0),
@@ -649,13 +656,16 @@ impl Store {
 
     /// Lays out a read of `[offset, offset + len)` for the kernel to do later (see
     /// `uring`): zeroes the holes in `dst` now and lists the file pieces, each holding its
-    /// file open, so the read needs neither the chain nor its lock once planned.
+    /// file open, so the read needs neither the chain nor its lock once planned. Returns
+    /// the [`Store::punched`] count the plan was made under: if it has moved by the
+    /// time the data is used, the read is done again.
     ///
     /// # Safety
     /// `dst` must be valid for writes of `len` bytes; the pieces point inside it.
-    pub(crate) unsafe fn plan_read(&self, offset: u64, dst: *mut u8, len: usize, pieces: &mut Vec<Piece>) -> io::Result<()> {
+    pub(crate) unsafe fn plan_read(&self, offset: u64, dst: *mut u8, len: usize, pieces: &mut Vec<Piece>) -> io::Result<u64> {
         self.check_range(offset, len as u64)?;
         let chain = self.chain();
+        let punched = self.punched.load(Ordering::Acquire);
         // SAFETY: passed on from the caller.
         unsafe {
             for_segments(&chain, offset, len, dst, |layer, p, n, at| {
@@ -664,8 +674,15 @@ impl Store {
                     Some(l) => pieces.push(Piece { file: l.file.clone(), dst: p, len: n, at }),
                 }
                 Ok(())
-            })
+            })?;
         }
+        Ok(punched)
+    }
+
+    /// Whether a read planned under `punched` (see [`Store::plan_read`]) may have read
+    /// blocks punched since.
+    pub(crate) fn punched_since(&self, punched: u64) -> bool {
+        self.punched.load(Ordering::Acquire) != punched
     }
 
     /// Reads like [`Store::read_into`], but only from the page cache: `WouldBlock` when

@@ -21,6 +21,9 @@
 //!   must not block on its socket, but wait here, where the socket is watched too.
 //! - A piece the kernel read short or failed is read again whole the blocking way
 //!   (`Done::retry`), which gives the real answer and the error with its file's name.
+//!   So is a read planned before a snapshot's hidden blocks were punched (`Done::planned`,
+//!   `Store::punched`): the block it found in the snapshot may be a hole now, and the
+//!   head holds its data.
 
 use crate::proto::Header;
 use crate::shm::{Descriptor, Mapping};
@@ -63,6 +66,8 @@ pub(crate) struct Done {
     pub(crate) dst: Dst,
     /// A piece failed or came back short: read it all again the blocking way.
     pub(crate) retry: bool,
+    /// The store's punch count the read was planned under (`Store::plan_read`).
+    pub(crate) planned: u64,
 }
 
 struct Job {
@@ -71,6 +76,7 @@ struct Job {
     _files: Vec<Arc<File>>,
     left: usize,
     retry: bool,
+    planned: u64,
 }
 
 /// What [`MissRing::start`] did with a miss.
@@ -136,21 +142,22 @@ impl MissRing {
             }
             Dst::Shared(m, off) => match m.region(header.count, &Descriptor { offset: *off, crc: 0 }.encode()) {
                 Ok((_, s)) => s.as_mut_ptr(),
-                Err(_) => return Started::Now(Done { header, dst, retry: true }),
+                Err(_) => return Started::Now(Done { header, dst, retry: true, planned: 0 }),
             },
         };
         let mut pieces: Vec<Piece> = Vec::new();
         // SAFETY: `ptr` is valid for `len` bytes: the buffer's reserved capacity, or the
         // lent region of exactly the request's size.
-        if unsafe { store.plan_read(header.offset, ptr, len, &mut pieces) }.is_err() {
-            return Started::Now(Done { header, dst, retry: true });
-        }
+        let planned = match unsafe { store.plan_read(header.offset, ptr, len, &mut pieces) } {
+            Ok(p) => p,
+            Err(_) => return Started::Now(Done { header, dst, retry: true, planned: 0 }),
+        };
         if pieces.is_empty() {
             if let Dst::Owned(b) = &mut dst {
                 // SAFETY: plan_read zeroed all `len` bytes (holes only).
                 unsafe { b.set_len(len) };
             }
-            return Started::Now(Done { header, dst, retry: false });
+            return Started::Now(Done { header, dst, retry: false, planned });
         }
         if pieces.len() > MAX_JOB_PIECES || !self.has_room() {
             return Started::TooBig(header, dst);
@@ -162,7 +169,7 @@ impl MissRing {
         // `job` owns the memory the kernel writes (its heap buffer or the lent region
         // does not move with it), and the files of the pieces handed over; it goes in its
         // slot before anything is reaped.
-        let mut job = Job { header, dst, left: 0, _files: Vec::with_capacity(pieces.len()), retry: false };
+        let mut job = Job { header, dst, left: 0, _files: Vec::with_capacity(pieces.len()), retry: false, planned };
         for p in pieces {
             // The slot in the high half, the length the piece must read in the low.
             let sqe = opcode::Read::new(types::Fd(p.file.as_raw_fd()), p.dst, p.len as u32)
@@ -180,7 +187,7 @@ impl MissRing {
         }
         if job.left == 0 {
             self.free.push(slot);
-            return Started::Now(Done { header: job.header, dst: job.dst, retry: true });
+            return Started::Now(Done { header: job.header, dst: job.dst, retry: true, planned });
         }
         self.pieces += job.left;
         self.bytes += len;
@@ -247,7 +254,7 @@ impl MissRing {
                     // rest, so all `count` reserved bytes are written.
                     unsafe { b.set_len(job.header.count as usize) };
                 }
-                self.ready.push(Done { header: job.header, dst: job.dst, retry: job.retry });
+                self.ready.push(Done { header: job.header, dst: job.dst, retry: job.retry, planned: job.planned });
             }
         }
         // A poll completion may be older than the last read of the socket: say readable
