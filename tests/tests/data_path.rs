@@ -349,3 +349,81 @@ fn a_long_write_zeroes_on_slow_disks_does_not_fault_the_volume() {
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
     assert_eq!(v["state"], "healthy", "replicas were dropped by a long zeroing: {v}\nengine log:\n{}", c.engine_log());
 }
+
+/// Forwards connections from `listen` to `to`; in the replica-to-engine direction the
+/// first READ reply carrying data after `armed` is set has one payload byte flipped (a
+/// replica, or a path, that damages what it sends). Returns how many were damaged.
+fn damaging_proxy(to: String, armed: std::sync::Arc<std::sync::atomic::AtomicBool>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use longhorn_replica::proto::{Header, Op, HEADER_LEN};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let l = TcpListener::bind("127.0.0.1:0").expect("proxy listens");
+    let addr = l.local_addr().expect("proxy address").to_string();
+    let damaged = Arc::new(AtomicUsize::new(0));
+    let count = damaged.clone();
+    std::thread::spawn(move || {
+        for engine in l.incoming().flatten() {
+            let Ok(replica) = TcpStream::connect(&to) else { continue };
+            let _ = (engine.set_nodelay(true), replica.set_nodelay(true));
+            let (mut e_rd, mut r_wr) = (engine.try_clone().expect("clone"), replica.try_clone().expect("clone"));
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut e_rd, &mut r_wr);
+                let _ = r_wr.shutdown(std::net::Shutdown::Write);
+            });
+            let (armed, count) = (armed.clone(), count.clone());
+            let (mut r_rd, mut e_wr) = (replica, engine);
+            std::thread::spawn(move || {
+                let mut hb = [0u8; HEADER_LEN];
+                while r_rd.read_exact(&mut hb).is_ok() {
+                    let Ok(h) = Header::decode(&hb) else { break };
+                    let mut p = vec![0u8; h.payload_len as usize];
+                    if r_rd.read_exact(&mut p).is_err() {
+                        break;
+                    }
+                    if h.op == Op::Read && h.is_reply() && !p.is_empty() && armed.swap(false, Ordering::AcqRel) {
+                        p[0] ^= 0x01;
+                        count.fetch_add(1, Ordering::AcqRel);
+                    }
+                    if e_wr.write_all(&hb).and_then(|()| e_wr.write_all(&p)).is_err() {
+                        break;
+                    }
+                }
+                let _ = e_wr.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (addr, damaged)
+}
+
+/// A replica whose reply arrives damaged (its checksum does not match) is dropped, and
+/// the read it answered is served by another replica: the client sees right data and
+/// no error.
+#[test]
+fn a_damaged_reply_drops_its_replica_and_the_read_is_served_by_another() {
+    require(&["fio"]);
+    let mut c = Cluster::without_engine("vol1", 64 * MB, 3);
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (proxy, damaged) = damaging_proxy(c.replicas[1].addr.clone(), armed.clone());
+    c.replicas[1].addr = proxy;
+    c.start_engine();
+    let uri = c.uri();
+    // Written through all three, then read back: each MiB is read from one replica, so
+    // replica 1 answers a third of the reads. 16 KiB requests stay below the size whose
+    // data would go through shared memory instead of the socket.
+    let (ok, _, out) = fio(&format!("--name=w --ioengine=nbd --uri='{uri}' --rw=write --bs=16k --size=24M --verify=crc32c --do_verify=0"));
+    assert!(ok, "fio write failed:\n{out}\nengine log:\n{}", c.engine_log());
+    armed.store(true, std::sync::atomic::Ordering::Release);
+    let (ok, errs, out) = fio(&format!(
+        "--name=w --ioengine=nbd --uri='{uri}' --rw=write --bs=16k --size=24M --verify=crc32c \
+         --verify_only=1 --verify_fatal=1 --iodepth=8"
+    ));
+    let log = c.engine_log();
+    assert!(ok && errs == 0, "fio saw wrong data or errors after a damaged reply:\n{out}\nengine log:\n{log}");
+    assert_eq!(damaged.load(std::sync::atomic::Ordering::Acquire), 1, "the proxy damaged one reply");
+    assert!(log.contains("payload checksum mismatch"), "the engine names the damage:\n{log}");
+    let ls = c.cli(&["replica", "ls", "-v", "vol1", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&ls.stdout).expect("json");
+    let modes: Vec<&str> = v.as_array().expect("array").iter().map(|r| r["mode"].as_str().unwrap_or("")).collect();
+    assert_eq!(modes, vec!["RW", "ERR", "RW"], "replica ls: {v}");
+}
