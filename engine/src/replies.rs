@@ -19,7 +19,10 @@
 //!   before its descriptor is dropped (a dup stays open elsewhere, and epoll would keep
 //!   reporting it), and the handler hears of it once;
 //! - [`Collector::stop`] ends the thread at its next wake-up; connections added after
-//!   it are refused.
+//!   it are refused;
+//! - the collector never sends to a replica: a send can block until the replica reads,
+//!   and the replica may itself be blocked sending replies only this thread reads. The
+//!   handler hands such sends to another thread (`session::Inner::off_collector`).
 
 use longhorn_replica::net::Stream;
 use longhorn_replica::proto::{Assembler, FrameError, Header};
@@ -85,7 +88,7 @@ impl Collector {
         let fd = s.as_raw_fd();
         let mut inc = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
         if inc.1 {
-            return Err(io::Error::other("the session is closing"));
+            return Err(io::Error::other("the session's reply collector has stopped"));
         }
         // Queued before it is watched: the thread looks here when it sees a key it
         // does not know.
@@ -125,6 +128,8 @@ impl Collector {
                 // Cannot happen with a valid epoll descriptor and buffer; if it does,
                 // the replicas' connections are ended so no request waits forever.
                 warn!("replica reply collector: epoll_wait: {e}; dropping this session's connections");
+                // No connection may be added that nobody would read.
+                self.incoming.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
                 for (idx, (s, _)) in conns.drain() {
                     let _ = s.shutdown(std::net::Shutdown::Both);
                     h.lost(idx, Lost::Frame(FrameError::Io(io::Error::new(e.kind(), format!("epoll_wait: {e}")))));
@@ -139,6 +144,8 @@ impl Collector {
                         for (_, (s, _)) in conns.drain() {
                             let _ = self.ctl(libc::EPOLL_CTL_DEL, s.as_raw_fd(), 0);
                         }
+                        // What this round applied before the stop still goes out.
+                        h.round_done();
                         return;
                     }
                     continue;

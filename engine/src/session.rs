@@ -25,7 +25,8 @@ use longhorn_replica::proto::{self, FrameError, Header, Op, ReplicaInfo, FLAG_FU
 use longhorn_replica::shm::{self, Pool};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::cell::Cell;
+use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
@@ -98,6 +99,18 @@ pub(crate) struct Inner {
     pool_dry: AtomicBool,
     /// Reads the replies of the replicas reached through sockets (see `replies`).
     collector: Mutex<Option<Arc<Collector>>>,
+    /// Sends the collector must not make itself (see `off_collector`), to the thread
+    /// that makes them, started when first needed.
+    sender: Mutex<Option<mpsc::Sender<SendJob>>>,
+    me: Weak<Inner>,
+}
+
+/// Work for a session's sender thread.
+type SendJob = Box<dyn FnOnce(&Inner) + Send>;
+
+thread_local! {
+    /// Set on a session's reply collector thread.
+    static ON_COLLECTOR: Cell<bool> = const { Cell::new(false) };
 }
 
 const NO_SLOT: usize = usize::MAX;
@@ -121,7 +134,8 @@ fn mutate_result(p: &Pending) -> IoResult {
 
 impl EngineSession {
     pub fn open(volume: Arc<Volume>, completer: Arc<dyn Completer>) -> std::io::Result<EngineSession> {
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
             volume: volume.clone(),
             completer,
             conns: Slots::default(),
@@ -134,6 +148,7 @@ impl EngineSession {
             pool: OnceLock::new(),
             pool_dry: AtomicBool::new(false),
             collector: Mutex::new(None),
+            sender: Mutex::new(None),
         });
         // Registered and connected as one step against slots being added (rebuild,
         // salvage), which attach to the sessions registered at that moment.
@@ -154,6 +169,11 @@ impl Inner {
     /// Opens this session's connection to replica slot `i` and hands its replies to the
     /// session's collector.
     pub(crate) fn attach(self: &Arc<Self>, i: usize) -> std::io::Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            // A session on its way out takes no new replica, and refusing would make a
+            // rebuild or salvage fail the replica over a client that left.
+            return Ok(());
+        }
         let addr = self.volume.addr_of(i);
         if let Some(e) = self.volume.options().embedded.as_ref().filter(|e| e.addr == addr) {
             // The replica in this process: requests are function calls, replies come
@@ -192,11 +212,18 @@ impl Inner {
         }
         let c = ReplicaConn::new(&addr, s, shared)?;
         let rd = c.reader()?.ok_or_else(|| std::io::Error::other("a TCP connection without a socket"))?;
-        let col = self.collector()?;
+        let col = match self.collector() {
+            Ok(col) => col,
+            Err(_) if self.closed.load(Ordering::Acquire) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         if self.conns.set(i, Arc::new(c)).is_err() {
             return Err(std::io::Error::other(format!("replica slot {i} already connected")));
         }
-        col.add(i, rd)
+        match col.add(i, rd) {
+            Err(_) if self.closed.load(Ordering::Acquire) => Ok(()),
+            r => r,
+        }
     }
 }
 
@@ -533,7 +560,7 @@ impl Inner {
             }
         }
         if pump {
-            self.pump(gid);
+            self.off_collector(move |me| me.pump(gid));
         }
     }
 
@@ -583,7 +610,10 @@ impl Inner {
         }
         let col = Arc::new(Collector::new()?);
         let (me, run) = (self.clone(), col.clone());
-        std::thread::Builder::new().name("replica-replies".into()).spawn(move || run.run(&*me))?;
+        std::thread::Builder::new().name("replica-replies".into()).spawn(move || {
+            ON_COLLECTOR.with(|f| f.set(true));
+            run.run(&*me)
+        })?;
         *c = Some(col.clone());
         Ok(col)
     }
@@ -690,13 +720,8 @@ impl Inner {
         if let Some(c) = self.conns.get(idx) {
             c.shutdown();
         }
-        for (j, h) in resend {
-            if let Some(c) = self.conns.get(j) {
-                if let Err(e) = c.send(replica_conn::seal(h, &[]), &Bytes::new(), true) {
-                    warn!("re-sending a read to replica {}: {e}", c.addr);
-                    self.volume.fail_replica(j, &format!("send failed: {e}"));
-                }
-            }
+        if !resend.is_empty() {
+            self.off_collector(move |me| me.resend(resend));
         }
         for (tag, group, r) in finished {
             self.settle(tag, group, r);
@@ -705,6 +730,57 @@ impl Inner {
             self.settle_mutation(p);
         }
         self.completer.flush();
+    }
+
+    /// Sends reads again to the replicas `drop_replica` chose for them.
+    fn resend(&self, resend: Vec<(usize, Header)>) {
+        for (j, h) in resend {
+            if let Some(c) = self.conns.get(j) {
+                if let Err(e) = c.send(replica_conn::seal(h, &[]), &Bytes::new(), true) {
+                    warn!("re-sending a read to replica {}: {e}", c.addr);
+                    self.volume.fail_replica(j, &format!("send failed: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Runs `job` here, unless this is a reply collector: then on the session's sender
+    /// thread. A collector must never wait to send to a replica. A send blocks when the
+    /// replica's socket is full, which it stays while the replica is itself blocked
+    /// sending replies that only this collector would read (and the frontend's thread,
+    /// blocked in a big write to that replica, holds the connection's send lock): both
+    /// would wait for ever. The sends made from reply handling are the next pieces of a
+    /// long zeroing or trim and reads sent again after a replica was dropped.
+    fn off_collector(&self, job: impl FnOnce(&Inner) + Send + 'static) {
+        if !ON_COLLECTOR.with(Cell::get) {
+            return job(self);
+        }
+        let mut tx = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+        if tx.is_none() {
+            let (s, r) = mpsc::channel::<SendJob>();
+            let me = self.me.clone();
+            // The thread holds the session only while it runs a job, so it ends when
+            // the session does (its channel closes with it).
+            let spawned = std::thread::Builder::new().name("replica-sends".into()).spawn(move || {
+                while let Ok(job) = r.recv() {
+                    let Some(me) = me.upgrade() else { return };
+                    job(&me);
+                }
+            });
+            match spawned {
+                Ok(_) => *tx = Some(s),
+                Err(e) => {
+                    drop(tx);
+                    warn!("cannot start a thread for the replica sends of reply handling ({e}): sending from the collector");
+                    return job(self);
+                }
+            }
+        }
+        let Some(s) = tx.as_ref() else { return };
+        if let Err(mpsc::SendError(job)) = s.send(Box::new(job)) {
+            drop(tx);
+            job(self);
+        }
     }
 
     /// Replicas that have left a request unanswered for longer than `timeout`.

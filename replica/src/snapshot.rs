@@ -145,8 +145,10 @@ pub(crate) fn remove_leftovers(dir: &Path, chain: &Chain) {
 }
 
 /// Extents of a snapshot punched per hold of the chain's write lock (see
-/// `punch_hidden`): I/O waits for one batch, not for the whole snapshot.
+/// `punch_hidden`), and bytes (a longer extent is punched in pieces): I/O waits for one
+/// batch, not for the whole snapshot.
 const PUNCH_BATCH: usize = 64;
+const PUNCH_BATCH_BYTES: u64 = 256 << 20;
 
 impl Store {
     fn chain_mut(&self) -> std::sync::RwLockWriteGuard<'_, Chain> {
@@ -397,14 +399,22 @@ impl Store {
         // snapshot just before a write covered it in the head must not be read after
         // it became a hole (a sector the write did not touch would read as zeros). Reads
         // the kernel finishes later (`uring`) see `punched` move and are read again.
-        for batch in covered.chunks(PUNCH_BATCH) {
+        let mut pieces = covered.iter().flat_map(|&(s, e)| {
+            let (a, b) = (s.div_ceil(BLOCK) * BLOCK, e / BLOCK * BLOCK);
+            (a..b).step_by(PUNCH_BATCH_BYTES as usize).map(move |x| (x, (x + PUNCH_BATCH_BYTES).min(b)))
+        });
+        let mut next = pieces.next();
+        while next.is_some() {
             let _chain = self.chain_mut();
             self.punched.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            for &(s, e) in batch {
-                let (a, b) = (s.div_ceil(BLOCK) * BLOCK, e / BLOCK * BLOCK);
-                if a < b {
-                    punch_hole(&file, a, b - a).map_err(|e| StoreError::Io { path: path.clone(), offset: a, source: e })?;
+            let (mut n, mut bytes) = (0usize, 0u64);
+            while let Some((a, b)) = next {
+                if n == PUNCH_BATCH || (n > 0 && bytes + (b - a) > PUNCH_BATCH_BYTES) {
+                    break;
                 }
+                punch_hole(&file, a, b - a).map_err(|e| StoreError::Io { path: path.clone(), offset: a, source: e })?;
+                (n, bytes) = (n + 1, bytes + (b - a));
+                next = pieces.next();
             }
         }
         file.sync_data().map_err(|e| StoreError::Io { path: path.clone(), offset: 0, source: e })?;
