@@ -537,8 +537,8 @@ impl Inner {
         let h = replica_conn::seal(h, &[]);
         for i in targets {
             if let Some(c) = self.conns.get(i) {
-                // Pushed now: later pieces are sent from the reply collector, with no frontend
-                // push to follow.
+                // Pushed now: later pieces are sent after replies (by the session's
+                // sender thread, see `off_collector`), with no frontend push to follow.
                 if let Err(e) = c.send(h, &Bytes::new(), true) {
                     self.volume.fail_replica(i, &format!("send failed: {e}"));
                 }
