@@ -409,7 +409,7 @@ const DIRECT_READ_MIN: usize = 64 * 1024;
 ///
 /// `Read::read_to_end` and `read_exact` zero memory before a plain `Read` fills it (stable
 /// Rust cannot lend uninitialised memory to a `Read`); for a 1 MiB payload that was a
-/// memset per replica per write, and per 1 MiB read in the engine. read(2) only writes
+/// memset per replica per write. read(2) only writes
 /// what it returns, so here it fills the spare capacity directly. `buf` is cleared
 /// first; the end of the stream before `n` bytes is `UnexpectedEof`, with what came
 /// left in `buf`.

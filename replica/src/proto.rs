@@ -261,8 +261,9 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<(Header, Bytes), FrameError> {
     checked(h, Bytes::from(buf))
 }
 
-/// [`read_frame`] from a buffered socket, the replica's and the engine's request and
-/// reply loops: the payload is read into memory that is never zeroed first
+/// [`read_frame`] from a buffered socket, the replica's request loops (the engine's
+/// reply collector uses an [`Assembler`]): the payload is read into memory that is never
+/// zeroed first
 /// ([`crate::net::read_payload`]). The same header rules and checksum.
 pub fn read_frame_buffered<S: crate::net::RawSocket>(rd: &mut std::io::BufReader<S>) -> Result<(Header, Bytes), FrameError> {
     let h = read_header(rd)?;
