@@ -512,3 +512,50 @@ pub fn stage_for_vm(path: &Path) -> PathBuf {
     std::fs::copy(path, &dst).unwrap_or_else(|e| panic!("staging {} for the VM: {e}", path.display()));
     dst
 }
+
+/// When dropped during a panic, prints the last lines of every `*.log` under its
+/// directory (managers, engines, replicas, share servers) and of the kernel log: a VM
+/// scenario's failure is then read from its console alone. Declare it after what
+/// starts the processes, so it runs before their teardown removes anything.
+pub struct LogsOnPanic(pub PathBuf);
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        // Walked by hand, skipping mount points: a stat of an NFS mount whose server
+        // is gone would wait for ever (`find` stats every entry).
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(String::from))
+            .collect();
+        let mut logs = Vec::new();
+        let mut dirs = vec![self.0.clone()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if mounts.iter().any(|m| Path::new(m) == p) {
+                    continue;
+                }
+                match e.file_type() {
+                    Ok(t) if t.is_dir() => dirs.push(p),
+                    Ok(t) if t.is_file() && p.extension().is_some_and(|x| x == "log") => logs.push(p),
+                    _ => {}
+                }
+            }
+        }
+        logs.sort();
+        for f in &logs {
+            let text = std::fs::read_to_string(f).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            println!("----- {} (last {} of {} lines)", f.display(), lines.len().min(60), lines.len());
+            for l in &lines[lines.len().saturating_sub(60)..] {
+                println!("{l}");
+            }
+        }
+        println!("----- dmesg (tail)\n{}", sh_try("dmesg | tail -n 40").1);
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    }
+}

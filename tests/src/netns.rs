@@ -110,14 +110,7 @@ pub struct Cleanup {
 }
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for p in self.mounts.iter().rev() {
-            for _ in 0..4 {
-                if !crate::sh_try(&format!("mountpoint -q '{}'", p.display())).0 {
-                    break;
-                }
-                let _ = crate::sh_try(&format!("umount '{}'", p.display()));
-            }
-        }
+        unmount_all(&self.mounts);
         // Engines and replicas run in sessions of their own (they outlive a manager by
         // design): whatever still runs on this test's directories goes, and so do the
         // FUSE mounts and loop devices of engines killed that way.
@@ -126,4 +119,45 @@ impl Drop for Cleanup {
         let _ = crate::sh_try(&format!("losetup -l -n -O NAME,BACK-FILE | grep -F '{d}/' | cut -d' ' -f1 | xargs -r -n1 losetup -d"));
         let _ = crate::sh_try(&format!("grep -o ' {d}/[^ ]*\\.fuse ' /proc/self/mounts | xargs -r -n1 umount -l"));
     }
+}
+
+/// Mounts a test made, unmounted when it is dropped. Declared after the managers and
+/// node plugins, it runs before them: a failed test then tears down like a passing
+/// one, shares unmounted before their servers stop (a manager deleting a volume that
+/// is still mounted over NFS waits on it).
+pub struct Unmounts(pub Vec<PathBuf>);
+
+impl Drop for Unmounts {
+    fn drop(&mut self) {
+        unmount_all(&self.0);
+    }
+}
+
+/// Unmounts `mounts`, last first.
+fn unmount_all(mounts: &[PathBuf]) {
+    for p in mounts.iter().rev() {
+        for _ in 0..4 {
+            // From the mount table, not `mountpoint` or `umount` alone: both stat the
+            // path, which waits for ever on an NFS mount (hard) whose server stopped.
+            let Some(fstype) = mounted_at(p) else { break };
+            let cmd = if fstype.starts_with("nfs") {
+                format!("umount -f -l '{}'", p.display())
+            } else {
+                format!("timeout 30 umount '{0}' || umount -l '{0}'", p.display())
+            };
+            let _ = crate::sh_try(&cmd);
+        }
+    }
+}
+
+/// The type of the filesystem mounted at `p` (the last mount there), read from
+/// /proc/self/mountinfo without touching `p` itself.
+fn mounted_at(p: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = p.to_string_lossy();
+    text.lines().rev().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let point = left.split(' ').nth(4)?;
+        (point == want).then(|| right.split(' ').next().unwrap_or_default().to_string())
+    })
 }

@@ -108,8 +108,11 @@ pub fn run(script: &str, args: &[String], log_name: &str, timeout: Duration) -> 
     let _ = std::fs::write(&log_path, &console);
     let mut run = VmRun { console, elapsed: t0.elapsed(), timed_out, ctx: String::new() };
     let steps = run.steps().join("\n");
-    let tail: String =
-        run.console.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    // From the first panic on (with the logs `LogsOnPanic` printed), or the last lines:
+    // CI keeps only what the test prints.
+    let lines: Vec<&str> = run.console.lines().collect();
+    let from = lines.iter().position(|l| l.contains("panicked at")).unwrap_or(lines.len().saturating_sub(60));
+    let tail = lines[from..].iter().take(1000).copied().collect::<Vec<_>>().join("\n");
     run.ctx = format!("console in {}; qemu stderr: {err}\nsteps:\n{steps}\nconsole tail:\n{tail}", log_path.display());
     run
 }

@@ -16,7 +16,7 @@
 
 use longhorn_tests::csi::{csi, mount_cap, ok, Driver};
 use longhorn_tests::manager::start_hosts;
-use longhorn_tests::netns::{Cleanup, Net};
+use longhorn_tests::netns::{Cleanup, Net, Unmounts};
 use longhorn_tests::*;
 use csi::volume_capability::access_mode::Mode;
 use std::collections::HashMap;
@@ -134,7 +134,7 @@ fn inside_the_vm() {
     assert!(std::env::var("LONGHORN_IN_VM").is_ok(), "run by vm_csi_rwx_on_two_hosts inside the test VM, not directly");
     let t = tempfile::Builder::new().prefix("lh-rwx-").tempdir_in(test_root()).expect("temp dir");
     let base = std::fs::canonicalize(t.path()).expect("the test directory");
-    let mut cleanup = Cleanup { mounts: Vec::new(), dir: base.clone() };
+    let cleanup = Cleanup { mounts: Vec::new(), dir: base.clone() };
     // c: a host on the same network that the volume is never published to.
     let net = Net::new(&["a", "b", "c"]);
     let (token, mans) = start_hosts(&base, &net, &["a", "b"]);
@@ -144,6 +144,7 @@ fn inside_the_vm() {
     let ctl = Driver::start_in(&base, Some((&net, "a")), "controller", "host-a", &all, &["--mode", "controller", "--token-file", tok]);
     let node_a = Driver::start_in(&base, Some((&net, "a")), "node-a", "host-a", &all[..1], &["--mode", "node", "--token-file", tok]);
     let node_b = Driver::start_in(&base, Some((&net, "b")), "node-b", "host-b", &all[1..], &["--mode", "node", "--token-file", tok]);
+    let _logs = LogsOnPanic(base.clone());
     step("hosts", &format!("a={} b={}", net.addr("a"), net.addr("b")));
 
     let vol = "pvc-rwx";
@@ -193,7 +194,7 @@ fn inside_the_vm() {
     };
     let (sa, pa) = (base.join("a/staging"), base.join("a/pod"));
     let (sb, pb) = (base.join("b/staging"), base.join("b/pod"));
-    cleanup.mounts.extend([sa.clone(), pa.clone(), sb.clone(), pb.clone()]);
+    let _unmounts = Unmounts(vec![sa.clone(), pa.clone(), sb.clone(), pb.clone()]);
 
     // --- A: the engine and the share start there; A mounts its own share ---
     let ctx_a = ok("ControllerPublish A", rt.block_on(ctl.controller().controller_publish_volume(publish("host-a")))).publish_context;
