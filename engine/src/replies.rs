@@ -1,5 +1,6 @@
-//! A session's reply collector: one thread reads the replies of every replica the
-//! session reaches over a socket, through one epoll set.
+//! A session's reply collector: one thread reads the replies of every replica on this
+//! host that the session reaches over a socket, through one epoll set (a replica on
+//! another host gets a collector of its own: see `session::Inner::collector`).
 //!
 //! Why one thread and not one per replica: a write to N replicas comes back as N
 //! replies at nearly the same moment. With a thread per connection each of them was
