@@ -513,6 +513,37 @@ pub fn stage_for_vm(path: &Path) -> PathBuf {
     dst
 }
 
+/// One line of /proc/self/mountinfo.
+pub struct Mount {
+    pub point: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// This process's mounts, oldest first, read without touching any mount point (a stat
+/// of an NFS mount whose server is gone waits for ever).
+pub fn mount_table() -> Vec<Mount> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let point = left.split(' ').nth(4)?;
+            let mut r = right.split(' ');
+            let (fstype, source) = (r.next()?, r.next().unwrap_or_default());
+            Some(Mount { point: PathBuf::from(point), fstype: fstype.to_string(), source: source.to_string() })
+        })
+        .collect()
+}
+
+/// How many threads of process `pid` have a name starting with `prefix`.
+pub fn threads_named(pid: i32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the process's threads")
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim().starts_with(prefix)))
+        .count()
+}
+
 /// When dropped during a panic, prints the last lines of every `*.log` under its
 /// directory (managers, engines, replicas, share servers) and of the kernel log: a VM
 /// scenario's failure is then read from its console alone. Declare it after what
@@ -526,17 +557,13 @@ impl Drop for LogsOnPanic {
         }
         // Walked by hand, skipping mount points: a stat of an NFS mount whose server
         // is gone would wait for ever (`find` stats every entry).
-        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(String::from))
-            .collect();
+        let mounts = mount_table();
         let mut logs = Vec::new();
         let mut dirs = vec![self.0.clone()];
         while let Some(d) = dirs.pop() {
             for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
                 let p = e.path();
-                if mounts.iter().any(|m| Path::new(m) == p) {
+                if mounts.iter().any(|m| m.point == p) {
                     continue;
                 }
                 match e.file_type() {

@@ -150,14 +150,7 @@ fn unmount_all(mounts: &[PathBuf]) {
     }
 }
 
-/// The type of the filesystem mounted at `p` (the last mount there), read from
-/// /proc/self/mountinfo without touching `p` itself.
+/// The type of the filesystem mounted at `p` (the last mount there).
 fn mounted_at(p: &Path) -> Option<String> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = p.to_string_lossy();
-    text.lines().rev().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let point = left.split(' ').nth(4)?;
-        (point == want).then(|| right.split(' ').next().unwrap_or_default().to_string())
-    })
+    crate::mount_table().into_iter().rev().find(|m| m.point == p).map(|m| m.fstype)
 }

@@ -111,15 +111,6 @@ fn fio_verify_three_replicas_and_replicas_identical() {
     }
 }
 
-/// How many of process `pid`'s threads have a name starting with `prefix`.
-fn threads_named(pid: i32, prefix: &str) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("the engine's threads")
-        .flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim().starts_with(prefix)))
-        .count()
-}
-
 #[test]
 fn kill_one_of_three_replicas_during_fio() {
     require(&["fio"]);

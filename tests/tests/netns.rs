@@ -179,11 +179,7 @@ fn replicas_on_other_hosts_partitions_loss_and_split_brain() {
     // receiving for all of them puts the network's receive work on one CPU): fio's one
     // connection, three replicas.
     let pid = s.engine.as_ref().expect("engine").pid();
-    let collectors = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("the engine's threads")
-        .flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "replica-replies"))
-        .count();
+    let collectors = threads_named(pid, "replica-replies");
     assert_eq!(collectors, 3, "reply collector threads for one connection to three replicas on other hosts");
     s.net.cut("r2");
     let dropped = wait_for("the cut-off replica is dropped", Duration::from_secs(15), || s.mode_of(&r2) == "ERR");

@@ -94,17 +94,9 @@ fn check_view(text: &str) -> Result<usize, String> {
     Ok(n)
 }
 
-/// The NFS mount at `p` (fstype, source) from /proc/self/mountinfo.
+/// The NFS mount at `p` (fstype, source).
 fn nfs_mount(p: &Path) -> Option<(String, String)> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let p = p.to_string_lossy();
-    text.lines().rev().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let point = left.split(' ').nth(4)?;
-        let mut r = right.split(' ');
-        let (fstype, source) = (r.next()?, r.next()?);
-        (point == p && fstype.starts_with("nfs")).then(|| (fstype.to_string(), source.to_string()))
-    })
+    mount_table().into_iter().rev().find(|m| m.point == p && m.fstype.starts_with("nfs")).map(|m| (m.fstype, m.source))
 }
 
 /// Mounts the share `ep` (nfs://IP:PORT/VOL) at `dir` from `host`'s network with the
